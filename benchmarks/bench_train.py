@@ -1,0 +1,117 @@
+"""Benchmark: ``citylib.train``'s epoch loop against a bare PyTorch loop, per architecture.
+
+Reads nothing; writes nothing; prints a table. For each architecture, the same model and Adam
+optimizer are stepped N times (a) through ``train.train_one_epoch`` on a uint8 cache (index
+gather, uint8 -> float, flip and pad-and-crop on the batch, progress bar off) and (b) by a bare
+loop over float tensors built beforehand. Overhead = extra time of (a) over (b). Also estimates
+the seconds of one epoch of ``--epoch-images`` training images (train steps + validation at a
+6:2:2 split + one checkpoint write), which sizes the default world.
+
+    python benchmarks/bench_train.py [--size 96] [--batch 32] [--steps 6] [--archs simple vgg11]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from citylib import models, train
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", nargs="+", default=list(models.ARCHS), choices=models.ARCHS)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--classes", type=int, default=3)
+    p.add_argument("--images", type=int, default=320, help="synthetic training images")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best is kept")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--epoch-images", type=int, default=1100)
+    return p
+
+
+def _fresh(arch: str, classes: int, size: int, lr: float):
+    torch.manual_seed(0)
+    model = models.build(arch, classes, size)
+    return model, torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def bench_arch(arch: str, args) -> dict:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.images, args.size, args.size, 3), dtype=np.uint8)
+    y = torch.as_tensor(rng.integers(0, args.classes, args.images), dtype=torch.int64)  # (N,)
+    idx = np.arange(args.images)
+    cfg = train.TrainConfig(batch_size=args.batch, threads=args.threads)
+    n = args.steps * args.batch
+    X = train.to_tensor(images[:n])                       # (n, 3, S, S) float, built beforehand
+    Y = y[:n]
+
+    model_a, opt_a = _fresh(arch, args.classes, args.size, cfg.lr)
+    model_b, opt_b = _fresh(arch, args.classes, args.size, cfg.lr)
+    gen = torch.Generator().manual_seed(0)
+
+    def citylib_loop(steps):
+        train.train_one_epoch(model_a, opt_a, images, y, idx, cfg, gen, progress=False,
+                              max_steps=steps)
+
+    def bare_loop(steps):
+        model_b.train()
+        for i in range(steps):
+            x, t = X[i * args.batch:(i + 1) * args.batch], Y[i * args.batch:(i + 1) * args.batch]
+            loss = F.cross_entropy(model_b(x), t)
+            opt_b.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_b.step()
+
+    citylib_loop(1), bare_loop(1)                        # warm-up: allocator, Adam state
+    best = {"citylib": float("inf"), "bare": float("inf")}
+    for _ in range(args.rounds):
+        for key, fn in (("bare", bare_loop), ("citylib", citylib_loop)):
+            t0 = time.perf_counter()
+            fn(args.steps)
+            best[key] = min(best[key], time.perf_counter() - t0)
+    ips = {k: n / v for k, v in best.items()}
+
+    t0 = time.perf_counter()                              # validation throughput
+    train.predict(model_a, images[: 2 * args.batch], args.batch)
+    eval_ips = 2 * args.batch / (time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as d:              # one epoch checkpoint
+        t0 = time.perf_counter()
+        torch.save({"model": model_a.state_dict(), "optimizer": opt_a.state_dict()},
+                   Path(d) / "ck.pt")
+        save_s = time.perf_counter() - t0
+        ck_mb = (Path(d) / "ck.pt").stat().st_size / 2**20
+    n_val = args.epoch_images / 3                         # 6:2:2 split
+    epoch_s = args.epoch_images / ips["citylib"] + n_val / eval_ips + save_s
+    params = sum(p.numel() for p in model_a.parameters())
+    return dict(arch=arch, params_m=params / 1e6, citylib=ips["citylib"], bare=ips["bare"],
+                overhead=100 * (ips["bare"] / ips["citylib"] - 1), eval=eval_ips,
+                ck_mb=ck_mb, epoch_s=epoch_s)
+
+
+def main(args) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)             # as in training
+    print(f"{args.size} px, batch {args.batch}, {args.classes} classes, {args.threads} threads, "
+          f"{args.steps} steps x {args.rounds} rounds (best kept)")
+    print(f"{'arch':<9} {'params':>7} {'citylib img/s':>13} {'bare img/s':>10} {'overhead':>8} "
+          f"{'eval img/s':>10} {'ckpt MB':>8} {f's/epoch@{args.epoch_images}':>13}")
+    rows = []
+    for arch in args.archs:
+        r = bench_arch(arch, args)
+        rows.append(r)
+        print(f"{r['arch']:<9} {r['params_m']:>6.1f}M {r['citylib']:>13.1f} {r['bare']:>10.1f} "
+              f"{r['overhead']:>7.1f}% {r['eval']:>10.1f} {r['ck_mb']:>8.0f} {r['epoch_s']:>13.0f}",
+              flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,5 @@
+import sys
+
+from citylib.cli import main
+
+sys.exit(main())

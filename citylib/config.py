@@ -1,0 +1,125 @@
+"""Strict settings: frozen dataclasses built from plain dicts (YAML, papermill parameters).
+
+An unknown key or a value of the wrong type fails at once with a message that names the key
+and where it came from. ``config_hash`` turns a whole resolved config into a cache key.
+Reads and writes nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A parameter file or a settings dict is wrong; the message names the key and the source."""
+
+
+def _check(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Return ``value`` coerced to ``tp`` (int -> float, list -> tuple), or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in args:
+            try:
+                return _check(value, arm, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: '{key}' = {value!r} is not {_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: '{key}' = {value!r} is not None")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: '{key}' = {value!r} must be one of {list(args)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: '{key}' = {value!r} must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: '{key}' must have {len(args)} items, got {len(value)}")
+        return tuple(_check(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' = {value!r} must be a mapping")
+        return {k: _check(v, args[1], f"{key}.{k}", where) for k, v in value.items()} if args else dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping of settings, got {value!r}")
+        return from_dict(tp, value, where=where, prefix=f"{key}.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: '{key}' = {value!r} must be {_name(tp)}")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def from_dict(cls: type[T], data: dict | None, where: str = "settings", prefix: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and ill-typed values raise ConfigError.
+
+    ``where`` names the source (a file path) so that the message points at it.
+    """
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name in fields:
+        if name in data:
+            kwargs[name] = _check(data[name], hints[name], prefix + name, where)
+        elif fields[name].default is dataclasses.MISSING and fields[name].default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key '{prefix + name}'")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # __post_init__ range checks
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A JSON-ready dict of a (nested) config dataclass; tuples become lists."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def config_hash(*parts: Any, length: int = 12) -> str:
+    """A short stable hash of configs (dataclasses, dicts, strings) for cache keys."""
+    def norm(p: Any) -> Any:
+        if dataclasses.is_dataclass(p):
+            return {"__type__": type(p).__name__, **to_dict(p)}
+        if isinstance(p, Path):
+            return str(p)
+        return p
+    blob = json.dumps([norm(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]

@@ -1,0 +1,348 @@
+"""Data stage: find the images, check every file, split without leakage, build the image cache.
+
+Reads a generated world (``source: world``; made by ``citylib.synth`` under
+``<outputs>/world/<hash>/``), a folder with one sub-folder per city, or a manifest CSV
+(columns path, city; optional group, view, label_path). Writes into ``out``
+(default ``<outputs>/data``): ``manifest.csv`` (path, city, group, view, label_path, split),
+``rejected.csv`` (path, reason), ``config.json`` (the resolved settings, their hash and a
+fingerprint of the files) and ``cache/<key>/`` (see ``citylib.cache``). A rerun with the same
+settings and unchanged files reuses all of it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from citylib import paths, synth
+from citylib.artifacts import read_json, write_csv, write_json
+from citylib.cache import Cache, build_cache, file_stats, load_cache, open_rgb, read_label
+from citylib.config import config_hash, to_dict
+from citylib.splits import SplitError, split_groups
+from citylib.synth import SynthConfig
+
+# Street View file names: <pano_id>_<lat>_<lon>_<yyyymm>_<season>_<sharpness>, with 'p' as the
+# decimal point. Pano ids may themselves hold '_' and '-', hence the lazy match up to lat/lon.
+STREETVIEW_PANO = r"^(?P<group>.+?)_-?\d+p\d+_-?\d+p\d+_\d{6}(?:_|$)"
+# Names a parameter file may give as ``group_pattern`` instead of spelling out the regex.
+GROUP_PATTERNS = {"streetview": STREETVIEW_PANO}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MANIFEST_COLUMNS = ["path", "city", "group", "view", "label_path", "split"]
+RECORD_COLUMNS = MANIFEST_COLUMNS[:-1]
+CHECK_VERSION = "1"  # bump when ``check_file`` accepts or rejects differently: reruns recheck
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used as given; the message names the path at fault."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Settings of the data stage (the ``data:`` section of a parameter file)."""
+
+    source: str = "world"  # "world", a folder of city folders, or a manifest CSV
+    world: SynthConfig = field(default_factory=SynthConfig)  # used when source == "world"
+    image_size: int = 96  # side of the square cached images
+    split: tuple[float, float, float] = (6.0, 2.0, 2.0)  # train:val:test (the earlier classifier: 4:1:1)
+    split_seed: int = 0
+    group_pattern: str | None = None  # regex on the file stem (or a GROUP_PATTERNS name); group
+    #                                   'group' (or the first, or the whole match) is the id
+    cities: tuple[str, ...] | None = None  # a subset of the cities, or all
+    max_pixels: int = 100_000_000  # larger images are rejected as too large
+
+    def __post_init__(self):
+        if not self.source.strip():
+            raise ValueError("'source' must be 'world', a folder or a CSV file")
+        if not 8 <= self.image_size <= 4096:
+            raise ValueError(f"'image_size' must be in 8..4096, got {self.image_size}")
+        split = tuple(float(r) for r in self.split)
+        if len(split) != 3 or not all(math.isfinite(r) and r > 0 for r in split):
+            raise ValueError(f"'split' must be three positive ratios (train, val, test), got {self.split}")
+        object.__setattr__(self, "split", split)  # 4 and 4.0 must hash alike
+        if self.split_seed < 0:
+            raise ValueError(f"'split_seed' must be >= 0, got {self.split_seed}")
+        if self.group_pattern in GROUP_PATTERNS:
+            object.__setattr__(self, "group_pattern", GROUP_PATTERNS[self.group_pattern])
+        if self.group_pattern is not None:
+            try:
+                re.compile(self.group_pattern)
+            except re.error as e:
+                raise ValueError(f"'group_pattern' = {self.group_pattern!r} is not a regex: {e}") from None
+        if self.cities is not None:
+            cities = tuple(self.cities)
+            if len(cities) < 2 or len(set(cities)) != len(cities):
+                raise ValueError(f"'cities' must name at least two distinct cities, got {list(cities)}")
+            object.__setattr__(self, "cities", cities)
+        if self.max_pixels < 1:
+            raise ValueError(f"'max_pixels' must be >= 1, got {self.max_pixels}")
+
+
+@dataclass(frozen=True)
+class DataResult:
+    """What ``run`` made: the split manifest, the rejected files and the cache folder."""
+
+    manifest: pd.DataFrame  # MANIFEST_COLUMNS, one row per accepted image
+    rejected: pd.DataFrame  # path, reason
+    cache_dir: Path
+    cities: tuple[str, ...]
+    folder: Path  # the stage's output folder
+    reused: bool  # True when a previous identical run was reused
+
+
+# ---------------------------------------------------------------- finding the images
+
+
+def load_records(source: str | os.PathLike, group_pattern: str | None = None,
+                 cities=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """List the images of a city-folder tree or a manifest CSV.
+
+    Returns (records, rejected): records have columns path (absolute), city, group, view,
+    label_path ('' when none), sorted by city and path; rejected has path, reason for files
+    that are not images or cannot be grouped. Raises DatasetError naming the path when the
+    source is missing, holds no images, has an empty city folder or only one city.
+    """
+    source = paths.resolve(source)
+    if not source.exists():
+        raise DatasetError(f"{source}: dataset source not found")
+    if source.is_dir():
+        rows, rejected = _scan_folder(source, cities)
+    elif source.suffix.lower() == ".csv":
+        rows, rejected = _read_manifest(source, cities)
+    else:
+        raise DatasetError(f"{source}: expected a folder of city folders or a .csv manifest")
+    if not rows:
+        raise DatasetError(f"{source}: no images found")
+    records = pd.DataFrame(rows)
+    # A manifest's group column wins; else the file name; else each image is its own group.
+    records["group"] = [
+        given or (_group_from_name(group_pattern, path) if group_pattern is not None else default)
+        for given, default, path in zip(records["group_given"], records["group"], records["path"])]
+    lost = records["group"].isna()
+    rejected += [(p, f"file name does not match group_pattern {group_pattern!r}")
+                 for p in records.loc[lost, "path"]]
+    ungrouped = sorted(set(records["city"]) - set(records.loc[~lost, "city"]))
+    if ungrouped:  # a whole city lost to a wrong pattern must not pass unnoticed
+        example = Path(records.loc[records["city"] == ungrouped[0], "path"].iloc[0]).stem
+        raise DatasetError(f"{source}: group_pattern {group_pattern!r} matches no file name of city "
+                           f"{ungrouped[0]!r} (e.g. {example!r})")
+    records = records[~lost]
+    found = sorted(records["city"].unique())
+    if len(found) < 2:
+        raise DatasetError(f"{source}: only one city ({found[0]!r}) has images; at least two are needed")
+    records = records[RECORD_COLUMNS].sort_values(["city", "path"], ignore_index=True)
+    rejected = pd.DataFrame(rejected, columns=["path", "reason"], dtype=str)
+    return records.astype({"group": str, "view": int}), rejected
+
+
+def _group_from_name(pattern: str, path: str) -> str | None:
+    """The group id in a file's stem, or None when the pattern does not match it."""
+    rx = re.compile(pattern)  # re caches compiled patterns
+    m = rx.search(Path(path).stem)
+    if m is None:
+        return None
+    g = m.group("group") if "group" in rx.groupindex else m.group(1) if rx.groups else m.group(0)
+    return g or None
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _scan_folder(root: Path, cities) -> tuple[list, list]:
+    """Rows and rejections for a tree of city folders (recursive inside each city)."""
+    rejected = [(str(p), "not inside a city folder") for p in sorted(root.iterdir())
+                if p.is_file() and not _hidden(p.name)]
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
+    if cities is not None:
+        absent = [c for c in cities if not (root / c).is_dir()]
+        if absent:
+            raise DatasetError(f"{root}: no city folder(s) {absent}; found {[p.name for p in folders]}")
+        folders = [root / c for c in cities]
+    if not folders:
+        raise DatasetError(f"{root}: no images found (expected one sub-folder per city)")
+    rows = []
+    for folder in folders:
+        files = []
+        for d, subdirs, names in os.walk(folder):
+            subdirs[:] = sorted(s for s in subdirs if not _hidden(s))
+            files += [Path(d) / n for n in sorted(names) if not _hidden(n)]
+        images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not files:
+            raise DatasetError(f"{folder}: city folder is empty")
+        if not images:
+            raise DatasetError(f"{folder}: city folder has no image files ({len(files)} other file(s))")
+        rejected += [(str(f), f"not an image file (extension '{f.suffix}')")
+                     for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
+        # Without a group id each image is its own group, named by its place in the tree.
+        rows += [{"path": os.path.abspath(f), "city": folder.name, "group": f.relative_to(root).as_posix(),
+                  "group_given": "", "view": 0, "label_path": ""} for f in images]
+    return rows, rejected
+
+
+def _read_manifest(csv: Path, cities) -> tuple[list, list]:
+    """Rows and rejections for a manifest CSV; relative paths are taken against its folder."""
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{csv}: not a readable CSV manifest: {e}") from None
+    table.columns = [c.strip() for c in table.columns]
+    for column in ("path", "city"):
+        if column not in table.columns:
+            raise DatasetError(f"{csv}: manifest has no '{column}' column (columns: {list(table.columns)})")
+    if cities is not None:
+        absent = sorted(set(cities) - set(table["city"].str.strip()))
+        if absent:
+            raise DatasetError(f"{csv}: no rows for city/cities {absent}")
+    rows, rejected, seen = [], [], set()
+    for r in table.to_dict("records"):
+        given, city = r["path"].strip(), r["city"].strip()
+        path = str(paths.resolve(given, base=csv.parent)) if given else ""
+        label = r.get("label_path", "").strip()
+        if cities is not None and city not in cities:
+            continue
+        if not given or not city:
+            rejected.append((path or f"{csv} (row without a path)", "manifest row lacks a path or a city"))
+        elif Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
+            rejected.append((path, f"not an image file (extension '{Path(path).suffix}')"))
+        elif path in seen:
+            rejected.append((path, "listed more than once in the manifest"))
+        else:
+            seen.add(path)
+            view = r.get("view", "").strip()
+            rows.append({"path": path, "city": city, "group": path,
+                         "group_given": r.get("group", "").strip(),
+                         "view": int(float(view)) if _number(view) else 0,
+                         "label_path": str(paths.resolve(label, base=csv.parent)) if label else ""})
+    return rows, rejected
+
+
+def _number(s: str) -> bool:
+    try:
+        return math.isfinite(float(s))
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------- checking every file
+
+
+def check_file(path: str, label_path: str = "", max_pixels: int = DataConfig.max_pixels) -> str | None:
+    """Why an image (and its label map) cannot be used, or None if it decodes cleanly."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as im:  # reads the header only
+            w, h = im.size
+        if w * h > max_pixels:
+            return f"too large: {w}x{h} = {w * h} pixels > max_pixels = {max_pixels}"
+        # A full decode: verify() alone passes truncated files.
+        w, h = open_rgb(path).size
+    except FileNotFoundError:
+        return "file not found"
+    except Image.DecompressionBombError as e:
+        return f"too large: {e}"
+    except UnidentifiedImageError:
+        return "not an image (unrecognised or unsupported format)"
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return f"truncated or corrupt image: {e}"
+    except Exception as e:  # a strange file must not stop the whole dataset
+        return f"cannot decode image: {type(e).__name__}: {e}"
+    if label_path:
+        try:
+            label = read_label(label_path)
+        except FileNotFoundError:
+            return f"label map not found: {label_path}"
+        except Exception as e:
+            return f"label map unreadable: {type(e).__name__}: {e}"
+        if label.shape != (h, w):
+            return f"label map is {label.shape[1]}x{label.shape[0]} but the image is {w}x{h}"
+    return None
+
+
+def validate(records: pd.DataFrame, max_pixels: int = DataConfig.max_pixels, workers: int = 4,
+             progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode every file in parallel; returns (accepted records, rejected: path, reason)."""
+    jobs = list(zip(records["path"], records["label_path"]))
+    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, workers)) as pool:
+        # Our own max_pixels limit decides what is too large; PIL's bomb warning adds nothing.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        reasons = list(tqdm(pool.map(lambda j: check_file(*j, max_pixels=max_pixels), jobs),
+                            total=len(jobs), desc="validate", disable=not progress))
+    bad = pd.Series([r is not None for r in reasons], index=records.index)
+    rejected = pd.DataFrame({"path": records.loc[bad, "path"].to_numpy(dtype=str),
+                             "reason": [r for r in reasons if r is not None]}, dtype=str)
+    return records[~bad].reset_index(drop=True), rejected
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(cfg: DataConfig, out: str | os.PathLike | None = None, progress: bool = True) -> DataResult:
+    """Find, check, split and cache the dataset of ``cfg`` into ``out`` (reusing a finished run)."""
+    out = paths.resolve(out) if out is not None else paths.outputs() / "data"
+    source = _source(cfg, out)
+    records, rejected = load_records(source, cfg.group_pattern, cfg.cities)
+    chash = config_hash(cfg)
+    files = config_hash(CHECK_VERSION, str(source), file_stats(records), rejected.to_numpy().tolist())
+    previous = _previous(out, chash, files)
+    if previous is not None:
+        return previous
+    (out / "config.json").unlink(missing_ok=True)  # it marks a finished run; this one is not yet
+
+    ok, bad = validate(records, cfg.max_pixels, progress=progress)
+    rejected = pd.concat([rejected, bad], ignore_index=True)
+    write_csv(out / "rejected.csv", rejected)
+    for city, n in records["city"].value_counts().sort_index().items():
+        if not (ok["city"] == city).any():
+            raise DatasetError(f"{source}: city {city!r} has no usable image ({n} rejected; "
+                               f"see {out / 'rejected.csv'})")
+    try:
+        ok["split"] = split_groups(ok, cfg.split, cfg.split_seed)
+    except SplitError as e:
+        raise DatasetError(f"{source}: {e}") from None
+    manifest = ok[MANIFEST_COLUMNS]
+    cache_dir = build_cache(manifest, cfg.image_size, out / "cache", progress=progress)
+    write_csv(out / "manifest.csv", manifest)
+    cities = tuple(sorted(manifest["city"].unique()))
+    write_json(out / "config.json", {
+        "config": to_dict(cfg), "hash": chash, "source": str(source), "files": files,
+        "cache": cache_dir.name, "cities": list(cities),
+        "images": {"accepted": len(manifest), "rejected": len(rejected)},
+        "splits": manifest["split"].value_counts().sort_index().to_dict(),
+    })
+    return DataResult(manifest, rejected, cache_dir, cities, out, reused=False)
+
+
+def load(cfg: DataConfig, out: str | os.PathLike | None = None, progress: bool = True) -> Cache:
+    """The image cache for ``cfg`` (running the stage first unless an identical run is done)."""
+    return load_cache(run(cfg, out, progress=progress).cache_dir)
+
+
+def _source(cfg: DataConfig, out: Path) -> Path:
+    """The folder or manifest to read; a generated world is made (or reused) beside ``out``."""
+    if cfg.source != "world":
+        return paths.resolve(cfg.source)
+    return Path(synth.run(cfg.world, out.parent / "world" / config_hash(cfg.world)))
+
+
+def _previous(out: Path, chash: str, files: str) -> DataResult | None:
+    """The result of a finished run with the same settings and files, if ``out`` holds one."""
+    try:
+        saved = read_json(out / "config.json")
+        cache_dir = out / "cache" / saved["cache"]
+        if saved["hash"] != chash or saved["files"] != files or not (cache_dir / "meta.json").exists():
+            return None
+        manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+        rejected = pd.read_csv(out / "rejected.csv", dtype=str, keep_default_na=False)
+    except (OSError, ValueError, KeyError):
+        return None
+    manifest = manifest.astype({"view": int})
+    return DataResult(manifest, rejected, cache_dir, tuple(saved["cities"]), out, reused=True)

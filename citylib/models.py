@@ -1,0 +1,144 @@
+"""Models: the registry of city-recognition CNNs, all trained from scratch.
+
+Reads and writes nothing. ``build(arch, num_classes, image_size)`` returns a fresh, randomly
+initialised network (the caller seeds torch first); ``gradcam_layer(model)`` returns the module
+whose forward output is the last convolutional feature map after its ReLU, the map Grad-CAM
+weighs.
+
+Architectures (input: (B, 3, S, S) normalised RGB, any S >= 64; the paper uses S = 224):
+
+- ``simple``, ``simpler``: the two shallow networks of Shi, Khademi & van Gemert,
+  "Deep Visual City Recognition Visualization", Table 1.
+- ``vgg11``, ``resnet18``, ``alexnet``: torchvision's definitions, ``weights=None``.
+- ``vgg_s``: VGG-CNN-S of Chatfield et al. 2014, "Return of the Devil in the Details".
+
+Grad-CAM map size at 64 px / 224 px: simple 8/28, simpler 16/56, vgg11 4/14, resnet18 2/7,
+alexnet 3/13, vgg_s 4/18 (every architecture gives at least 2x2 at 64 px).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+ARCHS = ("simple", "simpler", "vgg11", "resnet18", "alexnet", "vgg_s")
+MIN_IMAGE_SIZE = 64
+
+# Table 1 of the paper: (kernel, channels) per conv; each conv is followed by ReLU and a 2x2 max
+# pool. Tuples, so nothing here can be changed by a caller.
+SIMPLE_CONVS = ((5, 20), (7, 64), (5, 96), (7, 128))
+SIMPLER_CONVS = ((9, 20), (9, 64), (9, 96))
+PAPER_FC = (4096, 100)
+
+
+class TableNet(nn.Module):
+    """A Table 1 network: [conv k x k (same padding) -> ReLU -> maxpool 2x2] * n -> fc -> fc -> fc.
+
+    The paper does not state padding; 'same' padding (k // 2) keeps each conv's output the size
+    of its input, so any S >= 64 works and the last feature map is S / 2^(n-1) wide (the fc
+    input size follows from S). The paper lists fc-4096, fc-100, fc-classes without saying what
+    sits between them; we put a ReLU after each hidden fc (no dropout, none is mentioned).
+    """
+
+    def __init__(self, convs: tuple[tuple[int, int], ...], num_classes: int, image_size: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, side = 3, image_size
+        for k, c_out in convs:
+            layers += [nn.Conv2d(c_in, c_out, k, padding=k // 2), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in, side = c_out, side // 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(c_in * side * side, PAPER_FC[0]), nn.ReLU(),
+            nn.Linear(PAPER_FC[0], PAPER_FC[1]), nn.ReLU(),
+            nn.Linear(PAPER_FC[1], num_classes),
+        )
+        # the ReLU after the last conv (just before the last pool)
+        self.gradcam_target = f"features.{len(layers) - 2}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)                   # (B, C, S/2^n, S/2^n)
+        return self.classifier(x.flatten(1))   # (B, num_classes)
+
+
+class VGGS(nn.Module):
+    """VGG-CNN-S (Chatfield et al. 2014, Table 1, column CNN-S).
+
+    conv1 7x7/2 96 + LRN + 3x3/3 pool; conv2 5x5/1 pad 1 256 + LRN + 2x2/2 pool;
+    conv3-5 3x3 pad 1 512; 3x3/3 pool; fc 4096 + dropout; fc 4096 + dropout; fc classes.
+    Pools use ``ceil_mode=True`` as the original Caffe model does (that is what gives its 6x6
+    map before fc6 at 224 px); it also keeps a 2x2 map before fc6 at 64 px, where floor mode
+    would leave 1x1. LRN uses Caffe's settings (size 5, alpha 5e-4, beta 0.75, k 2). Deviation:
+    the original expects 224 px only; here the fc6 input size follows from S.
+    """
+
+    def __init__(self, num_classes: int, image_size: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, 7, stride=2), nn.ReLU(),
+            nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0),
+            nn.MaxPool2d(3, stride=3, ceil_mode=True),
+            nn.Conv2d(96, 256, 5, stride=1, padding=1), nn.ReLU(),
+            nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0),
+            nn.MaxPool2d(2, stride=2, ceil_mode=True),
+            nn.Conv2d(256, 512, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(512, 512, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(512, 512, 3, padding=1), nn.ReLU(),   # features.13: Grad-CAM map
+            nn.MaxPool2d(3, stride=3, ceil_mode=True),
+        )
+        side = _feature_side(self.features, image_size)
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * side * side, 4096), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(4096, num_classes),
+        )
+        self.gradcam_target = "features.13"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)                   # (B, 512, s, s); s = 6 at 224 px, 2 at 64 px
+        return self.classifier(x.flatten(1))   # (B, num_classes)
+
+
+def _feature_side(features: nn.Module, image_size: int) -> int:
+    """Spatial side of ``features``' output for a (1, 3, S, S) input (a shape-only pass)."""
+    with torch.no_grad():
+        out = features(torch.zeros(1, 3, image_size, image_size, device="meta"))
+    return out.shape[-1]
+
+
+def build(arch: str, num_classes: int, image_size: int) -> nn.Module:
+    """A fresh, randomly initialised ``arch`` for ``num_classes`` cities and S x S inputs.
+
+    Seed torch before calling: the initial weights come from torch's global generator.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
+    if arch == "simple":
+        return TableNet(SIMPLE_CONVS, num_classes, image_size)
+    if arch == "simpler":
+        return TableNet(SIMPLER_CONVS, num_classes, image_size)
+    if arch == "vgg_s":
+        return VGGS(num_classes, image_size)
+    # torchvision models, left exactly as torchvision builds them (their ReLUs are in-place;
+    # the Grad-CAM stage deals with that when it hooks them). Their adaptive average pool
+    # before the classifier makes them accept any S >= 64.
+    model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
+    model.gradcam_target = {
+        "vgg11": "features.19",   # ReLU after conv5_2 (features.20 is the last max pool)
+        "resnet18": "layer4",     # output of the last BasicBlock, which ends in its ReLU
+        "alexnet": "features.11", # ReLU after conv5 (features.12 is the last max pool)
+    }[arch]
+    return model
+
+
+def gradcam_layer(model: nn.Module) -> nn.Module:
+    """The module whose output is the last conv feature map after its ReLU, (B, C, h, w)."""
+    target = getattr(model, "gradcam_target", None)
+    if not isinstance(target, str):
+        raise ValueError(f"{type(model).__name__} was not made by citylib.models.build: "
+                         "it declares no Grad-CAM layer")
+    return model.get_submodule(target)

@@ -1,0 +1,161 @@
+"""The batch runner: papermill over the ordered notebooks for every parameter file.
+
+Reads ``parameters/*.yaml`` (or the files given), validates all of them before any work,
+then executes: the data notebook once, the per-run notebooks once per parameter file, and
+the grid notebooks once over all runs. Writes every executed notebook under ``outputs/``
+(``data/``, ``runs/<run>/``, ``comparison/``), a stamp per finished notebook, and
+``outputs/runs/summary.csv``. A notebook whose stamp matches (same resolved config, same
+notebook source) is skipped; a failing run is reported at the end and the others go on.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from citylib import artifacts, paths
+from citylib.config import config_hash
+from citylib.params import RunConfig, discover, load_all
+
+# The suite's notebooks, in order. Data: once per grid; run: once per parameter file;
+# grid: once over all runs.
+DATA_NOTEBOOKS = ("01_data.ipynb",)
+RUN_NOTEBOOKS = ("02_training.ipynb",)
+GRID_NOTEBOOKS: tuple[str, ...] = ()
+
+
+@dataclass
+class RunnerResult:
+    """What happened: executed, skipped and failed notebooks (``run/notebook``: error)."""
+
+    executed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    summary: pd.DataFrame | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def run(
+    params: str | Path | None = None,
+    only: list[str] | None = None,
+    force: bool = False,
+    outputs: str | Path | None = None,
+    notebooks: Path | None = None,
+) -> RunnerResult:
+    """Execute the grid; see the module docstring. ``only`` selects runs by name."""
+    out = paths.outputs(outputs)
+    nb_dir = notebooks or paths.NOTEBOOKS
+    files = discover(params)
+    configs = load_all(files)  # every file is validated before any work
+    by_name = {c.name: (c, f) for c, f in zip(configs, files)}
+    if only:
+        unknown = sorted(set(only) - set(by_name))
+        if unknown:
+            raise ValueError(f"--only: no parameter file for run(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+        by_name = {n: v for n, v in by_name.items() if n in only}
+
+    result = RunnerResult()
+    total = len(DATA_NOTEBOOKS) + len(RUN_NOTEBOOKS) * len(by_name) + len(GRID_NOTEBOOKS)
+    bar = tqdm(total=total, desc="citylib run", unit="notebook")
+
+    first_cfg, first_file = next(iter(by_name.values()))
+    data_key = config_hash(first_cfg.data)
+    data_ok = True
+    for nb in DATA_NOTEBOOKS:
+        data_ok &= _execute(nb_dir / nb, out / "data", f"data/{nb}", first_file, out, data_key, force, result, bar)
+    finished = []
+    for name, (cfg, file) in by_name.items():
+        run_dir = out / "runs" / name
+        if not data_ok:
+            result.failed[f"{name}"] = "skipped: the data stage failed"
+            bar.update(len(RUN_NOTEBOOKS))
+            continue
+        artifacts.write_json(run_dir / "config.json", {"config": cfg.to_dict(), "config_hash": cfg.hash})
+        ok = True
+        for nb in RUN_NOTEBOOKS:
+            if not ok:  # later notebooks need the earlier ones
+                bar.update(1)
+                continue
+            ok = _execute(nb_dir / nb, run_dir, f"{name}/{nb}", file, out, cfg.hash, force, result, bar)
+        if ok:
+            finished.append(name)
+    for nb in GRID_NOTEBOOKS:
+        key = config_hash(*[by_name[n][0] for n in finished])
+        _execute(nb_dir / nb, out / "comparison", f"comparison/{nb}", first_file, out, key, force, result, bar)
+    bar.close()
+    result.summary = write_summary(out, [by_name[n][0] for n in by_name], result)
+    return result
+
+
+def _execute(notebook: Path, out_dir: Path, label: str, params_file: Path, outputs: Path,
+             key: str, force: bool, result: RunnerResult, bar) -> bool:
+    """Run one notebook with papermill unless its stamp matches; True if it is done."""
+    import papermill as pm  # heavy import, only when notebooks run
+
+    stamp = out_dir / ".done" / f"{notebook.stem}.json"
+    source_sha = hashlib.sha256(notebook.read_bytes()).hexdigest()[:12]
+    target = out_dir / notebook.name
+    if not force and stamp.exists() and target.exists():
+        done = artifacts.read_json(stamp)
+        if done.get("config_hash") == key and done.get("notebook_sha") == source_sha:
+            result.skipped.append(label)
+            bar.update(1)
+            return True
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f".{notebook.stem}.partial.ipynb"
+    bar.set_postfix_str(label)
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(notebook), str(partial),
+            parameters={"params_file": str(params_file), "outputs": str(outputs), "force": force},
+            kernel_name="python3", progress_bar=False, cwd=str(notebook.parent),
+        )
+    except Exception as e:  # papermill wraps the cell's exception; keep going with other runs
+        failed = out_dir / f"{notebook.stem}.failed.ipynb"
+        if partial.exists():
+            os.replace(partial, failed)
+        result.failed[label] = f"{type(e).__name__}: {_last_line(e)} (see {failed})"
+        tqdm.write(f"FAILED {label}: {_last_line(e)}")
+        bar.update(1)
+        return False
+    os.replace(partial, target)
+    (out_dir / f"{notebook.stem}.failed.ipynb").unlink(missing_ok=True)
+    artifacts.write_json(stamp, {"config_hash": key, "notebook_sha": source_sha,
+                                 "seconds": round(time.perf_counter() - t0, 1)})
+    result.executed.append(label)
+    bar.update(1)
+    return True
+
+
+def _last_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> pd.DataFrame:
+    """``outputs/runs/summary.csv``: one row per run with its status and key metrics."""
+    rows = []
+    for cfg in configs:
+        metrics_path = out / "runs" / cfg.name / "metrics.json"
+        metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
+        failed = [k for k in result.failed if k == cfg.name or k.startswith(cfg.name + "/")]
+        rows.append({
+            "run": cfg.name, "arch": cfg.arch, "seed": cfg.seed,
+            "status": "failed" if failed else "ok",
+            "test_accuracy": metrics.get("test_accuracy"),
+            "best_epoch": metrics.get("best_epoch"),
+            "n_test": metrics.get("n_test"),
+            "config_hash": cfg.hash,
+        })
+    frame = pd.DataFrame(rows)
+    artifacts.write_csv(out / "runs" / "summary.csv", frame)
+    return frame

@@ -1,0 +1,437 @@
+"""Drawing primitives of the synthetic street world: flat rectangles in 3-D seen by a pinhole camera.
+
+A scene is a list of `Rect`s (ground patches, facades, billboards, car panels). `render` casts
+one ray per pixel, keeps the nearest hit (a z-buffer, so occlusion is exact whatever the order)
+and paints colour, class and instance id from that same hit: the label map cannot disagree
+with the image. `finish` adds the nuisances (lighting, haze, sensor noise). Object builders
+(`tree`, `car`, ...) say what a thing looks like; `synth` decides where things go.
+Reads and writes nothing.
+
+Coordinates: metres; x across the street, y along it, z up. Headings are degrees clockwise
+from +y (0 looks along the street, 90 at the +x facades).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+# ADE20K indices (../shared/models/ade20k/labels.txt, 0 = unlabelled) of the street vocabulary.
+VOCAB = {
+    "building": 2, "sky": 3, "tree": 5, "road": 7, "grass": 10, "sidewalk": 12, "person": 13,
+    "earth": 14, "plant": 18, "car": 21, "fence": 33, "signboard": 44, "skyscraper": 49,
+    "awning": 87, "streetlight": 88, "pole": 94, "traffic light": 137,
+}
+# Flat-mode colour of each class: distinct, so that a flat image can be read back into labels.
+LUT = np.zeros((256, 3), np.uint8)
+for _k, _i in enumerate(sorted(VOCAB.values())):
+    LUT[_i] = ((_k * 97) % 256, (_k * 57 + 80) % 256, (_k * 151 + 30) % 256)
+del _k, _i
+
+UP = (0.0, 0.0, 1.0)
+NEAR = 0.05  # m; geometry closer than this to the camera plane is clipped away
+
+
+class Rect(NamedTuple):
+    """A rectangle origin + s*u + r*v, 0 <= s <= w, 0 <= r <= h (u, v unit, orthogonal)."""
+    origin: tuple
+    u: tuple
+    v: tuple
+    w: float
+    h: float
+    cls: int
+    inst: int
+    color: tuple            # RGB in [0, 1]
+    texture: str = "plain"
+    params: tuple = ()      # texture parameters (see `_texture`)
+    mask: str = "rect"      # silhouette inside the rectangle (see `_mask`)
+
+
+@dataclass(frozen=True)
+class Camera:
+    pos: tuple
+    heading: float  # degrees clockwise from +y
+    pitch: float    # degrees, up is positive
+    fov: float      # horizontal field of view, degrees
+
+    def basis(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        h, p = np.radians(self.heading), np.radians(self.pitch)
+        fwd = np.array([np.sin(h) * np.cos(p), np.cos(h) * np.cos(p), np.sin(p)])
+        right = np.array([np.cos(h), -np.sin(h), 0.0])
+        return fwd, right, np.cross(right, fwd)
+
+    def rays(self, size: int) -> tuple[np.ndarray, float]:
+        """Unit ray per pixel centre (size, size, 3) and the focal length in pixels."""
+        fwd, right, up = self.basis()
+        f = (size / 2) / np.tan(np.radians(self.fov) / 2)
+        c = (np.arange(size) + 0.5 - size / 2) / f
+        d = fwd + c[None, :, None] * right - c[:, None, None] * up  # (S, S, 3), row 0 at the top
+        return d / np.linalg.norm(d, axis=-1, keepdims=True), f
+
+
+def _boxes(cc: np.ndarray, f: float, size: int) -> np.ndarray:
+    """Pixel box (i0, i1, j0, j1) per rectangle from its corners in camera coordinates
+    (R, 4, 3: right, up, forward), clipped at the near plane; empty boxes have i0 >= i1."""
+    boxes = np.zeros((len(cc), 4), int)
+    front = cc[..., 2] > NEAR
+    for k in np.nonzero(front.any(1))[0]:
+        poly = cc[k]
+        if not front[k].all():  # Sutherland-Hodgman against z > NEAR
+            pts = []
+            for a, b in zip(poly, np.roll(poly, -1, 0)):
+                if a[2] > NEAR:
+                    pts.append(a)
+                if (a[2] > NEAR) != (b[2] > NEAR):
+                    pts.append(a + (b - a) * (NEAR - a[2]) / (b[2] - a[2]))
+            poly = np.array(pts)
+        cols = size / 2 + f * poly[:, 0] / poly[:, 2]
+        rows = size / 2 - f * poly[:, 1] / poly[:, 2]
+        boxes[k] = (max(int(rows.min() - 0.5), 0), min(int(np.ceil(rows.max() + 0.5)), size),
+                    max(int(cols.min() - 0.5), 0), min(int(np.ceil(cols.max() + 0.5)), size))
+    return boxes
+
+
+def _hash(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A repeatable pseudo-random value in [0, 1) per integer cell (a, b)."""
+    x = np.sin(a * 12.9898 + b * 78.233) * 43758.5453
+    return x - np.floor(x)
+
+
+def _mask(kind: str, s: np.ndarray, r: np.ndarray, w: float, h: float, params: tuple) -> np.ndarray:
+    x, y = s / w - 0.5, r / h - 0.5  # centred, in [-0.5, 0.5]
+    if kind == "ellipse":
+        return x * x + y * y <= 0.25
+    if kind == "canopy":  # a leafy outline: an ellipse with a bumpy rim
+        rim = 0.5 - 0.05 * (1 + np.sin(7 * np.arctan2(y, x) + params[0]))
+        return x * x + y * y <= rim * rim
+    if kind == "bush":  # flat-bottomed blob sitting on the ground
+        return x * x + (y + 0.1) ** 2 / 1.4 <= 0.25
+    if kind == "person":  # metric silhouette: head, shoulders/torso, two legs
+        sc, top = s - w / 2, h - r
+        head = sc * sc + (top - 0.12 * h / 1.7) ** 2 <= (0.11 * h / 1.7) ** 2
+        torso = (np.abs(sc) <= 0.23 * w / 0.55) & (top >= 0.22 * h / 1.7) & (r >= 0.48 * h)
+        legs = (r < 0.5 * h) & (np.abs(sc) >= 0.02 * w / 0.55) & (np.abs(sc) <= 0.17 * w / 0.55)
+        return head | torso | legs
+    if kind == "bars":  # railings: vertical bars every params[0] m, two rails
+        bar = np.mod(s, params[0]) < params[1]
+        return bar | (r > h - 0.09) | ((r > 0.12) & (r < 0.21))
+    return np.ones(s.shape, bool)
+
+
+def _texture(rect: Rect, s: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Colour (n, 3) of the hits at surface coordinates (s, r) in metres."""
+    base, p, kind = np.asarray(rect.color), rect.params, rect.texture
+    col = np.broadcast_to(base, (len(s), 3)).copy()
+    if kind == "windows":  # punched windows; a shop front on the ground floor
+        floor, spacing, wf, hf, ground = p[:5]
+        glass = np.asarray(p[5:8])
+        fx = np.mod(s - np.mod(rect.w, spacing) / 2, spacing) - spacing / 2
+        fy = np.mod(r - ground, floor)
+        upper = (r > ground) & (np.abs(fx) < wf * spacing / 2) & (np.abs(fy - floor * 0.55) < hf * floor / 2)
+        shop = (r > 0.3) & (r < ground - 0.6) & (np.abs(fx) < 0.4 * spacing)
+        edge = (s > 0.6) & (s < rect.w - 0.6) & (r < rect.h - 0.8)
+        col[(upper | shop) & edge] = glass
+    elif kind == "ribbon":  # curtain wall: glass ribbons between spandrels, thin mullions
+        floor, glass = p[0], np.asarray(p[1:4])
+        col[(np.mod(r, floor) > 0.5 * floor) & (np.mod(s, 1.6) > 0.14) & (r < rect.h - 1.5)] = glass
+    elif kind == "leaves":  # blotchy foliage / grass / soil, fixed to the surface
+        cell = p[0]
+        col *= (0.72 + 0.5 * _hash(np.floor(s / cell), np.floor(r / cell)))[:, None]
+    elif kind == "stripes":
+        col[np.mod(s, 1.0) < 0.5] = p[:3]
+    elif kind == "sign":  # lettering: rows of glyph blocks in a second colour
+        rows, ink = p[0], np.asarray(p[1:4])
+        line = rect.h / rows
+        cell = 0.7 * line
+        inside = (s > 0.15 * line) & (s < rect.w - 0.15 * line) & (np.mod(r, line) > 0.25 * line)
+        glyph = _hash(np.floor(s / cell) + 31 * rect.inst, np.floor(r / line)) > 0.3
+        col[inside & glyph & (np.mod(s, cell) > 0.15 * cell) & (np.mod(r, line) < 0.85 * line)] = ink
+    elif kind == "person":  # trousers, top, skin
+        col[:] = p[0:3]
+        col[r > 0.48 * rect.h] = p[3:6]
+        col[r > rect.h * 0.83] = p[6:9]
+    elif kind == "lamps":  # traffic light: three lenses, one lit
+        for k, c in enumerate((p[0:3], p[3:6], p[6:9])):
+            cy = rect.h * (5 - 2 * k) / 6
+            col[(s - rect.w / 2) ** 2 + (r - cy) ** 2 < (0.3 * rect.w) ** 2] = c
+    elif kind == "road":  # dashed centre line and solid edge lines
+        paint = np.asarray(p[0:3])
+        centre = (np.abs(s - rect.w / 2) < 0.08) & (np.mod(r, 9.0) < 4.5)
+        col[centre | (np.abs(s - 0.35) < 0.08) | (np.abs(s - rect.w + 0.35) < 0.08)] = paint
+    return col
+
+
+def render(rects: list[Rect], cam: Camera, size: int, sky: tuple, sun: np.ndarray,
+           flat: bool = False) -> dict[str, np.ndarray]:
+    """Ray-cast the scene: rgb (S, S, 3) float in [0, 1], label (S, S) uint8, inst (S, S) int32,
+    depth (S, S) metres (inf for sky) and elevation (S, S) of each ray (sine)."""
+    d, f = cam.rays(size)
+    c = np.asarray(cam.pos, float)
+    rgb = np.zeros((size, size, 3))
+    label = np.zeros((size, size), np.uint8)
+    inst = np.zeros((size, size), np.int32)
+    depth = np.full((size, size), np.inf)
+    o = np.array([q.origin for q in rects], float)                   # (R, 3)
+    u, v = np.array([q.u for q in rects], float), np.array([q.v for q in rects], float)
+    wh = np.array([(q.w, q.h) for q in rects], float)
+    n = np.cross(u, v)
+    corners = o[:, None] + np.stack([0 * u, wh[:, :1] * u, wh[:, :1] * u + wh[:, 1:] * v, wh[:, 1:] * v], 1)
+    fwd, right, up = cam.basis()
+    boxes = _boxes((corners - c) @ np.stack([right, up, fwd], 1), f, size)
+    for k in np.nonzero((boxes[:, 0] < boxes[:, 1]) & (boxes[:, 2] < boxes[:, 3]))[0]:
+        rect, (i0, i1, j0, j1) = rects[k], boxes[k]
+        proj = d[i0:i1, j0:j1] @ np.stack([n[k], u[k], v[k]], 1)      # (h, w, 3)
+        rel = (o[k] - c) @ np.stack([n[k], u[k], v[k]], 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = rel[0] / proj[..., 0]                                 # distance along each ray
+        s, r = t * proj[..., 1] - rel[1], t * proj[..., 2] - rel[2]  # surface coordinates, metres
+        hit = (t > 0) & (t < depth[i0:i1, j0:j1]) & (s >= 0) & (s <= rect.w) & (r >= 0) & (r <= rect.h)
+        if rect.mask != "rect" and hit.any():
+            hit[hit] = _mask(rect.mask, s[hit], r[hit], rect.w, rect.h, rect.params)
+        if not hit.any():
+            continue
+        ii, jj = np.nonzero(hit)
+        ii, jj = ii + i0, jj + j0
+        if flat:
+            rgb[ii, jj] = LUT[rect.cls] / 255.0
+        else:
+            # Lambert shading with the normal turned towards the camera; ambient keeps shadows readable.
+            nn = n[k] if rel[0] <= 0 else -n[k]
+            rgb[ii, jj] = _texture(rect, s[hit], r[hit]) * (0.62 + 0.45 * max(0.0, float(nn @ sun)))
+        label[ii, jj], inst[ii, jj], depth[ii, jj] = rect.cls, rect.inst, t[hit]
+    elev = d[..., 2]
+    open_sky = ~np.isfinite(depth)
+    label[open_sky] = VOCAB["sky"]
+    if flat:
+        rgb[open_sky] = LUT[VOCAB["sky"]] / 255.0
+    else:  # brighter towards the horizon
+        a = np.clip(elev, 0, 1)[..., None] ** 0.6
+        rgb[open_sky] = ((1 - a) * np.asarray(sky[1]) + a * np.asarray(sky[0]))[open_sky]
+    return {"rgb": rgb, "label": label, "inst": inst, "depth": depth, "elev": elev}
+
+
+def finish(view: dict, rng: np.random.Generator, haze: float, haze_color: tuple,
+           gain: float, warmth: float, noise: float) -> np.ndarray:
+    """Apply haze (distance), lighting (gain, colour temperature) and sensor noise; uint8 RGB."""
+    rgb = view["rgb"]
+    fog = 1 - np.exp(-haze * np.where(np.isfinite(view["depth"]), view["depth"], 0.0))
+    # Haze also whitens the sky near the horizon, not only distant walls.
+    fog = np.where(np.isfinite(view["depth"]), fog, haze * 25 * np.exp(-6 * np.clip(view["elev"], 0, 1)))
+    fog = np.clip(fog, 0, 1)[..., None]
+    rgb = rgb * (1 - fog) + np.asarray(haze_color) * fog
+    rgb = rgb * gain * np.array([1 + warmth, 1.0, 1 - warmth])
+    rgb = rgb * 255 + rng.normal(0, noise, rgb.shape)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- builders: what things look like
+def ground(x0, x1, y0, y1, layer, cls, inst, color, texture="plain", params=()) -> Rect:
+    """A ground patch; layers are stacked 2 mm apart so that a later layer covers an earlier one."""
+    return Rect((x0, y0, 0.002 * layer), (1.0, 0, 0), (0, 1.0, 0), x1 - x0, y1 - y0,
+                cls, inst, color, texture, params)
+
+
+def wall_x(x, y0, y1, z0, z1, cls, inst, color, texture="plain", params=(), mask="rect") -> Rect:
+    """A vertical rectangle in the plane x = const (a facade along the street)."""
+    return Rect((x, y0, z0), (0, 1.0, 0), UP, y1 - y0, z1 - z0, cls, inst, color, texture, params, mask)
+
+
+def wall_y(y, x0, x1, z0, z1, cls, inst, color, texture="plain", params=(), mask="rect") -> Rect:
+    """A vertical rectangle in the plane y = const (across the street)."""
+    return Rect((x0, y, z0), (1.0, 0, 0), UP, x1 - x0, z1 - z0, cls, inst, color, texture, params, mask)
+
+
+def billboard(x, y, z0, w, h, eye, cls, inst, color, texture="plain", params=(), mask="rect") -> Rect:
+    """An upright rectangle centred on (x, y) and turned to face the camera position ``eye``."""
+    dx, dy = eye[0] - x, eye[1] - y
+    n = np.hypot(dx, dy) or 1.0
+    u = (dy / n, -dx / n, 0.0)
+    return Rect((x - u[0] * w / 2, y - u[1] * w / 2, z0), u, UP, w, h, cls, inst, color, texture, params, mask)
+
+
+def box(x0, x1, y0, y1, z0, z1, cls, inst, color, top=None) -> list[Rect]:
+    return [wall_x(x0, y0, y1, z0, z1, cls, inst, color), wall_x(x1, y0, y1, z0, z1, cls, inst, color),
+            wall_y(y0, x0, x1, z0, z1, cls, inst, color), wall_y(y1, x0, x1, z0, z1, cls, inst, color),
+            Rect((x0, y0, z1), (1.0, 0, 0), (0, 1.0, 0), x1 - x0, y1 - y0, cls, inst, top or color)]
+
+
+def tree(x, y, height, eye, inst, leaf, bark, phase) -> list[Rect]:
+    crown = 0.62 * height
+    return [billboard(x, y, 0, 0.22 + 0.03 * height, 0.5 * height, eye, VOCAB["tree"], inst, bark),
+            billboard(x, y, height - crown, crown * 0.85, crown, eye, VOCAB["tree"], inst, leaf,
+                      "leaves", (0.3, phase), "canopy")]
+
+
+def car(x, y, length, body, glass, inst, along=True) -> list[Rect]:
+    """Body box with a cabin on top and four dark wheels; parked along the street."""
+    w, half = 1.8, length / 2
+    rects = box(x - w / 2, x + w / 2, y - half, y + half, 0.3, 1.0, VOCAB["car"], inst, body)
+    rects += box(x - w / 2 + 0.1, x + w / 2 - 0.1, y - half * 0.55, y + half * 0.45, 1.0, 1.5,
+                 VOCAB["car"], inst, glass, top=body)
+    tyre = (0.08, 0.08, 0.09)
+    for side in (x - w / 2 - 0.02, x + w / 2 + 0.02):
+        for yc in (y - half * 0.65, y + half * 0.65):
+            rects.append(wall_x(side, yc - 0.35, yc + 0.35, 0.0, 0.7, VOCAB["car"], inst, tyre, mask="ellipse"))
+    return rects
+
+
+def person(x, y, height, eye, inst, legs, top, skin) -> Rect:
+    return billboard(x, y, 0, 0.55 * height / 1.7, height, eye, VOCAB["person"], inst, top,
+                     "person", tuple(legs) + tuple(top) + tuple(skin), "person")
+
+
+def streetlight(x, y, height, side, inst, metal, lamp, eye) -> list[Rect]:
+    """Post at the kerb, an arm reaching over the road, a lamp head facing the camera."""
+    arm = 1.8
+    return [billboard(x, y, 0, 0.3, height, eye, VOCAB["streetlight"], inst, metal),
+            wall_y(y, min(x, x - side * arm), max(x, x - side * arm), height - 0.25, height,
+                   VOCAB["streetlight"], inst, metal),
+            billboard(x - side * arm, y, height - 0.45, 1.1, 0.45, eye, VOCAB["streetlight"], inst, lamp)]
+
+
+def traffic_light(x, y, height, eye, inst, metal, lit, k) -> list[Rect]:
+    dim = (0.2, 0.2, 0.18)
+    lenses = [lit if i == k else dim for i in range(3)]
+    return [billboard(x, y, 0, 0.22, height, eye, VOCAB["pole"], inst, metal),
+            billboard(x, y, height, 0.5, 1.3, eye, VOCAB["traffic light"], inst,
+                      (0.12, 0.12, 0.12), "lamps", tuple(np.ravel(lenses)))]
+
+
+# ---------------------------------------------------------------- one spot: where things go
+def spot(style, rng: np.random.Generator, pick) -> dict:
+    """Lay out one spot from a `synth.Style`: street, two rows of buildings per side, objects.
+
+    ``pick(group)`` returns a jittered palette colour. Returns the rects, the camera position
+    ``eye`` and the spot's light (sky colours, sun direction); views only choose headings.
+    """
+    st, bl, ob = style.street, style.buildings, style.objects
+    U = lambda r: float(rng.uniform(*r))  # noqa: E731
+    ids = iter(range(1, 1 << 30))
+    C = VOCAB
+    rw, L = U(st.road_half_width), U(st.length)
+    eye = (U(st.camera_offset), 0.0, U(st.camera_height))
+    road = pick("road")
+    rects = [ground(-2000, 2000, -2000, 2000, 0, C["road"], next(ids), road),
+             ground(-rw, rw, -L, L, 1, C["road"], next(ids), road, "road", pick("paint"))]
+    pave, xf, facades, lots = pick("sidewalk"), {}, [], []
+    kinds = sorted(st.open_ground)
+    weights = np.array([st.open_ground[k] for k in kinds]) / sum(st.open_ground.values())
+
+    def open_ground(x0, x1, y0, y1):  # a verge or an empty lot: grass, soil or paving
+        kind = kinds[rng.choice(len(kinds), p=weights)]
+        tex = "leaves" if kind in ("grass", "earth") else "plain"
+        return ground(*sorted((x0, x1)), y0, y1, 2, C[kind], next(ids), pick(kind), tex, (0.3,))
+
+    for side in (-1, 1):
+        xf[side] = side * (rw + U(st.sidewalk))
+        rects.append(ground(*sorted((side * rw, xf[side] + side)), -L, L, 1, C["sidewalk"], next(ids), pave))
+        if rng.random() < st.verge_prob:
+            rects.append(open_ground(side * (rw + 0.3), side * (rw + 1.5), -L, L))
+        xb = xf[side] + side * U(bl.tower_setback)
+        y = -L
+        while y < L:  # front row: low-rise facades along the sidewalk, or open lots
+            w = U(bl.width)
+            if rng.random() < bl.lot_prob:
+                rects.append(open_ground(xf[side], xb, y, y + w))
+                lots.append((side, y, y + w))
+            else:
+                h, inst, col = U(bl.height), next(ids), pick("facade")
+                tex = (U(bl.floor_height), U(bl.window_spacing), 0.5, 0.55, U((3.6, 4.4))) + pick("window")
+                rects.append(wall_x(xf[side], y, y + w, 0, h, C["building"], inst, col, "windows", tex))
+                for yy in (y, y + w):  # side walls show over lower neighbours and across lots
+                    rects.append(wall_y(yy, *sorted((xf[side], xf[side] + 12 * side)), 0, h, C["building"], inst, col))
+                facades.append((side, y, y + w, h))
+            y += w
+        towers = rng.random() < bl.skyscraper_prob
+        y = -L + U((0, bl.tower_gap[1]))
+        while y < L:  # back row: towers with gaps; glass skyscrapers or plain tall buildings
+            w, h, inst, col, glass = U(bl.tower_width), U(bl.tower_height), next(ids), pick("facade"), pick("window")
+            floor = U(bl.floor_height)
+            if towers and rng.random() < bl.skyscraper_share:
+                cls, tex = C["skyscraper"], ("ribbon", (floor,) + glass)
+            else:
+                cls, tex = C["building"], ("windows", (floor, U(bl.window_spacing), 0.62, 0.62, floor) + glass)
+            rects.append(wall_x(xb, y, y + w, 0, h, cls, inst, col, *tex))
+            for yy in (y, y + w):
+                rects.append(wall_y(yy, *sorted((xb, xb + side * w)), 0, h, cls, inst, col, *tex))
+            y += w + U(bl.tower_gap)
+    for y in (-L, L):  # the street ends in a cross street's facade
+        tex = (U(bl.floor_height), U(bl.window_spacing), 0.5, 0.55, 4.0) + pick("window")
+        rects.append(wall_y(y, xf[-1] - 60, xf[1] + 60, 0, U(bl.height) + 4, C["building"], next(ids),
+                            pick("facade"), "windows", tex))
+
+    def place(name):
+        t = getattr(ob, name)
+        if rng.random() >= t.spot_prob:
+            return []
+        n = int(rng.integers(t.count[0], t.count[1] + 1))
+        return [(int(rng.choice((-1, 1))), U((-t.spread, t.spread)), U(t.size), pick(t.palette)) for _ in range(n)]
+
+    def facade_near(side, y):  # the facade at (side, y), or the nearest one on that side
+        cands = [f for f in facades if f[0] == side] or facades
+        return min(cands, key=lambda f: 0 if f[1] <= y <= f[2] else min(abs(y - f[1]), abs(y - f[2])))
+
+    for side, y, size, col in place("car"):
+        lane = rng.random() < 0.3
+        if lane and abs(y) < 6:  # nothing drives through the camera
+            y += 12 * np.sign(y or 1)
+        rects += car(side * (0.45 * rw if lane else rw - 1.2), y, size, col, pick("window"), next(ids))
+    for side, y, size, col in place("person"):
+        x = side * U((rw + 0.6, abs(xf[side]) - 0.4))
+        rects.append(person(x, y, size, eye, next(ids), tuple(0.45 * np.array(col)), col, pick("skin")))
+    for side, y, size, col in place("tree"):
+        rects += tree(side * (rw + 0.9), y, size, eye, next(ids), col, pick("bark"), U((0, 6.3)))
+    for side, y, size, col in place("plant"):
+        x = side * (abs(xf[side]) - U((0.7, 1.3)))
+        rects.append(billboard(x, y, 0, 1.5 * size, size, eye, C["plant"], next(ids), col, "leaves", (0.15,), "bush"))
+    for side, y, size, col in place("pole"):
+        rects.append(billboard(side * (rw + 0.35), y, 0, 0.3, size, eye, C["pole"], next(ids), col))
+    for side, y, size, col in place("streetlight"):
+        rects += streetlight(side * (rw + 0.4), y, size, side, next(ids), col, pick("lamp"), eye)
+    for side, y, size, col in place("traffic_light"):
+        k = int(rng.integers(3))
+        lit = ((0.95, 0.15, 0.1), (0.95, 0.7, 0.1), (0.1, 0.85, 0.35))[k]
+        rects += traffic_light(side * (rw + 0.5), y, size, eye, next(ids), col, lit, k)
+    for side, y, size, col in place("signboard"):
+        if not facades:
+            break
+        fs, y0, y1, h = facade_near(side, y)
+        x, ink = xf[fs] - fs * 0.12, (0.95, 0.95, 0.9) if sum(col) < 1.6 else (0.08, 0.08, 0.1)
+        yc = float(np.clip(y, y0 + 1, y1 - 1))
+        if rng.random() < 0.5:  # flat over the shop front
+            w = min(size, y1 - y0 - 0.4)
+            yc = float(np.clip(yc, y0 + w / 2 + 0.2, y1 - w / 2 - 0.2))
+            z = U((3.0, max(3.1, h - 0.35 * w - 0.3)))
+            rects.append(wall_x(x, yc - w / 2, yc + w / 2, z, z + 0.35 * w, C["signboard"], next(ids), col,
+                                "sign", (1,) + ink))
+        else:  # a blade sign sticking out over the sidewalk, readable along the street
+            z = U((2.8, max(2.9, h - size)))
+            rects.append(wall_y(yc, *sorted((x - fs * 0.1, x - fs * (0.1 + 0.3 * size))), z, z + size,
+                                C["signboard"], next(ids), col, "sign", (max(2, round(size / 0.6)),) + ink))
+    for side, y, size, col in place("awning"):
+        if not facades:
+            break
+        fs, y0, y1, h = facade_near(side, y)
+        w = min(size, y1 - y0 - 0.4)
+        yc = float(np.clip(y, y0 + w / 2 + 0.2, y1 - w / 2 - 0.2))
+        slope = np.array([-fs * 1.4, 0.0, -0.6])
+        rects.append(Rect((xf[fs] - fs * 0.05, yc - w / 2, U((2.7, 3.3))), (0, 1.0, 0),
+                          tuple(slope / np.linalg.norm(slope)), w, float(np.linalg.norm(slope)),
+                          C["awning"], next(ids), col, "stripes", pick("paint")))
+    for side, y, size, col in place("fence"):
+        near = [lot for lot in lots if lot[0] == side and abs(lot[1] + lot[2]) / 2 < ob.fence.spread]
+        if near and rng.random() < 0.6:  # round an open lot
+            _, y0, y1 = near[rng.integers(len(near))]
+            x = xf[side]
+        else:  # a railing along the kerb
+            y0, y1, x = y, y + size, side * (rw + 0.25)
+        if rng.random() < 0.5:
+            rects.append(wall_x(x, y0, y1, 0, U((1.1, 1.6)), C["fence"], next(ids), col, "plain",
+                                (U((0.18, 0.3)), 0.07), "bars"))
+        else:  # a solid hoarding
+            rects.append(wall_x(x, y0, y1, 0, U((1.8, 2.4)), C["fence"], next(ids), pick("facade")))
+    az, el = U((0, 2 * np.pi)), U((0.35, 1.1))
+    sky = pick("sky")
+    return {"rects": rects, "eye": eye, "sky": (sky[:3], sky[3:]),
+            "sun": np.array([np.cos(el) * np.sin(az), np.cos(el) * np.cos(az), np.sin(el)])}

@@ -1,0 +1,336 @@
+"""Stage `synth`: generate a world of synthetic cities whose every pixel is labelled.
+
+Reads a world YAML (`citylib/worlds/<name>.yaml` or a user's file): a shared `base` street
+style, and `cities` that each override a few entries and name their `planted` cue objects.
+Writes, like a photo collection plus ground truth, into `out/`:
+  images/<city>/<city>_<spot:04d>_v<view>.jpg   RGB street views
+  labels/<city>/<same stem>.png                 ADE20K class index per pixel (0 = unlabelled)
+  manifest.csv                                  path, city, group, view, label_path
+  world.json                                    the resolved config, world and its hash
+A spot is one street layout seen from one place; its views are camera headings into it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import shutil
+import zlib
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image
+
+from . import scene
+from .artifacts import atomic_path, read_json, write_csv, write_json
+from .config import ConfigError, config_hash, from_dict, to_dict
+from .paths import WORLDS
+from .scene import VOCAB
+
+GENERATOR_VERSION = 1  # bump when drawing changes, so cached worlds are not reused
+Range = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    world: str = "default"    # built-in name (citylib/worlds/<name>.yaml) or a path to a YAML
+    spots_per_city: int = 150
+    views: int = 4            # headings per spot, evenly spaced round the camera
+    size: int = 128           # square image side, px
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, lo, hi in (("spots_per_city", 1, 100_000), ("views", 1, 36), ("size", 16, 2048),
+                             ("seed", 0, 2**63 - 1)):
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(f"'{name}' = {getattr(self, name)} must be in [{lo}, {hi}]")
+        if not self.world:
+            raise ValueError("'world' must name a world")
+
+
+# ------------------------------------------------------------------ the world YAML's schema
+def _ranges(obj, *names):
+    for n in names:
+        lo, hi = getattr(obj, n)
+        if lo > hi:
+            raise ValueError(f"'{n}' = [{lo}, {hi}] must be [low, high]")
+
+
+def _probs(obj, *names):
+    for n in names:
+        if not 0 <= getattr(obj, n) <= 1:
+            raise ValueError(f"'{n}' = {getattr(obj, n)} must be a probability")
+
+
+@dataclass(frozen=True)
+class Street:
+    road_half_width: Range
+    sidewalk: Range           # width, per side
+    length: Range             # half length: the street ends in a cross wall at +-length
+    verge_prob: float         # chance a side has a strip of open ground along the kerb
+    open_ground: dict[str, float]  # ground class of verges and open lots -> weight
+    camera_height: Range
+    camera_offset: Range      # across the street, from its centre line
+
+    def __post_init__(self):
+        _ranges(self, "road_half_width", "sidewalk", "length", "camera_height", "camera_offset")
+        _probs(self, "verge_prob")
+        bad = set(self.open_ground) - {"sidewalk", "road", "grass", "earth"}
+        if bad or not sum(self.open_ground.values()) > 0:
+            raise ValueError(f"'open_ground' needs positive weights of sidewalk/road/grass/earth, got {bad or 0}")
+
+
+@dataclass(frozen=True)
+class Nuisance:
+    """Things that vary within every city alike and must not identify one."""
+    fov: float                # horizontal, degrees
+    heading_jitter: float     # degrees, each view
+    pitch: Range              # degrees up
+    gain: Range               # global brightness (time of day)
+    warmth: Range             # colour temperature: + warms (red up, blue down)
+    haze: Range               # extinction per metre
+    noise: Range              # sensor noise sigma, 0-255 scale
+    jpeg_quality: tuple[int, int]
+    color_jitter: float       # per-instance spread around palette colours
+
+    def __post_init__(self):
+        _ranges(self, "pitch", "gain", "warmth", "haze", "noise", "jpeg_quality")
+        if not (10 <= self.fov <= 150 and 1 <= self.jpeg_quality[0] and self.jpeg_quality[1] <= 100):
+            raise ValueError("'fov' must be in [10, 150] and 'jpeg_quality' in [1, 100]")
+
+
+@dataclass(frozen=True)
+class Buildings:
+    height: Range             # front row (low-rise along the sidewalk)
+    width: Range
+    floor_height: Range
+    window_spacing: Range
+    lot_prob: float           # chance a front plot is an open lot
+    tower_setback: Range      # back row of towers, behind the front row
+    tower_height: Range
+    tower_width: Range
+    tower_gap: Range
+    skyscraper_prob: float    # chance a spot's towers include glass skyscrapers ...
+    skyscraper_share: float   # ... and the share of its towers that are
+
+    def __post_init__(self):
+        _ranges(self, "height", "width", "floor_height", "window_spacing", "tower_setback",
+                "tower_height", "tower_width", "tower_gap")
+        _probs(self, "lot_prob", "skyscraper_prob", "skyscraper_share")
+
+
+@dataclass(frozen=True)
+class Thing:
+    spot_prob: float          # chance a spot has any
+    count: tuple[int, int]    # how many it then has (inclusive)
+    size: Range               # metres: height; length for car, fence, signboard, awning
+    spread: float             # placed within +-spread m of the camera along the street
+    palette: str              # palette group its colours come from
+
+    def __post_init__(self):
+        _probs(self, "spot_prob")
+        _ranges(self, "count", "size")
+
+
+@dataclass(frozen=True)
+class Things:
+    car: Thing
+    person: Thing
+    tree: Thing
+    plant: Thing
+    pole: Thing
+    streetlight: Thing
+    traffic_light: Thing
+    signboard: Thing
+    awning: Thing
+    fence: Thing
+
+
+@dataclass(frozen=True)
+class Style:
+    palette: dict[str, tuple[str, ...]]  # group -> "#rrggbb" colours ("#zenith #horizon" for sky)
+    street: Street
+    nuisance: Nuisance
+    buildings: Buildings
+    objects: Things
+
+    def __post_init__(self):
+        need = {"sky", "facade", "window", "road", "sidewalk", "grass", "earth", "foliage", "bark",
+                "metal", "skin", "paint", "lamp"} | {getattr(self.objects, f.name).palette
+                                                      for f in dataclasses.fields(Things)}
+        if need - set(self.palette):
+            raise ValueError(f"'palette' lacks group(s) {sorted(need - set(self.palette))}")
+
+
+@dataclass(frozen=True)
+class World:
+    name: str
+    source: str
+    definition: dict          # base and cities as written (after `extends`), for world.json
+    styles: dict              # city -> Style
+    planted: dict             # city -> tuple of (ADE20K name, why)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _world_path(world: str) -> Path:
+    p = Path(world).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p.resolve()
+    return WORLDS / f"{world}.yaml"
+
+
+def _read_world(world: str) -> tuple[Path, dict]:
+    path = _world_path(world)
+    if not path.is_file():
+        raise ConfigError(f"world '{world}': no file {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(raw) - {"description", "extends", "base", "cities"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: base, cities, description, extends")
+    if "extends" in raw:  # a world may start from another world's base
+        raw = {**raw, "base": _merge(_read_world(raw["extends"])[1]["base"], raw.get("base") or {})}
+    return path, raw
+
+
+def load_world(world: str) -> World:
+    """Read and check a world YAML; unknown keys anywhere raise ConfigError naming key and file."""
+    path, raw = _read_world(world)
+    cities, styles, planted = raw.get("cities") or {}, {}, {}
+    if not isinstance(cities, dict) or not cities:
+        raise ConfigError(f"{path}: 'cities' must map at least one city name to its settings")
+    for city, over in cities.items():
+        where = f"{path} (cities.{city})"
+        if not str(city).replace("_", "").isalnum():
+            raise ConfigError(f"{where}: city names use letters, digits and '_' only")
+        over = dict(over or {})
+        cues = []
+        for i, cue in enumerate(over.pop("planted", None) or []):
+            if not isinstance(cue, dict) or set(cue) - {"object", "why"} or cue.get("object") not in VOCAB:
+                raise ConfigError(f"{where}: 'planted[{i}]' = {cue!r} must be {{object: <one of "
+                                  f"{', '.join(VOCAB)}>, why: ...}}")
+            cues.append((cue["object"], str(cue.get("why", ""))))
+        styles[city] = from_dict(Style, _merge(raw.get("base") or {}, over), where=where)
+        planted[city] = tuple(cues)
+    definition = {"base": raw.get("base") or {}, "cities": cities}
+    return World(path.stem, str(path), definition, styles, planted)
+
+
+# ------------------------------------------------------------------ one spot: layout and views
+def _colour(style: Style, rng: np.random.Generator, group: str) -> tuple:
+    """One colour of palette ``group`` ("#zenith #horizon" gives six numbers), jittered a little."""
+    hexes = style.palette[group][rng.integers(len(style.palette[group]))].split()
+    j = style.nuisance.color_jitter
+    k = rng.uniform(1 - j, 1 + j) * (1 + 0.3 * j * rng.standard_normal(3))
+    return tuple(float(c) for h in hexes
+                 for c in np.clip(np.array([int(h[i:i + 2], 16) for i in (1, 3, 5)]) / 255 * k, 0, 1))
+
+
+def render_spot(world: World, city: str, spot: int, views: int = 4, size: int = 128, seed: int = 0,
+                flat: bool = False) -> list[dict]:
+    """Render the views of one spot: dicts of image (S, S, 3) uint8, label (S, S) uint8,
+    inst (S, S) instance ids, heading, pitch and the JPEG quality to save it with.
+
+    ``flat`` paints each class in one fixed colour (scene.LUT) with every nuisance off.
+    """
+    style, nu = world.styles[city], world.styles[city].nuisance
+    # One seed per spot, from the city's name (not its position in the file): adding a city
+    # or a worker process changes nothing else. Child 0 lays out, 1 lights, 2.. are the views.
+    kids = np.random.SeedSequence([seed, zlib.crc32(city.encode()), spot]).spawn(2 + views)
+    rng, light = np.random.default_rng(kids[0]), np.random.default_rng(kids[1])
+    lay = scene.spot(style, rng, partial(_colour, style, rng))
+    haze, gain, warmth = (float(light.uniform(*r)) for r in (nu.haze, nu.gain, nu.warmth))
+    first = 90.0 * int(light.integers(4))
+    out = []
+    for k in range(views):
+        vr = np.random.default_rng(kids[2 + k])
+        cam = scene.Camera(lay["eye"], first + 360.0 * k / views + vr.uniform(-1, 1) * nu.heading_jitter,
+                           float(vr.uniform(*nu.pitch)), nu.fov)
+        v = scene.render(lay["rects"], cam, size, lay["sky"], lay["sun"], flat=flat)
+        if flat:
+            image = np.rint(v["rgb"] * 255).astype(np.uint8)
+        else:
+            image = scene.finish(v, vr, haze, lay["sky"][1], gain, warmth, float(vr.uniform(*nu.noise)))
+        out.append({"image": image, "label": v["label"], "inst": v["inst"], "heading": cam.heading % 360,
+                    "pitch": cam.pitch, "quality": int(vr.integers(nu.jpeg_quality[0], nu.jpeg_quality[1] + 1))})
+    return out
+
+
+# ------------------------------------------------------------------ the stage
+class WorldExistsError(FileExistsError, ValueError):
+    """``out`` already holds a different generated world."""
+
+
+def _write_spot(world: World, cfg: SynthConfig, out: Path, task: tuple[str, int]) -> list[tuple]:
+    city, spot = task
+    rows = []
+    for k, view in enumerate(render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed)):
+        stem = f"{city}_{spot:04d}_v{k}"
+        img, lab = f"images/{city}/{stem}.jpg", f"labels/{city}/{stem}.png"
+        with atomic_path(out / img) as tmp:
+            Image.fromarray(view["image"], "RGB").save(tmp, format="JPEG", quality=view["quality"])
+        with atomic_path(out / lab) as tmp:
+            Image.fromarray(view["label"], "L").save(tmp, format="PNG")
+        rows.append((img, city, f"{city}_{spot:04d}", k, lab))
+    return rows
+
+
+def _complete(out: Path, chash: str) -> bool:
+    try:
+        if read_json(out / "world.json")["hash"] != chash:
+            return False
+        m = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((out / p).is_file() for p in pd.concat([m["path"], m["label_path"]]))
+
+
+def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int = 2) -> Path:
+    """Generate the world of ``cfg`` into ``out`` and return its manifest path.
+
+    An identical finished world in ``out`` is reused. A different one raises WorldExistsError
+    unless ``overwrite``. ``workers`` processes share the spots; the files do not depend on it.
+    """
+    out = Path(out)
+    world = load_world(cfg.world)
+    chash = config_hash(GENERATOR_VERSION, cfg, world.definition)
+    if _complete(out, chash):
+        return out / "manifest.csv"
+    try:
+        old = read_json(out / "world.json").get("hash")
+    except (OSError, ValueError):
+        old = None
+    if old not in (None, chash):
+        if not overwrite:
+            raise WorldExistsError(f"{out} holds a different world (hash {old}, wanted {chash}); "
+                                   f"choose another folder or overwrite")
+        for sub in ("images", "labels"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    # The manifest and world.json go first and come back last: an interrupted run leaves no
+    # manifest that points at missing or half-written files.
+    for name in ("world.json", "manifest.csv"):
+        (out / name).unlink(missing_ok=True)
+    tasks = [(city, spot) for city in world.styles for spot in range(cfg.spots_per_city)]
+    job = partial(_write_spot, world, cfg, out)
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            chunks = list(pool.imap(job, tasks, chunksize=4))
+    else:
+        chunks = [job(t) for t in tasks]
+    rows = [r for chunk in chunks for r in chunk]
+    write_csv(out / "manifest.csv", pd.DataFrame(rows, columns=["path", "city", "group", "view", "label_path"]))
+    write_json(out / "world.json", {
+        "hash": chash, "generator": GENERATOR_VERSION, "config": to_dict(cfg), "source": world.source,
+        "cities": list(world.styles), "images": len(rows),
+        "planted": {c: [{"object": o, "index": VOCAB[o], "why": w} for o, w in p] for c, p in world.planted.items()},
+        "vocabulary": VOCAB, "world": world.definition,
+    })
+    return out / "manifest.csv"

@@ -1,0 +1,389 @@
+"""Training: one architecture, one seed, on the data stage's image cache.
+
+Reads a ``Cache`` (``images`` uint8 (N, S, S, 3), ``y`` int64 (N,), ``cities``, ``index``,
+``split_indices(name)``) and, on a rerun, the run folder's own checkpoints. Writes into the run
+folder ``out`` (``outputs/runs/<name>/``):
+
+- ``checkpoints/epoch_XXX.pt``: model, optimizer, scheduler, epoch, history, config and every
+  RNG state (torch, numpy, python, the data-order generator); loads with ``weights_only=True``.
+- ``best.pt``: the weights of the epoch with the best validation accuracy (ties: earlier).
+- ``history.csv``: epoch, lr, train_loss, train_acc, val_loss, val_acc, seconds.
+- ``metrics.json``: test accuracy of ``best.pt``, per-city accuracy, confusion matrix (rows true,
+  cols predicted, in ``cities`` order), config and its hash; merged, so later stages add keys.
+- ``predictions.csv``: one row per test image with one probability column per city.
+
+Training follows the paper: cross-entropy, Adam, lr 1e-4 times 0.1 every 10 epochs. The seed
+fixes the initial weights and the data order/augmentation; the same config gives bit-identical
+weights on CPU, and an interrupted run resumes to the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from citylib import models
+from citylib.artifacts import atomic_path, read_json, write_csv, write_json
+from citylib.config import config_hash, to_dict
+
+# Inputs are mapped from [0, 255] to [-1, 1]: (x / 255 - MEAN) / STD. Fixed constants rather
+# than dataset statistics, so a checkpoint needs nothing else to be used on new images.
+MEAN, STD = 0.5, 0.5
+SPLITS = ("train", "val", "test")
+OUTPUT_FILES = ("best.pt", "history.csv", "metrics.json", "predictions.csv")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings; every one is part of the run's config hash."""
+
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-4           # Adam; the paper's initial rate
+    lr_step: int = 10          # multiply lr by lr_gamma every lr_step epochs (paper: 10, 0.1)
+    lr_gamma: float = 0.1
+    weight_decay: float = 0.0
+    flip: bool = True          # random horizontal flip
+    crop_jitter: int = 4       # random translation by up to this many pixels (pad and crop)
+    threads: int = 2           # torch CPU threads; results are bit-identical only at equal count
+
+    def __post_init__(self):
+        ok = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
+              "lr": self.lr > 0, "lr_step": self.lr_step >= 1, "lr_gamma": 0 < self.lr_gamma <= 1,
+              "weight_decay": self.weight_decay >= 0, "crop_jitter": 0 <= self.crop_jitter <= 32,
+              "threads": self.threads >= 1}
+        bad = [f"'{k}' = {getattr(self, k)!r}" for k, good in ok.items() if not good]
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)} (epochs, batch_size, lr_step, "
+                             "threads >= 1; lr > 0; 0 < lr_gamma <= 1; weight_decay >= 0; "
+                             "0 <= crop_jitter <= 32)")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    config: dict
+    config_hash: str
+    history: pd.DataFrame
+    metrics: dict          # metrics.json; empty while the run is unfinished
+    finished: bool
+    reused: bool           # True: a finished run with this config hash was found, nothing ran
+    resumed_from: int      # last epoch found in checkpoints/ (0: started fresh)
+
+
+class ConfigMismatchError(RuntimeError):
+    """A run folder holds results made by a different config."""
+
+
+def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
+        extra_config: dict | None = None, *, progress: bool = True, stop_after: int | None = None,
+        force: bool = False, keep_checkpoints: int | None = None) -> TrainResult:
+    """Train ``arch`` with ``seed`` on ``cache``, writing into ``out``; reuse or resume if possible.
+
+    ``extra_config`` (the run's full resolved config) is stored in every artifact and hashed.
+    ``stop_after=k`` stops after epoch k (an interruption, for resuming later). ``force`` clears
+    results made by another config instead of raising. ``keep_checkpoints=k`` keeps only the
+    last k epoch checkpoints (all by default).
+    """
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    idx = {s: np.asarray(cache.split_indices(s), dtype=np.int64) for s in SPLITS}
+    for s in SPLITS:
+        if len(idx[s]) == 0:
+            raise ValueError(f"{name}: the '{s}' split is empty")
+    config = run_config(arch, seed, cfg, cache, idx, extra_config)
+    chash = config_hash(config)
+    last = _prepare_folder(out, chash, force)
+    if last == "finished":
+        return TrainResult(out, config, chash, pd.read_csv(out / "history.csv"),
+                           read_json(out / "metrics.json"), True, True, cfg.epochs)
+
+    images = cache.images                                    # (N, S, S, 3) uint8
+    y = torch.as_tensor(np.asarray(cache.y), dtype=torch.int64)  # (N,)
+    with _deterministic(cfg.threads):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        model = models.build(arch, len(cache.cities), config["image_size"])
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+        gen = torch.Generator().manual_seed(seed)            # data order and augmentation
+        history: list[dict] = []
+        best = {"epoch": 0, "val_acc": -1.0}
+        start = 0
+        if last is not None:                                 # resume where the checkpoint ends
+            ck = torch.load(last, weights_only=True)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            _set_rng_state(ck["rng"], gen)
+            history, best, start = ck["history"], ck["best"], ck["epoch"]
+
+        for epoch in range(start + 1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]
+            desc = f"{name} {epoch}/{cfg.epochs}"
+            train_loss, train_acc = train_one_epoch(model, opt, images, y, idx["train"], cfg, gen,
+                                                    desc=desc, progress=progress)
+            val_loss, val_acc = evaluate(model, images, y, idx["val"], cfg.batch_size)
+            sched.step()
+            history.append(dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
+                                val_loss=val_loss, val_acc=val_acc,
+                                seconds=time.perf_counter() - t0))
+            if val_acc > best["val_acc"]:                    # strict: ties keep the earlier
+                best = {"epoch": epoch, "val_acc": val_acc}
+                _save({"model": model.state_dict(), "epoch": epoch, "config": config,
+                       "config_hash": chash, "val_acc": val_acc}, out / "best.pt")
+            _save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                   "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+                   "best": best, "config": config, "config_hash": chash,
+                   "rng": _get_rng_state(gen)}, ckpt_dir / f"epoch_{epoch:03d}.pt")
+            write_csv(out / "history.csv", pd.DataFrame(history))
+            if keep_checkpoints is not None:
+                for old in _checkpoints(ckpt_dir)[:-max(1, keep_checkpoints)]:
+                    old.unlink()
+            if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
+                return TrainResult(out, config, chash, pd.DataFrame(history), {}, False, False,
+                                   start)
+
+        # test the best epoch's weights
+        model.load_state_dict(torch.load(out / "best.pt", weights_only=True)["model"])
+        probs = predict(model, images[idx["test"]], cfg.batch_size)   # (n_test, C)
+    metrics = _write_test_results(out, cache, idx, probs, config, chash, best, name)
+    return TrainResult(out, config, chash, pd.DataFrame(history), metrics, True, False, start)
+
+
+def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.ndarray,
+                    y: torch.Tensor, train_idx: np.ndarray, cfg: TrainConfig,
+                    gen: torch.Generator, desc: str = "train", progress: bool = True,
+                    max_steps: int | None = None) -> tuple[float, float]:
+    """One pass over ``train_idx`` in an order drawn from ``gen``; returns (mean loss, accuracy)."""
+    model.train()
+    order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+    starts = range(0, len(order), cfg.batch_size)
+    if max_steps is not None:
+        starts = starts[:max_steps]
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch")
+    for b in bar:
+        batch = order[b:b + cfg.batch_size]              # (B,) indices into the cache
+        x = augment(to_tensor(images[batch]), cfg, gen)  # (B, 3, S, S) float
+        target = y[torch.from_numpy(batch)]              # (B,)
+        logits = model(x)                                # (B, C)
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n = len(batch)
+        loss_sum += loss.item() * n
+        correct += (logits.argmax(1) == target).sum().item()
+        seen += n
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+    return loss_sum / seen, correct / seen
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S), (x / 255 - MEAN) / STD."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    x = x.to(torch.float32, memory_format=torch.contiguous_format)
+    return x.mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
+
+
+def augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and translation (reflect-pad by crop_jitter, random crop)."""
+    B, _, H, W = x.shape
+    if cfg.flip:
+        flip = torch.rand(B, generator=gen) < 0.5                  # (B,)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    p = cfg.crop_jitter
+    if p > 0:
+        # reflect padding adds no artificial edges the network could learn from
+        xp = F.pad(x, (p, p, p, p), mode="reflect")              # (B, 3, H+2p, W+2p)
+        dy, dx = torch.randint(0, 2 * p + 1, (2, B), generator=gen).tolist()
+        x = torch.stack([xp[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
+    return x
+
+
+def evaluate(model: nn.Module, images: np.ndarray, y: torch.Tensor, idx: np.ndarray,
+             batch_size: int) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on ``images[idx]``."""
+    logits = torch.from_numpy(_logits(model, images[idx], batch_size))   # (n, C)
+    target = y[torch.from_numpy(idx)]                                   # (n,)
+    return (F.cross_entropy(logits, target).item(),
+            (logits.argmax(1) == target).float().mean().item())
+
+
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, C) float32 for uint8 images (N, S, S, 3); eval mode, no grad."""
+    return torch.softmax(torch.from_numpy(_logits(model, images, batch_size)), 1).numpy()
+
+
+def _logits(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(images), batch_size):
+            out.append(model(to_tensor(images[b:b + batch_size])))     # (B, C)
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def load_model(run_dir: str | Path, which: str | int = "best") -> tuple[nn.Module, list[str], dict]:
+    """(model in eval mode, cities, config) from ``best.pt``, the ``"last"`` or a given epoch."""
+    run_dir = Path(run_dir)
+    if which == "best":
+        path = run_dir / "best.pt"
+    elif which == "last":
+        found = _checkpoints(run_dir / "checkpoints")
+        path = found[-1] if found else run_dir / "checkpoints" / "epoch_*.pt"
+    else:
+        path = run_dir / "checkpoints" / f"epoch_{int(which):03d}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    ck = torch.load(path, weights_only=True)
+    config = ck["config"]
+    model = models.build(config["arch"], len(config["cities"]), config["image_size"])
+    model.load_state_dict(ck["model"])
+    return model.eval(), list(config["cities"]), config
+
+
+def run_config(arch: str, seed: int, cfg: TrainConfig, cache, idx: dict, extra: dict | None) -> dict:
+    """The config a run is keyed by: settings, cities, image size and a fingerprint of the data."""
+    images = cache.images
+    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] != 3:
+        raise ValueError(f"cache.images must be (N, S, S, 3), got {images.shape}")
+    h = hashlib.sha256()
+    for part in (images, np.asarray(cache.y, dtype=np.int64), *(idx[s] for s in SPLITS)):
+        h.update(np.ascontiguousarray(part).data)
+    return {
+        "arch": arch, "seed": int(seed), "train": to_dict(cfg),
+        "cities": [str(c) for c in cache.cities], "image_size": int(images.shape[1]),
+        "data_fingerprint": h.hexdigest()[:16],
+        # a JSON round trip keeps the stored config to plain types (weights_only loading)
+        "extra": json.loads(json.dumps(extra or {}, default=str)),
+    }
+
+
+def _prepare_folder(out: Path, chash: str, force: bool) -> Path | str | None:
+    """'finished', the last checkpoint to resume from, or None; raise on another config's results."""
+    found = _checkpoints(out / "checkpoints")
+    hashes = set()
+    if (out / "metrics.json").is_file():
+        hashes.add(read_json(out / "metrics.json").get("config_hash"))
+        if hashes == {chash} and (out / "best.pt").is_file() and (out / "history.csv").is_file():
+            return "finished"
+    if found:   # mmap: reads the small entries only, not the weights
+        hashes.add(torch.load(found[-1], weights_only=True, mmap=True)["config_hash"])
+    other = sorted(h for h in hashes - {chash, None})
+    if other and not force:
+        raise ConfigMismatchError(f"{out}: holds results of config {other[0]}, not {chash}; "
+                                  "choose another run name, or pass force=True to clear them")
+    if other:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for f in OUTPUT_FILES:
+            (out / f).unlink(missing_ok=True)
+        return None
+    return found[-1] if found else None
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Epoch checkpoints in epoch order."""
+    return sorted(ckpt_dir.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def _save(obj: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _write_test_results(out: Path, cache, idx: dict, probs: np.ndarray, config: dict,
+                        chash: str, best: dict, name: str) -> dict:
+    cities = list(config["cities"])
+    test = idx["test"]
+    true = np.asarray(cache.y, dtype=np.int64)[test]         # (n_test,)
+    pred = probs.argmax(1)                                   # (n_test,)
+    C = len(cities)
+    confusion = np.zeros((C, C), dtype=np.int64)             # rows true, cols predicted
+    np.add.at(confusion, (true, pred), 1)
+    per_city = {c: (float(confusion[k, k] / confusion[k].sum()) if confusion[k].sum() else None)
+                for k, c in enumerate(cities)}
+    frame = pd.DataFrame({
+        "index": test, "path": cache.index["path"].iloc[test].to_numpy(),
+        "city": [cities[k] for k in true], "predicted": [cities[k] for k in pred],
+        "correct": true == pred,
+        **{f"prob_{c}": probs[:, k] for k, c in enumerate(cities)},
+    })
+    write_csv(out / "predictions.csv", frame)
+    metrics = {
+        "run": name, "test_accuracy": float((true == pred).mean()), "per_city_accuracy": per_city,
+        "confusion_matrix": confusion.tolist(), "cities": cities, "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_acc"],
+        **{f"n_{s}": int(len(idx[s])) for s in SPLITS},
+        "config": config, "config_hash": chash,
+    }
+    return merge_json(out / "metrics.json", metrics)
+
+
+def merge_json(path: Path, updates: dict) -> dict:
+    """Read-modify-write a JSON object under a lock; the write is atomic. Returns the result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = {**(read_json(path) if path.is_file() else {}), **updates}
+        write_json(path, merged)
+    return merged
+
+
+@contextlib.contextmanager
+def _deterministic(threads: int):
+    """Fixed thread count, deterministic kernels; the caller's torch/numpy/python RNGs restored."""
+    prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+            np.random.get_state(), random.getstate())
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(prev[0])
+        torch.use_deterministic_algorithms(prev[1])
+        np.random.set_state(prev[2])
+        random.setstate(prev[3])
+
+
+def _get_rng_state(gen: torch.Generator) -> dict[str, Any]:
+    """Every RNG state as tensors and plain lists (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(), "generator": gen.get_state(),
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["generator"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))

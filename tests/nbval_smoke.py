@@ -1,0 +1,35 @@
+"""Execute every notebook under nbval, in order, on the smoke-sized parameter set.
+
+Each notebook in ``notebooks/`` is copied into a temporary folder with the smoke
+parameters injected into its ``parameters`` cell (papermill, prepare only), then
+``pytest --nbval-lax`` runs the copies in order: a cell that raises fails the test.
+Usage: ``python tests/nbval_smoke.py [PARAMS_FILE]``; exits with pytest's status.
+"""
+import sys
+import tempfile
+from pathlib import Path
+
+import papermill as pm
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "parameters" / "smoke" / "simple_seed0.yaml"
+
+
+def main(argv: list[str]) -> int:
+    params_file = Path(argv[0]).resolve() if argv else SMOKE
+    work = Path(tempfile.mkdtemp(prefix="citylib-nbval-"))
+    prepared = []
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        target = work / nb.name
+        pm.execute_notebook(str(nb), str(target), prepare_only=True, kernel_name="python3",
+                            parameters={"params_file": str(params_file), "outputs": str(work / "outputs"),
+                                        "force": False})
+        prepared.append(str(target))
+    print(f"nbval on {len(prepared)} notebooks in {work}", flush=True)
+    return pytest.main(["-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env",
+                        "--rootdir", str(work), *prepared])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,81 @@
+"""Parameter files are validated before any work, with messages naming file and key."""
+import textwrap
+
+import pytest
+
+from citylib import params
+from citylib.config import ConfigError
+from citylib.paths import PARAMETERS
+
+GOOD = """
+arch: simple
+seed: 1
+data:
+  source: world
+  world: {spots_per_city: 6, views: 2, size: 64}
+  image_size: 64
+train: {epochs: 1, batch_size: 8}
+"""
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_good_file_resolves_with_defaults_and_is_named_after_the_file(tmp_path):
+    cfg = params.load(write(tmp_path, "simple_seed1.yaml", GOOD))
+    assert (cfg.name, cfg.arch, cfg.seed) == ("simple_seed1", "simple", 1)
+    assert cfg.data.world.views == 2 and cfg.train.epochs == 1
+    assert cfg.train.lr == 1e-4  # the paper's default survives
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda t: t + "colour: red\n", "colour"),
+    (lambda t: t.replace("arch: simple", "arch: lenet"), "lenet"),
+    (lambda t: t.replace("seed: 1", "seed: one"), "seed"),
+    (lambda t: t.replace("epochs: 1", "epochs: 1.5"), "train.epochs"),
+    (lambda t: t.replace("image_size: 64", "image_sise: 64"), "data.image_sise"),
+    (lambda t: t.replace("source: world", "source: /no/such/folder"), "/no/such/folder"),
+    (lambda t: t.replace("world: {", "world: {world: atlantis, "), "atlantis"),
+    (lambda t: t + "name: other\n", "name"),
+    (lambda t: "- just\n- a list\n", "mapping"),
+    (lambda t: "arch: [unclosed\n", "YAML"),
+])
+def test_bad_files_stop_with_a_message_naming_file_and_key(tmp_path, edit, needle):
+    path = write(tmp_path, "bad.yaml", edit(textwrap.dedent(GOOD)))
+    with pytest.raises(ConfigError) as err:
+        params.load(path)
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_load_all_reports_every_bad_file_and_requires_one_data_section(tmp_path):
+    good = write(tmp_path, "a.yaml", GOOD)
+    bad1 = write(tmp_path, "b.yaml", GOOD.replace("arch: simple", "arch: nope"))
+    bad2 = write(tmp_path, "c.yaml", GOOD + "extra: 1\n")
+    with pytest.raises(ConfigError) as err:
+        params.load_all([good, bad1, bad2])
+    assert "b.yaml" in str(err.value) and "c.yaml" in str(err.value)
+    other = write(tmp_path, "d.yaml", GOOD.replace("image_size: 64", "image_size: 72"))
+    with pytest.raises(ConfigError, match="share the same 'data'"):
+        params.load_all([good, other])
+
+
+def test_discover_skips_private_files_and_every_shipped_file_is_valid(tmp_path):
+    write(tmp_path, "_base.yaml", "x: 1\n")
+    write(tmp_path, "a.yaml", GOOD)
+    assert [p.name for p in params.discover(tmp_path)] == ["a.yaml"]
+    main = params.load_all(params.discover(PARAMETERS))
+    # the paper's four architectures, each with two seeds (its "retrained" pairs)
+    assert sorted((c.arch, c.seed) for c in main) == sorted(
+        (a, s) for a in ("simple", "simpler", "vgg11", "resnet18") for s in (0, 1))
+    extra = params.load_all(params.discover(PARAMETERS / "extra"))
+    assert {c.arch for c in extra} == {"alexnet", "vgg_s"}
+    params.load_all(params.discover(PARAMETERS / "smoke"))
+
+
+def test_hash_changes_with_any_setting(tmp_path):
+    a = params.load(write(tmp_path, "a.yaml", GOOD))
+    b = params.load(write(tmp_path, "b.yaml", GOOD.replace("batch_size: 8", "batch_size: 9")))
+    assert a.hash != b.hash

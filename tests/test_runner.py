@@ -1,0 +1,51 @@
+"""The papermill grid in smoke size: skip identical runs, go on past a failing run."""
+import shutil
+
+import pandas as pd
+import pytest
+
+from citylib import cli, runner
+from citylib.paths import PARAMETERS
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    params_dir, out = root / "params", root / "outputs"
+    params_dir.mkdir()
+    shutil.copy(PARAMETERS / "smoke" / "simple_seed0.yaml", params_dir / "good.yaml")
+    shutil.copy(PARAMETERS / "smoke" / "simple_seed1.yaml", params_dir / "broken.yaml")
+    # A run whose checkpoint folder holds a file that is no checkpoint of this run must fail
+    # loudly, and must not stop the other runs.
+    (out / "runs" / "broken" / "checkpoints").mkdir(parents=True)
+    (out / "runs" / "broken" / "checkpoints" / "epoch_001.pt").write_bytes(b"not a checkpoint")
+    code = cli.main(["run", "--params", str(params_dir), "--outputs", str(out)])
+    return params_dir, out, code
+
+
+def test_failing_run_is_reported_with_nonzero_exit_and_others_finish(grid):
+    params_dir, out, code = grid
+    assert code == 1
+    for nb in runner.DATA_NOTEBOOKS:
+        assert (out / "data" / nb).exists()
+    for nb in runner.RUN_NOTEBOOKS:
+        assert (out / "runs" / "good" / nb).exists()
+    assert (out / "runs" / "broken" / "02_training.failed.ipynb").exists()
+    assert (out / "data" / "manifest.csv").exists()
+    summary = pd.read_csv(out / "runs" / "summary.csv").set_index("run")
+    assert summary.loc["good", "status"] == "ok" and summary.loc["broken", "status"] == "failed"
+    assert 0 <= summary.loc["good", "test_accuracy"] <= 1
+
+
+def test_identical_runs_are_skipped_and_force_redoes_them(grid):
+    params_dir, out, _ = grid
+    again = runner.run(params=params_dir, only=["good"], outputs=out)
+    assert again.ok and not again.executed
+    assert set(again.skipped) == {"data/01_data.ipynb"} | {f"good/{nb}" for nb in runner.RUN_NOTEBOOKS}
+    forced = runner.run(params=params_dir, only=["good"], outputs=out, force=True)
+    assert forced.ok and len(forced.executed) == len(runner.DATA_NOTEBOOKS) + len(runner.RUN_NOTEBOOKS)
+
+
+def test_unknown_run_in_only_is_an_error(grid):
+    params_dir, out, _ = grid
+    assert cli.main(["run", "--params", str(params_dir), "--outputs", str(out), "--only", "nope"]) == 2

@@ -1,0 +1,172 @@
+"""Training stage on a tiny synthetic cache: learning, determinism, resume, reuse, artifacts."""
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from citylib import train
+from citylib.artifacts import read_json
+
+CITIES = ["amsterdam", "berlin", "cairo"]
+SIZE = 64
+
+
+def make_cache(size: int = SIZE, seed: int = 0) -> SimpleNamespace:
+    """20 images per class: noise with a bright square whose colour and quadrant give the class."""
+    rng = np.random.default_rng(seed)
+    C = len(CITIES)
+    y = np.repeat(np.arange(C), 20).astype(np.int64)            # (N,)
+    images = rng.integers(0, 96, (len(y), size, size, 3), dtype=np.uint8)  # (N, S, S, 3)
+    q = size // 2
+    for i, k in enumerate(y):
+        oy, ox = (k // 2) * q + rng.integers(4, q - 20), (k % 2) * q + rng.integers(4, q - 20)
+        images[i, oy:oy + 16, ox:ox + 16] = 60
+        images[i, oy:oy + 16, ox:ox + 16, k] = 255
+    split = np.tile(["train"] * 12 + ["val"] * 4 + ["test"] * 4, C)     # per class 12/4/4
+    index = pd.DataFrame({
+        "path": [f"img/{i:04d}.png" for i in range(len(y))], "city": [CITIES[k] for k in y],
+        "group": np.arange(len(y)) // 2, "view": 0, "label_path": "", "split": split,
+    })
+    return SimpleNamespace(images=images, labels=np.zeros((len(y), size, size), np.uint8),
+                           index=index, cities=list(CITIES), y=y,
+                           split_indices=lambda s: np.flatnonzero(index["split"].to_numpy() == s))
+
+
+FAST = train.TrainConfig(epochs=2, batch_size=12, lr=1e-4, threads=2)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return make_cache()
+
+
+def _weights(run_dir, which="last"):
+    return train.load_model(run_dir, which)[0].state_dict()
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="epochs"):
+        train.TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="lr_gamma"):
+        train.TrainConfig(lr_gamma=1.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FAST.lr = 1.0
+
+
+def test_learns_above_chance(cache, tmp_path):
+    cfg = dataclasses.replace(FAST, epochs=5, lr=5e-4)
+    res = train.run("simple", 0, cfg, cache, tmp_path / "r", "r", progress=False)
+    assert res.finished and not res.reused
+    assert res.history["train_loss"].iloc[-1] < res.history["train_loss"].iloc[0]
+    assert res.metrics["test_accuracy"] >= 0.75, res.metrics   # chance: 1/3
+
+
+def test_same_seed_bit_identical_other_seed_differs(cache, tmp_path):
+    a = train.run("simple", 1, FAST, cache, tmp_path / "a", "a", progress=False)
+    b = train.run("simple", 1, FAST, cache, tmp_path / "b", "b", progress=False)
+    c = train.run("simple", 2, FAST, cache, tmp_path / "c", "c", progress=False)
+    assert a.config_hash == b.config_hash != c.config_hash
+    assert _same(_weights(a.out), _weights(b.out))
+    assert not _same(_weights(a.out), _weights(c.out))
+    cols = ["train_loss", "train_acc", "val_loss", "val_acc"]
+    pd.testing.assert_frame_equal(a.history[cols], b.history[cols])
+
+
+def test_resume_equals_uninterrupted(cache, tmp_path):
+    cfg = dataclasses.replace(FAST, epochs=3)
+    full = train.run("simple", 3, cfg, cache, tmp_path / "full", "x", progress=False)
+    part = train.run("simple", 3, cfg, cache, tmp_path / "part", "x", progress=False, stop_after=1)
+    assert not part.finished and not (tmp_path / "part" / "metrics.json").exists()
+    assert [p.name for p in sorted((tmp_path / "part" / "checkpoints").iterdir())] == ["epoch_001.pt"]
+    resumed = train.run("simple", 3, cfg, cache, tmp_path / "part", "x", progress=False)
+    assert resumed.finished and resumed.resumed_from == 1
+    assert _same(_weights(full.out), _weights(resumed.out))
+    assert _same(_weights(full.out, "best"), _weights(resumed.out, "best"))
+    assert full.metrics["test_accuracy"] == resumed.metrics["test_accuracy"]
+    assert len(pd.read_csv(resumed.out / "history.csv")) == 3
+
+
+def test_finished_run_is_reused_and_mismatch_refused(cache, tmp_path):
+    out = tmp_path / "run"
+    first = train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 1}, progress=False)
+    mtime = (out / "best.pt").stat().st_mtime_ns
+    again = train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 1}, progress=False)
+    assert again.reused and again.metrics == first.metrics
+    assert (out / "best.pt").stat().st_mtime_ns == mtime
+    with pytest.raises(train.ConfigMismatchError, match=str(out)):
+        train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 2}, progress=False)
+    # an interrupted run of another config is refused too; force clears it
+    other = tmp_path / "other"
+    train.run("simple", 0, FAST, cache, other, "o", progress=False, stop_after=1)
+    with pytest.raises(train.ConfigMismatchError, match=str(other)):
+        train.run("simple", 1, FAST, cache, other, "o", progress=False)
+    forced = train.run("simple", 1, FAST, cache, other, "o", progress=False, force=True)
+    assert forced.finished and forced.resumed_from == 0
+
+
+def test_artifacts(cache, tmp_path):
+    cfg = dataclasses.replace(FAST, lr_step=1, lr_gamma=0.5)
+    res = train.run("simple", 0, cfg, cache, tmp_path / "r", "r", extra_config={"note": "x"},
+                    progress=False)
+    out = res.out
+    ck = torch.load(out / "checkpoints" / "epoch_002.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "config_hash", "rng"} <= set(ck)
+    assert set(ck["rng"]) == {"torch", "numpy", "python", "generator"}
+    assert ck["epoch"] == 2 and ck["config"]["extra"] == {"note": "x"}
+    assert ck["config"]["train"]["lr_step"] == 1
+    best = torch.load(out / "best.pt", weights_only=True)
+    hist = pd.read_csv(out / "history.csv")
+    assert list(hist.columns) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
+                                  "seconds"]
+    assert hist["lr"].tolist() == pytest.approx([1e-4, 5e-5])       # lr * gamma after lr_step
+    assert best["epoch"] == hist["epoch"][hist["val_acc"].idxmax()]  # first of the maxima
+    m = read_json(out / "metrics.json")
+    for key in ("test_accuracy", "per_city_accuracy", "confusion_matrix", "cities", "best_epoch",
+                "n_train", "n_val", "n_test", "config", "config_hash"):
+        assert key in m, key
+    assert m["cities"] == CITIES and (m["n_train"], m["n_val"], m["n_test"]) == (36, 12, 12)
+    cm = np.array(m["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm.sum() == 12 and cm.sum(1).tolist() == [4, 4, 4]
+    assert m["test_accuracy"] == pytest.approx(np.trace(cm) / 12)
+    pred = pd.read_csv(out / "predictions.csv")
+    assert len(pred) == 12 and {"index", "path", "city", "predicted", "correct"} <= set(pred.columns)
+    probs = pred[[f"prob_{c}" for c in CITIES]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (pred["correct"] == (pred["city"] == pred["predicted"])).all()
+    # later stages merge their own keys into metrics.json
+    train.merge_json(out / "metrics.json", {"gradcam": {"done": True}})
+    assert read_json(out / "metrics.json")["test_accuracy"] == m["test_accuracy"]
+    # load_model + predict reproduce the stored test probabilities
+    model, cities, config = train.load_model(out)
+    assert cities == CITIES and config["arch"] == "simple" and not model.training
+    p = train.predict(model, cache.images[pred["index"].to_numpy()], batch_size=5)
+    np.testing.assert_allclose(p, probs, atol=1e-5)
+
+
+def test_keep_checkpoints_and_caller_rng_untouched(cache, tmp_path):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    cfg = dataclasses.replace(FAST, epochs=3)
+    train.run("simple", 0, cfg, cache, tmp_path / "r", "r", progress=False, keep_checkpoints=1)
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["epoch_003.pt"]
+    assert torch.equal(torch.get_rng_state(), before) and torch.get_num_threads() == threads
+
+
+def test_augment_keeps_shape_and_content(cache):
+    x = train.to_tensor(cache.images[:4])                               # (4, 3, 64, 64)
+    assert x.shape == (4, 3, SIZE, SIZE) and x.is_contiguous()
+    assert -1.0 <= x.min() and x.max() <= 1.0
+    gen = torch.Generator().manual_seed(0)
+    a = train.augment(x, FAST, gen)
+    assert a.shape == x.shape
+    assert torch.equal(train.augment(x, dataclasses.replace(FAST, flip=False, crop_jitter=0), gen), x)
