@@ -1,13 +1,13 @@
 """Benchmark: ``citylib.train``'s epoch loop against a bare PyTorch loop, per architecture.
 
 Reads nothing; writes nothing; prints a table. For each architecture, the same model and Adam
-optimizer are stepped N times (a) through ``train.train_one_epoch`` on a uint8 cache (index
+optimizer are stepped N times (a) through ``train.train_one_epoch`` (one step per call) on a uint8 cache (index
 gather, uint8 -> float, flip and pad-and-crop on the batch, progress bar off) and (b) by a bare
 loop over float tensors built beforehand. Overhead = extra time of (a) over (b). Also estimates
 the seconds of one epoch of ``--epoch-images`` training images (train steps + validation at a
 6:2:2 split + one checkpoint write), which sizes the default world.
 
-    python benchmarks/bench_train.py [--size 96] [--batch 32] [--steps 6] [--archs simple vgg11]
+    python benchmarks/bench_train.py [--size 96] [--batch 32] [--steps 8] [--archs simple vgg11]
 """
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--classes", type=int, default=3)
     p.add_argument("--images", type=int, default=320, help="synthetic training images")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best is kept")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per loop (median kept)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--epoch-images", type=int, default=1100)
     return p
@@ -44,44 +43,50 @@ def _fresh(arch: str, classes: int, size: int, lr: float):
 
 
 def bench_arch(arch: str, args) -> dict:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.images, args.size, args.size, 3), dtype=np.uint8)
-    y = torch.as_tensor(rng.integers(0, args.classes, args.images), dtype=torch.int64)  # (N,)
-    idx = np.arange(args.images)
-    cfg = train.TrainConfig(batch_size=args.batch, threads=args.threads)
     n = args.steps * args.batch
+    N = max(args.images, n)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (N, args.size, args.size, 3), dtype=np.uint8)  # (N, S, S, 3)
+    y = torch.as_tensor(rng.integers(0, args.classes, N), dtype=torch.int64)     # (N,)
+    idx = np.arange(N)
+    cfg = train.TrainConfig(batch_size=args.batch, threads=args.threads)
     X = train.to_tensor(images[:n])                       # (n, 3, S, S) float, built beforehand
-    Y = y[:n]
+    Y = y[:n]                                             # (n,)
 
     model_a, opt_a = _fresh(arch, args.classes, args.size, cfg.lr)
     model_b, opt_b = _fresh(arch, args.classes, args.size, cfg.lr)
     gen = torch.Generator().manual_seed(0)
 
-    def citylib_loop(steps):
+    def citylib_step(i):   # one step through train.train_one_epoch's own loop
         train.train_one_epoch(model_a, opt_a, images, y, idx, cfg, gen, progress=False,
-                              max_steps=steps)
+                              max_steps=1)
 
-    def bare_loop(steps):
+    def bare_step(i):
         model_b.train()
-        for i in range(steps):
-            x, t = X[i * args.batch:(i + 1) * args.batch], Y[i * args.batch:(i + 1) * args.batch]
-            loss = F.cross_entropy(model_b(x), t)
-            opt_b.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_b.step()
+        x, t = X[i * args.batch:(i + 1) * args.batch], Y[i * args.batch:(i + 1) * args.batch]
+        loss = F.cross_entropy(model_b(x), t)
+        opt_b.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_b.step()
 
-    citylib_loop(1), bare_loop(1)                        # warm-up: allocator, Adam state
-    best = {"citylib": float("inf"), "bare": float("inf")}
-    for _ in range(args.rounds):
-        for key, fn in (("bare", bare_loop), ("citylib", citylib_loop)):
+    citylib_step(0), bare_step(0)                        # warm-up: allocator, Adam state
+    # steps alternate between the two loops (order swapped each time) and the median step time
+    # is kept, so that load from other processes hits both alike
+    times = {"citylib": [], "bare": []}
+    for i in range(args.steps):
+        pair = (("bare", bare_step), ("citylib", citylib_step))
+        for key, fn in (pair if i % 2 else pair[::-1]):
             t0 = time.perf_counter()
-            fn(args.steps)
-            best[key] = min(best[key], time.perf_counter() - t0)
-    ips = {k: n / v for k, v in best.items()}
+            fn(i)
+            times[key].append(time.perf_counter() - t0)
+    ips = {k: args.batch / float(np.median(v)) for k, v in times.items()}
 
-    t0 = time.perf_counter()                              # validation throughput
-    train.predict(model_a, images[: 2 * args.batch], args.batch)
-    eval_ips = 2 * args.batch / (time.perf_counter() - t0)
+    evals = []                                            # validation throughput
+    for i in range(3):
+        t0 = time.perf_counter()
+        train.predict(model_a, images[i * args.batch:(i + 1) * args.batch], args.batch)
+        evals.append(time.perf_counter() - t0)
+    eval_ips = args.batch / float(np.median(evals))
     with tempfile.TemporaryDirectory() as d:              # one epoch checkpoint
         t0 = time.perf_counter()
         torch.save({"model": model_a.state_dict(), "optimizer": opt_a.state_dict()},
@@ -100,7 +105,7 @@ def main(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)             # as in training
     print(f"{args.size} px, batch {args.batch}, {args.classes} classes, {args.threads} threads, "
-          f"{args.steps} steps x {args.rounds} rounds (best kept)")
+          f"median of {args.steps} alternating steps per loop")
     print(f"{'arch':<9} {'params':>7} {'citylib img/s':>13} {'bare img/s':>10} {'overhead':>8} "
           f"{'eval img/s':>10} {'ckpt MB':>8} {f's/epoch@{args.epoch_images}':>13}")
     rows = []

@@ -17,17 +17,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-# ADE20K indices (../shared/models/ade20k/labels.txt, 0 = unlabelled) of the street vocabulary.
-VOCAB = {
-    "building": 2, "sky": 3, "tree": 5, "road": 7, "grass": 10, "sidewalk": 12, "person": 13,
-    "earth": 14, "plant": 18, "car": 21, "fence": 33, "signboard": 44, "skyscraper": 49,
-    "awning": 87, "streetlight": 88, "pole": 94, "traffic light": 137,
-}
-# Flat-mode colour of each class: distinct, so that a flat image can be read back into labels.
-LUT = np.zeros((256, 3), np.uint8)
-for _k, _i in enumerate(sorted(VOCAB.values())):
-    LUT[_i] = ((_k * 97) % 256, (_k * 57 + 80) % 256, (_k * 151 + 30) % 256)
-del _k, _i
+from .labels import STREET as VOCAB  # ADE20K name -> index of the street vocabulary
+
+
+
+def _flat_colours() -> np.ndarray:
+    """Class index -> a distinct colour (256, 3), so that a flat image reads back into labels."""
+    lut = np.zeros((256, 3), np.uint8)
+    for k, i in enumerate(sorted(VOCAB.values())):
+        lut[i] = ((k * 97) % 256, (k * 57 + 80) % 256, (k * 151 + 30) % 256)
+    lut.setflags(write=False)
+    return lut
+
+
+LUT = _flat_colours()
 
 UP = (0.0, 0.0, 1.0)
 NEAR = 0.05  # m; geometry closer than this to the camera plane is clipped away
@@ -72,23 +75,15 @@ class Camera:
 
 def _boxes(cc: np.ndarray, f: float, size: int) -> np.ndarray:
     """Pixel box (i0, i1, j0, j1) per rectangle from its corners in camera coordinates
-    (R, 4, 3: right, up, forward), clipped at the near plane; empty boxes have i0 >= i1."""
-    boxes = np.zeros((len(cc), 4), int)
+    (R, 4, 3: right, up, forward); empty where i0 >= i1. A rectangle reaching behind the
+    camera gets the whole image (rare: ground and nearby walls; the hit test stays exact)."""
     front = cc[..., 2] > NEAR
-    for k in np.nonzero(front.any(1))[0]:
-        poly = cc[k]
-        if not front[k].all():  # Sutherland-Hodgman against z > NEAR
-            pts = []
-            for a, b in zip(poly, np.roll(poly, -1, 0)):
-                if a[2] > NEAR:
-                    pts.append(a)
-                if (a[2] > NEAR) != (b[2] > NEAR):
-                    pts.append(a + (b - a) * (NEAR - a[2]) / (b[2] - a[2]))
-            poly = np.array(pts)
-        cols = size / 2 + f * poly[:, 0] / poly[:, 2]
-        rows = size / 2 - f * poly[:, 1] / poly[:, 2]
-        boxes[k] = (max(int(rows.min() - 0.5), 0), min(int(np.ceil(rows.max() + 0.5)), size),
-                    max(int(cols.min() - 0.5), 0), min(int(np.ceil(cols.max() + 0.5)), size))
+    z = np.where(front, cc[..., 2], 1.0)
+    cols, rows = size / 2 + f * cc[..., 0] / z, size / 2 - f * cc[..., 1] / z        # (R, 4)
+    boxes = np.stack([np.floor(rows.min(1) - 0.5), np.ceil(rows.max(1) + 0.5),
+                      np.floor(cols.min(1) - 0.5), np.ceil(cols.max(1) + 0.5)], 1).clip(0, size).astype(int)
+    boxes[front.any(1) & ~front.all(1)] = (0, size, 0, size)
+    boxes[~front.any(1)] = 0
     return boxes
 
 
@@ -132,9 +127,8 @@ def _texture(rect: Rect, s: np.ndarray, r: np.ndarray) -> np.ndarray:
         shop = (r > 0.3) & (r < ground - 0.6) & (np.abs(fx) < 0.4 * spacing)
         edge = (s > 0.6) & (s < rect.w - 0.6) & (r < rect.h - 0.8)
         col[(upper | shop) & edge] = glass
-    elif kind == "ribbon":  # curtain wall: glass ribbons between spandrels, thin mullions
-        floor, glass = p[0], np.asarray(p[1:4])
-        col[(np.mod(r, floor) > 0.5 * floor) & (np.mod(s, 1.6) > 0.14) & (r < rect.h - 1.5)] = glass
+    elif kind == "fins":  # curtain wall: full-height glass strips between slim piers
+        col[(np.mod(s, 2.4) > 1.0) & (r < rect.h - 2.0)] = p[0:3]
     elif kind == "leaves":  # blotchy foliage / grass / soil, fixed to the surface
         cell = p[0]
         col *= (0.72 + 0.5 * _hash(np.floor(s / cell), np.floor(r / cell)))[:, None]
@@ -263,7 +257,7 @@ def tree(x, y, height, eye, inst, leaf, bark, phase) -> list[Rect]:
                       "leaves", (0.3, phase), "canopy")]
 
 
-def car(x, y, length, body, glass, inst, along=True) -> list[Rect]:
+def car(x, y, length, body, glass, inst) -> list[Rect]:
     """Body box with a cabin on top and four dark wheels; parked along the street."""
     w, half = 1.8, length / 2
     rects = box(x - w / 2, x + w / 2, y - half, y + half, 0.3, 1.0, VOCAB["car"], inst, body)
@@ -276,18 +270,13 @@ def car(x, y, length, body, glass, inst, along=True) -> list[Rect]:
     return rects
 
 
-def person(x, y, height, eye, inst, legs, top, skin) -> Rect:
-    return billboard(x, y, 0, 0.55 * height / 1.7, height, eye, VOCAB["person"], inst, top,
-                     "person", tuple(legs) + tuple(top) + tuple(skin), "person")
-
-
 def streetlight(x, y, height, side, inst, metal, lamp, eye) -> list[Rect]:
     """Post at the kerb, an arm reaching over the road, a lamp head facing the camera."""
-    arm = 1.8
-    return [billboard(x, y, 0, 0.3, height, eye, VOCAB["streetlight"], inst, metal),
-            wall_y(y, min(x, x - side * arm), max(x, x - side * arm), height - 0.25, height,
+    arm = 2.0
+    return [billboard(x, y, 0, 0.38, height, eye, VOCAB["streetlight"], inst, metal),
+            wall_y(y, min(x, x - side * arm), max(x, x - side * arm), height - 0.3, height,
                    VOCAB["streetlight"], inst, metal),
-            billboard(x - side * arm, y, height - 0.45, 1.1, 0.45, eye, VOCAB["streetlight"], inst, lamp)]
+            billboard(x - side * arm, y, height - 0.55, 1.4, 0.55, eye, VOCAB["streetlight"], inst, lamp)]
 
 
 def traffic_light(x, y, height, eye, inst, metal, lit, k) -> list[Rect]:
@@ -349,9 +338,9 @@ def spot(style, rng: np.random.Generator, pick) -> dict:
             w, h, inst, col, glass = U(bl.tower_width), U(bl.tower_height), next(ids), pick("facade"), pick("window")
             floor = U(bl.floor_height)
             if towers and rng.random() < bl.skyscraper_share:
-                cls, tex = C["skyscraper"], ("ribbon", (floor,) + glass)
-            else:
-                cls, tex = C["building"], ("windows", (floor, U(bl.window_spacing), 0.62, 0.62, floor) + glass)
+                cls, tex = C["skyscraper"], ("fins", glass)
+            else:  # as much glass as the fins show, in punched windows
+                cls, tex = C["building"], ("windows", (floor, U(bl.window_spacing), 0.75, 0.75, floor) + glass)
             rects.append(wall_x(xb, y, y + w, 0, h, cls, inst, col, *tex))
             for yy in (y, y + w):
                 rects.append(wall_y(yy, *sorted((xb, xb + side * w)), 0, h, cls, inst, col, *tex))
@@ -379,7 +368,9 @@ def spot(style, rng: np.random.Generator, pick) -> dict:
         rects += car(side * (0.45 * rw if lane else rw - 1.2), y, size, col, pick("window"), next(ids))
     for side, y, size, col in place("person"):
         x = side * U((rw + 0.6, abs(xf[side]) - 0.4))
-        rects.append(person(x, y, size, eye, next(ids), tuple(0.45 * np.array(col)), col, pick("skin")))
+        colours = tuple(0.45 * np.array(col)) + col + pick("skin")  # trousers, top, skin
+        rects.append(billboard(x, y, 0, 0.55 * size / 1.7, size, eye, C["person"], next(ids), col,
+                               "person", colours, "person"))
     for side, y, size, col in place("tree"):
         rects += tree(side * (rw + 0.9), y, size, eye, next(ids), col, pick("bark"), U((0, 6.3)))
     for side, y, size, col in place("plant"):
@@ -402,8 +393,8 @@ def spot(style, rng: np.random.Generator, pick) -> dict:
         if rng.random() < 0.5:  # flat over the shop front
             w = min(size, y1 - y0 - 0.4)
             yc = float(np.clip(yc, y0 + w / 2 + 0.2, y1 - w / 2 - 0.2))
-            z = U((3.0, max(3.1, h - 0.35 * w - 0.3)))
-            rects.append(wall_x(x, yc - w / 2, yc + w / 2, z, z + 0.35 * w, C["signboard"], next(ids), col,
+            z = U((3.0, max(3.1, h - 0.45 * w - 0.3)))
+            rects.append(wall_x(x, yc - w / 2, yc + w / 2, z, z + 0.45 * w, C["signboard"], next(ids), col,
                                 "sign", (1,) + ink))
         else:  # a blade sign sticking out over the sidewalk, readable along the street
             z = U((2.8, max(2.9, h - size)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import re
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -52,21 +53,20 @@ class SynthConfig:
 
 
 # ------------------------------------------------------------------ the world YAML's schema
-def _ranges(obj, *names):
-    for n in names:
-        lo, hi = getattr(obj, n)
-        if lo > hi:
-            raise ValueError(f"'{n}' = [{lo}, {hi}] must be [low, high]")
+class _Checked:
+    """Range fields must read [low, high]; `*_prob` and `*_share` fields must be probabilities."""
 
-
-def _probs(obj, *names):
-    for n in names:
-        if not 0 <= getattr(obj, n) <= 1:
-            raise ValueError(f"'{n}' = {getattr(obj, n)} must be a probability")
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("Range", "tuple[int, int]") and v[0] > v[1]:
+                raise ValueError(f"'{f.name}' = {list(v)} must be [low, high]")
+            if f.name.endswith(("_prob", "_share")) and not 0 <= v <= 1:
+                raise ValueError(f"'{f.name}' = {v} must be a probability")
 
 
 @dataclass(frozen=True)
-class Street:
+class Street(_Checked):
     road_half_width: Range
     sidewalk: Range           # width, per side
     length: Range             # half length: the street ends in a cross wall at +-length
@@ -76,15 +76,14 @@ class Street:
     camera_offset: Range      # across the street, from its centre line
 
     def __post_init__(self):
-        _ranges(self, "road_half_width", "sidewalk", "length", "camera_height", "camera_offset")
-        _probs(self, "verge_prob")
+        super().__post_init__()
         bad = set(self.open_ground) - {"sidewalk", "road", "grass", "earth"}
         if bad or not sum(self.open_ground.values()) > 0:
             raise ValueError(f"'open_ground' needs positive weights of sidewalk/road/grass/earth, got {bad or 0}")
 
 
 @dataclass(frozen=True)
-class Nuisance:
+class Nuisance(_Checked):
     """Things that vary within every city alike and must not identify one."""
     fov: float                # horizontal, degrees
     heading_jitter: float     # degrees, each view
@@ -97,13 +96,15 @@ class Nuisance:
     color_jitter: float       # per-instance spread around palette colours
 
     def __post_init__(self):
-        _ranges(self, "pitch", "gain", "warmth", "haze", "noise", "jpeg_quality")
-        if not (10 <= self.fov <= 150 and 1 <= self.jpeg_quality[0] and self.jpeg_quality[1] <= 100):
-            raise ValueError("'fov' must be in [10, 150] and 'jpeg_quality' in [1, 100]")
+        super().__post_init__()
+        if not 10 <= self.fov <= 150:
+            raise ValueError(f"'fov' = {self.fov} must be in [10, 150]")
+        if not (1 <= self.jpeg_quality[0] and self.jpeg_quality[1] <= 100):
+            raise ValueError(f"'jpeg_quality' = {list(self.jpeg_quality)} must be within [1, 100]")
 
 
 @dataclass(frozen=True)
-class Buildings:
+class Buildings(_Checked):
     height: Range             # front row (low-rise along the sidewalk)
     width: Range
     floor_height: Range
@@ -116,23 +117,14 @@ class Buildings:
     skyscraper_prob: float    # chance a spot's towers include glass skyscrapers ...
     skyscraper_share: float   # ... and the share of its towers that are
 
-    def __post_init__(self):
-        _ranges(self, "height", "width", "floor_height", "window_spacing", "tower_setback",
-                "tower_height", "tower_width", "tower_gap")
-        _probs(self, "lot_prob", "skyscraper_prob", "skyscraper_share")
-
 
 @dataclass(frozen=True)
-class Thing:
+class Thing(_Checked):
     spot_prob: float          # chance a spot has any
     count: tuple[int, int]    # how many it then has (inclusive)
     size: Range               # metres: height; length for car, fence, signboard, awning
     spread: float             # placed within +-spread m of the camera along the street
     palette: str              # palette group its colours come from
-
-    def __post_init__(self):
-        _probs(self, "spot_prob")
-        _ranges(self, "count", "size")
 
 
 @dataclass(frozen=True)
@@ -163,6 +155,11 @@ class Style:
                                                       for f in dataclasses.fields(Things)}
         if need - set(self.palette):
             raise ValueError(f"'palette' lacks group(s) {sorted(need - set(self.palette))}")
+        for group, colours in self.palette.items():
+            n = 2 if group == "sky" else 1  # sky colours come as "#zenith #horizon"
+            if not colours or any(len(c.split()) != n or not all(re.fullmatch(r"#[0-9a-fA-F]{6}", h)
+                                                               for h in c.split()) for c in colours):
+                raise ValueError(f"'palette.{group}' = {list(colours)} must list '#rrggbb' colours ({n} each)")
 
 
 @dataclass(frozen=True)
@@ -183,7 +180,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _world_path(world: str) -> Path:
     p = Path(world).expanduser()
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():
         return p.resolve()
     return WORLDS / f"{world}.yaml"
 
@@ -208,8 +205,8 @@ def load_world(world: str) -> World:
     if not isinstance(cities, dict) or not cities:
         raise ConfigError(f"{path}: 'cities' must map at least one city name to its settings")
     for city, over in cities.items():
-        where = f"{path} (cities.{city})"
-        if not str(city).replace("_", "").isalnum():
+        city, where = str(city), f"{path} (cities.{city})"
+        if not re.fullmatch(r"[A-Za-z0-9_]+", city):
             raise ConfigError(f"{where}: city names use letters, digits and '_' only")
         over = dict(over or {})
         cues = []
@@ -220,7 +217,7 @@ def load_world(world: str) -> World:
             cues.append((cue["object"], str(cue.get("why", ""))))
         styles[city] = from_dict(Style, _merge(raw.get("base") or {}, over), where=where)
         planted[city] = tuple(cues)
-    definition = {"base": raw.get("base") or {}, "cities": cities}
+    definition = {"description": raw.get("description", ""), "base": raw.get("base") or {}, "cities": cities}
     return World(path.stem, str(path), definition, styles, planted)
 
 
@@ -320,8 +317,9 @@ def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int
         (out / name).unlink(missing_ok=True)
     tasks = [(city, spot) for city in world.styles for spot in range(cfg.spots_per_city)]
     job = partial(_write_spot, world, cfg, out)
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+    if workers > 1:  # fork where there is one: workers start at once and inherit the world
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        with multiprocessing.get_context(method).Pool(workers) as pool:
             chunks = list(pool.imap(job, tasks, chunksize=4))
     else:
         chunks = [job(t) for t in tasks]

@@ -75,6 +75,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What ``run`` did: the run folder, its config and hash, history and test metrics."""
+
     out: Path
     config: dict
     config_hash: str
@@ -153,6 +155,9 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
                    "best": best, "config": config, "config_hash": chash,
                    "rng": _get_rng_state(gen)}, ckpt_dir / f"epoch_{epoch:03d}.pt")
             write_csv(out / "history.csv", pd.DataFrame(history))
+            if progress:
+                tqdm.write(f"{desc}: lr {lr:.2g}  train loss {train_loss:.3f} acc {train_acc:.3f}"
+                           f"  val loss {val_loss:.3f} acc {val_acc:.3f}")
             if keep_checkpoints is not None:
                 for old in _checkpoints(ckpt_dir)[:-max(1, keep_checkpoints)]:
                     old.unlink()

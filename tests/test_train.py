@@ -63,11 +63,12 @@ def test_config_checks():
 
 
 def test_learns_above_chance(cache, tmp_path):
-    cfg = dataclasses.replace(FAST, epochs=5, lr=5e-4)
+    cfg = dataclasses.replace(FAST, epochs=4, batch_size=6, lr=5e-4)
     res = train.run("simple", 0, cfg, cache, tmp_path / "r", "r", progress=False)
     assert res.finished and not res.reused
     assert res.history["train_loss"].iloc[-1] < res.history["train_loss"].iloc[0]
-    assert res.metrics["test_accuracy"] >= 0.75, res.metrics   # chance: 1/3
+    # chance is 1/3; 8 of 12 right by chance has probability < 2%
+    assert res.metrics["test_accuracy"] >= 0.6, res.metrics
 
 
 def test_same_seed_bit_identical_other_seed_differs(cache, tmp_path):

@@ -1,0 +1,96 @@
+"""Figures of the Grad-CAM stage; every function returns a matplotlib Figure.
+
+Reads the results it is given (``gradcam.GradCAMResult``, the "cascade"/"deletion" dicts of
+``citylib.sanity`` or of ``metrics.json``) and, for example images, the data stage's cache.
+Writes nothing.
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from citylib import gradcam
+
+
+def plot_cascade(cascade: dict) -> plt.Figure:
+    """Spearman correlation (trained vs. randomised masks) per cascading-randomisation step.
+
+    ``cascade``: one result (``{"steps": [...]}``) or ``{label: result}`` to compare runs.
+    """
+    runs = {"": cascade} if "steps" in cascade else cascade
+    width = max(len(r["steps"]) for r in runs.values())
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * width + 2), 3.6))
+    for label, res in runs.items():
+        steps = res["steps"]
+        mean = np.array([np.nan if s["spearman_mean"] is None else s["spearman_mean"]
+                         for s in steps])
+        std = np.array([np.nan if s["spearman_std"] is None else s["spearman_std"]
+                        for s in steps])
+        x = np.arange(len(steps))
+        ax.plot(x, mean, marker="o", ms=3, label=label or None)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    longest = max(runs.values(), key=lambda r: len(r["steps"]))["steps"]
+    ax.set_xticks(range(len(longest)), [s["layer"] for s in longest], rotation=70, fontsize=7)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel("randomised down to (cumulative, top layer first)")
+    ax.set_ylabel("Spearman rank correlation")
+    ax.set_title("Cascading randomisation (mean ± std over images)")
+    if len(runs) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_deletion(deletion: dict) -> plt.Figure:
+    """Target probability as the most salient vs. random pixels are removed, with AUCs."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    f = deletion["fractions"]
+    ax.plot(f, deletion["curve_salient"], marker="o", ms=3,
+            label=f"{deletion['method']} order (AUC {deletion['auc_salient']:.3f})")
+    ax.plot(f, deletion["curve_random"], marker="o", ms=3, ls="--",
+            label=f"random order (AUC {deletion['auc_random']:.3f})")
+    ax.set_xlabel("fraction of pixels removed")
+    ax.set_ylabel("target probability (mean)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Deletion, n = {deletion['n_images']} (lower AUC: more faithful)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fig2(images: np.ndarray, masks: np.ndarray, threshold: float = 0.5,
+              titles: list[str] | None = None) -> plt.Figure:
+    """The paper's Fig. 2 per image: original, weighted mask, overlay, visual explanation.
+
+    images (n, S, S, 3) uint8; masks (n, h, w) at any resolution (upsampled here).
+    """
+    n, S = len(images), images.shape[1]
+    up = gradcam.upsample(np.asarray(masks), S)                     # (n, S, S)
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
+    heads = ["image", "weighted mask", "overlay", f"explanation (mask ≥ {threshold:g})"]
+    for i in range(n):
+        panels = [images[i], up[i], gradcam.heatmap_overlay(images[i], up[i]),
+                  gradcam.explanation(images[i], up[i], threshold)]
+        for j, (ax, p) in enumerate(zip(axes[i], panels)):
+            ax.imshow(p, cmap="jet" if j == 1 else None, vmin=0, vmax=1 if j == 1 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(heads[j], fontsize=9)
+        if titles:
+            axes[i, 0].set_ylabel(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_run_examples(result: "gradcam.GradCAMResult", cache, n: int = 4, seed: int = 0,
+                      threshold: float | None = None) -> plt.Figure:
+    """Fig. 2 for n random test images of a stored result (the result's threshold by default)."""
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(result.index), min(n, len(result.index)), replace=False))
+    rows = result.index.iloc[pick]
+    titles = [f"{r.city} → {r.predicted}" for r in rows.itertuples()]
+    return plot_fig2(np.asarray(cache.images[rows["index"].to_numpy()]),
+                     np.asarray(result.masks[pick], dtype=np.float32),
+                     result.threshold if threshold is None else threshold, titles)
