@@ -128,15 +128,17 @@ class BaseCAM:
             x = x.to(x.device if param is None else param.device)
             if x.device.type == "cpu" if self.channels_last is None else self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)  # (B, 3, S, S), NHWC
-            with torch.no_grad():
-                logits = model(x)                                   # (B, C)
-            act, self._act = self._act, None
-            if act is None or not logits.requires_grad:
-                raise RuntimeError(f"layer {self.layer_name!r} did not run in the forward pass, "
-                                   "or the output does not depend on it")
-            target = _resolve_target(target, logits.detach())      # (B,)
-            score = logits.gather(1, target[:, None]).sum()         # images are independent
-            grad, = torch.autograd.grad(score, act)                 # (B, K, h, w)
+            # gradients are needed even if the caller runs under no_grad or inference_mode
+            with torch.inference_mode(False), torch.enable_grad():
+                with torch.no_grad():
+                    logits = model(x)                               # (B, C)
+                act, self._act = self._act, None
+                if act is None or not logits.requires_grad:
+                    raise RuntimeError(f"layer {self.layer_name!r} did not run in the forward "
+                                       "pass, or the output does not depend on it")
+                target = _resolve_target(target, logits.detach())  # (B,)
+                score = logits.gather(1, target[:, None]).sum()     # images are independent
+                grad, = torch.autograd.grad(score, act)             # (B, K, h, w)
         finally:
             self._armed, self._act = False, None
             model.train(was_training)

@@ -94,3 +94,21 @@ def plot_run_examples(result: "gradcam.GradCAMResult", cache, n: int = 4, seed: 
     return plot_fig2(np.asarray(cache.images[rows["index"].to_numpy()]),
                      np.asarray(result.masks[pick], dtype=np.float32),
                      result.threshold if threshold is None else threshold, titles)
+
+
+def plot_city_examples(result: "gradcam.GradCAMResult", cache, seed: int = 0,
+                       threshold: float | None = None) -> plt.Figure:
+    """Fig. 2 for every city: one correctly and one wrongly predicted test image (when any)."""
+    rng = np.random.default_rng(seed)
+    picks, titles = [], []
+    for city in result.meta["cities"]:
+        for correct in (True, False):
+            rows = np.flatnonzero((result.index["city"] == city).to_numpy()
+                                  & (result.index["correct"].astype(bool) == correct).to_numpy())
+            if rows.size:
+                picks.append(int(rng.choice(rows)))
+                r = result.index.iloc[picks[-1]]
+                titles.append(f"{r['city']} → {r['predicted']} ({'right' if correct else 'wrong'})")
+    return plot_fig2(np.asarray(cache.images[result.index["index"].to_numpy()[picks]]),
+                     np.asarray(result.masks[picks], dtype=np.float32),
+                     result.threshold if threshold is None else threshold, titles)

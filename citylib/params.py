@@ -17,7 +17,10 @@ import yaml
 from citylib import paths
 from citylib.config import ConfigError, config_hash, from_dict, to_dict
 from citylib.data import DataConfig
+from citylib.gradcam import GradCAMConfig
 from citylib.models import ARCHS
+from citylib.segment import SegmentConfig
+from citylib.stats import StatsConfig
 from citylib.train import TrainConfig
 
 
@@ -30,6 +33,9 @@ class RunConfig:
     seed: int
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
 
     def __post_init__(self):
         if self.arch not in ARCHS:

@@ -127,3 +127,26 @@ def save(fig, path: str | Path, dpi: int = 120) -> Path:
     with artifacts.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     return Path(path)
+
+
+def label_overlays(cache, objects, n: int = 8, seed: int = 0):
+    """Test images with their label maps overlaid, titled with their four largest classes.
+
+    ``objects``: ``pipeline.ObjectsResult`` (label maps and the cache rows they belong to).
+    """
+    from citylib import labels
+
+    name_of = labels.names()
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(objects.labels), min(n, len(objects.labels)), replace=False))
+    fig, axes = plt.subplots(1, len(pick), figsize=(2.2 * len(pick), 2.8), squeeze=False)
+    for ax, i in zip(axes[0], pick):
+        lab = objects.labels[i]
+        image = cache.images[int(objects.rows[i])]
+        ax.imshow(overlay(image, lab))
+        present = np.bincount(lab.ravel(), minlength=151)
+        top = [name_of.get(int(k), str(k)) for k in np.argsort(present)[::-1][:4] if present[k] and k]
+        ax.set_title("\n".join(top), fontsize=7)
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig

@@ -25,7 +25,7 @@ from citylib.params import RunConfig, discover, load_all
 # The suite's notebooks, in order. Data: once per grid; run: once per parameter file;
 # grid: once over all runs.
 DATA_NOTEBOOKS = ("01_data.ipynb",)
-RUN_NOTEBOOKS = ("02_training.ipynb",)
+RUN_NOTEBOOKS = ("02_training.ipynb", "03_gradcam.ipynb", "05_objects.ipynb")
 GRID_NOTEBOOKS: tuple[str, ...] = ()
 
 

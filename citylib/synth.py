@@ -308,7 +308,7 @@ def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int
     if old not in (None, chash):
         if not overwrite:
             raise WorldExistsError(f"{out} holds a different world (hash {old}, wanted {chash}); "
-                                   f"choose another folder or overwrite")
+                                   f"choose another folder or overwrite it (overwrite=True, --overwrite)")
         for sub in ("images", "labels"):
             shutil.rmtree(out / sub, ignore_errors=True)
     # The manifest and world.json go first and come back last: an interrupted run leaves no

@@ -189,6 +189,16 @@ def test_hooks_removed_and_state_restored():
     assert _no_hooks(model)
     with pytest.raises(RuntimeError, match="released"):
         cam(_x(2))
+    # the caller's grad mode does not matter, and is left as it was
+    model.eval()
+    with gradcam.GradCAM(model) as cam:
+        x = _x(2)
+        want = cam(x).masks
+        with torch.no_grad():
+            np.testing.assert_array_equal(cam(x).masks, want)
+            assert not torch.is_grad_enabled()
+        with torch.inference_mode():
+            np.testing.assert_array_equal(cam(x).masks, want)
     # outside a call the hook leaves the model alone
     with gradcam.GradCAM(model.eval()) as cam, torch.no_grad():
         model(_x(1))

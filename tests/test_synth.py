@@ -34,7 +34,7 @@ def medium(tmp_path_factory) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """The default world at reduced size: manifest, per-image class shares (N, 256) and
     colour histograms of the written JPEGs (N, 48)."""
     out = tmp_path_factory.mktemp("medium")
-    m = pd.read_csv(synth.run(synth.SynthConfig(spots_per_city=60, size=64, seed=1), out))
+    m = pd.read_csv(synth.run(synth.SynthConfig(spots_per_city=150, size=64, seed=1), out))
     shares, hists = [], []
     for img, lab in zip(m["path"], m["label_path"]):
         label = np.asarray(Image.open(out / lab))
@@ -113,11 +113,18 @@ def test_flat_render_pixels_equal_lut_of_labels():
                 assert present & {VOCAB["road"], VOCAB["sidewalk"]}
 
 
+def test_written_label_maps_use_the_vocabulary_and_show_a_street(medium):
+    _, shares, _ = medium
+    assert set(np.nonzero(shares.sum(0))[0].tolist()) <= set(VOCAB.values())
+    assert (shares[:, VOCAB["sky"]] > 0).all() and (shares[:, VOCAB["building"]] > 0).all()
+    assert (shares[:, [VOCAB["road"], VOCAB["sidewalk"]]].sum(1) > 0).all()
+
+
 def test_views_of_a_spot_share_one_layout():
     world = synth.load_world("default")
     solid = [VOCAB["building"], VOCAB["skyscraper"]]
     for city in world.styles:
-        for spot in range(4):
+        for spot in range(8):
             views = synth.render_spot(world, city, spot, views=4, size=64)
             # A view depends on its spot and index only: view 0 is the same whatever the count.
             two = synth.render_spot(world, city, spot, views=2, size=64)

@@ -163,11 +163,23 @@ def test_keep_checkpoints_and_caller_rng_untouched(cache, tmp_path):
     assert torch.equal(torch.get_rng_state(), before) and torch.get_num_threads() == threads
 
 
-def test_augment_keeps_shape_and_content(cache):
+def test_to_tensor_and_augment(cache):
     x = train.to_tensor(cache.images[:4])                               # (4, 3, 64, 64)
-    assert x.shape == (4, 3, SIZE, SIZE) and x.is_contiguous()
-    assert -1.0 <= x.min() and x.max() <= 1.0
-    gen = torch.Generator().manual_seed(0)
-    a = train.augment(x, FAST, gen)
-    assert a.shape == x.shape
-    assert torch.equal(train.augment(x, dataclasses.replace(FAST, flip=False, crop_jitter=0), gen), x)
+    assert x.shape == (4, 3, SIZE, SIZE) and x.dtype == torch.float32 and x.is_contiguous()
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert torch.equal(train.to_tensor(np.array([[[[0, 255, 51]]]], np.uint8)).flatten(),
+                       torch.tensor([-1.0, 1.0, -0.6]))
+    u = cache.images[:8]                                                # (8, 64, 64, 3)
+    off = dataclasses.replace(FAST, flip=False, crop_jitter=0)
+    assert train.augment(u, off, torch.Generator()) is u
+    p = 3
+    cfg = dataclasses.replace(FAST, flip=True, crop_jitter=p)
+    a = train.augment(u, cfg, torch.Generator().manual_seed(0))
+    assert a.shape == u.shape and a.dtype == np.uint8
+    assert np.array_equal(a, train.augment(u, cfg, torch.Generator().manual_seed(0)))
+    # each output is a crop of the reflect-padded image, possibly mirrored
+    padded = np.pad(u, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+    for i in range(len(u)):
+        crops = [padded[i, dy:dy + SIZE, dx:dx + SIZE] for dy in range(2 * p + 1)
+                 for dx in range(2 * p + 1)]
+        assert any(np.array_equal(a[i], c) or np.array_equal(a[i], c[:, ::-1]) for c in crops)

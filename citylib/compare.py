@@ -1,0 +1,525 @@
+"""Comparison stage: do different architectures (and random initialisations) look at the same
+pixels? The average residual AR of Shi et al., section 3.4.1, Eq. 2 and Table 2, with CIs and tests.
+
+Reads, per run folder: ``config.json`` (name, arch, seed; ``metrics.json``'s config otherwise),
+``gradcam/`` (``gradcam.load``), ``r_scores.csv`` if there is one, and ``best.pt`` plus the
+data cache for the randomised reference. Writes ``<out_dir>/`` (default
+``outputs/comparison``): ``ar.csv`` (run_a, run_b, kind, ar, ci_low, ci_high, n_images,
+arch_a, arch_b), ``tests.json``, ``table2.csv``, ``lift_correlation.csv``, ``per_image.npz``
+(row k of ar.csv: ``rows_k`` cache rows, ``ar_k`` float32 AR per image) and ``meta.json``
+(settings and the hash that keys the folder; written last, so a folder without it is unfinished).
+
+- AR_i(m1, m2) = mean over the S x S pixels of |mask_m1 - mask_m2|, both masks brought to the
+  image size S by ``gradcam.upsample`` (bilinear, renormalised): native sizes differ between
+  architectures (resnet18 7 x 7, vgg11 14 x 14, ...), so image resolution is the common ground.
+  A pair's AR is the mean over the test images both runs have (matched by cache row). Images
+  are streamed in batches of ``batch_size``: every run's batch is upsampled once and shared by
+  all its pairs, so memory is about (runs + 2) x batch_size x S^2 x 4 bytes whatever N is.
+- CI: percentile bootstrap over the pair's images (seeded per pair name).
+- kind: "architecture" (archs differ), "seed" (same arch, other seed: the paper's "retrained"),
+  "randomised" (a run against a copy of its model with every layer re-initialised - the end
+  state of ``sanity.cascade``: each layer's own ``reset_parameters``, torch seeded with
+  ``seed`` - explaining the same target classes; a scale for "unrelated masks"), "other".
+- Tests of "between-architecture AR > between-seed AR" (one-sided):
+  pair level: statistic = mean AR of architecture pairs - mean AR of seed pairs; null by
+  relabelling the pairs (which k of the n are "architecture"); every labelling is enumerated
+  when C(n, k) <= ``permutations``, else a seeded Monte Carlo. Few units (C(10, 4) = 210 for
+  4 archs x 2 seeds: p >= 1/210), and pairs sharing a run are not independent; but it
+  generalises over retraining. Image level: d_i = (mean AR_i over architecture pairs) - (mean
+  AR_i over seed pairs) on the images all those pairs share; statistic = mean d_i; null: d_i
+  symmetric about 0, by random sign flips (exact when 2^n <= ``permutations``). Far more power,
+  but it speaks about these trained models only, with images as the units.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import math
+import zlib
+from dataclasses import dataclass
+from functools import reduce
+from itertools import combinations
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from citylib import gradcam, paths, sanity, train
+from citylib.artifacts import atomic_path, read_json, write_csv, write_json
+from citylib.config import config_hash, to_dict
+
+# Bump when the numbers computed here change: it is part of the folder's hash.
+VERSION = "compare/1"
+COLUMNS = ["run_a", "run_b", "kind", "ar", "ci_low", "ci_high", "n_images", "arch_a", "arch_b"]
+KINDS = ("architecture", "seed", "randomised", "other")
+ORDER = ("vgg11", "resnet18", "simple", "simpler", "alexnet", "vgg_s")   # the paper's order
+NAMES = {"vgg11": "VGG11", "resnet18": "ResNet18", "simple": "Simple", "simpler": "Simpler",
+         "alexnet": "AlexNet", "vgg_s": "VGG-S"}
+RANDOMISED = " (randomised)"     # run_b of a run's randomised reference: "<run> (randomised)"
+CHUNK = 256                      # bootstrap resamples / sign flips drawn at once
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Comparison stage settings; every one is part of the result folder's hash."""
+
+    batch_size: int = 256        # test images per streaming step
+    bootstrap: int = 1000        # resamples for each pair's 95% CI
+    permutations: int = 10000    # Monte Carlo relabellings / sign flips (exact below this count)
+    seed: int = 0                # bootstrap, tests, re-initialisation, Fig. 6 images
+    randomised: bool = True      # add each run against its re-initialised model (needs the cache)
+    fig6_per_city: int = 2       # Fig. 6 test images per city
+
+    def __post_init__(self):
+        ok = {"batch_size": self.batch_size >= 1, "bootstrap": self.bootstrap >= 1,
+              "permutations": self.permutations >= 1, "seed": self.seed >= 0,
+              "fig6_per_city": self.fig6_per_city >= 0}
+        bad = [f"'{k}' = {getattr(self, k)!r}" for k, good in ok.items() if not good]
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)} (batch_size, bootstrap, "
+                             "permutations >= 1; seed, fig6_per_city >= 0)")
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """A finished comparison folder, as ``run`` and ``load`` return it."""
+
+    folder: Path
+    ar: pd.DataFrame                 # COLUMNS, one row per pair
+    tests: dict                      # {"pair_permutation": {...}, "image_sign_flip": {...}}
+    table2: pd.DataFrame             # the paper's Table 2 layout (``table2``)
+    lift_correlation: pd.DataFrame   # run_a, run_b, spearman, n_objects
+    per_image: dict                  # (run_a, run_b) -> (cache rows (n,) int64, AR (n,) float32)
+    fig6_rows: list                  # cache rows of the Fig. 6 images
+    reused: bool = False
+
+
+# ---------------------------------------------------------------- AR (Eq. 2), streamed
+
+
+def residual(a, b) -> np.ndarray:
+    """Eq. 2 per image: (B, S, S) and (B, S, S) masks -> (B,) float32 mean |a - b|."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return (a - b).abs_().mean((1, 2)).numpy()
+
+
+def pairwise_ar(sources: Sequence[tuple[np.ndarray, np.ndarray]], size: int,
+                batch_size: int = 256, pairs: Sequence[tuple[int, int]] | None = None,
+                progress: bool = False) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Per-image AR of every pair of ``sources``, streamed over the images.
+
+    ``sources[k]`` = (cache rows (N_k,), masks (N_k, h_k, w_k) in [0, 1], any h_k, e.g. a
+    memory map); ``pairs``: index pairs (default all). Returns {(a, b): (common rows sorted
+    (n,) int64, AR (n,) float32)}; a pair with no common image raises ValueError.
+    """
+    rows, order = [], []
+    for k, (r, m) in enumerate(sources):
+        r = np.asarray(r, dtype=np.int64)
+        if len(r) != len(m) or len(np.unique(r)) != len(r):
+            raise ValueError(f"source {k}: {len(r)} rows for {len(m)} masks, or repeated rows")
+        order.append(np.argsort(r, kind="stable"))
+        rows.append(r[order[-1]])
+    pairs = list(combinations(range(len(sources)), 2)) if pairs is None else list(pairs)
+    common = {p: np.intersect1d(rows[p[0]], rows[p[1]]) for p in pairs}
+    for p, c in common.items():
+        if len(c) == 0:
+            raise ValueError(f"sources {p[0]} and {p[1]} share no test image (cache row)")
+    out = {p: np.empty(len(c), np.float32) for p, c in common.items()}
+    filled = dict.fromkeys(pairs, 0)
+    union = reduce(np.union1d, common.values(), np.zeros(0, np.int64))
+    used = sorted({k for p in pairs for k in p})
+    for start in tqdm(range(0, len(union), batch_size), desc="AR", unit="batch",
+                      disable=not progress, leave=False):
+        chunk = union[start:start + batch_size]                       # (B,) cache rows
+        have, up = {}, {}
+        for k in used:                # each run upsampled once per batch, shared by its pairs
+            pos = np.searchsorted(rows[k], chunk).clip(max=len(rows[k]) - 1)
+            have[k] = rows[k][pos] == chunk                            # (B,) bool
+            up[k] = torch.from_numpy(gradcam.upsample(_take(sources[k][1], order[k][pos[have[k]]]),
+                                                      size))                 # (b_k, S, S)
+        for a, b in pairs:
+            both = have[a] & have[b]
+            if not both.any():
+                continue
+            ia = torch.from_numpy(np.flatnonzero(both[have[a]]))       # positions within up[a]
+            ib = torch.from_numpy(np.flatnonzero(both[have[b]]))
+            ua = up[a] if len(ia) == len(up[a]) else up[a][ia]         # no copy in the usual case
+            ub = up[b] if len(ib) == len(up[b]) else up[b][ib]
+            n = len(ia)
+            out[a, b][filled[a, b]:filled[a, b] + n] = residual(ua, ub)
+            filled[a, b] += n
+    return {p: (common[p], out[p]) for p in pairs}
+
+
+def _take(masks: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """masks[idx] as float32, read in increasing order (sequential reads of a memory map)."""
+    if len(idx) < 2 or np.all(np.diff(idx) > 0):
+        return np.asarray(masks[idx], dtype=np.float32)
+    s = np.argsort(idx)
+    return np.asarray(masks[idx[s]], dtype=np.float32)[np.argsort(s)]
+
+
+def average_residual(rows_a, masks_a, rows_b, masks_b, size: int,
+                     batch_size: int = 256) -> tuple[float, np.ndarray, np.ndarray]:
+    """AR of two runs: (mean over common images, common rows (n,), per-image AR (n,) float32)."""
+    common, ar = pairwise_ar([(rows_a, masks_a), (rows_b, masks_b)], size, batch_size)[0, 1]
+    return float(ar.mean(dtype=np.float64)), common, ar
+
+
+def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` with every layer re-initialised (``sanity.cascade_steps``, all steps)."""
+    rand = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):      # the caller's torch RNG stays as it was
+        torch.manual_seed(seed)
+        for _, modules in sanity.cascade_steps(rand):
+            for m in modules:
+                m.reset_parameters()
+    return rand.eval()
+
+
+def randomised_ar(run_dir: str | Path, cache, cfg: CompareConfig,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(cache rows, per-image AR) of a run's stored masks against its re-initialised model's."""
+    cam = gradcam.load(run_dir)
+    model, _, _ = train.load_model(run_dir)
+    S = int(cam.meta["image_size"])
+    if cache.images.shape[1] != S:
+        raise ValueError(f"{run_dir}: masks were made at {S} px, the cache has "
+                         f"{cache.images.shape[1]} px")
+    rand = randomise(model, cfg.seed)
+    rows = cam.index["index"].to_numpy(np.int64)
+    # explain the class the trained model's mask explains, as sanity.cascade does
+    target = cam.index["target"].map({c: i for i, c in enumerate(cam.meta["cities"])})
+    target = target.to_numpy(np.int64, copy=True)    # writable: torch.as_tensor warns otherwise
+    ar = np.empty(len(rows), np.float32)
+    for s in tqdm(range(0, len(rows), cfg.batch_size), desc="randomised", disable=not progress,
+                  leave=False, unit="batch"):
+        sl = slice(s, s + cfg.batch_size)
+        res = gradcam.masks_for(rand, np.asarray(cache.images[rows[sl]]), cam.meta["method"],
+                                target[sl], cam.meta["config"].get("batch_size", 32))
+        # stored as the run's own masks are (float16), so only the weights differ
+        ar[sl] = residual(gradcam.upsample(cam.masks[sl], S),
+                          gradcam.upsample(res.masks.astype(np.float16), S))   # (B,)
+    order = np.argsort(rows)
+    return rows[order], ar[order]
+
+
+# ---------------------------------------------------------------- uncertainty and tests
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int, seed, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``values`` (n,); resamples drawn in chunks."""
+    v = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([v[rng.integers(0, len(v), (min(CHUNK, n_boot - s), len(v)))].mean(1)
+                            for s in range(0, n_boot, CHUNK)])
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def label_permutation_test(x_arch, x_seed, permutations: int = 10000, seed: int = 0) -> dict:
+    """One-sided test of mean(x_arch) > mean(x_seed) by relabelling the units (see module doc)."""
+    x = np.concatenate([np.asarray(x_arch, np.float64), np.asarray(x_seed, np.float64)])
+    n, k = len(x), len(x_arch)
+    if k == 0 or k == n:
+        return {"statistic": None, "p_value": None, "method": "needs both kinds of pairs"}
+    total = x.sum()
+
+    def diff(s):                                        # the statistic from the "arch" sum
+        return s / k - (total - s) / (n - k)
+    stat = diff(x[:k].sum())
+    tol = 1e-9 * (np.abs(x).mean() + 1e-300)           # ties up to float rounding count as >=
+    labellings = math.comb(n, k)
+    if labellings <= permutations:
+        picks = np.fromiter((i for c in combinations(range(n), k) for i in c), np.int64)
+        sims = diff(x[picks.reshape(-1, k)].sum(1))     # (C(n, k),), the observed one included
+        p, method = float(np.mean(sims >= stat - tol)), f"exact: all C({n},{k}) = {labellings} labellings"
+    else:
+        rng = np.random.default_rng(seed)
+        picks = rng.permuted(np.tile(np.arange(n), (permutations, 1)), axis=1)[:, :k]
+        p = float((1 + np.sum(diff(x[picks].sum(1)) >= stat - tol)) / (1 + permutations))
+        method = f"Monte Carlo: {permutations} random labellings of C({n},{k}) = {labellings}"
+    return {"statistic": float(stat), "p_value": p, "method": method, "n": n,
+            "n_architecture": k, "n_seed": n - k, "alternative": "greater"}
+
+
+def sign_flip_test(d, permutations: int = 10000, seed: int = 0) -> dict:
+    """One-sided test of mean(d) > 0 under sign symmetry of the d_i (see module doc)."""
+    d = np.asarray(d, np.float64)
+    n = len(d)
+    if n == 0:
+        return {"statistic": None, "p_value": None, "method": "no common images"}
+    stat, tol = d.mean(), 1e-9 * (np.abs(d).mean() + 1e-300)
+    if n <= 20 and 2 ** n <= permutations:
+        signs = 1.0 - 2.0 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)   # (2^n, n)
+        p, method = float(np.mean(signs @ d / n >= stat - tol)), f"exact: all 2^{n} sign flips"
+    else:
+        rng, hits = np.random.default_rng(seed), 0
+        for s in range(0, permutations, CHUNK):
+            signs = 1.0 - 2.0 * rng.integers(0, 2, (min(CHUNK, permutations - s), n))  # (m, n)
+            hits += int(np.sum(signs @ d / n >= stat - tol))
+        p, method = (1 + hits) / (1 + permutations), f"Monte Carlo: {permutations} random sign flips"
+    return {"statistic": float(stat), "p_value": float(p), "method": method, "n": n,
+            "alternative": "greater"}
+
+
+def tests(frame: pd.DataFrame, per_image: Mapping, cfg: CompareConfig) -> dict:
+    """Both tests of "architecture AR > seed AR" on an ar frame and its per-image values."""
+    arch = frame[frame["kind"] == "architecture"]
+    seed = frame[frame["kind"] == "seed"]
+    used = {"architecture": arch[["run_a", "run_b"]].values.tolist(),
+            "seed": seed[["run_a", "run_b"]].values.tolist()}
+    pair = label_permutation_test(arch["ar"], seed["ar"], cfg.permutations, cfg.seed)
+    keys = [tuple(p) for p in used["architecture"] + used["seed"]]
+    if arch.empty or seed.empty:
+        image = {"statistic": None, "p_value": None, "method": "needs both kinds of pairs"}
+    else:
+        common = reduce(np.intersect1d, [per_image[k][0] for k in keys])
+        vals = np.stack([per_image[k][1][np.searchsorted(per_image[k][0], common)]
+                         for k in keys]).astype(np.float64)             # (pairs, n)
+        d = vals[:len(arch)].mean(0) - vals[len(arch):].mean(0)         # (n,)
+        image = sign_flip_test(d, cfg.permutations, cfg.seed)
+    return {"pair_permutation": {**pair, "pairs": used}, "image_sign_flip": {**image, "pairs": used}}
+
+
+# ---------------------------------------------------------------- tables
+
+
+def describe(run_dir: str | Path) -> dict:
+    """{"name", "arch", "seed"} of a run folder, from config.json (else metrics.json)."""
+    run_dir = Path(run_dir)
+    for f in ("config.json", "metrics.json"):
+        c = read_json(run_dir / f).get("config", {}) if (run_dir / f).is_file() else {}
+        if "arch" in c and "seed" in c:
+            return {"name": str(c.get("name", run_dir.name)), "arch": c["arch"], "seed": int(c["seed"])}
+    raise FileNotFoundError(f"{run_dir}: no config.json or metrics.json naming arch and seed")
+
+
+def kind_of(a: dict, b: dict) -> str:
+    return "architecture" if a["arch"] != b["arch"] else "seed" if a["seed"] != b["seed"] else "other"
+
+
+def ar_frame(per_image: Mapping, infos: Mapping[str, dict], cfg: CompareConfig) -> pd.DataFrame:
+    """One row per pair (COLUMNS): mean AR, bootstrap CI (seeded by cfg.seed and the pair)."""
+    out = []
+    for (a, b), (rows, ar) in per_image.items():
+        ia = infos[a]
+        ib = infos.get(b) or {**ia, "randomised": True}
+        kind = "randomised" if ib.get("randomised") else kind_of(ia, ib)
+        lo, hi = bootstrap_ci(ar, cfg.bootstrap, [cfg.seed, zlib.crc32(f"{a}|{b}".encode())])
+        out.append([a, b, kind, float(ar.mean(dtype=np.float64)), lo, hi, len(ar),
+                    ia["arch"], ib["arch"]])
+    return pd.DataFrame(out, columns=COLUMNS)
+
+
+def _rank(arch: str) -> tuple:
+    return (ORDER.index(arch) if arch in ORDER else len(ORDER), arch)
+
+
+def table2(frame: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 2: one row per architecture pair and kind ("VGG11-ResNet18",
+    "VGG11-VGG11 retrained", "VGG11-VGG11 randomised"). With several seeds a row pools its run
+    pairs: ar = their mean, ar_min / ar_max their spread, ci_low / ci_high the envelope of
+    their CIs (the lowest low, the highest high), n_pairs how many."""
+    f = frame.assign(kind_rank=frame["kind"].map(KINDS.index), key=[
+        tuple(sorted((a, b), key=_rank)) for a, b in zip(frame["arch_a"], frame["arch_b"])])
+    suffix = {"architecture": "", "seed": " retrained", "randomised": " randomised",
+              "other": " (same seed)"}
+    out = []
+    for (kr, key), g in f.groupby(["kind_rank", "key"], sort=False):
+        kind = KINDS[kr]
+        out.append({"models": "-".join(NAMES.get(a, a) for a in key) + suffix[kind], "kind": kind,
+                    "ar": g["ar"].mean(), "ci_low": g["ci_low"].min(), "ci_high": g["ci_high"].max(),
+                    "ar_min": g["ar"].min(), "ar_max": g["ar"].max(), "n_pairs": len(g),
+                    "_sort": (kr, *map(_rank, key))})
+    cols = ["models", "kind", "ar", "ci_low", "ci_high", "ar_min", "ar_max", "n_pairs"]
+    if not out:
+        return pd.DataFrame(columns=cols)
+    return pd.DataFrame(out).sort_values("_sort", kind="stable")[cols].reset_index(drop=True)
+
+
+def lift_scores(run_dirs: Sequence[str | Path]) -> dict[str, pd.DataFrame]:
+    """{run name: its r_scores.csv} for the runs that have one."""
+    return {describe(d)["name"]: pd.read_csv(Path(d) / "r_scores.csv", keep_default_na=False,
+                                             na_values=["", "nan", "NaN"])
+            for d in run_dirs if (Path(d) / "r_scores.csv").is_file()}
+
+
+def lift_correlation(scores: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Spearman rank correlation of lift between every pair of runs, over the (city, object)
+    rows both have with a finite lift (lift is relative to each city's coverage, so rows of
+    different cities are comparable); NaN with fewer than 3 such rows."""
+    out = []
+    for a, b in combinations(scores, 2):
+        m = scores[a].merge(scores[b], on=["city", "object"], suffixes=("_a", "_b"))
+        m = m[np.isfinite(m["lift_a"]) & np.isfinite(m["lift_b"])]
+        rho = spearmanr(m["lift_a"], m["lift_b"])[0] if len(m) >= 3 else np.nan
+        out.append([a, b, float(rho), len(m)])
+    return pd.DataFrame(out, columns=["run_a", "run_b", "spearman", "n_objects"])
+
+
+def fig6_rows(indexes: Sequence[pd.DataFrame], per_city: int, seed: int = 0) -> list[int]:
+    """``per_city`` test images per city (seeded) that every run has: cache rows, by city."""
+    common = reduce(np.intersect1d, [ix["index"].to_numpy(np.int64) for ix in indexes])
+    city = indexes[0].set_index("index").loc[common, "city"].to_numpy()
+    rng, out = np.random.default_rng(seed), []
+    for c in sorted(set(city)):
+        cand = common[city == c]
+        out += sorted(rng.choice(cand, min(per_city, len(cand)), replace=False).tolist())
+    return [int(r) for r in out]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(cfg: CompareConfig, run_dirs: Sequence[str | Path], cache=None,
+        out_dir: str | Path | None = None, progress: bool = True) -> CompareResult:
+    """AR of every pair of runs, tests, Table 2 and lift correlations; reuse if unchanged."""
+    run_dirs = [Path(d) for d in run_dirs]
+    infos = {i["name"]: i for i in map(describe, run_dirs)}
+    if len(infos) != len(run_dirs):
+        raise ValueError("two run folders have the same run name")
+    cams = [gradcam.load(d) for d in run_dirs]
+    sizes = {int(c.meta["image_size"]) for c in cams}
+    if len(sizes) != 1:
+        raise ValueError(f"the runs' masks were made at different image sizes {sorted(sizes)}")
+    if cfg.randomised and cache is None:
+        raise ValueError("randomised=True needs the data cache (the test images)")
+    S, names = sizes.pop(), list(infos)
+    lift_files = {n: hashlib.sha256((d / "r_scores.csv").read_bytes()).hexdigest()[:16]
+                  for n, d in zip(names, run_dirs) if (d / "r_scores.csv").is_file()}
+    key = config_hash(VERSION, cfg, [[i["name"], i["arch"], i["seed"], c.meta["config_hash"]]
+                                     for i, c in zip(infos.values(), cams)], lift_files,
+                      Path(str(getattr(cache, "folder", ""))).name if cfg.randomised else "")
+    out = Path(out_dir) if out_dir is not None else paths.outputs() / "comparison"
+    if (out / "meta.json").is_file() and read_json(out / "meta.json").get("config_hash") == key:
+        return dataclasses.replace(load(out), reused=True)
+
+    (out / "meta.json").unlink(missing_ok=True)     # unfinished until meta.json is back
+    sources = [(c.index["index"].to_numpy(np.int64), c.masks) for c in cams]
+    per_image = {(names[a], names[b]): v for (a, b), v in
+                 pairwise_ar(sources, S, cfg.batch_size, progress=progress).items()}
+    if cfg.randomised:
+        for n, d in zip(names, run_dirs):
+            per_image[n, n + RANDOMISED] = randomised_ar(d, cache, cfg, progress)
+    frame = ar_frame(per_image, infos, cfg)
+    result = CompareResult(out, frame, tests(frame, per_image, cfg), table2(frame),
+                           lift_correlation(lift_scores(run_dirs)), per_image,
+                           fig6_rows([c.index for c in cams], cfg.fig6_per_city, cfg.seed))
+    write_csv(out / "ar.csv", result.ar)
+    write_json(out / "tests.json", result.tests)
+    write_csv(out / "table2.csv", result.table2)
+    write_csv(out / "lift_correlation.csv", result.lift_correlation)
+    with atomic_path(out / "per_image.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **{f"{w}_{k}": v[j] for k, v in enumerate(per_image.values())
+                        for j, w in enumerate(("rows", "ar"))})
+    write_json(out / "meta.json", {"runs": list(infos.values()), "image_size": S,
+                                   "fig6_rows": result.fig6_rows, "version": VERSION,
+                                   "config": to_dict(cfg), "config_hash": key})
+    return result
+
+
+def load(out_dir: str | Path) -> CompareResult:
+    """A finished comparison folder."""
+    out = Path(out_dir)
+    if not (out / "meta.json").is_file():
+        raise FileNotFoundError(f"{out}: no finished comparison (run compare.run first)")
+    frame = pd.read_csv(out / "ar.csv", dtype={"run_a": str, "run_b": str})
+    with np.load(out / "per_image.npz") as z:
+        per_image = {(a, b): (z[f"rows_{k}"], z[f"ar_{k}"])
+                     for k, (a, b) in enumerate(zip(frame["run_a"], frame["run_b"]))}
+    return CompareResult(out, frame, read_json(out / "tests.json"),
+                         pd.read_csv(out / "table2.csv"),
+                         pd.read_csv(out / "lift_correlation.csv", dtype={"run_a": str, "run_b": str}),
+                         per_image, read_json(out / "meta.json")["fig6_rows"])
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _run_order(frame: pd.DataFrame) -> list[str]:
+    pairs = frame[frame["kind"] != "randomised"]
+    arch = {**dict(zip(pairs["run_a"], pairs["arch_a"])), **dict(zip(pairs["run_b"], pairs["arch_b"]))}
+    return sorted(arch, key=lambda r: (_rank(arch[r]), r))
+
+
+def plot_ar_heatmap(frame: pd.DataFrame) -> plt.Figure:
+    """AR of every pair of runs as a symmetric matrix (runs grouped by architecture)."""
+    runs = _run_order(frame)
+    pos = {r: i for i, r in enumerate(runs)}
+    m = np.full((len(runs), len(runs)), np.nan)
+    np.fill_diagonal(m, 0.0)
+    for r in frame[frame["kind"] != "randomised"].itertuples():
+        m[pos[r.run_a], pos[r.run_b]] = m[pos[r.run_b], pos[r.run_a]] = r.ar
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(runs), 0.6 + 0.6 * len(runs)))
+    im = ax.imshow(m, cmap="viridis", vmin=0)
+    for (i, j), v in np.ndenumerate(m):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7,
+                    color="w" if v < 0.6 * np.nanmax(m) else "k")
+    ax.set_xticks(range(len(runs)), runs, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(runs)), runs, fontsize=8)
+    fig.colorbar(im, ax=ax, label="average residual AR")
+    ax.set_title("AR between runs (Eq. 2)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lift_comparison(scores: Mapping[str, pd.DataFrame], top: int = 10) -> plt.Figure:
+    """Lift per object, one bar per run side by side, one panel per city; the ``top`` objects
+    by mean lift over the runs; the dashed line at 1 is no preference."""
+    long = pd.concat([s.assign(run=n) for n, s in scores.items()], ignore_index=True)
+    cities = sorted(long["city"].unique())
+    fig, axes = plt.subplots(len(cities), 1, figsize=(max(6.0, 0.5 * top * max(1, len(scores)) ** 0.5 + 2),
+                                                      2.8 * len(cities)), squeeze=False)
+    width = 0.8 / max(1, len(scores))
+    for city, ax in zip(cities, axes[:, 0]):
+        wide = long[long["city"] == city].pivot_table(index="object", columns="run", values="lift")
+        wide = wide.reindex(columns=list(scores)).loc[
+            wide.mean(axis=1).sort_values(ascending=False).index[:top]]
+        x = np.arange(len(wide))
+        for j, run_name in enumerate(wide.columns):
+            ax.bar(x + (j - (len(wide.columns) - 1) / 2) * width, wide[run_name], width, label=run_name)
+        ax.axhline(1.0, color="k", ls="--", lw=0.8)
+        ax.set_xticks(x, wide.index, rotation=60, ha="right", fontsize=8)
+        ax.set_title(city, loc="left", fontsize=10)
+        ax.set_ylabel("lift")
+    axes[0, 0].legend(fontsize=7, ncol=min(4, len(scores)))
+    fig.tight_layout()
+    return fig
+
+
+def plot_fig6(cache, runs: Sequence[str | Path], rows: Sequence[int]) -> plt.Figure:
+    """The paper's Fig. 6: each test image (cache rows ``rows``) and every run's weighted mask
+    for it, upsampled to the image size; columns: image, then one per run."""
+    S = cache.images.shape[1]
+    cols = []
+    for d in runs:
+        cam = gradcam.load(d)
+        where = pd.Series(np.arange(len(cam.index)), index=cam.index["index"].to_numpy())
+        missing = sorted(set(rows) - set(where.index))
+        if missing:
+            raise ValueError(f"{d}: no mask for cache rows {missing[:5]}")
+        info = describe(d)
+        cols.append((f"{NAMES.get(info['arch'], info['arch'])} s{info['seed']}",
+                     gradcam.upsample(cam.masks[where.loc[list(rows)].to_numpy()], S)))  # (n, S, S)
+    n = len(rows)
+    fig, axes = plt.subplots(n, 1 + len(cols), figsize=(1.8 * (1 + len(cols)), 1.9 * n), squeeze=False)
+    for i, r in enumerate(rows):
+        axes[i, 0].imshow(cache.images[r])
+        axes[i, 0].set_ylabel(str(cache.index["city"].iloc[r]), fontsize=8)
+        for j, (_, up) in enumerate(cols, 1):
+            axes[i, j].imshow(up[i], cmap="jet", vmin=0, vmax=1)
+    for j, title in enumerate(["image"] + [c[0] for c in cols]):
+        axes[0, j].set_title(title, fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig

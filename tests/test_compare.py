@@ -1,0 +1,262 @@
+"""Comparison stage: Eq. 2 on hand-made masks, streaming, CIs, both tests, Table 2, the stage."""
+from __future__ import annotations
+
+import math
+from itertools import combinations
+from types import SimpleNamespace
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from citylib import compare, gradcam, models  # noqa: E402
+from citylib.artifacts import read_json, write_csv, write_json  # noqa: E402
+from citylib.compare import CompareConfig  # noqa: E402
+from citylib.config import ConfigError, from_dict  # noqa: E402
+
+CITIES = ["amsterdam", "berlin", "cairo"]
+
+
+def smooth(n: int, side: int, seed: int) -> np.ndarray:
+    """(n, side, side) float16 masks in [0, 1] (min 0, max 1 per mask)."""
+    g = torch.from_numpy(np.random.default_rng(seed).random((n, 1, 3, 3), dtype=np.float32))
+    up = torch.nn.functional.interpolate(g, size=(side, side), mode="bilinear")[:, 0]
+    return gradcam.normalise(up).numpy().astype(np.float16)
+
+
+def fake_run(root, name: str, arch: str, seed: int, masks: np.ndarray, rows, size: int,
+             cities=None):
+    """A run folder as the runner and gradcam.run leave it (no checkpoint)."""
+    d = root / name
+    rows = np.asarray(rows)
+    cities = cities if cities is not None else [CITIES[r % 3] for r in rows]
+    write_json(d / "config.json", {"config": {"name": name, "arch": arch, "seed": seed},
+                                   "config_hash": name})
+    (d / "gradcam").mkdir(parents=True)
+    np.save(d / "gradcam" / "masks.npy", np.asarray(masks, np.float16))
+    write_csv(d / "gradcam" / "index.csv", pd.DataFrame({
+        "index": rows, "path": [f"img/{r}.png" for r in rows], "city": cities,
+        "target": cities, "predicted": cities, "correct": True}))
+    write_json(d / "gradcam" / "sanity.json", {})
+    write_json(d / "gradcam" / "meta.json", {
+        "method": "gradcam", "map_size": list(masks.shape[1:]), "image_size": size,
+        "cities": CITIES, "config": {"batch_size": 4}, "config_hash": f"h-{name}"})
+    return d
+
+
+def naive(ma, mb, size):
+    """All at once, in numpy: upsample every mask, mean |a - b| per image."""
+    return np.abs(gradcam.upsample(ma, size) - gradcam.upsample(mb, size)).mean((1, 2))
+
+
+def test_ar_by_hand_self_and_symmetry():
+    # S = 2 and 2 x 2 masks: bilinear to the same size is the identity, and min-max
+    # renormalisation keeps masks whose min is 0 and max is 1.
+    a = np.array([[[1, 0], [0, 0.5]], [[1, 0], [0, 0]]], np.float16)
+    b = np.array([[[0, 1], [0.25, 0.5]], [[1, 0], [0, 0]]], np.float16)
+    # image 0: |1-0| + |0-1| + |0-0.25| + |0.5-0.5| = 2.25, / (2 x 2) = 0.5625; image 1: 0
+    # average over the two images: (0.5625 + 0) / 2 = 0.28125
+    mean, rows, ar = compare.average_residual([5, 9], a, [5, 9], b, size=2)
+    assert rows.tolist() == [5, 9] and ar.dtype == np.float32
+    assert ar.tolist() == [0.5625, 0.0] and mean == 0.28125
+    assert compare.average_residual([5, 9], b, [5, 9], a, 2)[2].tolist() == ar.tolist()
+    assert compare.average_residual([5, 9], a, [5, 9], a, 2)[0] == 0.0
+    m = smooth(20, 7, 0)
+    assert compare.average_residual(range(20), m, range(20), m, 32)[0] == 0.0
+
+
+def test_different_native_sizes_compared_at_image_size():
+    # the same map stored at 4 x 4 and at 8 x 8 (its upsampling): AR ~ 0 at S = 8 (float16
+    # rounding only), although the native arrays cannot even be subtracted
+    a = smooth(6, 4, 1)
+    b = gradcam.upsample(a, 8).astype(np.float16)
+    assert compare.average_residual(range(6), a, range(6), b, 8)[0] < 1e-3
+    c = smooth(6, 8, 2)
+    mean, _, ar = compare.average_residual(range(6), a, range(6), c, 16)
+    np.testing.assert_allclose(ar, naive(a, c, 16), atol=1e-6)
+    assert 0.05 < mean < 1
+
+
+def test_only_common_images_matched_by_row():
+    a, b = smooth(4, 4, 3), smooth(3, 2, 4)
+    # run a has rows 0..3; run b has rows 4, 3, 2 (another order): common rows 2, 3
+    mean, rows, ar = compare.average_residual([0, 1, 2, 3], a, [4, 3, 2], b, 8)
+    assert rows.tolist() == [2, 3]
+    np.testing.assert_allclose(ar, naive(a[[2, 3]], b[[2, 1]], 8), atol=1e-6)
+    with pytest.raises(ValueError, match="share no test image"):
+        compare.average_residual([0, 1], a[:2], [7, 8], b[:2], 8)
+
+
+def test_streaming_equals_all_at_once():
+    rng = np.random.default_rng(0)
+    sizes = (7, 14, 3)
+    masks = [smooth(50, s, 10 + s) for s in sizes]
+    rows = [rng.permutation(60)[:50] for _ in sizes]                 # overlapping, shuffled
+    sources = list(zip(rows, masks))
+    big = compare.pairwise_ar(sources, 28, batch_size=1000)
+    for bs in (1, 7):
+        small = compare.pairwise_ar(sources, 28, batch_size=bs)
+        for p in big:
+            assert np.array_equal(small[p][0], big[p][0])
+            np.testing.assert_allclose(small[p][1], big[p][1], rtol=0, atol=1e-7)
+    for (i, j), (common, ar) in big.items():
+        pi = [np.flatnonzero(rows[i] == r)[0] for r in common]
+        pj = [np.flatnonzero(rows[j] == r)[0] for r in common]
+        np.testing.assert_allclose(ar, naive(masks[i][pi], masks[j][pj], 28), atol=1e-6)
+
+
+def test_bootstrap_ci_contains_mean_and_is_deterministic():
+    v = np.random.default_rng(1).random(500).astype(np.float32)
+    lo, hi = compare.bootstrap_ci(v, 1000, [0, 7])
+    assert lo < v.mean() < hi and hi - lo < 0.1
+    assert compare.bootstrap_ci(v, 1000, [0, 7]) == (lo, hi)
+    assert compare.bootstrap_ci(v, 1000, [1, 7]) != (lo, hi)
+
+
+def test_pair_permutation_exact_enumeration():
+    arch, seed = [0.43, 0.43, 0.45, 0.41, 0.41, 0.31], [0.27, 0.23, 0.24, 0.25]   # Table 2
+    res = compare.label_permutation_test(arch, seed, permutations=10000)
+    assert "C(10,6) = 210" in res["method"] and res["n"] == 10
+    # the observed labelling is the most extreme one of 210: p = 1/210
+    assert res["p_value"] == pytest.approx(1 / 210)
+    assert res["statistic"] == pytest.approx(np.mean(arch) - np.mean(seed))
+    # by brute force on a case without a clear answer
+    x = np.array([3.0, 1, 4, 1, 5, 9, 2, 6, 5, 3])
+    obs = x[:6].mean() - x[6:].mean()
+    count = sum(x[list(c)].mean() - np.delete(x, c).mean() >= obs - 1e-12
+                for c in combinations(range(10), 6))
+    res = compare.label_permutation_test(x[:6], x[6:])
+    assert res["p_value"] == pytest.approx(count / math.comb(10, 6))
+    # the same distribution on both sides: statistic 0, p not small
+    res = compare.label_permutation_test([1, 2, 3, 4, 5, 6], [2, 3, 4, 5])
+    assert res["statistic"] == 0 and res["p_value"] > 0.3
+    # Monte Carlo when the labellings outnumber the permutations; seeded
+    mc = compare.label_permutation_test(arch, seed, permutations=100, seed=3)
+    assert mc["method"].startswith("Monte Carlo") and mc["p_value"] == 1 / 101
+    assert compare.label_permutation_test([1.0], [])["p_value"] is None
+
+
+def test_image_sign_flip():
+    rng = np.random.default_rng(2)
+    res = compare.sign_flip_test(0.05 + 0.01 * rng.standard_normal(1000), 2000, seed=0)
+    assert res["p_value"] == 1 / 2001 and res["n"] == 1000
+    d = rng.standard_normal(500)
+    res = compare.sign_flip_test(np.concatenate([d, -d]), 2000, seed=0)
+    assert res["statistic"] == pytest.approx(0, abs=1e-12) and res["p_value"] > 0.3
+    assert compare.sign_flip_test(np.concatenate([d, -d]), 2000, seed=0) == res
+    # exact: d = (1, 2, 3); of the 8 sign patterns only (+, +, +) reaches mean 2: p = 1/8
+    res = compare.sign_flip_test([1.0, 2.0, 3.0], 10000)
+    assert res["p_value"] == 1 / 8 and "2^3" in res["method"]
+
+
+def test_table2_pools_seeds():
+    f = pd.DataFrame([
+        ["v0", "r0", "architecture", 0.40, 0.38, 0.42, 10, "vgg11", "resnet18"],
+        ["r1", "v1", "architecture", 0.44, 0.41, 0.47, 10, "resnet18", "vgg11"],
+        ["v0", "v1", "seed", 0.25, 0.20, 0.30, 10, "vgg11", "vgg11"],
+        ["v0", "v0 (randomised)", "randomised", 0.6, 0.5, 0.7, 10, "vgg11", "vgg11"],
+    ], columns=compare.COLUMNS)
+    t = compare.table2(f).set_index("models")
+    assert list(t.index) == ["VGG11-ResNet18", "VGG11-VGG11 retrained", "VGG11-VGG11 randomised"]
+    r = t.loc["VGG11-ResNet18"]
+    assert r.ar == pytest.approx(0.42) and (r.ci_low, r.ci_high) == (0.38, 0.47)
+    assert (r.ar_min, r.ar_max, r.n_pairs) == (0.40, 0.44, 2)
+
+
+def grid(tmp_path, n=40, size=16):
+    """2 archs x 2 seeds; seeds of one arch share most of the map, archs do not."""
+    runs = []
+    for arch, side, base in (("vgg11", 4, 0), ("resnet18", 2, 1)):
+        shared = smooth(n, side, 100 + base).astype(np.float32)
+        for seed in (0, 1):
+            noise = smooth(n, side, 200 + 10 * base + seed).astype(np.float32)
+            m = gradcam.normalise(torch.from_numpy(0.8 * shared + 0.2 * noise)).numpy()
+            runs.append(fake_run(tmp_path, f"{arch}_seed{seed}", arch, seed, m, np.arange(n) * 2,
+                                 size))
+    return runs
+
+
+def test_stage_on_fake_runs_and_reuse(tmp_path):
+    runs = grid(tmp_path / "runs")
+    for d, shift in zip(runs[:2], (0.0, 2.5)):
+        write_csv(d / "r_scores.csv", pd.DataFrame({
+            "city": "amsterdam", "object": list("abcd"), "pixels": 1, "R": 0.5, "coverage": 0.5,
+            "lift": [1.0 + shift, 2, 3, 4], "lift_ci_low": 0, "lift_ci_high": 5}))
+    cfg = CompareConfig(batch_size=7, bootstrap=200, permutations=2000, randomised=False)
+    out = tmp_path / "comparison"
+    res = compare.run(cfg, runs, None, out, progress=False)
+    frame = pd.read_csv(out / "ar.csv")
+    assert list(frame.columns)[:6] == ["run_a", "run_b", "kind", "ar", "ci_low", "ci_high"]
+    assert sorted(frame["kind"]) == ["architecture"] * 4 + ["seed"] * 2
+    assert (frame["ci_low"] <= frame["ar"]).all() and (frame["ar"] <= frame["ci_high"]).all()
+    seed_ar = frame[frame["kind"] == "seed"]["ar"]
+    assert seed_ar.max() < frame[frame["kind"] == "architecture"]["ar"].min()
+    tests = read_json(out / "tests.json")
+    assert tests["pair_permutation"]["p_value"] == pytest.approx(1 / 15)    # C(6, 4) = 15
+    assert tests["image_sign_flip"]["p_value"] == 1 / 2001 and tests["image_sign_flip"]["n"] == 40
+    assert len(tests["pair_permutation"]["pairs"]["seed"]) == 2
+    assert list(res.table2["models"]) == ["VGG11-ResNet18", "VGG11-VGG11 retrained",
+                                          "ResNet18-ResNet18 retrained"]
+    # ranks (1, 2, 3, 4) vs (3, 1, 2, 4): 1 - 6 (4 + 1 + 1 + 0) / (4 (16 - 1)) = 0.4
+    assert res.lift_correlation.iloc[0]["spearman"] == pytest.approx(0.4)
+    assert len(res.fig6_rows) == 3 * cfg.fig6_per_city
+    # the stored per-image values are the ones returned, and a rerun reuses the folder
+    mtime = (out / "ar.csv").stat().st_mtime_ns
+    again = compare.run(cfg, runs, None, out, progress=False)
+    assert again.reused and (out / "ar.csv").stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(again.ar, res.ar)
+    for k, (rows, ar) in res.per_image.items():
+        assert np.array_equal(again.per_image[k][1], ar) and np.array_equal(again.per_image[k][0], rows)
+    other = compare.run(CompareConfig(batch_size=7, bootstrap=100, permutations=2000,
+                                      randomised=False), runs, None, out, progress=False)
+    assert not other.reused
+    for fig in (compare.plot_ar_heatmap(res.ar), compare.plot_lift_comparison(
+            compare.lift_scores(runs)), compare.plot_fig6(
+                SimpleNamespace(images=np.zeros((80, 16, 16, 3), np.uint8),
+                                index=pd.DataFrame({"city": [CITIES[i % 3] for i in range(80)]})),
+                runs, res.fig6_rows)):
+        assert isinstance(fig, matplotlib.figure.Figure)
+        matplotlib.pyplot.close(fig)
+
+
+def test_randomised_reference(tmp_path):
+    size, rows = 64, np.arange(6)
+    rng = np.random.default_rng(0)
+    cache = SimpleNamespace(images=rng.integers(0, 255, (6, size, size, 3), dtype=np.uint8),
+                            folder=tmp_path / "cache")
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = models.build("simple", 3, size).eval()
+        res = gradcam.masks_for(model, cache.images[rows])
+        d = fake_run(tmp_path, f"simple_seed{seed}", "simple", seed, res.masks, rows, size,
+                     [CITIES[t] for t in res.target])
+        torch.save({"model": model.state_dict(), "config": {
+            "arch": "simple", "cities": CITIES, "image_size": size}}, d / "best.pt")
+        runs.append(d)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rand = compare.randomise(model, 0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())   # untouched
+    weights = [k for k, v in before.items() if v.dim() >= 2]        # every conv and linear layer
+    assert weights and not any(torch.equal(rand.state_dict()[k], before[k]) for k in weights)
+    cfg = CompareConfig(batch_size=4, bootstrap=50, permutations=100)
+    r1, a1 = compare.randomised_ar(runs[0], cache, cfg)
+    assert r1.tolist() == rows.tolist() and ((a1 >= 0) & (a1 <= 1)).all()
+    assert np.array_equal(compare.randomised_ar(runs[0], cache, cfg)[1], a1)    # seeded
+    res = compare.run(cfg, runs, cache, tmp_path / "cmp", progress=False)
+    assert sorted(res.ar["kind"]) == ["randomised", "randomised", "seed"]
+    assert res.tests["pair_permutation"]["p_value"] is None                  # no arch pairs
+    assert "simple_seed0 (randomised)" in set(res.ar["run_b"])
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="batch_size"):
+        CompareConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(CompareConfig, {"bootstraps": 10})
+    with pytest.raises(ConfigError, match="permutations"):
+        from_dict(CompareConfig, {"permutations": "many"})
