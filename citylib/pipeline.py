@@ -51,10 +51,14 @@ def load_cache(run: Run):
 
 
 def run_training(run: Run, force: bool = False, progress: bool = True) -> train.TrainResult:
-    """Train (or reuse, or resume) the run's network."""
+    """Train (or reuse, or resume) the run's network.
+
+    Only the latest epoch checkpoint is kept (it is all a resume needs; a VGG11 checkpoint with
+    its optimiser state is over 1 GB), besides ``best.pt``.
+    """
     cfg = run.cfg
     return train.run(cfg.arch, cfg.seed, cfg.train, load_cache(run), run.dir, name=cfg.name,
-                     extra_config=cfg.to_dict(), force=force, progress=progress)
+                     extra_config=cfg.to_dict(), force=force, progress=progress, keep_checkpoints=1)
 
 
 def run_gradcam(run: Run, progress: bool = True) -> gradcam.GradCAMResult:

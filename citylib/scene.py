@@ -3,9 +3,8 @@
 A scene is a list of `Rect`s (ground patches, facades, billboards, car panels). `render` casts
 one ray per pixel, keeps the nearest hit (a z-buffer, so occlusion is exact whatever the order)
 and paints colour, class and instance id from that same hit: the label map cannot disagree
-with the image. `finish` adds the nuisances (lighting, haze, sensor noise). Object builders
-(`tree`, `car`, ...) say what a thing looks like; `synth` decides where things go.
-Reads and writes nothing.
+with the image. Object builders (`tree`, `car`, ...) say what a thing looks like; `spot`
+decides where things go. Reads and writes nothing.
 
 Coordinates: metres; x across the street, y along it, z up. Headings are degrees clockwise
 from +y (0 looks along the street, 90 at the +x facades).
@@ -128,7 +127,7 @@ def _texture(rect: Rect, s: np.ndarray, r: np.ndarray) -> np.ndarray:
         edge = (s > 0.6) & (s < rect.w - 0.6) & (r < rect.h - 0.8)
         col[(upper | shop) & edge] = glass
     elif kind == "fins":  # curtain wall: full-height glass strips between slim piers
-        col[(np.mod(s, 2.4) > 1.0) & (r < rect.h - 2.0)] = p[0:3]
+        col[(np.mod(s, 2.4) > 0.8) & (r < rect.h - 2.0)] = p[0:3]
     elif kind == "leaves":  # blotchy foliage / grass / soil, fixed to the surface
         cell = p[0]
         col *= (0.72 + 0.5 * _hash(np.floor(s / cell), np.floor(r / cell)))[:, None]
@@ -203,20 +202,6 @@ def render(rects: list[Rect], cam: Camera, size: int, sky: tuple, sun: np.ndarra
         a = np.clip(elev, 0, 1)[..., None] ** 0.6
         rgb[open_sky] = ((1 - a) * np.asarray(sky[1]) + a * np.asarray(sky[0]))[open_sky]
     return {"rgb": rgb, "label": label, "inst": inst, "depth": depth, "elev": elev}
-
-
-def finish(view: dict, rng: np.random.Generator, haze: float, haze_color: tuple,
-           gain: float, warmth: float, noise: float) -> np.ndarray:
-    """Apply haze (distance), lighting (gain, colour temperature) and sensor noise; uint8 RGB."""
-    rgb = view["rgb"]
-    fog = 1 - np.exp(-haze * np.where(np.isfinite(view["depth"]), view["depth"], 0.0))
-    # Haze also whitens the sky near the horizon, not only distant walls.
-    fog = np.where(np.isfinite(view["depth"]), fog, haze * 25 * np.exp(-6 * np.clip(view["elev"], 0, 1)))
-    fog = np.clip(fog, 0, 1)[..., None]
-    rgb = rgb * (1 - fog) + np.asarray(haze_color) * fog
-    rgb = rgb * gain * np.array([1 + warmth, 1.0, 1 - warmth])
-    rgb = rgb * 255 + rng.normal(0, noise, rgb.shape)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- builders: what things look like

@@ -231,6 +231,20 @@ def _colour(style: Style, rng: np.random.Generator, group: str) -> tuple:
                  for c in np.clip(np.array([int(h[i:i + 2], 16) for i in (1, 3, 5)]) / 255 * k, 0, 1))
 
 
+def _finish(view: dict, rng: np.random.Generator, haze: float, haze_color: tuple,
+           gain: float, warmth: float, noise: float) -> np.ndarray:
+    """Apply haze (distance), lighting (gain, colour temperature) and sensor noise; uint8 RGB."""
+    rgb = view["rgb"]
+    fog = 1 - np.exp(-haze * np.where(np.isfinite(view["depth"]), view["depth"], 0.0))
+    # Haze also whitens the sky near the horizon, not only distant walls.
+    fog = np.where(np.isfinite(view["depth"]), fog, haze * 25 * np.exp(-6 * np.clip(view["elev"], 0, 1)))
+    fog = np.clip(fog, 0, 1)[..., None]
+    rgb = rgb * (1 - fog) + np.asarray(haze_color) * fog
+    rgb = rgb * gain * np.array([1 + warmth, 1.0, 1 - warmth])
+    rgb = rgb * 255 + rng.normal(0, noise, rgb.shape)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
 def render_spot(world: World, city: str, spot: int, views: int = 4, size: int = 128, seed: int = 0,
                 flat: bool = False) -> list[dict]:
     """Render the views of one spot: dicts of image (S, S, 3) uint8, label (S, S) uint8,
@@ -255,7 +269,7 @@ def render_spot(world: World, city: str, spot: int, views: int = 4, size: int = 
         if flat:
             image = np.rint(v["rgb"] * 255).astype(np.uint8)
         else:
-            image = scene.finish(v, vr, haze, lay["sky"][1], gain, warmth, float(vr.uniform(*nu.noise)))
+            image = _finish(v, vr, haze, lay["sky"][1], gain, warmth, float(vr.uniform(*nu.noise)))
         out.append({"image": image, "label": v["label"], "inst": v["inst"], "heading": cam.heading % 360,
                     "pitch": cam.pitch, "quality": int(vr.integers(nu.jpeg_quality[0], nu.jpeg_quality[1] + 1))})
     return out

@@ -49,3 +49,28 @@ def test_identical_runs_are_skipped_and_force_redoes_them(grid):
 def test_unknown_run_in_only_is_an_error(grid):
     params_dir, out, _ = grid
     assert cli.main(["run", "--params", str(params_dir), "--outputs", str(out), "--only", "nope"]) == 2
+
+
+def test_predict_prints_cities_and_names_unreadable_images(grid, tmp_path, capsys):
+    _, out, _ = grid
+    manifest = pd.read_csv(out / "data" / "manifest.csv")
+    image = manifest["path"].iloc[0]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"no image here")
+    code = cli.main(["predict", "--run", str(out / "runs" / "good"), image, str(broken)])
+    printed = capsys.readouterr().out
+    assert code == 1  # one image could not be read
+    assert image in printed and "broken.jpg" in printed and "not an image" in printed
+    cities = sorted(manifest["city"].unique())
+    assert all(c in printed for c in cities)
+
+
+def test_report_renders_every_executed_notebook(grid):
+    _, out, _ = grid
+    assert cli.main(["report", "--outputs", str(out)]) == 0
+    index = (out / "report" / "index.html").read_text()
+    assert "good" in index  # the runs table
+    for nb in runner.RUN_NOTEBOOKS:
+        page = out / "report" / f"runs__good__{nb.replace('.ipynb', '.html')}"
+        assert page.exists() and page.name in index
+    assert (out / "report" / "data__01_data.html").exists()
