@@ -50,7 +50,7 @@ class DataConfig:
 
     source: str = "world"  # "world", a folder of city folders, or a manifest CSV
     world: SynthConfig = field(default_factory=SynthConfig)  # used when source == "world"
-    image_size: int = 96  # side of the square cached images
+    image_size: int = 64  # side of the square cached images (the network input; paper: 224)
     split: tuple[float, float, float] = (6.0, 2.0, 2.0)  # train:val:test (the earlier classifier: 4:1:1)
     split_seed: int = 0
     group_pattern: str | None = None  # regex on the file stem (or a GROUP_PATTERNS name); group

@@ -73,6 +73,7 @@ def test_discover_skips_private_files_and_every_shipped_file_is_valid(tmp_path):
     extra = params.load_all(params.discover(PARAMETERS / "extra"))
     assert {c.arch for c in extra} == {"alexnet", "vgg_s"}
     params.load_all(params.discover(PARAMETERS / "smoke"))
+    assert {c.data.image_size for c in params.load_all(params.discover(PARAMETERS / "paper"))} == {224}
 
 
 def test_hash_changes_with_any_setting(tmp_path):
