@@ -20,16 +20,21 @@ explanation_px x explanation_px x 3 ("explanation"). Everything is seeded: the s
 and seed give bit-identical coordinates.
 
 t-SNE implementation, chosen by measurement (``benchmarks/bench_embed.py``: 10,000 14 x 14
-masks with cluster structure, PCA 50, the same 750 iterations, 2 cores):
+masks with cluster structure, PCA 50, 750 t-SNE iterations each, median of 2, on 2 cores that
+another job kept busy, load average ~3.4; in brackets: a round at load ~1.5):
 
-    openTSNE 1.0.4 (n_jobs=2)      ~22 s   <- used
-    scikit-learn 1.9 TSNE          ~46 s
-    umap-learn 0.5.12 (n_jobs=1)   ~35 s
+    openTSNE 1.0.4, n_jobs=1          23 s (23)   <- used
+    openTSNE 1.0.4, n_jobs=2          33 s (21)
+    scikit-learn 1.9.1 TSNE, 2 thr.   55 s (19)
+    scikit-learn 1.9.1 TSNE, 1 thr.   33 s (32)
+    umap-learn 0.5.12 (n_jobs=1)       9 s  + 27 s numba compilation on a process's first call
 
-(load average ~1; see the benchmark's docstring for the full table). openTSNE's FFT gradient
-(used from 10,000 points; Barnes-Hut below) and its Annoy neighbours gave bit-identical maps
-for a fixed random_state with n_jobs=1 and n_jobs=2 alike, so the stage uses both cores.
-UMAP is repeatable only single-threaded (umap-learn forces n_jobs=1 when seeded).
+All gave the same 10-NN city agreement (0.775). Threads pay only on an idle machine and cost
+up to 10x on a busy one (1,500 points: 3 s on one thread, 21 s on two), so one thread.
+Repeatable: a fixed random_state gave bit-identical maps for openTSNE (exact neighbours and
+Barnes-Hut below 1,000 / 10,000 points, Annoy and FFT above; with n_jobs=1 and with 2, though
+Annoy's trees differ between the two settings), scikit-learn and UMAP (which umap-learn runs
+single-threaded when seeded).
 
 What the eye sees, as a number: the kNN city agreement, the share of each point's k nearest
 neighbours (itself excluded) that come from the same true city, averaged over points; in the

@@ -12,15 +12,18 @@ that is taken, to the nearest free one (``place_tiles``), and the canvas is save
 marked 300 dpi (64 px tiles: ~5 mm each in print).
 
 ``Explorer`` is the notebook panel: the map for a chosen method and descriptor (computed on
-demand, kept in the panel) and the image, mask and explanation behind a chosen point.
+demand, kept in the panel) and the image, mask and explanation behind a chosen point. Figures
+returned to a notebook are pyplot figures, like ``citylib.plots``'; those saved here are closed.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import re
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -159,8 +162,7 @@ def gallery(xy: np.ndarray, tiles: np.ndarray, fill: float = 2.0,
 def map_figure(frame: pd.DataFrame, hue: str = "city", colours: dict | None = None,
                title: str = "", highlight: int | None = None) -> Figure:
     """The map (columns x, y) coloured by "city" or by "correct"; ``highlight``: a row to mark."""
-    fig = Figure(figsize=(6.4, 5.6))
-    ax = fig.add_subplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
     size = float(np.clip(4000 / max(len(frame), 1), 2, 30))
     if hue == "correct":
         data = frame.assign(prediction=np.where(frame["correct"].astype(bool), "correct", "wrong"))
@@ -199,8 +201,9 @@ def figures(emb: embed.EmbedResult, result: gradcam.GradCAMResult, images: np.nd
     colours = city_colours(list(result.meta["cities"]))
     out = {}
     for hue in ("city", "correct"):
-        out[f"map_{hue}"] = plots.save(map_figure(emb.frame, hue, colours, title(emb)),
-                                       folder / f"map_{hue}.png", dpi=150)
+        fig = map_figure(emb.frame, hue, colours, title(emb))
+        out[f"map_{hue}"] = plots.save(fig, folder / f"map_{hue}.png", dpi=150)
+        plt.close(fig)           # saved, not shown: a notebook would display it at cell end
     cities = emb.frame["city"].to_numpy()
     groups = [("gallery", np.arange(len(cities)))] + [
         (f"gallery_{_slug(c)}", np.flatnonzero(cities == c)) for c in colours]
@@ -230,8 +233,10 @@ class Explorer:
 
     Maps are read where ``embed.run`` stored them, else computed in memory on first use, and
     kept in ``self.maps`` keyed by (method, descriptor), so switching back costs nothing.
-    Display the object itself (or ``.widget``); ``map_figure`` and ``point_figure`` give the
-    same pictures as static figures for executed notebooks.
+    Display the object itself (or ``.widget``): controls for method, descriptor and colouring,
+    a slider choosing the point. Its pictures are PNG images inside the widgets, so it runs
+    headless (papermill, nbval) without a display; ``map_figure`` and ``point_figure`` give the
+    same pictures as static figures, which an executed notebook keeps.
     """
 
     def __init__(self, run_dir: str | Path, cache, cfg: embed.EmbedConfig | None = None):
@@ -264,8 +269,7 @@ class Explorer:
         info = self.result.index.iloc[int(point)]
         image = np.asarray(self.cache.images[self.rows[int(point)]])         # (S, S, 3)
         up = gradcam.upsample(np.asarray(self.result.masks[[int(point)]]), image.shape[0])[0]
-        fig = Figure(figsize=(7.5, 2.8))
-        axes = fig.subplots(1, 3)
+        fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
         panels = (("image", image), ("weighted mask", up),
                   (f"explanation (≥ {self.result.threshold:g})",
                    gradcam.explanation(image, up, self.result.threshold)))
@@ -299,28 +303,35 @@ class Explorer:
         hue = w.ToggleButtons(options=[("city", "city"), ("correct?", "correct")], value="city")
         point = w.IntSlider(0, 0, max(len(self.result.index) - 1, 0), description="point",
                             continuous_update=False)
-        status, map_out, point_out = w.Label(), w.Output(), w.Output()
-
-        def show(out, fig):
-            out.clear_output(wait=True)
-            with out:
-                from IPython.display import display
-                display(fig)
+        status = w.Label()
+        # PNG bytes in Image widgets rather than figures in Output widgets: no dependence on
+        # the kernel's matplotlib backend or on output capture, and the state saves with it
+        map_img = w.Image(format="png", layout=w.Layout(max_width="640px"))
+        point_img = w.Image(format="png", layout=w.Layout(max_width="760px"))
 
         def redraw_map(_=None):
             status.value = f"computing {method.label} of {descriptor.label}s …"
-            show(map_out, self.map_figure(method.value, descriptor.value, point.value, hue.value))
-            status.value = ""
+            map_img.value = _png(self.map_figure(method.value, descriptor.value, point.value,
+                                                 hue.value))
+            status.value = title(self.map(method.value, descriptor.value))
 
         def redraw_point(_=None):
-            show(point_out, self.point_figure(point.value))
+            point_img.value = _png(self.point_figure(point.value))
             redraw_map()
 
         for control in (method, descriptor, hue):
             control.observe(redraw_map, names="value")
         point.observe(redraw_point, names="value")
         redraw_point()
-        return w.VBox([w.HBox([method, descriptor, hue]), point, status, map_out, point_out])
+        return w.VBox([w.HBox([method, descriptor, hue]), point, status, map_img, point_img])
+
+
+def _png(fig) -> bytes:
+    """A figure as PNG bytes; the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def explorer(run_dir: str | Path, cache, cfg: embed.EmbedConfig | None = None) -> Explorer:

@@ -196,9 +196,12 @@ def test_stage_on_fake_runs_and_reuse(tmp_path):
     seed_ar = frame[frame["kind"] == "seed"]["ar"]
     assert seed_ar.max() < frame[frame["kind"] == "architecture"]["ar"].min()
     tests = read_json(out / "tests.json")
-    assert tests["pair_permutation"]["p_value"] == pytest.approx(1 / 15)    # C(6, 4) = 15
+    # units: 1 architecture row (VGG11-ResNet18) vs 2 retrained rows: C(3, 1) = 3 labellings
+    assert tests["pair_permutation"]["p_value"] == pytest.approx(1 / 3)
+    assert tests["pair_permutation"]["units"]["seed"]["VGG11-VGG11 retrained"] == [
+        ["vgg11_seed0", "vgg11_seed1"]]
     assert tests["image_sign_flip"]["p_value"] == 1 / 2001 and tests["image_sign_flip"]["n"] == 40
-    assert len(tests["pair_permutation"]["pairs"]["seed"]) == 2
+    assert len(tests["pairs"]["seed"]) == 2
     assert list(res.table2["models"]) == ["VGG11-ResNet18", "VGG11-VGG11 retrained",
                                           "ResNet18-ResNet18 retrained"]
     # ranks (1, 2, 3, 4) vs (3, 1, 2, 4): 1 - 6 (4 + 1 + 1 + 0) / (4 (16 - 1)) = 0.4
@@ -260,3 +263,27 @@ def test_config_checks():
         from_dict(CompareConfig, {"bootstraps": 10})
     with pytest.raises(ConfigError, match="permutations"):
         from_dict(CompareConfig, {"permutations": "many"})
+
+
+def test_tests_on_the_paper_grid():
+    # 4 archs x 2 seeds: 24 architecture run pairs pooled into 6 Table 2 rows, 4 retrained rows
+    archs = ["vgg11", "resnet18", "simple", "simpler"]
+    infos = {f"{a}_s{s}": {"name": f"{a}_s{s}", "arch": a, "seed": s} for a in archs for s in (0, 1)}
+    rng, rows = np.random.default_rng(0), np.arange(300)
+    per_image = {(a, b): (rows, (rng.random(300) * 0.1 + (0.4 if infos[a]["arch"] != infos[b]["arch"]
+                                                          else 0.25)).astype(np.float32))
+                 for a, b in combinations(infos, 2)}
+    cfg = CompareConfig(bootstrap=100, permutations=10000)
+    frame = compare.ar_frame(per_image, infos, cfg)
+    res = compare.tests(frame, per_image, cfg)
+    pair = res["pair_permutation"]
+    assert (pair["n_architecture"], pair["n_seed"]) == (6, 4) and "C(10,6) = 210" in pair["method"]
+    assert pair["p_value"] == pytest.approx(1 / 210)
+    assert len(pair["units"]["architecture"]["VGG11-ResNet18"]) == 4
+    assert len(res["pairs"]["architecture"]) == 24 and len(res["pairs"]["seed"]) == 4
+    image = res["image_sign_flip"]
+    assert image["n"] == 300 and image["p_value"] == 1 / 10001
+    assert image["statistic"] == pytest.approx(0.15, abs=0.01)
+    assert list(compare.table2(frame)["models"])[:7] == [
+        "VGG11-ResNet18", "VGG11-Simple", "VGG11-Simpler", "ResNet18-Simple", "ResNet18-Simpler",
+        "Simple-Simpler", "VGG11-VGG11 retrained"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from types import SimpleNamespace
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -207,6 +208,11 @@ def test_explorer_panel(tmp_path):
     panel.children[1].value = 7                       # the point slider
     assert set(ex.maps) == {("tsne", "mask"), ("umap", "mask"), ("umap", "explanation")}
     assert ex.maps[("umap", "explanation")].folder is None
-    assert len(ex.point_figure(7).axes) == 3
+    assert bytes(panel.children[3].value[:4]) == b"\x89PNG"     # the map, as an image
+    assert bytes(panel.children[4].value[:4]) == b"\x89PNG"     # image, mask, explanation
+    assert "UMAP of explanations" in panel.children[2].value
+    fig = ex.point_figure(7)
+    assert len(fig.axes) == 3
+    plt.close(fig)
     assert read_json(run_dir / "metrics.json")["embedding"]["method"] == "tsne"   # untouched
     assert "application/vnd.jupyter.widget-view+json" in ex._repr_mimebundle_()
