@@ -45,7 +45,6 @@ from itertools import combinations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -304,6 +303,15 @@ def tests(frame: pd.DataFrame, per_image: Mapping, cfg: CompareConfig) -> dict:
     return {"pairs": used, "pair_permutation": pair, "image_sign_flip": image}
 
 
+def tests_table(result_tests: dict) -> pd.DataFrame:
+    """``tests.json`` as a table: one row per test (statistic, p-value, units, method)."""
+    names = {"pair_permutation": "architecture groups relabelled",
+             "image_sign_flip": "per-image sign flips"}
+    return pd.DataFrame([{"test": label, "statistic": result_tests[k].get("statistic"),
+                          "p_value": result_tests[k].get("p_value"), "n": result_tests[k].get("n"),
+                          "method": result_tests[k].get("method")} for k, label in names.items()])
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -458,88 +466,3 @@ def load(out_dir: str | Path) -> CompareResult:
                          pd.read_csv(out / "table2.csv"),
                          pd.read_csv(out / "lift_correlation.csv", dtype={"run_a": str, "run_b": str}),
                          per_image, read_json(out / "meta.json")["fig6_rows"])
-
-
-# ---------------------------------------------------------------- figures
-
-
-def _run_order(frame: pd.DataFrame) -> list[str]:
-    pairs = frame[frame["kind"] != "randomised"]
-    arch = {**dict(zip(pairs["run_a"], pairs["arch_a"])), **dict(zip(pairs["run_b"], pairs["arch_b"]))}
-    return sorted(arch, key=lambda r: (_rank(arch[r]), r))
-
-
-def plot_ar_heatmap(frame: pd.DataFrame) -> plt.Figure:
-    """AR of every pair of runs as a symmetric matrix (runs grouped by architecture)."""
-    runs = _run_order(frame)
-    pos = {r: i for i, r in enumerate(runs)}
-    m = np.full((len(runs), len(runs)), np.nan)
-    np.fill_diagonal(m, 0.0)
-    for r in frame[frame["kind"] != "randomised"].itertuples():
-        m[pos[r.run_a], pos[r.run_b]] = m[pos[r.run_b], pos[r.run_a]] = r.ar
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(runs), 0.6 + 0.6 * len(runs)))
-    im = ax.imshow(m, cmap="viridis", vmin=0)
-    for (i, j), v in np.ndenumerate(m):
-        if np.isfinite(v):
-            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7,
-                    color="w" if v < 0.6 * np.nanmax(m) else "k")
-    ax.set_xticks(range(len(runs)), runs, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(runs)), runs, fontsize=8)
-    fig.colorbar(im, ax=ax, label="average residual AR")
-    ax.set_title("AR between runs (Eq. 2)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_lift_comparison(scores: Mapping[str, pd.DataFrame], top: int = 10) -> plt.Figure:
-    """Lift per object, one bar per run side by side, one panel per city; the ``top`` objects
-    by mean lift over the runs; the dashed line at 1 is no preference."""
-    long = pd.concat([s.assign(run=n) for n, s in scores.items()], ignore_index=True)
-    cities = sorted(long["city"].unique())
-    fig, axes = plt.subplots(len(cities), 1, figsize=(max(6.0, 0.5 * top * max(1, len(scores)) ** 0.5 + 2),
-                                                      2.8 * len(cities)), squeeze=False)
-    width = 0.8 / max(1, len(scores))
-    for city, ax in zip(cities, axes[:, 0]):
-        wide = long[long["city"] == city].pivot_table(index="object", columns="run", values="lift")
-        wide = wide.reindex(columns=list(scores)).loc[
-            wide.mean(axis=1).sort_values(ascending=False).index[:top]]
-        x = np.arange(len(wide))
-        for j, run_name in enumerate(wide.columns):
-            ax.bar(x + (j - (len(wide.columns) - 1) / 2) * width, wide[run_name], width, label=run_name)
-        ax.axhline(1.0, color="k", ls="--", lw=0.8)
-        ax.set_xticks(x, wide.index, rotation=60, ha="right", fontsize=8)
-        ax.set_title(city, loc="left", fontsize=10)
-        ax.set_ylabel("lift")
-    axes[0, 0].legend(fontsize=7, ncol=min(4, len(scores)))
-    fig.tight_layout()
-    return fig
-
-
-def plot_fig6(cache, runs: Sequence[str | Path], rows: Sequence[int]) -> plt.Figure:
-    """The paper's Fig. 6: each test image (cache rows ``rows``) and every run's weighted mask
-    for it, upsampled to the image size; columns: image, then one per run."""
-    S = cache.images.shape[1]
-    cols = []
-    for d in runs:
-        cam = gradcam.load(d)
-        where = pd.Series(np.arange(len(cam.index)), index=cam.index["index"].to_numpy())
-        missing = sorted(set(rows) - set(where.index))
-        if missing:
-            raise ValueError(f"{d}: no mask for cache rows {missing[:5]}")
-        info = describe(d)
-        cols.append((f"{NAMES.get(info['arch'], info['arch'])} s{info['seed']}",
-                     gradcam.upsample(cam.masks[where.loc[list(rows)].to_numpy()], S)))  # (n, S, S)
-    n = len(rows)
-    fig, axes = plt.subplots(n, 1 + len(cols), figsize=(1.8 * (1 + len(cols)), 1.9 * n), squeeze=False)
-    for i, r in enumerate(rows):
-        axes[i, 0].imshow(cache.images[r])
-        axes[i, 0].set_ylabel(str(cache.index["city"].iloc[r]), fontsize=8)
-        for j, (_, up) in enumerate(cols, 1):
-            axes[i, j].imshow(up[i], cmap="jet", vmin=0, vmax=1)
-    for j, title in enumerate(["image"] + [c[0] for c in cols]):
-        axes[0, j].set_title(title, fontsize=9)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    return fig

@@ -16,7 +16,9 @@ import yaml
 
 from citylib import paths
 from citylib.config import ConfigError, config_hash, from_dict, to_dict
+from citylib.compare import CompareConfig
 from citylib.data import DataConfig
+from citylib.embed import EmbedConfig
 from citylib.gradcam import GradCAMConfig
 from citylib.models import ARCHS
 from citylib.segment import SegmentConfig
@@ -36,6 +38,8 @@ class RunConfig:
     gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)  # grid-wide: equal in every file
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -108,12 +112,13 @@ def load_all(files: list[Path]) -> list[RunConfig]:
             errors.append(str(e))
     if errors:
         raise ConfigError("invalid parameter file(s):\n  " + "\n  ".join(errors))
-    datas = {config_hash(c.data): c.name for c in configs}
-    if len(datas) > 1:
-        raise ConfigError(
-            "the runs of one grid must share the same 'data' section; these differ: "
-            + ", ".join(sorted(datas.values()))
-        )
+    for section in ("data", "compare"):
+        seen = {config_hash(getattr(c, section)): c.name for c in configs}
+        if len(seen) > 1:
+            raise ConfigError(
+                f"the runs of one grid must share the same '{section}' section; these differ: "
+                + ", ".join(sorted(seen.values()))
+            )
     return configs
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from citylib import artifacts, data, gradcam, paths, segment, stats, train
-from citylib.params import RunConfig, load
+import matplotlib.pyplot as plt
+
+from citylib import artifacts, compare, compare_plots, data, embed, gradcam, paths, plots, segment, stats, train
+from citylib.params import RunConfig, discover, load, load_all
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,65 @@ def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
                        cams.index["city"].to_numpy(str), run.dir, progress=progress)
     cues = stats.planted(cfg.data.world.world) if cfg.data.source == "world" else {}
     recovery, scores = stats.planted_recovery(result.table, cues) if cues else (pd.DataFrame(), {})
+    for name, draw in (("r_histograms", stats.plot_r_histograms), ("lift", stats.plot_lift)):
+        fig = draw(result.table, cues)            # the Fig. 5 panels, also for the report
+        plots.save(fig, run.dir / f"{name}.png")
+        plt.close(fig)
     train.merge_json(run.dir / "metrics.json", {"objects": {
         "segmenter": seg.segmenter, "threshold": cfg.stats.threshold,
         "r_scores": str(result.path.relative_to(run.dir)), **scores}})
     return ObjectsResult(result.table, result.histograms, seg.segmenter, rows, label_maps, cues, recovery)
+
+
+def run_embedding(run: Run, progress: bool = True) -> embed.EmbedResult:
+    """PCA -> t-SNE/UMAP map of the run's masks, its figures and galleries, kNN agreement."""
+    return embed.run(run.cfg.embed, run.dir, load_cache(run), progress=progress)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The runs a comparison reads: those of the parameter files whose masks exist."""
+
+    runs: list[Run]          # finished runs (Grad-CAM masks on disk), in file order
+    missing: list[str]       # named runs without masks yet (left out, listed)
+
+    @property
+    def dir(self) -> Path:
+        """``outputs/comparison/``."""
+        return self.runs[0].outputs / "comparison"
+
+
+def open_grid(params: str | Path | list, outputs: str | Path | None = None) -> Grid:
+    """Parameter files (a file, a folder, or a list of files) -> the grid of finished runs.
+
+    All files are validated together (they must share the data and compare sections); runs
+    whose Grad-CAM stage has not finished are listed in ``missing``, not compared.
+    """
+    files = [paths.resolve(f) for f in params] if isinstance(params, (list, tuple)) else discover(params)
+    out = paths.outputs(outputs)
+    runs = [Run(cfg, out) for cfg in load_all(files)]
+    done = [r for r in runs if (r.dir / gradcam.FOLDER / "meta.json").is_file()]
+    if not done:
+        raise FileNotFoundError(f"none of the {len(runs)} run(s) has Grad-CAM masks under "
+                                f"{out / 'runs'}: run notebooks 02-03 (or `citylib run`) first")
+    return Grid(done, [r.cfg.name for r in runs if r not in done])
+
+
+def run_comparison(grid: Grid, progress: bool = True) -> compare.CompareResult:
+    """AR of every pair of runs (and against re-initialised models), tests and Table 2."""
+    first, dirs = grid.runs[0], [r.dir for r in grid.runs]
+    cache = load_cache(first)
+    result = compare.run(first.cfg.compare, dirs, cache, grid.dir, progress=progress)
+    scores = compare.lift_scores(dirs)
+    figures = {"ar_heatmap": lambda: compare_plots.plot_ar_heatmap(result.ar),
+               "fig6": lambda: compare_plots.plot_fig6(cache, dirs, result.fig6_rows),
+               "lift_comparison": (lambda: compare_plots.plot_lift_comparison(scores)) if scores else None}
+    for name, draw in figures.items():       # the figures again as files, for the report
+        if draw is not None:
+            fig = draw()
+            plots.save(fig, grid.dir / f"{name}.png")
+            plt.close(fig)
+    return result
 
 
 def metrics(run: Run) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from citylib import artifacts, paths
+from citylib import artifacts, compare, paths
 
 
 def run(outputs: str | Path | None = None) -> Path:
@@ -48,15 +48,68 @@ def _sources(out: Path):
 
 def _index_html(out: Path, sections) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>citylib report</title>",
-             "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}</style>",
-             "</head><body><h1>citylib report</h1>"]
+             "<style>body{font-family:sans-serif;max-width:75em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em}"
+             "img{max-width:100%;border:1px solid #eee}figure{display:inline-block;margin:.5em;"
+             "vertical-align:top}figcaption{font-size:.85em;color:#555}</style>",
+             "</head><body><h1>citylib report</h1>",
+             "<p>What makes a city look like itself: accuracy of every run, which objects each "
+             "network attends to, and how much architectures and initialisations differ. "
+             "Every executed notebook is linked at the end.</p>"]
+    runs = sorted(p for p in (out / "runs").glob("*/") if (p / "metrics.json").is_file())
     summary = out / "runs" / "summary.csv"
     if summary.exists():
-        frame = pd.read_csv(summary)
-        parts.append("<h2>Runs</h2>" + frame.to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="—"))
+        parts += ["<h2>Accuracy per run</h2>", _table(pd.read_csv(summary).drop(
+            columns=["config_hash"], errors="ignore"))]
+    recovery = _recovery(runs)
+    if not recovery.empty:
+        parts += ["<h2>Planted-cue recovery</h2><p>Generated world: reciprocal rank of each "
+                  "city's planted objects by lift (1 = first; mean over the city's cues), and "
+                  "the mean over cities (MRR).</p>", _table(recovery)]
+    comparison = out / "comparison"
+    if (comparison / "table2.csv").is_file():
+        parts += ["<h2>Architectures versus initialisations (Table 2)</h2>",
+                  "<p>Average residual AR (Eq. 2) with bootstrap 95% intervals over test images.</p>",
+                  _table(pd.read_csv(comparison / "table2.csv"))]
+        if (comparison / "tests.json").is_file():
+            parts += ["<p>Tests of <i>between-architecture AR &gt; between-seed AR</i>:</p>",
+                      _table(compare.tests_table(artifacts.read_json(comparison / "tests.json")))]
+        parts.append(_figures(out, [(comparison / f"{n}.png", c) for n, c in (
+            ("ar_heatmap", "AR of every pair"), ("fig6", "Fig. 6: the same images, every network"),
+            ("lift_comparison", "Lift across runs"))]))
+    for run_dir in runs:
+        parts += [f"<h2>Run {html.escape(run_dir.name)}</h2>", _figures(out, [
+            (run_dir / "r_histograms.png", "Fig. 5: R per object and city"),
+            (run_dir / "lift.png", "Lift with 95% CIs"),
+            (run_dir / "map_city.png", "Fig. 3: map of the weighted masks"),
+            (run_dir / "gallery.png", "Fig. 4: the gallery")])]
+    parts.append("<h2>Executed notebooks</h2>")
     for title, links in sections:
         items = "".join(f"<li><a href='{html.escape(href)}'>{html.escape(label)}</a></li>" for label, href in links)
-        parts.append(f"<h2>{html.escape(title)}</h2><ul>{items}</ul>")
+        parts.append(f"<h3>{html.escape(title)}</h3><ul>{items}</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="—")
+
+
+def _recovery(runs: list[Path]) -> pd.DataFrame:
+    rows = []
+    for run_dir in runs:
+        objects = artifacts.read_json(run_dir / "metrics.json").get("objects", {})
+        if objects.get("planted_rr"):
+            rows.append({"run": run_dir.name, **objects["planted_rr"], "MRR": objects["planted_mrr"]})
+    return pd.DataFrame(rows)
+
+
+def _figures(out: Path, figures: list[tuple[Path, str]]) -> str:
+    """Linked thumbnails of the figures that exist (paths relative to ``outputs/report/``)."""
+    items = []
+    for path, caption in figures:
+        if path.is_file():
+            href = html.escape("../" + path.relative_to(out).as_posix())
+            items.append(f"<figure><a href='{href}'><img src='{href}' style='max-height:28em'></a>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return "<div>" + "".join(items) + "</div>"

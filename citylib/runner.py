@@ -25,8 +25,8 @@ from citylib.params import RunConfig, discover, load_all
 # The suite's notebooks, in order. Data: once per grid; run: once per parameter file;
 # grid: once over all runs.
 DATA_NOTEBOOKS = ("01_data.ipynb",)
-RUN_NOTEBOOKS = ("02_training.ipynb", "03_gradcam.ipynb", "05_objects.ipynb")
-GRID_NOTEBOOKS: tuple[str, ...] = ()
+RUN_NOTEBOOKS = ("02_training.ipynb", "03_gradcam.ipynb", "04_embedding.ipynb", "05_objects.ipynb")
+GRID_NOTEBOOKS = ("06_comparison.ipynb",)
 
 
 @dataclass
@@ -56,6 +56,7 @@ def run(
     files = discover(params)
     configs = load_all(files)  # every file is validated before any work
     by_name = {c.name: (c, f) for c, f in zip(configs, files)}
+    everything = dict(by_name)
     if only:
         unknown = sorted(set(only) - set(by_name))
         if unknown:
@@ -87,15 +88,36 @@ def run(
             ok = _execute(nb_dir / nb, run_dir, f"{name}/{nb}", file, out, cfg.hash, force, result, bar)
         if ok:
             finished.append(name)
+    # the grid compares every finished run of these files, also those left out by --only
+    finished += [n for n, (c, _) in everything.items()
+                 if n not in by_name and data_ok and _is_done(out / "runs" / n, c.hash, nb_dir)]
+    grid = [str(everything[n][1]) for n in everything if n in finished]   # file order
     for nb in GRID_NOTEBOOKS:
-        key = config_hash(*[by_name[n][0] for n in finished])
-        _execute(nb_dir / nb, out / "comparison", f"comparison/{nb}", first_file, out, key, force, result, bar)
+        if not grid:
+            result.failed[f"comparison/{nb}"] = "skipped: no run finished"
+            bar.update(1)
+            continue
+        key = config_hash(*[everything[n][0] for n in everything if n in finished])
+        _execute(nb_dir / nb, out / "comparison", f"comparison/{nb}", grid, out, key, force, result, bar)
     bar.close()
-    result.summary = write_summary(out, [by_name[n][0] for n in by_name], result)
+    result.summary = write_summary(out, [c for c, _ in everything.values()], result)
     return result
 
 
-def _execute(notebook: Path, out_dir: Path, label: str, params_file: Path, outputs: Path,
+def _is_done(run_dir: Path, key: str, nb_dir: Path) -> bool:
+    """Every per-run notebook of ``run_dir`` finished with this config and notebook source."""
+    for nb in RUN_NOTEBOOKS:
+        stamp = run_dir / ".done" / f"{Path(nb).stem}.json"
+        if not stamp.is_file():
+            return False
+        done = artifacts.read_json(stamp)
+        sha = hashlib.sha256((nb_dir / nb).read_bytes()).hexdigest()[:12]
+        if done.get("config_hash") != key or done.get("notebook_sha") != sha:
+            return False
+    return True
+
+
+def _execute(notebook: Path, out_dir: Path, label: str, params_file: Path | list[str], outputs: Path,
              key: str, force: bool, result: RunnerResult, bar) -> bool:
     """Run one notebook with papermill unless its stamp matches; True if it is done."""
     import papermill as pm  # heavy import, only when notebooks run
@@ -116,7 +138,8 @@ def _execute(notebook: Path, out_dir: Path, label: str, params_file: Path, outpu
     try:
         pm.execute_notebook(
             str(notebook), str(partial),
-            parameters={"params_file": str(params_file), "outputs": str(outputs), "force": force},
+            parameters={"params_file": params_file if isinstance(params_file, list) else str(params_file),
+                        "outputs": str(outputs), "force": force},
             kernel_name="python3", progress_bar=False, cwd=str(notebook.parent),
         )
     except Exception as e:  # papermill wraps the cell's exception; keep going with other runs
@@ -148,12 +171,15 @@ def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> 
         metrics_path = out / "runs" / cfg.name / "metrics.json"
         metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
         failed = [k for k in result.failed if k == cfg.name or k.startswith(cfg.name + "/")]
+        knn = metrics.get("embedding", {}).get("knn_2d", {})
         rows.append({
             "run": cfg.name, "arch": cfg.arch, "seed": cfg.seed,
-            "status": "failed" if failed else "ok",
+            "status": "failed" if failed else "ok" if metrics else "not run",
             "test_accuracy": metrics.get("test_accuracy"),
             "best_epoch": metrics.get("best_epoch"),
             "n_test": metrics.get("n_test"),
+            "knn_2d": knn.get("observed"), "knn_2d_shuffled": knn.get("baseline_mean"),
+            "planted_mrr": metrics.get("objects", {}).get("planted_mrr"),
             "config_hash": cfg.hash,
         })
     frame = pd.DataFrame(rows)

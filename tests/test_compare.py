@@ -13,7 +13,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from citylib import compare, gradcam, models  # noqa: E402
+from citylib import compare, compare_plots, gradcam, models  # noqa: E402
 from citylib.artifacts import read_json, write_csv, write_json  # noqa: E402
 from citylib.compare import CompareConfig  # noqa: E402
 from citylib.config import ConfigError, from_dict  # noqa: E402
@@ -217,8 +217,8 @@ def test_stage_on_fake_runs_and_reuse(tmp_path):
     other = compare.run(CompareConfig(batch_size=7, bootstrap=100, permutations=2000,
                                       randomised=False), runs, None, out, progress=False)
     assert not other.reused
-    for fig in (compare.plot_ar_heatmap(res.ar), compare.plot_lift_comparison(
-            compare.lift_scores(runs)), compare.plot_fig6(
+    for fig in (compare_plots.plot_ar_heatmap(res.ar), compare_plots.plot_lift_comparison(
+            compare.lift_scores(runs)), compare_plots.plot_fig6(
                 SimpleNamespace(images=np.zeros((80, 16, 16, 3), np.uint8),
                                 index=pd.DataFrame({"city": [CITIES[i % 3] for i in range(80)]})),
                 runs, res.fig6_rows)):
@@ -287,3 +287,15 @@ def test_tests_on_the_paper_grid():
     assert list(compare.table2(frame)["models"])[:7] == [
         "VGG11-ResNet18", "VGG11-Simple", "VGG11-Simpler", "ResNet18-Simple", "ResNet18-Simpler",
         "Simple-Simpler", "VGG11-VGG11 retrained"]
+
+
+def test_tests_table_and_single_run_heatmap():
+    frame = pd.DataFrame([["a", "a (randomised)", "randomised", 0.3, 0.28, 0.32, 10, "vgg11", "vgg11"]],
+                         columns=compare.COLUMNS)
+    table = compare.tests_table(compare.tests(frame, {("a", "a (randomised)"): (np.arange(10), np.ones(10))},
+                                              CompareConfig()))
+    assert list(table["test"]) == ["architecture groups relabelled", "per-image sign flips"]
+    assert table["p_value"].isna().all()            # one run: nothing to test, said so
+    assert table["method"].str.contains("needs both kinds").all()
+    fig = compare_plots.plot_ar_heatmap(frame)       # the run itself, AR 0 with itself
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a"]

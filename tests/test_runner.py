@@ -15,6 +15,7 @@ def grid(tmp_path_factory):
     params_dir.mkdir()
     shutil.copy(PARAMETERS / "smoke" / "simple_seed0.yaml", params_dir / "good.yaml")
     shutil.copy(PARAMETERS / "smoke" / "simple_seed1.yaml", params_dir / "broken.yaml")
+    shutil.copy(PARAMETERS / "smoke" / "simpler_seed0.yaml", params_dir / "other.yaml")
     # A run whose checkpoint folder holds a file that is no checkpoint of this run must fail
     # loudly, and must not stop the other runs.
     (out / "runs" / "broken" / "checkpoints").mkdir(parents=True)
@@ -35,15 +36,24 @@ def test_failing_run_is_reported_with_nonzero_exit_and_others_finish(grid):
     summary = pd.read_csv(out / "runs" / "summary.csv").set_index("run")
     assert summary.loc["good", "status"] == "ok" and summary.loc["broken", "status"] == "failed"
     assert 0 <= summary.loc["good", "test_accuracy"] <= 1
+    # the comparison ran once over the runs that finished, not the broken one
+    assert (out / "comparison" / "06_comparison.ipynb").exists()
+    ar = pd.read_csv(out / "comparison" / "ar.csv")
+    assert set(ar["run_a"]) | set(ar["run_b"]) == {"good", "other", "good (randomised)", "other (randomised)"}
+    assert set(ar["kind"]) == {"architecture", "randomised"}
+    assert {"ar_heatmap.png", "fig6.png", "tests.json"} <= {p.name for p in (out / "comparison").iterdir()}
 
 
 def test_identical_runs_are_skipped_and_force_redoes_them(grid):
     params_dir, out, _ = grid
     again = runner.run(params=params_dir, only=["good"], outputs=out)
     assert again.ok and not again.executed
-    assert set(again.skipped) == {"data/01_data.ipynb"} | {f"good/{nb}" for nb in runner.RUN_NOTEBOOKS}
+    # the comparison still covers 'other' (finished earlier, not selected), so it is identical
+    assert set(again.skipped) == ({"data/01_data.ipynb", "comparison/06_comparison.ipynb"}
+                                  | {f"good/{nb}" for nb in runner.RUN_NOTEBOOKS})
     forced = runner.run(params=params_dir, only=["good"], outputs=out, force=True)
-    assert forced.ok and len(forced.executed) == len(runner.DATA_NOTEBOOKS) + len(runner.RUN_NOTEBOOKS)
+    assert forced.ok and len(forced.executed) == (len(runner.DATA_NOTEBOOKS) + len(runner.RUN_NOTEBOOKS)
+                                                  + len(runner.GRID_NOTEBOOKS))
 
 
 def test_unknown_run_in_only_is_an_error(grid):
@@ -70,6 +80,10 @@ def test_report_renders_every_executed_notebook(grid):
     assert cli.main(["report", "--outputs", str(out)]) == 0
     index = (out / "report" / "index.html").read_text()
     assert "good" in index  # the runs table
+    for section in ("Accuracy per run", "Planted-cue recovery", "Table 2", "Tests of",
+                    "../comparison/ar_heatmap.png", "../runs/good/r_histograms.png",
+                    "../runs/good/gallery.png", "../runs/other/map_city.png"):
+        assert section in index, section
     for nb in runner.RUN_NOTEBOOKS:
         page = out / "report" / f"runs__good__{nb.replace('.ipynb', '.html')}"
         assert page.exists() and page.name in index
