@@ -1,0 +1,55 @@
+"""The real-photo chain end to end: the Street View sample photos beside the checkout, the
+ADE20K TFLite model, and every notebook (data -> training -> Grad-CAM -> map and gallery ->
+statistics -> comparison) through the batch runner, in smoke size. Fails, not skips, when
+the shared folder is missing."""
+import json
+
+import pandas as pd
+import pytest
+
+from citylib import paths, runner, segment
+from citylib.paths import PARAMETERS
+
+GRID = PARAMETERS / "streetview"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    for needed in (paths.shared() / "samples" / "streetview",
+                   paths.ade20k_model_dir() / segment.MODEL_FILE):
+        if not needed.exists():
+            pytest.fail(f"{needed} is missing: the real-photo chain needs the shared sample photos "
+                        "and ADE20K model (set CITYLIB_SHARED or CITYLIB_ADE20K)")
+    out = tmp_path_factory.mktemp("streetview") / "outputs"
+    return out, runner.run(params=GRID, outputs=out)
+
+
+def test_every_notebook_runs_on_real_photos(chain):
+    out, result = chain
+    assert result.ok, result.failed
+    manifest = pd.read_csv(out / "data" / "manifest.csv")
+    assert set(manifest["city"]) == {"london_on", "london_uk"}
+    # pano ids parsed from the names: every group is one panorama, in one split only
+    assert manifest.groupby("group")["split"].nunique().max() == 1
+    assert manifest["group"].str.fullmatch(r"[A-Za-z0-9_-]{22}").all()
+    for run in ("simple_seed0", "simpler_seed0"):
+        for nb in runner.RUN_NOTEBOOKS:
+            assert (out / "runs" / run / nb).exists()
+        assert (out / "runs" / run / "gallery.png").exists()
+    assert (out / "comparison" / "06_comparison.ipynb").exists()
+    ar = pd.read_csv(out / "comparison" / "ar.csv")
+    assert "architecture" in set(ar["kind"]) and ar["ar"].between(0, 1).all()
+
+
+def test_r_table_names_real_ade20k_classes(chain):
+    out, _ = chain
+    run = out / "runs" / "simple_seed0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["objects"]["segmenter"] == "ade20k"
+    assert "planted_mrr" not in metrics["objects"]           # photos have no planted cues
+    table = pd.read_csv(run / "r_scores.csv")
+    assert list(table.columns[:8]) == ["city", "object", "pixels", "R", "coverage", "lift",
+                                       "lift_ci_low", "lift_ci_high"]
+    # what the model finds in street photos, by ADE20K's own names
+    assert {"sky", "road", "building"} <= set(table["object"])
+    assert table["R"].between(0, 1).all() and (table["pixels"] > 0).all()
