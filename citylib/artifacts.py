@@ -6,6 +6,7 @@ Reads nothing; writes where it is told.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -57,3 +58,14 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def merge_json(path: Path, updates: dict) -> dict:
+    """Read-modify-write a JSON object under a lock; the write is atomic. Returns the result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = {**(read_json(path) if path.is_file() else {}), **updates}
+        write_json(path, merged)
+    return merged

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from citylib import gradcam, train
+from citylib import artifacts, gradcam
 from citylib.artifacts import atomic_path, read_json, write_csv, write_json
 from citylib.config import config_hash, to_dict
 
@@ -322,4 +322,4 @@ def _publish(run_dir: Path, emb: EmbedResult) -> None:
             with atomic_path(dst) as tmp:
                 shutil.copyfile(src, tmp)
     if not fresh:
-        train.merge_json(path, {"embedding": emb.summary})
+        artifacts.merge_json(path, {"embedding": emb.summary})

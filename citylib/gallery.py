@@ -108,7 +108,7 @@ def canvas(tiles: np.ndarray, cells: np.ndarray, grid: tuple[int, int],
     c = t + 2 * pad (white between tiles); ``frames`` (n, 3) uint8 paints a 2 px frame of
     that colour over each tile's edge.
     """
-    n, t = len(tiles), tiles.shape[1]
+    t = tiles.shape[1]
     c = t + 2 * pad
     rows, cols = grid
     out = np.full((rows * c, cols * c, 3), WHITE, np.uint8)

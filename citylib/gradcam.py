@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from citylib import models, train
+from citylib import artifacts, models, train
 from citylib.artifacts import atomic_path, read_json, write_csv, write_json
 from citylib.config import config_hash, to_dict
 
@@ -413,4 +413,4 @@ def _merge_metrics(run_dir: Path, result: GradCAMResult) -> None:
     if result.sanity:
         updates["gradcam_sanity"] = {**result.sanity["cascade"], "gradcam_config_hash": key}
         updates["deletion"] = {**result.sanity["deletion"], "gradcam_config_hash": key}
-    train.merge_json(path, updates)
+    artifacts.merge_json(path, updates)

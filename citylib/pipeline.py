@@ -101,7 +101,7 @@ def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
         fig = draw(result.table, cues)            # the Fig. 5 panels, also for the report
         plots.save(fig, run.dir / f"{name}.png")
         plt.close(fig)
-    train.merge_json(run.dir / "metrics.json", {"objects": {
+    artifacts.merge_json(run.dir / "metrics.json", {"objects": {
         "segmenter": seg.segmenter, "threshold": cfg.stats.threshold,
         "r_scores": str(result.path.relative_to(run.dir)), **scores}})
     return ObjectsResult(result.table, result.histograms, seg.segmenter, rows, label_maps, cues, recovery)

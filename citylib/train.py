@@ -19,7 +19,6 @@ weights on CPU, and an interrupted run resumes to the same weights as an uninter
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import random
@@ -36,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from citylib import models
-from citylib.artifacts import atomic_path, read_json, write_csv, write_json
+from citylib import artifacts, models
+from citylib.artifacts import atomic_path, read_json, write_csv
 from citylib.config import config_hash, to_dict
 
 # Inputs are mapped from [0, 255] to [-1, 1]: (x / 255 - MEAN) / STD. Fixed constants rather
@@ -349,18 +348,7 @@ def _write_test_results(out: Path, cache, idx: dict, probs: np.ndarray, config: 
         **{f"n_{s}": int(len(idx[s])) for s in SPLITS},
         "config": config, "config_hash": chash,
     }
-    return merge_json(out / "metrics.json", metrics)
-
-
-def merge_json(path: Path, updates: dict) -> dict:
-    """Read-modify-write a JSON object under a lock; the write is atomic. Returns the result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        merged = {**(read_json(path) if path.is_file() else {}), **updates}
-        write_json(path, merged)
-    return merged
+    return artifacts.merge_json(out / "metrics.json", metrics)
 
 
 @contextlib.contextmanager

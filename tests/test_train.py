@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from citylib import train
+from citylib import artifacts, train
 from citylib.artifacts import read_json
 
 CITIES = ["amsterdam", "berlin", "cairo"]
@@ -144,7 +144,7 @@ def test_artifacts(cache, tmp_path):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert (pred["correct"] == (pred["city"] == pred["predicted"])).all()
     # later stages merge their own keys into metrics.json
-    train.merge_json(out / "metrics.json", {"gradcam": {"done": True}})
+    artifacts.merge_json(out / "metrics.json", {"gradcam": {"done": True}})
     assert read_json(out / "metrics.json")["test_accuracy"] == m["test_accuracy"]
     # load_model + predict reproduce the stored test probabilities
     model, cities, config = train.load_model(out)
