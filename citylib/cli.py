@@ -65,7 +65,9 @@ def _run(args) -> int:
     from citylib import runner
 
     result = runner.run(params=args.params, only=args.only, force=args.force, outputs=args.outputs)
-    print(f"executed {len(result.executed)}, skipped {len(result.skipped)} (identical), failed {len(result.failed)}")
+    total = sum(result.seconds.values())
+    print(f"executed {len(result.executed)}, skipped {len(result.skipped)} (identical), "
+          f"failed {len(result.failed)}; notebooks ran for {total / 60:.1f} min")
     for label, why in result.failed.items():
         print(f"  FAILED {label}: {why}", file=sys.stderr)
     return 0 if result.ok else 1

@@ -34,6 +34,7 @@ class RunnerResult:
     """What happened: executed, skipped and failed notebooks (``run/notebook``: error)."""
 
     executed: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)   # wall time of each executed notebook
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     summary: pd.DataFrame | None = None
@@ -152,9 +153,10 @@ def _execute(notebook: Path, out_dir: Path, label: str, params_file: Path | list
         return False
     os.replace(partial, target)
     (out_dir / f"{notebook.stem}.failed.ipynb").unlink(missing_ok=True)
-    artifacts.write_json(stamp, {"config_hash": key, "notebook_sha": source_sha,
-                                 "seconds": round(time.perf_counter() - t0, 1)})
+    seconds = round(time.perf_counter() - t0, 1)
+    artifacts.write_json(stamp, {"config_hash": key, "notebook_sha": source_sha, "seconds": seconds})
     result.executed.append(label)
+    result.seconds[label] = seconds
     bar.update(1)
     return True
 
@@ -180,6 +182,8 @@ def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> 
             "n_test": metrics.get("n_test"),
             "knn_2d": knn.get("observed"), "knn_2d_shuffled": knn.get("baseline_mean"),
             "planted_mrr": metrics.get("objects", {}).get("planted_mrr"),
+            "notebook_seconds": sum(artifacts.read_json(f).get("seconds", 0.0) for f in
+                                    (out / "runs" / cfg.name / ".done").glob("*.json")) or None,
             "config_hash": cfg.hash,
         })
     frame = pd.DataFrame(rows)
