@@ -15,7 +15,8 @@ import pandas as pd
 
 import matplotlib.pyplot as plt
 
-from citylib import artifacts, compare, compare_plots, data, embed, gradcam, paths, plots, segment, stats, train
+from citylib import (artifacts, compare, compare_plots, data, embed, gradcam, paths, plots, segment,
+                     stats, stats_plots, train)
 from citylib.params import RunConfig, discover, load, load_all
 
 
@@ -97,7 +98,7 @@ def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
                        cams.index["city"].to_numpy(str), run.dir, progress=progress)
     cues = stats.planted(cfg.data.world.world) if cfg.data.source == "world" else {}
     recovery, scores = stats.planted_recovery(result.table, cues) if cues else (pd.DataFrame(), {})
-    for name, draw in (("r_histograms", stats.plot_r_histograms), ("lift", stats.plot_lift)):
+    for name, draw in (("r_histograms", stats_plots.plot_r_histograms), ("lift", stats_plots.plot_lift)):
         fig = draw(result.table, cues)            # the Fig. 5 panels, also for the report
         plots.save(fig, run.dir / f"{name}.png")
         plt.close(fig)

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import display
 
-from citylib import gradcam, gradcam_plots, stats, train
+from citylib import gradcam, gradcam_plots, stats, stats_plots, train
 
 
 def _redraw(make_figure):
@@ -72,7 +72,7 @@ def threshold_panel(histograms: stats.Histograms, planted: dict | None = None) -
 
     def figure(k: int, view: str):
         table = histograms.table(k / bins, ci=False)
-        fig = (stats.plot_r_histograms if view == "R" else stats.plot_lift)(table, planted)
+        fig = (stats_plots.plot_r_histograms if view == "R" else stats_plots.plot_lift)(table, planted)
         fig.suptitle(f"threshold {k / bins:g}", x=0.99, ha="right", fontsize=9)
         return fig
 

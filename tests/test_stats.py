@@ -10,7 +10,7 @@ import pytest
 
 matplotlib.use("Agg")
 
-from citylib import labels, stats  # noqa: E402
+from citylib import labels, stats, stats_plots  # noqa: E402
 from citylib.stats import Histograms, StatsConfig  # noqa: E402
 
 SKY, ROAD, TREE, BUILDING, CAR = 3, 7, 5, 2, 21
@@ -287,5 +287,5 @@ def test_plots_return_figures():
     m, lab, cities = hand_made()
     table = Histograms.build(m, lab, cities, NO_FILTER, NAMES, progress=False).table()
     cues = {"a": ["tree"]}
-    assert isinstance(stats.plot_r_histograms(table, cues), Figure)
-    assert isinstance(stats.plot_lift(table, cues), Figure)
+    assert isinstance(stats_plots.plot_r_histograms(table, cues), Figure)
+    assert isinstance(stats_plots.plot_lift(table, cues), Figure)

@@ -1,0 +1,60 @@
+"""Figures of the statistics stage (notebook 05, the report): Fig. 5 and the lift view.
+
+Reads an ``r_scores.csv`` table (``stats.TABLE_COLUMNS``) and the planted cues; writes nothing.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+
+def _cities(table: pd.DataFrame, width: float, height: float, sharex=False, sharey=True):
+    cities = sorted(table["city"].unique())
+    fig, axes = plt.subplots(len(cities), 1, figsize=(width, height * len(cities)),
+                             squeeze=False, sharex=sharex, sharey=sharey)
+    return fig, zip(cities, axes[:, 0])
+
+
+def _colours(objects, cues) -> list[str]:
+    return ["tab:red" if o in cues else "tab:blue" for o in objects]
+
+
+def plot_r_histograms(table: pd.DataFrame, planted: Mapping[str, Iterable] | None = None,
+                      height: float = 2.6):
+    """The paper's Fig. 5: R^c_p per object, one panel per city, highest first; the dashed
+    line is the city's coverage (the R of an object the explanation ignores); planted cues red."""
+    most = max(table.groupby("city").size().max(), 1) if len(table) else 1
+    fig, panels = _cities(table, max(6.0, 0.32 * most + 1.5), height)
+    for city, ax in panels:
+        own = table[table["city"] == city].sort_values("R", ascending=False)
+        cues = {o if isinstance(o, str) else o[0] for o in (planted or {}).get(city, ())}
+        ax.bar(own["object"], own["R"], color=_colours(own["object"], cues))
+        if len(own):
+            ax.axhline(own["coverage"].iloc[0], color="k", ls="--", lw=0.8, label="coverage")
+        ax.set_title(city, loc="left", fontsize=10)
+        ax.set_ylabel("R")
+        ax.tick_params(axis="x", labelrotation=90, labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lift(table: pd.DataFrame, planted: Mapping[str, Iterable] | None = None, height: float = 0.25):
+    """Lift (R / coverage) with its bootstrap 95% CI per object, one panel per city; the line at
+    1 is no preference; planted cues red."""
+    most = max(table.groupby("city").size().max(), 1) if len(table) else 1
+    fig, panels = _cities(table, 6.0, height * most + 0.8, sharex=True, sharey=False)
+    for city, ax in panels:
+        own = table[table["city"] == city].sort_values("lift", ascending=True, na_position="first")
+        cues = {o if isinstance(o, str) else o[0] for o in (planted or {}).get(city, ())}
+        err = np.vstack([own["lift"] - own["lift_ci_low"], own["lift_ci_high"] - own["lift"]])
+        ax.barh(own["object"], own["lift"], xerr=np.nan_to_num(err.clip(0)), capsize=2,
+                color=_colours(own["object"], cues), error_kw={"lw": 0.8})
+        ax.axvline(1.0, color="k", ls="--", lw=0.8)
+        ax.set_title(city, loc="left", fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+    ax.set_xlabel("lift = R / coverage")
+    fig.tight_layout()
+    return fig
