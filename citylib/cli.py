@@ -6,6 +6,7 @@ apart from ``main`` so that tests and wrappers call the same entry point.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +38,34 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="HTML of executed notebooks + outputs/report/index.html")
     rep.add_argument("--outputs", default=None, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")
+
+    sv = sub.add_parser("streetview", help="collect Street View images for a city (key from env/file only)",
+                        description="The API key is read from $CITYLIB_STREETVIEW_KEY or --key-file, "
+                                    "never from the command line. Exit 0: complete; 1: some requests "
+                                    "failed or the request budget was reached (run again to go on); "
+                                    "2: bad arguments, no key or the key was refused.")
+    sv.add_argument("--city", required=True, help="city name (its folder under --out)")
+    area = sv.add_mutually_exclusive_group(required=True)
+    area.add_argument("--bbox", nargs="+", metavar="S,W,N,E",
+                      help="south,west,north,east in degrees (negative first value: --bbox=-33.9,...)")
+    area.add_argument("--polygon", help="GeoJSON file with a Polygon or MultiPolygon")
+    sv.add_argument("--out", required=True, type=Path, help="collection folder (shared by all cities)")
+    sv.add_argument("--points", type=int, default=None, help="points to sample (default 100)")
+    sv.add_argument("--headings", nargs="+", type=float, default=None, help="compass headings (default 0 90 180 270)")
+    sv.add_argument("--random-offset", action="store_true", help="turn each panorama's headings by a seeded offset")
+    sv.add_argument("--size", default=None, help="WxH in pixels, at most 640x640 (default)")
+    sv.add_argument("--fov", type=float, default=None, help="field of view in degrees (default 90)")
+    sv.add_argument("--pitch", type=float, default=None, help="pitch in degrees (default 0)")
+    sv.add_argument("--radius", type=int, default=None, help="metres to search around a point (default 50)")
+    sv.add_argument("--min-spacing", type=float, default=None, help="metres between points (default 50)")
+    sv.add_argument("--max-requests", type=int, default=None, help="stop after this many HTTP requests")
+    sv.add_argument("--rps", type=float, default=None, help="requests per second at most (default 10)")
+    sv.add_argument("--max-retries", type=int, default=None, help="retries per request (default 4)")
+    sv.add_argument("--backoff", type=float, default=None, help="seconds before the first retry, doubling (default 1)")
+    sv.add_argument("--key-file", default=None, help="file holding the API key (else $CITYLIB_STREETVIEW_KEY)")
+    sv.add_argument("--base-url", default=None, help="API base URL (default https://maps.googleapis.com/maps/api)")
+    sv.add_argument("--seed", type=int, default=None, help="seed of the point sampler (default 0)")
+    sv.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -89,7 +118,55 @@ def _report(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": _synth, "run": _run, "predict": _predict, "report": _report}
+def _streetview(args) -> int:
+    from citylib import streetview
+    from citylib.config import from_dict
+
+    bbox = None
+    if args.bbox is not None:
+        parts = [v for a in args.bbox for v in a.split(",") if v.strip()]
+        try:
+            bbox = [float(v) for v in parts]
+        except ValueError:
+            raise ConfigError(f"--bbox needs four numbers south,west,north,east, got {','.join(parts)}") from None
+    size = None
+    if args.size is not None:
+        m = re.fullmatch(r"(\d+)x(\d+)", args.size.strip())
+        if m is None:
+            raise ConfigError(f"--size must be WxH (e.g. 640x640), got {args.size!r}")
+        size = [int(m[1]), int(m[2])]
+    given = {"city": args.city, "bbox": bbox, "polygon": args.polygon, "points": args.points,
+             "headings": args.headings, "size": size, "fov": args.fov, "pitch": args.pitch,
+             "radius": args.radius, "min_spacing": args.min_spacing, "max_requests": args.max_requests,
+             "rps": args.rps, "max_retries": args.max_retries, "backoff": args.backoff, "key_file": args.key_file,
+             "base_url": args.base_url, "seed": args.seed, "random_offset": args.random_offset or None}
+    cfg = from_dict(streetview.StreetViewConfig, {k: v for k, v in given.items() if v is not None},
+                    where="citylib streetview")
+    try:
+        result = streetview.run(cfg, args.out, progress=not args.quiet)
+    except streetview.StreetViewError as e:  # the key refused (nothing more can succeed)
+        print(f"citylib streetview: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("citylib streetview: interrupted; what was fetched is kept, run again to go on", file=sys.stderr)
+        return 130
+    print(f"{result.city}: {result.points} points, {result.panoramas} panoramas, {result.downloaded} images "
+          f"downloaded, {result.present} already present, {result.no_imagery} points without imagery, "
+          f"{result.duplicates} duplicates, {len(result.failed)} failed, {result.requests} requests")
+    print(result.manifest_path)
+    if result.points < cfg.points:
+        print(f"sampled only {result.points} of {cfg.points} points: the area is too small for "
+              f"--min-spacing {cfg.min_spacing:g}", file=sys.stderr)
+    for why in result.failed[:20]:
+        print(f"  FAILED {why}", file=sys.stderr)
+    if len(result.failed) > 20:
+        print(f"  ... and {len(result.failed) - 20} more failed requests", file=sys.stderr)
+    if result.stopped:
+        print(f"citylib streetview: stopped: {result.stopped}", file=sys.stderr)
+    return 0 if result.complete else 1
+
+
+COMMANDS = {"synth": _synth, "run": _run, "predict": _predict, "report": _report, "streetview": _streetview}
 
 if __name__ == "__main__":
     sys.exit(main())
