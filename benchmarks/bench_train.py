@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _fresh(arch: str, classes: int, size: int, lr: float):
     torch.manual_seed(0)
     model = models.build(arch, classes, size)
-    return model, torch.optim.Adam(model.parameters(), lr=lr)
+    return model, torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
 def bench_arch(arch: str, args) -> dict:

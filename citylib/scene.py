@@ -107,6 +107,8 @@ def _mask(kind: str, s: np.ndarray, r: np.ndarray, w: float, h: float, params: t
         torso = (np.abs(sc) <= 0.23 * w / 0.55) & (top >= 0.22 * h / 1.7) & (r >= 0.48 * h)
         legs = (r < 0.5 * h) & (np.abs(sc) >= 0.02 * w / 0.55) & (np.abs(sc) <= 0.17 * w / 0.55)
         return head | torso | legs
+    if kind == "crown":  # a tower narrowing as it rises, its top quarter to a point: a skyline shape
+        return np.abs(x) <= np.minimum(0.42 - 0.16 * y, 2.0 * (0.5 - y))
     if kind == "bars":  # railings: vertical bars every params[0] m, two rails
         bar = np.mod(s, params[0]) < params[1]
         return bar | (r > h - 0.09) | ((r > 0.12) & (r < 0.21))
@@ -126,8 +128,10 @@ def _texture(rect: Rect, s: np.ndarray, r: np.ndarray) -> np.ndarray:
         shop = (r > 0.3) & (r < ground - 0.6) & (np.abs(fx) < 0.4 * spacing)
         edge = (s > 0.6) & (s < rect.w - 0.6) & (r < rect.h - 0.8)
         col[(upper | shop) & edge] = glass
-    elif kind == "fins":  # curtain wall: full-height glass strips between slim piers
-        col[(np.mod(s, 2.4) > 0.8) & (r < rect.h - 2.0)] = p[0:3]
+    elif kind == "diagrid":  # glass curtain wall on a lattice of diagonal braces, p[3] m apart:
+        # a pattern coarse enough to read at 64 px, which no punched-window facade has
+        d = p[3]
+        col[(np.mod(s + r, d) > 0.28 * d) & (np.mod(s - r, d) > 0.28 * d)] = p[0:3]
     elif kind == "leaves":  # blotchy foliage / grass / soil, fixed to the surface
         cell = p[0]
         col *= (0.72 + 0.5 * _hash(np.floor(s / cell), np.floor(r / cell)))[:, None]
@@ -190,8 +194,10 @@ def render(rects: list[Rect], cam: Camera, size: int, sky: tuple, sun: np.ndarra
             rgb[ii, jj] = LUT[rect.cls] / 255.0
         else:
             # Lambert shading with the normal turned towards the camera; ambient keeps shadows readable.
+            # Mirror glass (diagrid) shows the sky, which no shadow darkens.
             nn = n[k] if rel[0] <= 0 else -n[k]
-            rgb[ii, jj] = _texture(rect, s[hit], r[hit]) * (0.62 + 0.45 * max(0.0, float(nn @ sun)))
+            shade = 1.0 if rect.texture == "diagrid" else 0.62 + 0.45 * max(0.0, float(nn @ sun))
+            rgb[ii, jj] = _texture(rect, s[hit], r[hit]) * shade
         label[ii, jj], inst[ii, jj], depth[ii, jj] = rect.cls, rect.inst, t[hit]
     elev = d[..., 2]
     open_sky = ~np.isfinite(depth)
@@ -283,7 +289,9 @@ def spot(style, rng: np.random.Generator, pick) -> dict:
     U = lambda r: float(rng.uniform(*r))  # noqa: E731
     ids = iter(range(1, 1 << 30))
     C = VOCAB
-    rw, L = U(st.road_half_width), U(st.length)
+    rw, L, sky = U(st.road_half_width), U(st.length), pick("sky")
+    # Curtain walls mirror the sky: what skyscrapers hide of it they show again in their glass.
+    mirror = tuple(0.4 * np.add(sky[:3], sky[3:]))
     eye = (U(st.camera_offset), 0.0, U(st.camera_height))
     road = pick("road")
     rects = [ground(-2000, 2000, -2000, 2000, 0, C["road"], next(ids), road),
@@ -322,10 +330,10 @@ def spot(style, rng: np.random.Generator, pick) -> dict:
         while y < L:  # back row: towers with gaps; glass skyscrapers or plain tall buildings
             w, h, inst, col, glass = U(bl.tower_width), U(bl.tower_height), next(ids), pick("facade"), pick("window")
             floor = U(bl.floor_height)
-            if towers and rng.random() < bl.skyscraper_share:
-                cls, tex = C["skyscraper"], ("fins", glass)
-            else:  # as much glass as the fins show, in punched windows
-                cls, tex = C["building"], ("windows", (floor, U(bl.window_spacing), 0.75, 0.75, floor) + glass)
+            if towers and rng.random() < bl.skyscraper_share:  # dark steel braces, mirror glass
+                cls, col, tex = C["skyscraper"], glass, ("diagrid", mirror + (w / 2,), "crown")
+            else:  # plain towers: a facade with punched windows
+                cls, tex = C["building"], ("windows", (floor, U(bl.window_spacing), 0.85, 0.8, floor) + glass)
             rects.append(wall_x(xb, y, y + w, 0, h, cls, inst, col, *tex))
             for yy in (y, y + w):
                 rects.append(wall_y(yy, *sorted((xb, xb + side * w)), 0, h, cls, inst, col, *tex))
@@ -378,12 +386,12 @@ def spot(style, rng: np.random.Generator, pick) -> dict:
         if rng.random() < 0.5:  # flat over the shop front
             w = min(size, y1 - y0 - 0.4)
             yc = float(np.clip(yc, y0 + w / 2 + 0.2, y1 - w / 2 - 0.2))
-            z = U((3.0, max(3.1, h - 0.45 * w - 0.3)))
-            rects.append(wall_x(x, yc - w / 2, yc + w / 2, z, z + 0.45 * w, C["signboard"], next(ids), col,
-                                "sign", (1,) + ink))
+            z = U((3.0, max(3.1, h - 0.6 * w - 0.3)))
+            rects.append(wall_x(x, yc - w / 2, yc + w / 2, z, z + 0.6 * w, C["signboard"], next(ids), col,
+                                "sign", (2,) + ink))
         else:  # a blade sign sticking out over the sidewalk, readable along the street
             z = U((2.8, max(2.9, h - size)))
-            rects.append(wall_y(yc, *sorted((x - fs * 0.1, x - fs * (0.1 + 0.3 * size))), z, z + size,
+            rects.append(wall_y(yc, *sorted((x - fs * 0.1, x - fs * (0.1 + 0.45 * size))), z, z + size,
                                 C["signboard"], next(ids), col, "sign", (max(2, round(size / 0.6)),) + ink))
     for side, y, size, col in place("awning"):
         if not facades:
@@ -391,7 +399,7 @@ def spot(style, rng: np.random.Generator, pick) -> dict:
         fs, y0, y1, h = facade_near(side, y)
         w = min(size, y1 - y0 - 0.4)
         yc = float(np.clip(y, y0 + w / 2 + 0.2, y1 - w / 2 - 0.2))
-        slope = np.array([-fs * 1.4, 0.0, -0.6])
+        slope = np.array([-fs * 1.4, 0.0, -0.6]) * (0.4 + w / 6)  # longer awnings reach further out
         rects.append(Rect((xf[fs] - fs * 0.05, yc - w / 2, U((2.7, 3.3))), (0, 1.0, 0),
                           tuple(slope / np.linalg.norm(slope)), w, float(np.linalg.norm(slope)),
                           C["awning"], next(ids), col, "stripes", pick("paint")))
@@ -408,6 +416,5 @@ def spot(style, rng: np.random.Generator, pick) -> dict:
         else:  # a solid hoarding
             rects.append(wall_x(x, y0, y1, 0, U((1.8, 2.4)), C["fence"], next(ids), pick("facade")))
     az, el = U((0, 2 * np.pi)), U((0.35, 1.1))
-    sky = pick("sky")
     return {"rects": rects, "eye": eye, "sky": (sky[:3], sky[3:]),
             "sun": np.array([np.cos(el) * np.sin(az), np.cos(el) * np.cos(az), np.sin(el)])}

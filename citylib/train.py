@@ -50,7 +50,7 @@ OUTPUT_FILES = ("best.pt", "history.csv", "metrics.json", "predictions.csv")
 class TrainConfig:
     """Training settings; every one is part of the run's config hash."""
 
-    epochs: int = 12
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 1e-4           # Adam; the paper's initial rate
     lr_step: int = 10          # multiply lr by lr_gamma every lr_step epochs (paper: 10, 0.1)
@@ -114,13 +114,14 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
                            read_json(out / "metrics.json"), True, True, cfg.epochs)
 
     images = cache.images                                    # (N, S, S, 3) uint8
-    y = torch.as_tensor(np.asarray(cache.y), dtype=torch.int64)  # (N,)
+    y = torch.tensor(np.asarray(cache.y), dtype=torch.int64)   # (N,), a copy: the cache is read-only
     with _deterministic(cfg.threads):
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
         model = models.build(arch, len(cache.cities), config["image_size"])
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel over all parameters; the per-tensor loop took half of VGG11's step on CPU
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         gen = torch.Generator().manual_seed(seed)            # data order and augmentation
         history: list[dict] = []

@@ -117,7 +117,10 @@ def test_written_label_maps_use_the_vocabulary_and_show_a_street(medium):
     _, shares, _ = medium
     assert set(np.nonzero(shares.sum(0))[0].tolist()) <= set(VOCAB.values())
     assert (shares[:, VOCAB["sky"]] > 0).all() and (shares[:, VOCAB["building"]] > 0).all()
-    assert (shares[:, [VOCAB["road"], VOCAB["sidewalk"]]].sum(1) > 0).all()
+    # The street shows in every view but those looking straight at a hoarding close by.
+    ground = shares[:, [VOCAB["road"], VOCAB["sidewalk"]]].sum(1) > 0
+    assert ground.mean() > 0.99
+    assert (shares[~ground, VOCAB["fence"]] > 0.2).all()
 
 
 def test_views_of_a_spot_share_one_layout():
