@@ -159,8 +159,11 @@ def pca(x: np.ndarray, dims: int = 50, seed: int = 0) -> tuple[np.ndarray, np.nd
     from sklearn.decomposition import PCA
 
     d = max(1, min(dims, len(x) - 1, x.shape[1]))
+    x = np.asarray(x, np.float64)
+    if not np.ptp(x, axis=0).any():  # every row the same (all-zero masks): no direction to keep
+        return np.zeros((len(x), d), np.float32), np.zeros(d)
     model = PCA(n_components=d, random_state=seed)
-    z = model.fit_transform(np.asarray(x, np.float64))
+    z = model.fit_transform(x)
     return z.astype(np.float32), model.explained_variance_ratio_
 
 
@@ -170,6 +173,11 @@ def project(z: np.ndarray, cfg: EmbedConfig) -> np.ndarray:
     if n < MIN_POINTS:
         raise ValueError(f"{n} points are too few to embed (at least {MIN_POINTS})")
     z = np.ascontiguousarray(z, dtype=np.float64)
+    if not np.ptp(z, axis=0).any():
+        # Identical points (a network whose masks are all zero, say) have no neighbourhoods to
+        # keep: t-SNE and UMAP would return NaN. The honest map puts them all in one place.
+        warnings.warn(f"all {n} descriptors are identical; every image is mapped to (0, 0)")
+        return np.zeros((n, 2))
     if cfg.method == "tsne":
         import openTSNE
 

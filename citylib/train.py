@@ -19,11 +19,13 @@ weights on CPU, and an interrupted run resumes to the same weights as an uninter
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,38 +137,47 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
             _set_rng_state(ck["rng"], gen)
             history, best, start = ck["history"], ck["best"], ck["epoch"]
 
-        for epoch in range(start + 1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            lr = opt.param_groups[0]["lr"]
-            desc = f"{name} {epoch}/{cfg.epochs}"
-            train_loss, train_acc = train_one_epoch(model, opt, images, y, idx["train"], cfg, gen,
-                                                    desc=desc, progress=progress)
-            val_loss, val_acc = evaluate(model, images, y, idx["val"], cfg.batch_size)
-            sched.step()
-            history.append(dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
-                                val_loss=val_loss, val_acc=val_acc,
-                                seconds=time.perf_counter() - t0))
-            if val_acc > best["val_acc"]:                    # strict: ties keep the earlier
-                best = {"epoch": epoch, "val_acc": val_acc}
-                _save({"model": model.state_dict(), "epoch": epoch, "config": config,
-                       "config_hash": chash, "val_acc": val_acc}, out / "best.pt")
-            _save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                   "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
-                   "best": best, "config": config, "config_hash": chash,
-                   "rng": _get_rng_state(gen)}, ckpt_dir / f"epoch_{epoch:03d}.pt")
-            write_csv(out / "history.csv", pd.DataFrame(history))
-            if progress:
-                tqdm.write(f"{desc}: lr {lr:.2g}  train loss {train_loss:.3f} acc {train_acc:.3f}"
-                           f"  val loss {val_loss:.3f} acc {val_acc:.3f}")
-            if keep_checkpoints is not None:
-                for old in _checkpoints(ckpt_dir)[:-max(1, keep_checkpoints)]:
-                    old.unlink()
-            if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
-                return TrainResult(out, config, chash, pd.DataFrame(history), {}, False, False,
-                                   start)
+        writer = _Writer()
+        best_weights = None                                  # in memory once an epoch beats it
+        try:
+            for epoch in range(start + 1, cfg.epochs + 1):
+                t0 = time.perf_counter()
+                lr = opt.param_groups[0]["lr"]
+                desc = f"{name} {epoch}/{cfg.epochs}"
+                train_loss, train_acc = train_one_epoch(model, opt, images, y, idx["train"], cfg, gen,
+                                                        desc=desc, progress=progress)
+                val_loss, val_acc = evaluate(model, images, y, idx["val"], cfg.batch_size)
+                sched.step()
+                history.append(dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
+                                    val_loss=val_loss, val_acc=val_acc,
+                                    seconds=time.perf_counter() - t0))
+                writer.wait()                                # the previous epoch's files are on disk
+                weights = _snapshot(model.state_dict())
+                if val_acc > best["val_acc"]:                # strict: ties keep the earlier
+                    best, best_weights = {"epoch": epoch, "val_acc": val_acc}, weights
+                    writer.submit(_save, {"model": weights, "epoch": epoch, "config": config,
+                                          "config_hash": chash, "val_acc": val_acc}, out / "best.pt")
+                writer.submit(_save_checkpoint, {
+                    "model": weights, "optimizer": _snapshot(opt.state_dict()),
+                    "scheduler": sched.state_dict(), "epoch": epoch, "history": list(history),
+                    "best": dict(best), "config": config, "config_hash": chash,
+                    "rng": _get_rng_state(gen)}, ckpt_dir, epoch, keep_checkpoints)
+                write_csv(out / "history.csv", pd.DataFrame(history))
+                if progress:
+                    tqdm.write(f"{desc}: lr {lr:.2g}  train loss {train_loss:.3f} acc {train_acc:.3f}"
+                               f"  val loss {val_loss:.3f} acc {val_acc:.3f}")
+                if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
+                    writer.wait()
+                    return TrainResult(out, config, chash, pd.DataFrame(history), {}, False, False,
+                                       start)
+            writer.wait()
+        finally:
+            writer.close()
 
         # test the best epoch's weights
-        model.load_state_dict(torch.load(out / "best.pt", weights_only=True)["model"])
+        if best_weights is None:                             # best epoch came before a resume
+            best_weights = torch.load(out / "best.pt", weights_only=True)["model"]
+        model.load_state_dict(best_weights)
         probs = predict(model, images[idx["test"]], cfg.batch_size)   # (n_test, C)
     metrics = _write_test_results(out, cache, idx, probs, config, chash, best, name)
     return TrainResult(out, config, chash, pd.DataFrame(history), metrics, True, False, start)
@@ -322,6 +333,45 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
 def _save(obj: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def _save_checkpoint(obj: dict, ckpt_dir: Path, epoch: int, keep: int | None) -> None:
+    """Write epoch ``epoch``'s checkpoint, then drop all but the last ``keep`` (None: keep all)."""
+    _save(obj, ckpt_dir / f"epoch_{epoch:03d}.pt")
+    if keep is not None:
+        for old in _checkpoints(ckpt_dir)[:-max(1, keep)]:
+            old.unlink()
+
+
+def _snapshot(state: Any) -> Any:
+    """A copy of a state dict that later training steps cannot change (tensors cloned)."""
+    return copy.deepcopy(state)
+
+
+class _Writer:
+    """Writes an epoch's files on a background thread while the next epoch trains.
+
+    ``wait`` blocks until everything submitted is on disk and re-raises a failed write; each file
+    is still written atomically, so an interruption leaves the previous checkpoint intact.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citylib-checkpoint")
+        self._pending: list = []
+
+    def submit(self, fn, *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 def _write_test_results(out: Path, cache, idx: dict, probs: np.ndarray, config: dict,

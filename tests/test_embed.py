@@ -216,3 +216,20 @@ def test_explorer_panel(tmp_path):
     plt.close(fig)
     assert read_json(run_dir / "metrics.json")["embedding"]["method"] == "tsne"   # untouched
     assert "application/vnd.jupyter.widget-view+json" in ex._repr_mimebundle_()
+
+
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_identical_masks_map_to_one_point(tmp_path, method):
+    """All-zero masks (an inactive Grad-CAM layer) give a degenerate map, not NaN or a crash."""
+    run_dir, cache = fake_run(tmp_path, n=60)
+    masks = np.load(run_dir / "gradcam" / "masks.npy")
+    np.save(run_dir / "gradcam" / "masks.npy", np.zeros_like(masks))
+    cfg = embed.EmbedConfig(method=method, gallery_tiles=20, tile_px=16, permutations=20)
+    with pytest.warns(UserWarning, match="all 60 descriptors are identical"):
+        res = embed.run(cfg, run_dir, cache, progress=False)
+    assert np.array_equal(res.xy, np.zeros((60, 2)))
+    assert res.summary["pca_variance"] == 0
+    for space in ("knn_2d", "knn_pca"):          # no structure: the observed is no better than chance
+        knn = res.summary[space]
+        assert np.isfinite(knn["observed"]) and knn["p_value"] > 0.05
+    assert (run_dir / "gallery.png").is_file()
