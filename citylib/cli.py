@@ -96,11 +96,8 @@ def _run(args) -> int:
 
     t0 = time.perf_counter()
     result = runner.run(params=args.params, only=args.only, force=args.force, outputs=args.outputs)
-    wall = time.perf_counter() - t0
-    total = sum(result.seconds.values())   # two kernels overlap, so this can exceed the wall time
     print(f"executed {len(result.executed)}, skipped {len(result.skipped)} (identical), "
-          f"failed {len(result.failed)}; {wall / 60:.1f} min wall time, notebooks "
-          f"{total / 60:.1f} min in all")
+          f"failed {len(result.failed)}; {(time.perf_counter() - t0) / 60:.1f} min")
     for label, why in result.failed.items():
         print(f"  FAILED {label}: {why}", file=sys.stderr)
     return 0 if result.ok else 1

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,24 +98,21 @@ def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool) 
     for nb in DATA_NOTEBOOKS:
         data_ok &= _execute(nb_dir / nb, out / "data", f"data/{nb}", first_file, out, data_key, force, result, bar)
     finished = []
-    # Training takes both cores; a run's later notebooks (Grad-CAM, map, statistics) are mostly
-    # single-threaded, so they run in a second kernel beside the next run's training.
-    first, rest = RUN_NOTEBOOKS[0], RUN_NOTEBOOKS[1:]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="citylib-run") as pool:
-        chains = {}
-        for name, (cfg, file) in by_name.items():
-            run_dir = out / "runs" / name
-            if not data_ok:
-                result.failed[f"{name}"] = "skipped: the data stage failed"
-                bar.update(len(RUN_NOTEBOOKS))
+    for name, (cfg, file) in by_name.items():
+        run_dir = out / "runs" / name
+        if not data_ok:
+            result.failed[f"{name}"] = "skipped: the data stage failed"
+            bar.update(len(RUN_NOTEBOOKS))
+            continue
+        artifacts.write_json(run_dir / "config.json", {"config": cfg.to_dict(), "config_hash": cfg.hash})
+        ok = True
+        for nb in RUN_NOTEBOOKS:
+            if not ok:  # later notebooks need the earlier ones
+                bar.update(1)
                 continue
-            artifacts.write_json(run_dir / "config.json", {"config": cfg.to_dict(), "config_hash": cfg.hash})
-            if _execute(nb_dir / first, run_dir, f"{name}/{first}", file, out, cfg.hash, force, result, bar):
-                chains[name] = pool.submit(_chain, rest, run_dir, name, file, out, cfg.hash, nb_dir,
-                                           force, result, bar)
-            else:  # later notebooks need the earlier ones
-                bar.update(len(rest))
-        finished = [name for name, chain in chains.items() if chain.result()]
+            ok = _execute(nb_dir / nb, run_dir, f"{name}/{nb}", file, out, cfg.hash, force, result, bar)
+        if ok:
+            finished.append(name)
     # the grid compares every finished run of these files, also those left out by --only
     finished += [n for n, (c, _) in everything.items()
                  if n not in by_name and data_ok and _is_done(out / "runs" / n, c.hash, nb_dir)]
@@ -186,16 +182,6 @@ def _execute(notebook: Path, out_dir: Path, label: str, params_file: Path | list
     result.executed.append(label)
     result.seconds[label] = seconds
     bar.update(1)
-    return True
-
-
-def _chain(notebooks: tuple, run_dir: Path, name: str, file: Path, out: Path, key: str,
-           nb_dir: Path, force: bool, result: RunnerResult, bar) -> bool:
-    """Execute a run's ``notebooks`` in order, stopping at the first failure; True if all done."""
-    for k, nb in enumerate(notebooks):
-        if not _execute(nb_dir / nb, run_dir, f"{name}/{nb}", file, out, key, force, result, bar):
-            bar.update(len(notebooks) - k - 1)
-            return False
     return True
 
 
