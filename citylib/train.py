@@ -167,12 +167,10 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
                     tqdm.write(f"{desc}: lr {lr:.2g}  train loss {train_loss:.3f} acc {train_acc:.3f}"
                                f"  val loss {val_loss:.3f} acc {val_acc:.3f}")
                 if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
-                    writer.wait()
                     return TrainResult(out, config, chash, pd.DataFrame(history), {}, False, False,
                                        start)
-            writer.wait()
         finally:
-            writer.close()
+            writer.close()                                   # every file on disk before going on
 
         # test the best epoch's weights
         if best_weights is None:                             # best epoch came before a resume
