@@ -31,6 +31,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     r.add_argument("--params", default=None, help="a parameter file or folder (default: parameters/)")
     r.add_argument("--only", action="append", default=None, metavar="RUN", help="run only this run (repeatable)")
     r.add_argument("--force", action="store_true", help="redo runs even if identical results exist")
+    r.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="runs analysed side by side after training, one core each (default: cores)")
     r.add_argument("--outputs", default=None, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")
 
     pr = sub.add_parser("predict", help="predicted city and probabilities per image")
@@ -95,7 +97,8 @@ def _run(args) -> int:
     from citylib import runner
 
     t0 = time.perf_counter()
-    result = runner.run(params=args.params, only=args.only, force=args.force, outputs=args.outputs)
+    result = runner.run(params=args.params, only=args.only, force=args.force, outputs=args.outputs,
+                        jobs=args.jobs)
     print(f"executed {len(result.executed)}, skipped {len(result.skipped)} (identical), "
           f"failed {len(result.failed)}; {(time.perf_counter() - t0) / 60:.1f} min")
     for label, why in result.failed.items():

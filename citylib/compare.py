@@ -48,7 +48,6 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from citylib import gradcam, paths, sanity, train
@@ -381,6 +380,8 @@ def lift_correlation(scores: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """Spearman rank correlation of lift between every pair of runs, over the (city, object)
     rows both have with a finite lift (lift is relative to each city's coverage, so rows of
     different cities are comparable); NaN with fewer than 3 such rows."""
+    from scipy.stats import spearmanr   # here: scipy.stats takes a second to import
+
     out = []
     for a, b in combinations(scores, 2):
         m = scores[a].merge(scores[b], on=["city", "object"], suffixes=("_a", "_b"))

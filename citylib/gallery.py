@@ -23,10 +23,11 @@ import math
 import re
 from pathlib import Path
 
+# seaborn is imported inside the functions that draw with it: it brings scipy.stats, a second
+# of every notebook kernel's start that the other notebooks need not pay.
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -148,6 +149,7 @@ def save_png(array: np.ndarray, path: str | Path, dpi: int = DPI) -> Path:
 
 def city_colours(cities) -> dict[str, np.ndarray]:
     """A fixed colour per city (in the given order), shared by the maps and galleries."""
+    import seaborn as sns
     palette = sns.color_palette("colorblind" if len(cities) <= 10 else "husl", len(cities))
     return {c: np.round(np.asarray(rgb) * 255).astype(np.uint8) for c, rgb in zip(cities, palette)}
 
@@ -162,6 +164,7 @@ def gallery(xy: np.ndarray, tiles: np.ndarray, fill: float = 2.0,
 def map_figure(frame: pd.DataFrame, hue: str = "city", colours: dict | None = None,
                title: str = "", highlight: int | None = None) -> Figure:
     """The map (columns x, y) coloured by "city" or by "correct"; ``highlight``: a row to mark."""
+    import seaborn as sns
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     size = float(np.clip(4000 / max(len(frame), 1), 2, 30))
     if hue == "correct":

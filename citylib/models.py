@@ -9,7 +9,13 @@ Architectures (input: (B, 3, S, S) normalised RGB, any S >= 64; the paper uses S
 
 - ``simple``, ``simpler``: the two shallow networks of Shi, Khademi & van Gemert,
   "Deep Visual City Recognition Visualization", Table 1.
-- ``vgg11``, ``resnet18``, ``alexnet``: torchvision's definitions, ``weights=None``.
+- ``vgg11``, ``resnet18``, ``alexnet``: torchvision's definitions, ``weights=None``. Below the
+  size torchvision was made for, the adaptive pool before vgg11's and alexnet's classifier would
+  copy each value of a smaller map many times into the first fc layer (at 64 px, vgg11's 2 x 2
+  map fills a 7 x 7 grid: a 25,088-wide fc1 of 102 M parameters, about 40% of a training step,
+  holding nothing a 2,048-wide one cannot express, since a linear map of copies is a linear map
+  of the originals). There the pool keeps the map's own size and fc1 is sized to it, initialised
+  as torchvision initialises it; at 224 px (and above) the models are torchvision's exactly.
 - ``vgg_s``: VGG-CNN-S of Chatfield et al. 2014, "Return of the Devil in the Details".
 
 Grad-CAM map size at 64 px / 224 px: simple 8/28, simpler 16/56, vgg11 4/14, resnet18 2/7,
@@ -19,7 +25,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 ARCHS = ("simple", "simpler", "vgg11", "resnet18", "alexnet", "vgg_s")
 MIN_IMAGE_SIZE = 64
@@ -123,16 +128,41 @@ def build(arch: str, num_classes: int, image_size: int) -> nn.Module:
         return TableNet(SIMPLER_CONVS, num_classes, image_size)
     if arch == "vgg_s":
         return VGGS(num_classes, image_size)
-    # torchvision models, left exactly as torchvision builds them (their ReLUs are in-place;
-    # the Grad-CAM stage deals with that when it hooks them). Their adaptive average pool
-    # before the classifier makes them accept any S >= 64.
+    # torchvision models as torchvision builds them (their ReLUs are in-place; the Grad-CAM
+    # stage deals with that when it hooks them). Their adaptive average pool before the
+    # classifier makes them accept any S >= 64; below their design size it is fitted to the map.
+    from torchvision import models as tvm     # here: importing it costs a second or more
+
     model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
+    if arch in ("vgg11", "alexnet"):
+        _fit_classifier(model, arch, image_size)
     model.gradcam_target = {
         "vgg11": "features.19",   # ReLU after conv5_2 (features.20 is the last max pool)
         "resnet18": "layer4",     # output of the last BasicBlock, which ends in its ReLU
         "alexnet": "features.11", # ReLU after conv5 (features.12 is the last max pool)
     }[arch]
     return model
+
+
+def _fit_classifier(model: nn.Module, arch: str, image_size: int) -> None:
+    """Size torchvision's avgpool + fc1 to the feature map where the pool would only copy values.
+
+    torchvision's pool output is P x P (vgg 7, alexnet 6). For a map of side s < P the pool
+    becomes s x s (an identity) and fc1 takes C * s * s inputs; fc1 is initialised as
+    torchvision does for that model (vgg: normal(0, 0.01), bias 0; alexnet: PyTorch's default).
+    """
+    pool = model.avgpool.output_size
+    pool = pool if isinstance(pool, int) else pool[0]
+    side = _feature_side(model.features, image_size)
+    if side >= pool:
+        return
+    i, old = next((i, m) for i, m in enumerate(model.classifier) if isinstance(m, nn.Linear))
+    fc1 = nn.Linear(old.in_features // (pool * pool) * side * side, old.out_features)
+    if arch == "vgg11":
+        nn.init.normal_(fc1.weight, 0, 0.01)
+        nn.init.constant_(fc1.bias, 0)
+    model.avgpool = nn.AdaptiveAvgPool2d(side)
+    model.classifier[i] = fc1
 
 
 def gradcam_layer(model: nn.Module) -> nn.Module:

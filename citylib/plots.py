@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# seaborn is imported inside the functions that draw with it: it brings scipy.stats, a second
+# of every notebook kernel's start that the other notebooks need not pay.
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 
 from citylib import artifacts
 
@@ -55,6 +56,7 @@ def sample_grid(cache, per_city: int = 6, labels: bool = True, seed: int = 0):
 
 def class_balance(manifest: pd.DataFrame):
     """Images per city, split by train/val/test."""
+    import seaborn as sns
     fig, ax = plt.subplots(figsize=(6, 3))
     sns.countplot(data=manifest, x="city", hue="split", hue_order=["train", "val", "test"], ax=ax)
     ax.set_ylabel("images")
@@ -64,6 +66,7 @@ def class_balance(manifest: pd.DataFrame):
 
 def object_share(share: pd.DataFrame, top: int = 15):
     """Mean pixel share of the most common objects, per city (from ``labels.pixel_share``)."""
+    import seaborn as sns
     order = share.groupby("object")["share"].max().sort_values(ascending=False).index[:top]
     fig, ax = plt.subplots(figsize=(8, 4))
     sns.barplot(data=share[share["object"].isin(order)], x="object", y="share", hue="city", order=order, ax=ax)
@@ -89,6 +92,7 @@ def learning_curves(history: pd.DataFrame):
 
 def confusion(metrics: dict):
     """The test confusion matrix (rows: true city, columns: predicted), row-normalised."""
+    import seaborn as sns
     cities = metrics["cities"]
     counts = np.asarray(metrics["confusion_matrix"], dtype=float)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)

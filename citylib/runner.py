@@ -2,7 +2,9 @@
 
 Reads ``parameters/*.yaml`` (or the files given), validates all of them before any work,
 then executes: the data notebook once, the per-run notebooks once per parameter file, and
-the grid notebooks once over all runs. Writes every executed notebook under ``outputs/``
+the grid notebooks once over all runs. Training (notebook 02) runs one run at a time with every
+core; the later per-run notebooks (Grad-CAM, embedding, objects), mostly single-threaded work,
+then run for ``jobs`` runs side by side, one core each. Writes every executed notebook under ``outputs/``
 (``data/``, ``runs/<run>/``, ``comparison/``), a stamp per finished notebook, and
 ``outputs/runs/summary.csv``. A notebook whose stamp matches (same resolved config, same
 notebook source) is skipped; a failing run is reported at the end and the others go on.
@@ -13,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,10 @@ GRID_NOTEBOOKS = ("06_comparison.ipynb",)
 # to 161 s (`/usr/bin/time -v make run`); wall time stayed within run-to-run noise. A value the
 # user has set is left alone.
 KERNEL_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+# Thread pools of the analysis kernels when several run side by side: cores / jobs each, so that
+# the kernels never ask for more threads than there are cores (OpenMP threads that wait for a
+# busy core spin and slow everything down).
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 @dataclass
@@ -58,8 +65,14 @@ def run(
     force: bool = False,
     outputs: str | Path | None = None,
     notebooks: Path | None = None,
+    jobs: int | None = None,
 ) -> RunnerResult:
-    """Execute the grid; see the module docstring. ``only`` selects runs by name."""
+    """Execute the grid; see the module docstring. ``only`` selects runs by name; ``jobs``:
+    runs analysed side by side after training (default: one per core)."""
+    cores = os.cpu_count() or 1
+    jobs = cores if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     out = paths.outputs(outputs)
     nb_dir = notebooks or paths.NOTEBOOKS
     files = discover(params)
@@ -72,14 +85,14 @@ def run(
             raise ValueError(f"--only: no parameter file for run(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
         by_name = {n: v for n, v in by_name.items() if n in only}
 
-    with _kernel_env():
-        return _run(by_name, everything, out, nb_dir, force)
+    with _kernel_env(KERNEL_ENV):
+        return _run(by_name, everything, out, nb_dir, force, jobs, cores)
 
 
 @contextlib.contextmanager
-def _kernel_env():
-    """Set ``KERNEL_ENV`` (where unset) for the kernels started inside; restore afterwards."""
-    added = {k: v for k, v in KERNEL_ENV.items() if k not in os.environ}
+def _kernel_env(env: dict[str, str]):
+    """Set ``env`` (where unset) for the kernels started inside; restore afterwards."""
+    added = {k: v for k, v in env.items() if k not in os.environ}
     os.environ.update(added)
     try:
         yield
@@ -88,32 +101,44 @@ def _kernel_env():
             os.environ.pop(k, None)
 
 
-def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool) -> RunnerResult:
+def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool, jobs: int,
+         cores: int) -> RunnerResult:
     result = RunnerResult()
     total = len(DATA_NOTEBOOKS) + len(RUN_NOTEBOOKS) * len(by_name) + len(GRID_NOTEBOOKS)
     bar = tqdm(total=total, desc="citylib run", unit="notebook")
-
     first_cfg, first_file = next(iter(by_name.values()))
     data_key = config_hash(first_cfg.data)
     data_ok = True
     for nb in DATA_NOTEBOOKS:
         data_ok &= _execute(nb_dir / nb, out / "data", f"data/{nb}", first_file, out, data_key, force, result, bar)
-    finished = []
-    for name, (cfg, file) in by_name.items():
-        run_dir = out / "runs" / name
+
+    def notebooks(name: str, names: tuple[str, ...]) -> bool:
+        """``names`` of one run in order; True if all are done (a failure skips the rest)."""
+        cfg, file = by_name[name]
+        for i, nb in enumerate(names):
+            if not _execute(nb_dir / nb, out / "runs" / name, f"{name}/{nb}", file, out, cfg.hash,
+                            force, result, bar):
+                bar.update(len(names) - i - 1)   # later notebooks need the earlier ones
+                return False
+        return True
+
+    trained = []
+    for name, (cfg, _) in by_name.items():
         if not data_ok:
-            result.failed[f"{name}"] = "skipped: the data stage failed"
+            result.failed[name] = "skipped: the data stage failed"
             bar.update(len(RUN_NOTEBOOKS))
             continue
-        artifacts.write_json(run_dir / "config.json", {"config": cfg.to_dict(), "config_hash": cfg.hash})
-        ok = True
-        for nb in RUN_NOTEBOOKS:
-            if not ok:  # later notebooks need the earlier ones
-                bar.update(1)
-                continue
-            ok = _execute(nb_dir / nb, run_dir, f"{name}/{nb}", file, out, cfg.hash, force, result, bar)
-        if ok:
-            finished.append(name)
+        artifacts.write_json(out / "runs" / name / "config.json",
+                             {"config": cfg.to_dict(), "config_hash": cfg.hash})
+        if notebooks(name, RUN_NOTEBOOKS[:1]):     # training: one run at a time, every core
+            trained.append(name)
+        else:
+            bar.update(len(RUN_NOTEBOOKS) - 1)
+    jobs = max(1, min(jobs, len(trained)))
+    threads = {k: str(max(1, cores // jobs)) for k in THREAD_VARS} if jobs > 1 else {}
+    with _kernel_env(threads), ThreadPoolExecutor(jobs) as pool:
+        done = list(pool.map(lambda n: notebooks(n, RUN_NOTEBOOKS[1:]), trained))
+    finished = [n for n, ok in zip(trained, done) if ok]
     # the grid compares every finished run of these files, also those left out by --only
     finished += [n for n, (c, _) in everything.items()
                  if n not in by_name and data_ok and _is_done(out / "runs" / n, c.hash, nb_dir)]

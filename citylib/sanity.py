@@ -24,7 +24,6 @@ import copy
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -54,6 +53,8 @@ def cascade_steps(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
 
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman correlation per row of (N, ...) arrays -> (N,) float64; NaN if a row is constant."""
+    from scipy.stats import rankdata   # here: scipy.stats takes a second to import
+
     ra = rankdata(a.reshape(len(a), -1), axis=1)                     # (N, P), ties: mean rank
     rb = rankdata(b.reshape(len(b), -1), axis=1)
     ra -= ra.mean(1, keepdims=True)

@@ -111,3 +111,24 @@ def test_errors():
         models.build("simple", 1, 64)
     with pytest.raises(ValueError, match="Grad-CAM"):
         models.gradcam_layer(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("arch", ["vgg11", "alexnet"])
+def test_torchvision_classifier_fits_small_maps(arch):
+    import torchvision
+
+    reference = {k: v.shape for k, v in getattr(torchvision.models, arch)(num_classes=3).state_dict().items()}
+    # at 224 px: torchvision's model, parameter for parameter
+    assert {k: v.shape for k, v in models.build(arch, 3, 224).state_dict().items()} == reference
+    # at 64 px the pool keeps the map (vgg11 2x2, alexnet 1x1) and fc1 takes exactly its values
+    model = models.build(arch, 3, 64)
+    side = {"vgg11": 2, "alexnet": 1}[arch]
+    fc1 = next(m for m in model.classifier if isinstance(m, nn.Linear))
+    assert fc1.in_features == {"vgg11": 512, "alexnet": 256}[arch] * side * side
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.features(x)
+        assert feats.shape[-1] == side
+        assert torch.equal(model.avgpool(feats), feats)
+    if arch == "vgg11":   # torchvision's initialisation of a VGG linear layer
+        assert fc1.bias.abs().max() == 0 and 0.005 < fc1.weight.std() < 0.015

@@ -61,6 +61,13 @@ def test_unknown_run_in_only_is_an_error(grid):
     assert cli.main(["run", "--params", str(params_dir), "--outputs", str(out), "--only", "nope"]) == 2
 
 
+def test_jobs_below_one_is_an_error_before_any_work(grid, tmp_path):
+    params_dir, _, _ = grid
+    out = tmp_path / "never"
+    assert cli.main(["run", "--params", str(params_dir), "--outputs", str(out), "--jobs", "0"]) == 2
+    assert not out.exists()
+
+
 def test_predict_prints_cities_and_names_unreadable_images(grid, tmp_path, capsys):
     _, out, _ = grid
     manifest = pd.read_csv(out / "data" / "manifest.csv")
