@@ -57,7 +57,7 @@ def run_training(run: Run, force: bool = False, progress: bool = True) -> train.
     """Train (or reuse, or resume) the run's network.
 
     Only the latest epoch checkpoint is kept (it is all a resume needs; a VGG11 checkpoint with
-    its optimiser state is over 1 GB), besides ``best.pt``.
+    its optimiser state is 0.4 GB at 64 px and 1.5 GB at 224 px), besides ``best.pt``.
     """
     cfg = run.cfg
     return train.run(cfg.arch, cfg.seed, cfg.train, load_cache(run), run.dir, name=cfg.name,
