@@ -4,8 +4,8 @@ Reads ``parameters/*.yaml`` (or the files given), validates all of them before a
 then executes: the data notebook once, the per-run notebooks once per parameter file, and
 the grid notebooks once over all runs. Training (notebook 02) runs one run at a time with every
 core; the later per-run notebooks (Grad-CAM, embedding, objects), mostly single-threaded work,
-then run for ``jobs`` runs side by side, one core each. Writes every executed notebook under ``outputs/``
-(``data/``, ``runs/<run>/``, ``comparison/``), a stamp per finished notebook, and
+then run for ``jobs`` runs side by side, one core each. Writes every executed notebook under
+``outputs/`` (``data/``, ``runs/<run>/``, ``comparison/``), a stamp per finished notebook, and
 ``outputs/runs/summary.csv``. A notebook whose stamp matches (same resolved config, same
 notebook source) is skipped; a failing run is reported at the end and the others go on.
 """
