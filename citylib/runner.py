@@ -4,8 +4,8 @@ Reads ``parameters/*.yaml`` (or the files given), validates all of them before a
 then executes: the data notebook once, the per-run notebooks once per parameter file, and
 the grid notebooks once over all runs. Training (notebook 02) runs one run at a time with every
 core; the later per-run notebooks (Grad-CAM, embedding, objects), mostly single-threaded work,
-then run for ``jobs`` runs side by side, one core each. Writes every executed notebook under
-``outputs/`` (``data/``, ``runs/<run>/``, ``comparison/``), a stamp per finished notebook, and
+then run for ``jobs`` runs side by side, one worker process and core each. Writes every executed
+notebook under ``outputs/`` (``data/``, ``runs/<run>/``, ``comparison/``), a stamp per finished notebook, and
 ``outputs/runs/summary.csv``. A notebook whose stamp matches (same resolved config, same
 notebook source) is skipped; a failing run is reported at the end and the others go on.
 """
@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,14 +113,8 @@ def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool, 
         data_ok &= _execute(nb_dir / nb, out / "data", f"data/{nb}", first_file, out, data_key, force, result, bar)
 
     def notebooks(name: str, names: tuple[str, ...]) -> bool:
-        """``names`` of one run in order; True if all are done (a failure skips the rest)."""
         cfg, file = by_name[name]
-        for i, nb in enumerate(names):
-            if not _execute(nb_dir / nb, out / "runs" / name, f"{name}/{nb}", file, out, cfg.hash,
-                            force, result, bar):
-                bar.update(len(names) - i - 1)   # later notebooks need the earlier ones
-                return False
-        return True
+        return _notebooks(names, name, file, cfg.hash, out, nb_dir, force, result, bar)
 
     trained = []
     for name, (cfg, _) in by_name.items():
@@ -135,10 +129,10 @@ def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool, 
         else:
             bar.update(len(RUN_NOTEBOOKS) - 1)
     jobs = max(1, min(jobs, len(trained)))
-    threads = {k: str(max(1, cores // jobs)) for k in THREAD_VARS} if jobs > 1 else {}
-    with _kernel_env(threads), ThreadPoolExecutor(jobs) as pool:
-        done = list(pool.map(lambda n: notebooks(n, RUN_NOTEBOOKS[1:]), trained))
-    finished = [n for n, ok in zip(trained, done) if ok]
+    if jobs == 1:
+        finished = [n for n in trained if notebooks(n, RUN_NOTEBOOKS[1:])]
+    else:
+        finished = _analyse_side_by_side(trained, by_name, out, nb_dir, force, jobs, cores, result, bar)
     # the grid compares every finished run of these files, also those left out by --only
     finished += [n for n, (c, _) in everything.items()
                  if n not in by_name and data_ok and _is_done(out / "runs" / n, c.hash, nb_dir)]
@@ -153,6 +147,56 @@ def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool, 
     bar.close()
     result.summary = write_summary(out, [c for c, _ in everything.values()], result)
     return result
+
+
+def _notebooks(names: tuple[str, ...], name: str, file: Path, key: str, out: Path, nb_dir: Path,
+               force: bool, result: RunnerResult, bar) -> bool:
+    """``names`` of one run in order; True if all are done (a failure skips the rest)."""
+    for i, nb in enumerate(names):
+        if not _execute(nb_dir / nb, out / "runs" / name, f"{name}/{nb}", file, out, key, force,
+                        result, bar):
+            bar.update(len(names) - i - 1)   # later notebooks need the earlier ones
+            return False
+    return True
+
+
+def _analyse_side_by_side(trained: list[str], by_name: dict, out: Path, nb_dir: Path, force: bool,
+                          jobs: int, cores: int, result: RunnerResult, bar) -> list[str]:
+    """Notebooks 03-05 of the trained runs, ``jobs`` runs at a time, each run in its own worker
+    process (papermill's kernel clients and working-directory switch are not thread-safe: two
+    clients in one process can wait forever on a lost reply). Returns the runs that finished."""
+    import multiprocessing
+
+    threads = {k: str(max(1, cores // jobs)) for k in THREAD_VARS}
+    finished = []
+    with _kernel_env(threads), ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_analyse_worker, name, by_name[name][1], by_name[name][0].hash, out,
+                               nb_dir, force): name for name in trained}
+        for future in as_completed(futures):
+            name = futures[future]
+            bar.set_postfix_str(f"{name} analysed")
+            try:
+                part, ok = future.result()
+            except Exception as e:   # the worker process itself died
+                part, ok = RunnerResult(failed={f"{name}/analysis": f"{type(e).__name__}: {e}"}), False
+                tqdm.write(f"FAILED {name}/analysis: {type(e).__name__}: {e}")
+            result.executed += part.executed
+            result.seconds.update(part.seconds)
+            result.skipped += part.skipped
+            result.failed.update(part.failed)
+            bar.update(len(RUN_NOTEBOOKS) - 1)
+            if ok:
+                finished.append(name)
+    return [n for n in trained if n in finished]   # parameter-file order
+
+
+def _analyse_worker(name: str, file: Path, key: str, out: Path, nb_dir: Path,
+                    force: bool) -> tuple[RunnerResult, bool]:
+    """In a worker process: the analysis notebooks of one run, with a silent progress bar."""
+    result = RunnerResult()
+    with tqdm(total=len(RUN_NOTEBOOKS) - 1, disable=True) as bar:
+        ok = _notebooks(RUN_NOTEBOOKS[1:], name, file, key, out, nb_dir, force, result, bar)
+    return result, ok
 
 
 def _is_done(run_dir: Path, key: str, nb_dir: Path) -> bool:
