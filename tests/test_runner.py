@@ -1,10 +1,11 @@
 """The papermill grid in smoke size: skip identical runs, go on past a failing run."""
 import shutil
 
+import nbformat
 import pandas as pd
 import pytest
 
-from citylib import cli, runner
+from citylib import cli, paths, runner
 from citylib.paths import PARAMETERS
 
 
@@ -95,3 +96,31 @@ def test_report_renders_every_executed_notebook(grid):
         page = out / "report" / f"runs__good__{nb.replace('.ipynb', '.html')}"
         assert page.exists() and page.name in index
     assert (out / "report" / "data__01_data.html").exists()
+
+
+def test_analysis_failure_in_a_worker_process_is_reported_and_the_other_run_finishes(grid, tmp_path):
+    """Notebooks 03-05 of several runs go to worker processes; one failing there is reported
+    like any other failure, and the run beside it still finishes."""
+    params_dir, out, _ = grid
+    work, nb_dir = tmp_path / "outputs", tmp_path / "notebooks"
+    shutil.copytree(out, work)
+    shutil.copytree(paths.NOTEBOOKS, nb_dir)
+    gradcam_nb = nb_dir / "03_gradcam.ipynb"
+    nb = nbformat.read(gradcam_nb, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(
+        'if "other" in str(params_file):\n    raise RuntimeError("deliberate failure")'))
+    nbformat.write(nb, gradcam_nb)
+
+    result = runner.run(params=params_dir, only=["good", "other"], outputs=work, notebooks=nb_dir,
+                        jobs=2)
+    assert set(result.failed) == {"other/03_gradcam.ipynb"}
+    assert "deliberate failure" in result.failed["other/03_gradcam.ipynb"]
+    assert (work / "runs" / "other" / "03_gradcam.failed.ipynb").exists()
+    # training was already done (same notebook source): skipped, not redone
+    assert {"good/02_training.ipynb", "other/02_training.ipynb"} <= set(result.skipped)
+    assert {f"good/{nb}" for nb in runner.RUN_NOTEBOOKS[1:]} <= set(result.executed)
+    assert not any(label.startswith("other/0") and label != "other/02_training.ipynb"
+                   for label in result.executed + result.skipped)
+    summary = result.summary.set_index("run")
+    assert summary.loc["good", "status"] == "ok" and summary.loc["other", "status"] == "failed"
