@@ -18,7 +18,6 @@ returned to a notebook are pyplot figures, like ``citylib.plots``'; those saved 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import re
 from pathlib import Path
@@ -314,12 +313,12 @@ class Explorer:
 
         def redraw_map(_=None):
             status.value = f"computing {method.label} of {descriptor.label}s …"
-            map_img.value = _png(self.map_figure(method.value, descriptor.value, point.value,
-                                                 hue.value))
+            map_img.value = plots.png(self.map_figure(method.value, descriptor.value, point.value,
+                                                      hue.value))
             status.value = title(self.map(method.value, descriptor.value))
 
         def redraw_point(_=None):
-            point_img.value = _png(self.point_figure(point.value))
+            point_img.value = plots.png(self.point_figure(point.value))
             redraw_map()
 
         for control in (method, descriptor, hue):
@@ -327,14 +326,6 @@ class Explorer:
         point.observe(redraw_point, names="value")
         redraw_point()
         return w.VBox([w.HBox([method, descriptor, hue]), point, status, map_img, point_img])
-
-
-def _png(fig) -> bytes:
-    """A figure as PNG bytes; the figure is closed."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def explorer(run_dir: str | Path, cache, cfg: embed.EmbedConfig | None = None) -> Explorer:

@@ -4,6 +4,7 @@ Reads the arrays and tables it is given; writes nothing unless ``save`` is calle
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 # seaborn is imported inside the functions that draw with it: it brings scipy.stats, a second
@@ -131,6 +132,14 @@ def save(fig, path: str | Path, dpi: int = 120) -> Path:
     with artifacts.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     return Path(path)
+
+
+def png(fig, dpi: int = 100) -> bytes:
+    """A figure as PNG bytes (for ipywidgets.Image); the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def label_overlays(cache, objects, n: int = 8, seed: int = 0):

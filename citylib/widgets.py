@@ -2,28 +2,33 @@
 
 Reads the stage results it is given (Grad-CAM masks, the statistics histograms) and, for
 Grad-CAM++ on demand, the run's best checkpoint. Writes nothing. Each panel keeps what it
-computed inside its own closure, never at module level. Run headlessly (papermill, nbval) the
-panels draw once and show their widget repr.
+computed inside its own closure, never at module level. Figures go to the panel as PNG bytes
+in an Image widget, not through an Output widget: a headless run (papermill, nbval) then only
+records widget state, and no output is captured and synced back to the kernel mid-cell (with
+nbclient's Output-widget mimic that exchange could leave the cell waiting forever). Run
+headlessly the panels draw once and show their widget repr.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import ipywidgets as w
-import matplotlib.pyplot as plt
 import numpy as np
-from IPython.display import display
 
-from citylib import gradcam, gradcam_plots, stats, stats_plots, train
+from citylib import gradcam, gradcam_plots, plots, stats, stats_plots, train
 
 
-def _redraw(make_figure):
-    """Call ``make_figure(**controls)`` and show the figure, closing it so memory stays flat."""
-    def draw(**controls):
-        fig = make_figure(**controls)
-        display(fig)
-        plt.close(fig)
-    return draw
+def _figure_view(make_figure, controls: dict[str, w.ValueWidget], width: str) -> w.Image:
+    """An Image widget showing ``make_figure(**values of controls)``, redrawn when one moves."""
+    view = w.Image(format="png", layout=w.Layout(max_width=width))
+
+    def draw(_=None):
+        view.value = plots.png(make_figure(**{k: c.value for k, c in controls.items()}))
+
+    for control in controls.values():
+        control.observe(draw, names="value")
+    draw()
+    return view
 
 
 def explanation_panel(result: gradcam.GradCAMResult, cache, run_dir: str | Path) -> w.Widget:
@@ -62,8 +67,8 @@ def explanation_panel(result: gradcam.GradCAMResult, cache, run_dir: str | Path)
         "threshold": w.FloatSlider(value=result.threshold, min=0.0, max=1.0, step=0.05,
                                    description="threshold", continuous_update=False),
     }
-    out = w.interactive_output(_redraw(figure), controls)
-    return w.VBox([w.HBox([controls["pos"], controls["method"]]), controls["threshold"], out])
+    view = _figure_view(figure, controls, "760px")
+    return w.VBox([w.HBox([controls["pos"], controls["method"]]), controls["threshold"], view])
 
 
 def threshold_panel(histograms: stats.Histograms, planted: dict | None = None) -> w.Widget:
@@ -82,5 +87,5 @@ def threshold_panel(histograms: stats.Histograms, planted: dict | None = None) -
                          continuous_update=False),
         "view": w.ToggleButtons(options=["R", "lift"], value="R", description="show"),
     }
-    out = w.interactive_output(_redraw(figure), controls)
-    return w.VBox([w.HBox([controls["k"], controls["view"]]), out])
+    view = _figure_view(figure, controls, "900px")
+    return w.VBox([w.HBox([controls["k"], controls["view"]]), view])

@@ -289,3 +289,19 @@ def test_plots_return_figures():
     cues = {"a": ["tree"]}
     assert isinstance(stats_plots.plot_r_histograms(table, cues), Figure)
     assert isinstance(stats_plots.plot_lift(table, cues), Figure)
+
+
+def test_threshold_panel_redraws_its_image_when_a_control_moves():
+    from citylib import widgets
+
+    m, lab, cities = hand_made()
+    h = Histograms.build(m, lab, cities, NO_FILTER, NAMES, progress=False)
+    panel = widgets.threshold_panel(h)
+    (slider, view), image = panel.children[0].children, panel.children[1]
+    first = bytes(image.value)
+    assert first[:4] == b"\x89PNG"
+    slider.value = slider.max                      # threshold 1: only the sky pixels of image 0
+    at_one = bytes(image.value)
+    assert at_one[:4] == b"\x89PNG" and at_one != first
+    view.value = "lift"
+    assert bytes(image.value) not in (first, at_one)
