@@ -5,9 +5,9 @@ then executes: the data notebook once, the per-run notebooks once per parameter 
 the grid notebooks once over all runs. Training (notebook 02) runs one run at a time with every
 core; the later per-run notebooks (Grad-CAM, embedding, objects), mostly single-threaded work,
 then run for ``jobs`` runs side by side, one worker process and core each. Writes every executed
-notebook under ``outputs/`` (``data/``, ``runs/<run>/``, ``comparison/``), a stamp per finished notebook, and
-``outputs/runs/summary.csv``. A notebook whose stamp matches (same resolved config, same
-notebook source) is skipped; a failing run is reported at the end and the others go on.
+notebook under ``outputs/`` (``data/``, ``runs/<run>/``, ``comparison/``), a stamp per finished
+notebook, and ``outputs/runs/summary.csv``. A notebook whose stamp matches (same resolved config,
+same notebook source) is skipped; a failing run is reported at the end and the others go on.
 """
 from __future__ import annotations
 
@@ -163,8 +163,9 @@ def _notebooks(names: tuple[str, ...], name: str, file: Path, key: str, out: Pat
 def _analyse_side_by_side(trained: list[str], by_name: dict, out: Path, nb_dir: Path, force: bool,
                           jobs: int, cores: int, result: RunnerResult, bar) -> list[str]:
     """Notebooks 03-05 of the trained runs, ``jobs`` runs at a time, each run in its own worker
-    process (papermill's kernel clients and working-directory switch are not thread-safe: two
-    clients in one process can wait forever on a lost reply). Returns the runs that finished."""
+    process: papermill changes the process's working directory for each notebook, which
+    notebooks running side by side in threads of one process would share. Returns the runs
+    that finished, in parameter-file order."""
     import multiprocessing
 
     threads = {k: str(max(1, cores // jobs)) for k in THREAD_VARS}
@@ -187,7 +188,7 @@ def _analyse_side_by_side(trained: list[str], by_name: dict, out: Path, nb_dir: 
             bar.update(len(RUN_NOTEBOOKS) - 1)
             if ok:
                 finished.append(name)
-    return [n for n in trained if n in finished]   # parameter-file order
+    return [n for n in trained if n in finished]
 
 
 def _analyse_worker(name: str, file: Path, key: str, out: Path, nb_dir: Path,
