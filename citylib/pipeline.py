@@ -15,8 +15,8 @@ import pandas as pd
 
 import matplotlib.pyplot as plt
 
-from citylib import (artifacts, compare, compare_plots, data, embed, gradcam, paths, plots, segment,
-                     stats, stats_plots, train)
+from citylib import (artifacts, compare, compare_plots, cues, data, embed, gradcam, paths, plots,
+                     segment, stats, stats_plots, train)
 from citylib.params import RunConfig, discover, load, load_all
 
 
@@ -79,14 +79,17 @@ class ObjectsResult:
     rows: np.ndarray               # (n_test,) cache rows of the test images, as the masks
     labels: np.ndarray             # (n_test, S, S) uint8 label maps of those rows
     planted: dict                  # city -> planted cue names (generated world), else {}
-    recovery: pd.DataFrame         # rank of each planted cue by lift (empty without cues)
+    recovery: pd.DataFrame         # rank of each planted cue by lift, and the ideal detector's
+                                   # rank on a map of the same size (empty without cues)
 
 
 def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
     """Label every test image (once per dataset), then R, coverage and lift per city and object.
 
     Writes ``r_scores.csv`` into the run folder and adds an ``objects`` entry (segmenter,
-    threshold, planted-cue recovery on a generated world) to its ``metrics.json``.
+    threshold, planted-cue recovery on a generated world, and under ``ceiling`` the recovery of
+    an ideal cue detector whose map has the network's size: ``cues.ceiling``) to its
+    ``metrics.json``.
     """
     cfg, cache = run.cfg, load_cache(run)
     cams = gradcam.load(run.dir)
@@ -96,16 +99,26 @@ def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
     size = cache.images.shape[1]
     result = stats.run(cfg.stats, stats.upsampled(cams.masks, size, gradcam.upsample), label_maps,
                        cams.index["city"].to_numpy(str), run.dir, progress=progress)
-    cues = stats.planted(cfg.data.world.world) if cfg.data.source == "world" else {}
-    recovery, scores = stats.planted_recovery(result.table, cues) if cues else (pd.DataFrame(), {})
+    planted = cues.planted(cfg.data.world.world) if cfg.data.source == "world" else {}
+    recovery, scores = cues.recovery(result.table, planted) if planted else (pd.DataFrame(), {})
+    if planted:   # the best ranks a map of this size allows: what the network missed vs. could not show
+        grid = tuple(cams.masks.shape[1:])
+        ideal, best = cues.ceiling(label_maps, cams.index["city"].to_numpy(str), planted, grid,
+                                   gradcam.upsample, cfg.stats)
+        recovery = recovery.merge(ideal[["city", "object", "rank"]].rename(
+            columns={"rank": "ceiling_rank"}), on=["city", "object"], how="left")
+        scores["ceiling"] = {"map_size": list(grid), "planted_mrr": best["planted_mrr"],
+                             "planted_rr": best["planted_rr"],
+                             "planted_all_in_top": best["planted_all_in_top"]}
     for name, draw in (("r_histograms", stats_plots.plot_r_histograms), ("lift", stats_plots.plot_lift)):
-        fig = draw(result.table, cues)            # the Fig. 5 panels, also for the report
+        fig = draw(result.table, planted)         # the Fig. 5 panels, also for the report
         plots.save(fig, run.dir / f"{name}.png")
         plt.close(fig)
     artifacts.merge_json(run.dir / "metrics.json", {"objects": {
         "segmenter": seg.segmenter, "threshold": cfg.stats.threshold,
         "r_scores": str(result.path.relative_to(run.dir)), **scores}})
-    return ObjectsResult(result.table, result.histograms, seg.segmenter, rows, label_maps, cues, recovery)
+    return ObjectsResult(result.table, result.histograms, seg.segmenter, rows, label_maps, planted,
+                         recovery)
 
 
 def run_embedding(run: Run, progress: bool = True) -> embed.EmbedResult:

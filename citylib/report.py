@@ -64,8 +64,10 @@ def _index_html(out: Path, sections) -> str:
     recovery = _recovery(runs)
     if not recovery.empty:
         parts += ["<h2>Planted-cue recovery</h2><p>Generated world: reciprocal rank of each "
-                  "city's planted objects by lift (1 = first; mean over the city's cues), and "
-                  "the mean over cities (MRR).</p>", _table(recovery)]
+                  "city's planted objects by lift (1 = first, for the city's best-ranked cue), "
+                  "and the mean over cities (MRR). <i>MRR ceiling</i>: the same for an ideal "
+                  "detector of the planted objects whose map has the network's size (<i>map</i>): "
+                  "the best a network could show at that resolution.</p>", _table(recovery)]
     comparison = out / "comparison"
     if (comparison / "table2.csv").is_file():
         parts += ["<h2>Architectures versus initialisations (Table 2)</h2>",
@@ -100,7 +102,10 @@ def _recovery(runs: list[Path]) -> pd.DataFrame:
     for run_dir in runs:
         objects = artifacts.read_json(run_dir / "metrics.json").get("objects", {})
         if objects.get("planted_rr"):
-            rows.append({"run": run_dir.name, **objects["planted_rr"], "MRR": objects["planted_mrr"]})
+            ceiling = objects.get("ceiling", {})
+            rows.append({"run": run_dir.name, **objects["planted_rr"], "MRR": objects["planted_mrr"],
+                         "map": "x".join(map(str, ceiling.get("map_size", []))) or None,
+                         "MRR ceiling": ceiling.get("planted_mrr")})
     return pd.DataFrame(rows)
 
 

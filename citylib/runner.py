@@ -277,6 +277,7 @@ def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> 
             "n_test": metrics.get("n_test"),
             "knn_2d": knn.get("observed"), "knn_2d_shuffled": knn.get("baseline_mean"),
             "planted_mrr": metrics.get("objects", {}).get("planted_mrr"),
+            "planted_mrr_ceiling": metrics.get("objects", {}).get("ceiling", {}).get("planted_mrr"),
             "notebook_seconds": sum(artifacts.read_json(f).get("seconds", 0.0) for f in
                                     (out / "runs" / cfg.name / ".done").glob("*.json")) or None,
             "config_hash": cfg.hash,

@@ -2,10 +2,11 @@
 import shutil
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 
-from citylib import cli, paths, runner
+from citylib import artifacts, cli, paths, runner
 from citylib.paths import PARAMETERS
 
 
@@ -37,6 +38,12 @@ def test_failing_run_is_reported_with_nonzero_exit_and_others_finish(grid):
     summary = pd.read_csv(out / "runs" / "summary.csv").set_index("run")
     assert summary.loc["good", "status"] == "ok" and summary.loc["broken", "status"] == "failed"
     assert 0 <= summary.loc["good", "test_accuracy"] <= 1
+    # planted-cue recovery beside the ideal detector's on a map of the network's size
+    objects = artifacts.read_json(out / "runs" / "good" / "metrics.json")["objects"]
+    masks = np.load(out / "runs" / "good" / "gradcam" / "masks.npy", mmap_mode="r")
+    assert objects["ceiling"]["map_size"] == list(masks.shape[1:])
+    assert objects["ceiling"]["planted_rr"].keys() == objects["planted_rr"].keys()
+    assert summary.loc["good", "planted_mrr_ceiling"] == objects["ceiling"]["planted_mrr"]
     # the comparison ran once over the runs that finished, not the broken one
     assert (out / "comparison" / "06_comparison.ipynb").exists()
     ar = pd.read_csv(out / "comparison" / "ar.csv")
@@ -88,7 +95,7 @@ def test_report_renders_every_executed_notebook(grid):
     assert cli.main(["report", "--outputs", str(out)]) == 0
     index = (out / "report" / "index.html").read_text()
     assert "good" in index  # the runs table
-    for section in ("Accuracy per run", "Planted-cue recovery", "Table 2", "Tests of",
+    for section in ("Accuracy per run", "Planted-cue recovery", "MRR ceiling", "Table 2", "Tests of",
                     "../comparison/ar_heatmap.png", "../runs/good/r_histograms.png",
                     "../runs/good/gallery.png", "../runs/other/map_city.png"):
         assert section in index, section

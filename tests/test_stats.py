@@ -10,6 +10,7 @@ import pytest
 
 matplotlib.use("Agg")
 
+from citylib import cues as cues_  # noqa: E402
 from citylib import labels, stats, stats_plots  # noqa: E402
 from citylib.stats import Histograms, StatsConfig  # noqa: E402
 
@@ -251,7 +252,7 @@ def test_planted_recovery_ranks_and_mrr():
             "e": []}
     c = constructed_table()
     c = pd.concat([c, pd.DataFrame([{**c.iloc[0].to_dict(), "city": "c", "object": "k"}])])
-    frame, metrics = stats.planted_recovery(c, cues)
+    frame, metrics = cues_.recovery(c, cues)
     ranks = {(r.city, r.object): r.rank for r in frame.itertuples()}
     # a: lifts x 3, y 2, z 1.5, w 1 -> y rank 2, w rank 4: RR 1/2, not all in the top 3.
     # b: p first: RR 1, all in top 3. c: its cue has no row: rank NaN, RR 0.
@@ -264,8 +265,48 @@ def test_planted_recovery_ranks_and_mrr():
     assert "e" not in metrics["planted_rr"]  # a city without cues is left out
 
 
+def test_ideal_masks_pool_each_citys_own_cues_by_hand():
+    S = labels.STREET
+    lab = np.full((3, 4, 4), S["road"], np.uint8)
+    lab[0, :2, :2] = S["tree"]         # city a: its cue fills the top-left cell ...
+    lab[0, 0, 2] = S["tree"]           # ... and 1 of the top-right cell's 4 pixels
+    lab[0, 3, 3] = S["sky"]            # city b's cue in a's image: not a's cue, ignored
+    lab[2] = S["sky"]                  # image 2 (b): its cue everywhere, a constant map
+    cues = {"a": ["tree"], "b": [("sky", "why")]}
+    m = cues_.ideal_masks(lab, ["a", "b", "b"], cues, (2, 2), NAMES)
+    assert m.shape == (3, 2, 2) and m.dtype == np.float32
+    # image 0: cell shares [[1, 0.25], [0, 0]]; min 0, max 1 -> unchanged
+    np.testing.assert_allclose(m[0], [[1.0, 0.25], [0.0, 0.0]])
+    # image 1 (b) has no sky pixel; image 2 is all cue, a constant map: both all zero, no NaN
+    assert (m[1] == 0).all() and (m[2] == 0).all()
+
+
+def test_ceiling_tells_a_cue_finer_than_the_map():
+    """8 x 8 images of city a: cue 'tree' is the 2 x 2 block at rows/cols 2-3 (inner corner of
+    the top-left quadrant), 'building' the rest of that quadrant (12 px), 'road' elsewhere.
+
+    Full resolution: the ideal mask is the tree itself -> tree R 1, rank 1.
+    A 2 x 2 map: the top-left cell (share 4/16) normalises to 1, the others to 0; bilinear
+    upsampling (half-pixel centres) gives 1, 1, 0.875, 0.625 along rows/cols 0-3 and <= 0.375
+    beyond, so at t = 0.5 every building pixel is explained (R 1) but the tree's (3, 3) pixel
+    is not (0.625 * 0.625 < 0.5): tree R 3/4 < building's -> rank 2, out of the top 1."""
+    from citylib import gradcam
+
+    S = labels.STREET
+    lab = np.full((2, 8, 8), S["road"], np.uint8)
+    lab[:, :4, :4] = S["building"]
+    lab[:, 2:4, 2:4] = S["tree"]
+    cues = {"a": ["tree"]}
+    fine, best = cues_.ceiling(lab, ["a", "a"], cues, (8, 8), gradcam.upsample, NO_FILTER, top=1, names=NAMES)
+    assert fine["rank"].tolist() == [1] and fine["R"].tolist() == [1.0]
+    assert best["planted_all_in_top"] == {"a": True} and best["planted_mrr"] == 1.0
+    coarse, worst = cues_.ceiling(lab, ["a", "a"], cues, (2, 2), gradcam.upsample, NO_FILTER, top=1, names=NAMES)
+    assert coarse["rank"].tolist() == [2] and coarse["R"].tolist() == [0.75]
+    assert worst["planted_all_in_top"] == {"a": False} and worst["planted_mrr"] == 0.5
+
+
 def test_planted_cues_of_the_default_world():
-    cues = stats.planted("default")
+    cues = cues_.planted("default")
     assert len(cues) >= 2 and all(cues.values())
     assert all(o in labels.STREET for objects in cues.values() for o in objects)
 

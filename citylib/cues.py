@@ -1,0 +1,102 @@
+"""Planted cues of a generated world: were they found, and could they have been?
+
+Reads an ``r_scores.csv`` table (``stats.TABLE_COLUMNS``) or ground-truth label maps (N, S, S)
+uint8 with each image's true city, and the world's planted cues (city -> ADE20K object names);
+writes nothing (``pipeline.run_objects`` stores the scores in the run's ``metrics.json``).
+
+- ``recovery``: the rank of each planted object by lift among its city's objects, and the mean
+  reciprocal rank over cities.
+- ``ceiling``: the same for an ideal detector of the planted objects whose map has the
+  network's size (``ideal_masks``), upsampled and counted exactly like the network's masks. A
+  cue the network ranks low but the ideal detector ranks high was missed by the network; one
+  the ideal detector cannot rank high is finer than a map of that size can show.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from citylib import labels as ade
+from citylib import stats
+
+
+def planted(world: str = "default") -> dict[str, tuple[str, ...]]:
+    """City -> the object names planted as its cues in a generated world (``synth.load_world``)."""
+    from citylib import synth  # the world generator is only needed here
+    return {c: tuple(o for o, _ in cues) for c, cues in synth.load_world(world).planted.items()}
+
+
+def recovery(table: pd.DataFrame, cues: Mapping[str, Iterable], top: int = 3
+             ) -> tuple[pd.DataFrame, dict]:
+    """Rank of each planted object by lift among its city's kept objects (1 = highest).
+
+    Returns one row per (city, planted object): city, object, rank (NaN when the object has no
+    row or no lift), lift, R, objects (kept objects of the city); and a dict for metrics.json:
+    ``planted_rr`` (per city: 1 / rank of its best-ranked cue, 0 if none is ranked),
+    ``planted_mrr`` (their mean), ``planted_all_in_top`` (per city: every cue ranked <= top),
+    ``planted_top``. Cities without cues, or without rows in ``table``, are left out.
+    """
+    rows, rr, all_top = [], {}, {}
+    for city, objects in cues.items():
+        objects = [o if isinstance(o, str) else o[0] for o in objects]  # names or (name, why)
+        own = table[table["city"] == city]
+        if not objects or own.empty:
+            continue
+        rank = own["lift"].rank(ascending=False, method="min")  # ties share the better rank
+        by_name = dict(zip(own["object"], zip(rank, own["lift"], own["R"])))
+        ranks = []
+        for o in objects:
+            r, lift, big_r = by_name.get(o, (np.nan, np.nan, np.nan))
+            rows.append({"city": city, "object": o, "rank": r, "lift": lift, "R": big_r, "objects": len(own)})
+            ranks.append(r)
+        ranked = [r for r in ranks if r == r]  # drop NaN
+        rr[city] = 1.0 / min(ranked) if ranked else 0.0
+        all_top[city] = len(ranked) == len(ranks) and max(ranked) <= top
+    frame = pd.DataFrame(rows, columns=["city", "object", "rank", "lift", "R", "objects"])
+    metrics = {"planted_mrr": float(np.mean(list(rr.values()))) if rr else float("nan"),
+               "planted_rr": rr, "planted_all_in_top": all_top, "planted_top": top}
+    return frame, metrics
+
+
+def ideal_masks(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], grid: tuple[int, int],
+                names: Mapping[int, str] | None = None) -> np.ndarray:
+    """The masks of an ideal cue detector on a ``grid`` of map cells: (N, h, w) float32 in [0, 1].
+
+    Cell value = the share of the cell's pixels that belong to one of the image's own city's
+    planted objects (``label_maps`` (N, S, S) average-pooled to (h, w), as an S x S image
+    falls into an h x w Grad-CAM map), min-max normalised per image by ``gradcam.normalise``
+    as a Grad-CAM mask is (an image with no cue pixel, or nothing else, gets an all-zero mask).
+    Upsampled like a network's mask and counted by ``stats.Histograms``, it gives the best
+    planted-cue ranks a map of that size allows: ``ceiling``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from citylib import gradcam   # gradcam loads torch and the models: only when needed
+
+    index = {name: i for i, name in (names if names is not None else ade.names()).items()}
+    cities = np.asarray(cities).astype(str)
+    own = np.zeros(label_maps.shape, np.float32)                         # (N, S, S) 1 = a cue pixel
+    for city, objects in cues.items():
+        ids = [index[o if isinstance(o, str) else o[0]] for o in objects]
+        rows = np.flatnonzero(cities == city)
+        own[rows] = np.isin(label_maps[rows], ids)
+    pooled = F.adaptive_avg_pool2d(torch.from_numpy(own)[:, None], grid)[:, 0]   # (N, h, w)
+    return gradcam.normalise(pooled).numpy()
+
+
+def ceiling(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], grid: tuple[int, int],
+            upsample: Callable, cfg: stats.StatsConfig = stats.StatsConfig(), top: int = 3,
+            names: Mapping[int, str] | None = None) -> tuple[pd.DataFrame, dict]:
+    """``recovery`` of the ideal cue detector's masks (``ideal_masks``) on a ``grid``
+    map, upsampled with ``upsample`` (the one used for the network's masks) and counted with
+    ``cfg`` like them: how well a network whose map has that size could possibly do. A cue
+    the network misses that the ideal detector ranks in the top ``top`` was missed by the
+    network; one the ideal detector cannot rank there is beyond the map's resolution."""
+    masks = ideal_masks(label_maps, cities, cues, grid, names)
+    size = int(label_maps.shape[-1])
+    hist = stats.Histograms.build(stats.upsampled(masks, size, upsample), label_maps, cities, cfg,
+                                  names, progress=False)
+    return recovery(hist.table(ci=False), cues, top)
