@@ -1,8 +1,9 @@
 """Planted cues of a generated world: were they found, and could they have been?
 
-Reads an ``r_scores.csv`` table (``stats.TABLE_COLUMNS``) or ground-truth label maps (N, S, S)
-uint8 with each image's true city, and the world's planted cues (city -> ADE20K object names);
-writes nothing (``pipeline.run_objects`` stores the scores in the run's ``metrics.json``).
+Reads an ``r_scores.csv`` table (``stats.TABLE_COLUMNS``), ground-truth label maps (N, S, S)
+uint8 with each image's true city, or per-city pixel shares (``labels.pixel_share``), and the
+world's planted cues (city -> ADE20K object names); writes nothing (``pipeline.run_objects``
+stores the scores in the run's ``metrics.json``).
 
 - ``recovery``: the rank of each planted object by lift among its city's objects, and the mean
   reciprocal rank over cities.
@@ -10,6 +11,8 @@ writes nothing (``pipeline.run_objects`` stores the scores in the run's ``metric
   network's size (``ideal_masks``), upsampled and counted exactly like the network's masks. A
   cue the network ranks low but the ideal detector ranks high was missed by the network; one
   the ideal detector cannot rank high is finer than a map of that size can show.
+- ``differences``: how much each object's pixel share differs between the cities, with the
+  cities that declare it a cue: the differences a network could use, declared or not.
 """
 from __future__ import annotations
 
@@ -100,3 +103,27 @@ def ceiling(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], grid: 
     hist = stats.Histograms.build(stats.upsampled(masks, size, upsample), label_maps, cities, cfg,
                                   names, progress=False)
     return recovery(hist.table(ci=False), cues, top)
+
+
+def differences(share: pd.DataFrame, cues: Mapping[str, Iterable] | None = None,
+                floor: float = 0.001) -> pd.DataFrame:
+    """Which objects the cities' images differ in, and whether those are declared cues.
+
+    ``share`` is ``labels.pixel_share``'s long table (city, object, share, ...). Returns one row
+    per object: its mean pixel share in each city (one column per city), ``ratio`` = largest /
+    smallest share with shares below ``floor`` counted as ``floor`` (an object a city lacks
+    gives a large, finite ratio), and ``planted`` = the cities that declare it a cue (empty if
+    none); sorted by ratio, largest first. On a generated world an undeclared object with a
+    ratio like the planted ones is a difference a network can use that the ground truth does
+    not name.
+    """
+    wide = share.pivot_table(index="object", columns="city", values="share", fill_value=0.0)
+    wide.columns = [str(c) for c in wide.columns]
+    ratio = wide.max(axis=1) / wide.clip(lower=floor).min(axis=1)
+    owner = {}
+    for city, objects in (cues or {}).items():
+        for o in objects:
+            name = o if isinstance(o, str) else o[0]
+            owner[name] = ", ".join(filter(None, [owner.get(name), city]))
+    out = wide.assign(ratio=ratio, planted=[owner.get(o, "") for o in wide.index])
+    return out.sort_values("ratio", ascending=False, kind="stable").rename_axis("object").reset_index()

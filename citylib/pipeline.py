@@ -99,7 +99,7 @@ def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
     size = cache.images.shape[1]
     result = stats.run(cfg.stats, stats.upsampled(cams.masks, size, gradcam.upsample), label_maps,
                        cams.index["city"].to_numpy(str), run.dir, progress=progress)
-    planted = cues.planted(cfg.data.world.world) if cfg.data.source == "world" else {}
+    planted = planted_cues(run)
     recovery, scores = cues.recovery(result.table, planted) if planted else (pd.DataFrame(), {})
     if planted:   # the best ranks a map of this size allows: what the network missed vs. could not show
         grid = tuple(cams.masks.shape[1:])
@@ -119,6 +119,12 @@ def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
         "r_scores": str(result.path.relative_to(run.dir)), **scores}})
     return ObjectsResult(result.table, result.histograms, seg.segmenter, rows, label_maps, planted,
                          recovery)
+
+
+def planted_cues(run: Run) -> dict[str, tuple[str, ...]]:
+    """City -> planted cue names of the run's generated world; empty for other data."""
+    cfg = run.cfg.data
+    return cues.planted(cfg.world.world) if cfg.source == "world" else {}
 
 
 def run_embedding(run: Run, progress: bool = True) -> embed.EmbedResult:

@@ -346,3 +346,17 @@ def test_threshold_panel_redraws_its_image_when_a_control_moves():
     assert at_one[:4] == b"\x89PNG" and at_one != first
     view.value = "lift"
     assert bytes(image.value) not in (first, at_one)
+
+
+def test_differences_ratio_floor_and_declared_cues():
+    share = pd.DataFrame([("a", "tree", 0.10), ("b", "tree", 0.0),          # b lacks trees
+                          ("a", "awning", 0.02), ("b", "awning", 0.005),    # undeclared, 4x
+                          ("a", "road", 0.20), ("b", "road", 0.20)],
+                         columns=["city", "object", "share"])
+    d = cues_.differences(share, {"a": [("tree", "why")], "b": ["tree"]}, floor=0.001).set_index("object")
+    assert list(d.index) == ["tree", "awning", "road"]                      # by ratio
+    assert d.loc["tree", "ratio"] == pytest.approx(0.10 / 0.001)            # 0 counted as the floor
+    assert d.loc["awning", "ratio"] == pytest.approx(4.0) and d.loc["road", "ratio"] == 1.0
+    assert d.loc["tree", "planted"] == "a, b" and d.loc["awning", "planted"] == ""
+    assert d.loc["tree", "a"] == 0.10 and d.loc["tree", "b"] == 0.0
+    assert list(cues_.differences(share).planted.unique()) == [""]           # no world, no cues
