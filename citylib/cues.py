@@ -25,6 +25,11 @@ from citylib import labels as ade
 from citylib import stats
 
 
+def _names(objects: Iterable) -> list[str]:
+    """Cue names from names or (name, why) pairs, as worlds and callers give them."""
+    return [o if isinstance(o, str) else o[0] for o in objects]
+
+
 def planted(world: str = "default") -> dict[str, tuple[str, ...]]:
     """City -> the object names planted as its cues in a generated world (``synth.load_world``)."""
     from citylib import synth  # the world generator is only needed here
@@ -43,7 +48,7 @@ def recovery(table: pd.DataFrame, cues: Mapping[str, Iterable], top: int = 3
     """
     rows, rr, all_top = [], {}, {}
     for city, objects in cues.items():
-        objects = [o if isinstance(o, str) else o[0] for o in objects]  # names or (name, why)
+        objects = _names(objects)
         own = table[table["city"] == city]
         if not objects or own.empty:
             continue
@@ -83,7 +88,7 @@ def ideal_masks(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], gr
     cities = np.asarray(cities).astype(str)
     own = np.zeros(label_maps.shape, np.float32)                         # (N, S, S) 1 = a cue pixel
     for city, objects in cues.items():
-        ids = [index[o if isinstance(o, str) else o[0]] for o in objects]
+        ids = [index[o] for o in _names(objects)]
         rows = np.flatnonzero(cities == city)
         own[rows] = np.isin(label_maps[rows], ids)
     pooled = F.adaptive_avg_pool2d(torch.from_numpy(own)[:, None], grid)[:, 0]   # (N, h, w)
@@ -122,8 +127,7 @@ def differences(share: pd.DataFrame, cues: Mapping[str, Iterable] | None = None,
     ratio = wide.max(axis=1) / wide.clip(lower=floor).min(axis=1)
     owner = {}
     for city, objects in (cues or {}).items():
-        for o in objects:
-            name = o if isinstance(o, str) else o[0]
+        for name in _names(objects):
             owner[name] = ", ".join(filter(None, [owner.get(name), city]))
     out = wide.assign(ratio=ratio, planted=[owner.get(o, "") for o in wide.index])
     return out.sort_values("ratio", ascending=False, kind="stable").rename_axis("object").reset_index()

@@ -96,15 +96,15 @@ def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
     rows = cams.index["index"].to_numpy(np.int64)                      # cache rows of the masks
     seg = segment.run(cfg.segment, cache, run.data_dir / "segment", rows=rows, progress=progress)
     label_maps = np.asarray(seg.labels[rows])                         # (n, S, S) uint8
-    size = cache.images.shape[1]
+    size, cities = cache.images.shape[1], cams.index["city"].to_numpy(str)
     result = stats.run(cfg.stats, stats.upsampled(cams.masks, size, gradcam.upsample), label_maps,
-                       cams.index["city"].to_numpy(str), run.dir, progress=progress)
+                       cities, run.dir, progress=progress)
     planted = planted_cues(run)
-    recovery, scores = cues.recovery(result.table, planted) if planted else (pd.DataFrame(), {})
-    if planted:   # the best ranks a map of this size allows: what the network missed vs. could not show
+    recovery, scores = pd.DataFrame(), {}
+    if planted:   # the ranks, and the best a map of this size allows: missed vs. could not show
+        recovery, scores = cues.recovery(result.table, planted)
         grid = tuple(cams.masks.shape[1:])
-        ideal, best = cues.ceiling(label_maps, cams.index["city"].to_numpy(str), planted, grid,
-                                   gradcam.upsample, cfg.stats)
+        ideal, best = cues.ceiling(label_maps, cities, planted, grid, gradcam.upsample, cfg.stats)
         recovery = recovery.merge(ideal[["city", "object", "rank"]].rename(
             columns={"rank": "ceiling_rank"}), on=["city", "object"], how="left")
         scores["ceiling"] = {"map_size": list(grid), "planted_mrr": best["planted_mrr"],

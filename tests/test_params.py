@@ -73,6 +73,7 @@ def test_discover_skips_private_files_and_every_shipped_file_is_valid(tmp_path):
     extra = params.load_all(params.discover(PARAMETERS / "extra"))
     assert {c.arch for c in extra} == {"alexnet", "vgg_s"}
     params.load_all(params.discover(PARAMETERS / "smoke"))
+    assert {c.data.image_size for c in params.load_all(params.discover(PARAMETERS / "maps128"))} == {128}
     assert {c.data.image_size for c in params.load_all(params.discover(PARAMETERS / "paper"))} == {224}
 
 
