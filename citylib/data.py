@@ -330,7 +330,9 @@ def _source(cfg: DataConfig, out: Path) -> Path:
     """The folder or manifest to read; a generated world is made (or reused) beside ``out``."""
     if cfg.source != "world":
         return paths.resolve(cfg.source)
-    return Path(synth.run(cfg.world, out.parent / "world" / config_hash(cfg.world)))
+    # keyed by everything the files depend on: an edited world YAML or a new generator gets
+    # its own folder instead of meeting the old files
+    return Path(synth.run(cfg.world, out.parent / "world" / synth.world_hash(cfg.world)))
 
 
 def _previous(out: Path, chash: str, files: str) -> DataResult | None:

@@ -287,8 +287,8 @@ class GradCAMConfig:
     target: Literal["predicted", "true"] = "predicted"   # which city's score is explained
     batch_size: int = 32
     threshold: float = 0.5       # visual explanation: the image where mask >= threshold
-    sanity_images: int = 64      # test images for randomisation and deletion checks (0: skip)
-    deletion_steps: int = 16     # deletion curve: fractions 0, 1/k, ..., 1 of the pixels
+    sanity_images: int = 32      # test images for randomisation and deletion checks (0: skip)
+    deletion_steps: int = 8      # deletion curve: fractions 0, 1/k, ..., 1 of the pixels
     seed: int = 0                # sanity images, re-initialisation, random deletion order
 
     def __post_init__(self):

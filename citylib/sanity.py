@@ -105,14 +105,17 @@ def deletion(model: nn.Module, images: np.ndarray, target: np.ndarray, method: s
     fractions = np.linspace(0.0, 1.0, steps + 1)
     counts = np.round(fractions * S * S).astype(np.int64)
     x = train.to_tensor(images)                                       # (n, 3, S, S)
+    # nothing and everything removed are the same images in both orders: computed once
+    ends = {c: _target_prob(model, x * (c == 0), target, batch_size).mean() for c in (0, S * S)}
     curves = {}
-    bar = tqdm(total=2 * len(counts), desc="deletion", disable=not progress, leave=False)
+    bar = tqdm(total=2 * (len(counts) - 2), desc="deletion", disable=not progress, leave=False)
     for name, order in (("salient", salient), ("random", random)):
         rank = np.empty_like(order)                                   # rank[i, pixel]
         np.put_along_axis(rank, order, np.arange(S * S)[None].repeat(n, 0), axis=1)
         rank = torch.from_numpy(rank).view(n, 1, S, S)
-        curves[name] = np.array([_target_prob(model, x * (rank >= c), target, batch_size,
-                                              bar).mean() for c in counts])
+        curves[name] = np.array([ends[c] if c in ends else
+                                 _target_prob(model, x * (rank >= c), target, batch_size, bar).mean()
+                                 for c in counts])
     bar.close()
     return {"method": method, "fill": FILL, "n_images": n, "steps": steps, "seed": seed,
             "fractions": fractions.tolist(),
@@ -122,7 +125,7 @@ def deletion(model: nn.Module, images: np.ndarray, target: np.ndarray, method: s
 
 
 def _target_prob(model: nn.Module, x: torch.Tensor, target: np.ndarray, batch_size: int,
-                 bar) -> np.ndarray:
+                 bar=None) -> np.ndarray:
     """Softmax probability of ``target`` (n,) for normalised inputs x (n, 3, S, S)."""
     was_training = model.training
     model.eval()
@@ -135,5 +138,6 @@ def _target_prob(model: nn.Module, x: torch.Tensor, target: np.ndarray, batch_si
                 probs.append(torch.softmax(model(xb).float(), 1))      # (B, C)
     finally:
         model.train(was_training)
-    bar.update()
+    if bar is not None:
+        bar.update()
     return torch.cat(probs)[torch.arange(len(x)), torch.from_numpy(target)].numpy()

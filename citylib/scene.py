@@ -129,9 +129,10 @@ def _texture(rect: Rect, s: np.ndarray, r: np.ndarray) -> np.ndarray:
         edge = (s > 0.6) & (s < rect.w - 0.6) & (r < rect.h - 0.8)
         col[(upper | shop) & edge] = glass
     elif kind == "diagrid":  # glass curtain wall on a lattice of diagonal braces, p[3] m apart:
-        # a pattern coarse enough to read at 64 px, which no punched-window facade has
+        # a pattern coarse enough to read at 64 px, which no punched-window facade has; braces
+        # wide enough to give the tower about the dark share that windows give a plain one
         d = p[3]
-        col[(np.mod(s + r, d) > 0.28 * d) & (np.mod(s - r, d) > 0.28 * d)] = p[0:3]
+        col[(np.mod(s + r, d) > 0.36 * d) & (np.mod(s - r, d) > 0.36 * d)] = p[0:3]
     elif kind == "leaves":  # blotchy foliage / grass / soil, fixed to the surface
         cell = p[0]
         col *= (0.72 + 0.5 * _hash(np.floor(s / cell), np.floor(r / cell)))[:, None]
@@ -381,7 +382,8 @@ def spot(style, rng: np.random.Generator, pick) -> dict:
         if not facades:
             break
         fs, y0, y1, h = facade_near(side, y)
-        x, ink = xf[fs] - fs * 0.12, (0.95, 0.95, 0.9) if sum(col) < 1.6 else (0.08, 0.08, 0.1)
+        # ink: white on dark signs; on light ones a dark grey, not black, which nothing else is
+        x, ink = xf[fs] - fs * 0.12, (0.95, 0.95, 0.9) if sum(col) < 1.6 else (0.16, 0.17, 0.19)
         yc = float(np.clip(y, y0 + 1, y1 - 1))
         if rng.random() < 0.5:  # flat over the shop front
             w = min(size, y1 - y0 - 0.4)

@@ -31,14 +31,14 @@ from .config import ConfigError, config_hash, from_dict, to_dict
 from .paths import WORLDS
 from .scene import VOCAB
 
-GENERATOR_VERSION = 1  # bump when drawing changes, so cached worlds are not reused
+GENERATOR_VERSION = 2  # bump when drawing changes, so cached worlds are not reused
 Range = tuple[float, float]
 
 
 @dataclass(frozen=True)
 class SynthConfig:
     world: str = "default"    # built-in name (citylib/worlds/<name>.yaml) or a path to a YAML
-    spots_per_city: int = 150
+    spots_per_city: int = 90
     views: int = 4            # headings per spot, evenly spaced round the camera
     size: int = 128           # square image side, px
     seed: int = 0
@@ -304,6 +304,11 @@ def _complete(out: Path, chash: str) -> bool:
     return all((out / p).is_file() for p in pd.concat([m["path"], m["label_path"]]))
 
 
+def world_hash(cfg: SynthConfig, world=None) -> str:
+    """What the files of ``cfg``'s world depend on: generator version, settings, world definition."""
+    return config_hash(GENERATOR_VERSION, cfg, (world or load_world(cfg.world)).definition)
+
+
 def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int = 2) -> Path:
     """Generate the world of ``cfg`` into ``out`` and return its manifest path.
 
@@ -312,7 +317,7 @@ def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int
     """
     out = Path(out)
     world = load_world(cfg.world)
-    chash = config_hash(GENERATOR_VERSION, cfg, world.definition)
+    chash = world_hash(cfg, world)
     if _complete(out, chash):
         return out / "manifest.csv"
     try:

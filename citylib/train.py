@@ -52,8 +52,8 @@ OUTPUT_FILES = ("best.pt", "history.csv", "metrics.json", "predictions.csv")
 class TrainConfig:
     """Training settings; every one is part of the run's config hash."""
 
-    epochs: int = 6
-    batch_size: int = 32
+    epochs: int = 4
+    batch_size: int = 16
     lr: float = 1e-4           # Adam; the paper's initial rate
     lr_step: int = 10          # multiply lr by lr_gamma every lr_step epochs (paper: 10, 0.1)
     lr_gamma: float = 0.1

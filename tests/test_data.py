@@ -357,6 +357,6 @@ def test_world_source_goes_through_synth(tmp_path, monkeypatch):
     cfg = data.DataConfig(image_size=16)
     res = data.run(cfg, tmp_path / "outputs" / "data", progress=False)
     assert seen["cfg"] == cfg.world
-    assert seen["out"] == tmp_path / "outputs" / "world" / config_hash(cfg.world)
+    assert seen["out"] == tmp_path / "outputs" / "world" / synth.world_hash(cfg.world)
     assert sorted(res.manifest["group"]) == ["amsterdam0", "amsterdam1", "amsterdam2",
                                              "berlin0", "berlin1", "berlin2"]

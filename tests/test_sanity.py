@@ -6,7 +6,7 @@ import pytest
 import scipy.stats
 import torch
 
-from citylib import gradcam_plots, models, sanity
+from citylib import gradcam_plots, models, sanity, train
 
 SIZE = 64
 
@@ -70,6 +70,11 @@ def test_deletion(simple, images):
     sal, rnd = np.array(out["curve_salient"]), np.array(out["curve_random"])
     assert sal.shape == rnd.shape == (5,)
     assert sal[0] == pytest.approx(rnd[0]) and sal[-1] == pytest.approx(rnd[-1])  # same images
+    with torch.no_grad():   # nothing removed: the images; everything removed: the fill (0)
+        x = train.to_tensor(images)
+        whole = torch.softmax(simple(x), 1)[torch.arange(4), torch.from_numpy(target)].mean()
+        blank = torch.softmax(simple(torch.zeros_like(x)), 1)[torch.arange(4), torch.from_numpy(target)].mean()
+    assert sal[0] == pytest.approx(whole.item(), abs=1e-6) and sal[-1] == pytest.approx(blank.item(), abs=1e-6)
     assert 0 <= out["auc_salient"] <= 1 and 0 <= out["auc_random"] <= 1
     assert out["auc_salient"] == pytest.approx(np.trapezoid(sal, out["fractions"]))
     assert sanity.deletion(simple, images, target, steps=4, batch_size=8, seed=0) == out
