@@ -38,7 +38,7 @@ Range = tuple[float, float]
 @dataclass(frozen=True)
 class SynthConfig:
     world: str = "default"    # built-in name (citylib/worlds/<name>.yaml) or a path to a YAML
-    spots_per_city: int = 90
+    spots_per_city: int = 100
     views: int = 4            # headings per spot, evenly spaced round the camera
     size: int = 128           # square image side, px
     seed: int = 0
