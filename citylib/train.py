@@ -99,8 +99,8 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
 
     ``extra_config`` (the run's full resolved config) is stored in every artifact and hashed.
     ``stop_after=k`` stops after epoch k (an interruption, for resuming later). ``force`` clears
-    results made by another config instead of raising. ``keep_checkpoints=k`` keeps only the
-    last k epoch checkpoints (all by default).
+    whatever results the folder holds, of this config or another, and trains from the start.
+    ``keep_checkpoints=k`` keeps only the last k epoch checkpoints (all by default).
     """
     out = Path(out)
     ckpt_dir = out / "checkpoints"
@@ -304,6 +304,11 @@ def run_config(arch: str, seed: int, cfg: TrainConfig, cache, idx: dict, extra: 
 def _prepare_folder(out: Path, chash: str, force: bool) -> Path | str | None:
     """'finished', the last checkpoint to resume from, or None; raise on another config's results."""
     found = _checkpoints(out / "checkpoints")
+    if force:   # a redo: nothing of an earlier training is kept, finished or not
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for f in OUTPUT_FILES:
+            (out / f).unlink(missing_ok=True)
+        return None
     hashes = set()
     if (out / "metrics.json").is_file():
         hashes.add(read_json(out / "metrics.json").get("config_hash"))
@@ -312,14 +317,9 @@ def _prepare_folder(out: Path, chash: str, force: bool) -> Path | str | None:
     if found:   # mmap: reads the small entries only, not the weights
         hashes.add(torch.load(found[-1], weights_only=True, mmap=True)["config_hash"])
     other = sorted(h for h in hashes - {chash, None})
-    if other and not force:
+    if other:
         raise ConfigMismatchError(f"{out}: holds results of config {other[0]}, not {chash}; "
                                   "choose another run name, or pass force=True to clear them")
-    if other:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for f in OUTPUT_FILES:
-            (out / f).unlink(missing_ok=True)
-        return None
     return found[-1] if found else None
 
 

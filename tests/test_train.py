@@ -103,6 +103,10 @@ def test_finished_run_is_reused_and_mismatch_refused(cache, tmp_path):
     again = train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 1}, progress=False)
     assert again.reused and again.metrics == first.metrics
     assert (out / "best.pt").stat().st_mtime_ns == mtime
+    redo = train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 1}, progress=False,
+                     force=True)   # force trains again, from the start, to the same weights
+    assert not redo.reused and redo.resumed_from == 0 and redo.metrics == first.metrics
+    assert (out / "best.pt").stat().st_mtime_ns != mtime
     with pytest.raises(train.ConfigMismatchError, match=str(out)):
         train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 2}, progress=False)
     # an interrupted run of another config is refused too; force clears it
