@@ -302,13 +302,14 @@ def run_config(arch: str, seed: int, cfg: TrainConfig, cache, idx: dict, extra: 
 
 
 def _prepare_folder(out: Path, chash: str, force: bool) -> Path | str | None:
-    """'finished', the last checkpoint to resume from, or None; raise on another config's results."""
-    found = _checkpoints(out / "checkpoints")
+    """'finished', the last checkpoint to resume from, or None; raise on another config's
+    results unless ``force``, which clears the folder's training results of any config."""
     if force:   # a redo: nothing of an earlier training is kept, finished or not
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         for f in OUTPUT_FILES:
             (out / f).unlink(missing_ok=True)
         return None
+    found = _checkpoints(out / "checkpoints")
     hashes = set()
     if (out / "metrics.json").is_file():
         hashes.add(read_json(out / "metrics.json").get("config_hash"))
