@@ -32,7 +32,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", action="append", default=None, metavar="RUN", help="run only this run (repeatable)")
     r.add_argument("--force", action="store_true", help="redo runs even if identical results exist")
     r.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="runs analysed side by side after training, one core each (default: cores)")
+                   help="runs analysed (notebooks 03-05) side by side, cores / N each (default: cores)")
     r.add_argument("--outputs", default=None, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")
 
     pr = sub.add_parser("predict", help="predicted city and probabilities per image")

@@ -2,9 +2,10 @@
 
 Reads ``parameters/*.yaml`` (or the files given), validates all of them before any work,
 then executes: the data notebook once, the per-run notebooks once per parameter file, and
-the grid notebooks once over all runs. Training (notebook 02) runs one run at a time with every
-core; the later per-run notebooks (Grad-CAM, embedding, objects), mostly single-threaded work,
-then run for ``jobs`` runs side by side, one worker process and core each. Writes every executed
+the grid notebooks once over all runs. Each run's training (notebook 02) takes as many cores as
+its ``train.threads`` (which the weights depend on), its later notebooks (Grad-CAM, embedding,
+objects; mostly single-threaded work) ``cores / jobs``; runs go side by side, each in a worker
+process, as long as the cores they take are free. Writes every executed
 notebook under ``outputs/`` (``data/``, ``runs/<run>/``, ``comparison/``), a stamp per finished
 notebook, and ``outputs/runs/summary.csv``. A notebook whose stamp matches (same resolved config,
 same notebook source) is skipped; a failing run is reported at the end and the others go on.
@@ -15,7 +16,7 @@ import contextlib
 import hashlib
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +39,8 @@ GRID_NOTEBOOKS = ("06_comparison.ipynb",)
 # to 161 s (`/usr/bin/time -v make run`); wall time stayed within run-to-run noise. A value the
 # user has set is left alone.
 KERNEL_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
-# Thread pools of the analysis kernels when several run side by side: cores / jobs each, so that
-# the kernels never ask for more threads than there are cores (OpenMP threads that wait for a
+# Thread pools of the kernels when several run side by side: each kernel as many as the cores its
+# task takes, so that the kernels never ask for more threads than there are cores (OpenMP threads that wait for a
 # busy core spin and slow everything down).
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
@@ -68,7 +69,7 @@ def run(
     jobs: int | None = None,
 ) -> RunnerResult:
     """Execute the grid; see the module docstring. ``only`` selects runs by name; ``jobs``:
-    runs analysed side by side after training (default: one per core)."""
+    runs analysed side by side, ``cores / jobs`` cores each (default: one per core)."""
     cores = os.cpu_count() or 1
     jobs = cores if jobs is None else jobs
     if jobs < 1:
@@ -112,27 +113,16 @@ def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool, 
     for nb in DATA_NOTEBOOKS:
         data_ok &= _execute(nb_dir / nb, out / "data", f"data/{nb}", first_file, out, data_key, force, result, bar)
 
-    def notebooks(name: str, names: tuple[str, ...]) -> bool:
-        cfg, file = by_name[name]
-        return _notebooks(names, name, file, cfg.hash, out, nb_dir, force, result, bar)
-
-    trained = []
-    for name, (cfg, _) in by_name.items():
+    runs = {}
+    for name, (cfg, file) in by_name.items():
         if not data_ok:
             result.failed[name] = "skipped: the data stage failed"
             bar.update(len(RUN_NOTEBOOKS))
             continue
         artifacts.write_json(out / "runs" / name / "config.json",
                              {"config": cfg.to_dict(), "config_hash": cfg.hash})
-        if notebooks(name, RUN_NOTEBOOKS[:1]):     # training: one run at a time, every core
-            trained.append(name)
-        else:
-            bar.update(len(RUN_NOTEBOOKS) - 1)
-    jobs = max(1, min(jobs, len(trained)))
-    if jobs == 1:
-        finished = [n for n in trained if notebooks(n, RUN_NOTEBOOKS[1:])]
-    else:
-        finished = _analyse_side_by_side(trained, by_name, out, nb_dir, force, jobs, cores, result, bar)
+        runs[name] = (cfg, file)
+    finished = _schedule(runs, out, nb_dir, force, cores, max(1, cores // jobs), result, bar)
     # the grid compares every finished run of these files, also those left out by --only
     finished += [n for n, (c, _) in everything.items()
                  if n not in by_name and data_ok and _is_done(out / "runs" / n, c.hash, nb_dir)]
@@ -160,43 +150,119 @@ def _notebooks(names: tuple[str, ...], name: str, file: Path, key: str, out: Pat
     return True
 
 
-def _analyse_side_by_side(trained: list[str], by_name: dict, out: Path, nb_dir: Path, force: bool,
-                          jobs: int, cores: int, result: RunnerResult, bar) -> list[str]:
-    """Notebooks 03-05 of the trained runs, ``jobs`` runs at a time, each run in its own worker
-    process: papermill changes the process's working directory for each notebook, which
-    notebooks running side by side in threads of one process would share. Returns the runs
-    that finished, in parameter-file order."""
+@dataclass(frozen=True)
+class _Task:
+    """One run's notebooks that go together: its training, or its analysis (after training)."""
+
+    run: str
+    notebooks: tuple[str, ...]
+    cores: int
+
+
+def _schedule(runs: dict, out: Path, nb_dir: Path, force: bool, cores: int, analysis_cores: int,
+              result: RunnerResult, bar) -> list[str]:
+    """Notebooks 02-05 of ``runs``; returns those that finished, in parameter-file order.
+
+    A run's training (notebook 02) takes ``train.threads`` cores, its analysis (03-05)
+    ``analysis_cores``. Tasks start in order -- every training, those on the most cores first,
+    then every analysis once its run is trained -- whenever their cores are free, each in a worker process with that many
+    threads: runs that train on one thread train side by side, and the first analyses use a
+    core that a training has left. The first task that does not fit waits, and everything after
+    it waits too, so that a training on every core is not starved by one-core tasks. When no two
+    tasks can ever share the cores, everything runs here, one task after another."""
+    trainings = [_Task(n, RUN_NOTEBOOKS[:1], min(cores, cfg.train.threads)) for n, (cfg, _) in runs.items()]
+    trainings.sort(key=lambda t: -t.cores)   # the widest first; at the end analyses fill the gaps
+    analyses = [_Task(n, RUN_NOTEBOOKS[1:], analysis_cores) for n in runs]
+    if 2 * min((t.cores for t in trainings + analyses), default=cores) > cores:
+        trained = [t.run for t in trainings if _run_task(t, runs, out, nb_dir, force, result, bar)]
+        return [t.run for t in analyses if t.run in trained
+                and _run_task(t, runs, out, nb_dir, force, result, bar)]
+    return _schedule_in_workers(trainings, analyses, runs, out, nb_dir, force, cores, result, bar)
+
+
+def _run_task(task: _Task, runs: dict, out: Path, nb_dir: Path, force: bool, result: RunnerResult,
+              bar) -> bool:
+    cfg, file = runs[task.run]
+    ok = _notebooks(task.notebooks, task.run, file, cfg.hash, out, nb_dir, force, result, bar)
+    if not ok and task.notebooks[0] == RUN_NOTEBOOKS[0]:
+        bar.update(len(RUN_NOTEBOOKS) - len(task.notebooks))   # its analysis never starts
+    return ok
+
+
+def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: dict, out: Path,
+                         nb_dir: Path, force: bool, cores: int, result: RunnerResult, bar) -> list[str]:
+    """The worker-process side of ``_schedule``: papermill changes the process's working
+    directory for each notebook, which notebooks running side by side in threads of one process
+    would share; and each kernel inherits its worker's thread settings."""
     import multiprocessing
 
-    threads = {k: str(max(1, cores // jobs)) for k in THREAD_VARS}
-    finished = []
-    with _kernel_env(threads), ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_analyse_worker, name, by_name[name][1], by_name[name][0].hash, out,
-                               nb_dir, force): name for name in trained}
-        for future in as_completed(futures):
-            name = futures[future]
-            bar.set_postfix_str(f"{name} analysed")
-            try:
-                part, ok = future.result()
-            except Exception as e:   # the worker process itself died
-                part, ok = RunnerResult(failed={f"{name}/analysis": f"{type(e).__name__}: {e}"}), False
-                tqdm.write(f"FAILED {name}/analysis: {type(e).__name__}: {e}")
-            result.executed += part.executed
-            result.seconds.update(part.seconds)
-            result.skipped += part.skipped
-            result.failed.update(part.failed)
-            bar.update(len(RUN_NOTEBOOKS) - 1)
-            if ok:
-                finished.append(name)
-    return [n for n in trained if n in finished]
+    user_set = {k for k in THREAD_VARS if k in os.environ}   # a value the user set is left alone
+    pending, running, free = trainings + analyses, {}, cores
+    trained, finished, lost = set(), set(), set()
+    with ProcessPoolExecutor(cores, multiprocessing.get_context("spawn")) as pool:
+        while pending or running:
+            start, dropped = _ready(pending, trained, lost, free)
+            for task in start + dropped:
+                pending.remove(task)
+            for task in start:
+                cfg, file = runs[task.run]
+                env = {k: str(task.cores) for k in THREAD_VARS if k not in user_set}
+                running[pool.submit(_task_worker, task.run, task.notebooks, file, cfg.hash, out,
+                                    nb_dir, force, env)] = task
+                free -= task.cores
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                free += task.cores
+                label = f"{task.run}/{task.notebooks[0] if len(task.notebooks) == 1 else 'analysis'}"
+                try:
+                    part, ok = future.result()
+                except Exception as e:   # the worker process itself died
+                    part, ok = RunnerResult(failed={label: f"{type(e).__name__}: {e}"}), False
+                    tqdm.write(f"FAILED {label}: {type(e).__name__}: {e}")
+                result.executed += part.executed
+                result.seconds.update(part.seconds)
+                result.skipped += part.skipped
+                result.failed.update(part.failed)
+                bar.set_postfix_str(f"{label} done")
+                bar.update(len(task.notebooks))
+                is_training = task.notebooks == RUN_NOTEBOOKS[:1]
+                if is_training and ok:
+                    trained.add(task.run)
+                elif is_training:
+                    lost.add(task.run)
+                    bar.update(len(RUN_NOTEBOOKS) - 1)
+                elif ok:
+                    finished.add(task.run)
+    return [n for n in runs if n in finished]
 
 
-def _analyse_worker(name: str, file: Path, key: str, out: Path, nb_dir: Path,
-                    force: bool) -> tuple[RunnerResult, bool]:
-    """In a worker process: the analysis notebooks of one run, with a silent progress bar."""
+def _ready(pending: list[_Task], trained: set[str], lost: set[str], free: int
+           ) -> tuple[list[_Task], list[_Task]]:
+    """(tasks of ``pending`` to start now on ``free`` cores, in order; analyses to drop because
+    their run's training failed). An analysis waits for its run's training without holding up
+    the tasks behind it; the first task that does not fit holds up everything behind it."""
+    start, dropped = [], []
+    for task in pending:
+        if task.notebooks != RUN_NOTEBOOKS[:1] and task.run not in trained:
+            if task.run in lost:
+                dropped.append(task)
+            continue
+        if task.cores > free:
+            break
+        start.append(task)
+        free -= task.cores
+    return start, dropped
+
+
+def _task_worker(name: str, notebooks: tuple[str, ...], file: Path, key: str, out: Path,
+                 nb_dir: Path, force: bool, env: dict[str, str]) -> tuple[RunnerResult, bool]:
+    """In a worker process: some notebooks of one run, with a silent progress bar; ``env`` (the
+    thread settings) goes to the kernels it starts."""
+    os.environ.update(env)
     result = RunnerResult()
-    with tqdm(total=len(RUN_NOTEBOOKS) - 1, disable=True) as bar:
-        ok = _notebooks(RUN_NOTEBOOKS[1:], name, file, key, out, nb_dir, force, result, bar)
+    with tqdm(total=len(notebooks), disable=True) as bar:
+        ok = _notebooks(notebooks, name, file, key, out, nb_dir, force, result, bar)
     return result, ok
 
 

@@ -133,3 +133,18 @@ def test_analysis_failure_in_a_worker_process_is_reported_and_the_other_run_fini
                    for label in result.executed + result.skipped)
     summary = result.summary.set_index("run")
     assert summary.loc["good", "status"] == "ok" and summary.loc["other", "status"] == "failed"
+
+
+def test_tasks_start_in_order_while_their_cores_are_free():
+    """The scheduler's choice: one-thread trainings go side by side, a task on more cores than
+    are free holds up those behind it, an analysis waits for its own run's training only."""
+    train = lambda run, cores: runner._Task(run, runner.RUN_NOTEBOOKS[:1], cores)  # noqa: E731
+    analyse = lambda run: runner._Task(run, runner.RUN_NOTEBOOKS[1:], 1)  # noqa: E731
+    pending = [train("a", 1), train("b", 1), train("c", 2), analyse("a"), analyse("b")]
+    assert runner._ready(pending, set(), set(), 2) == (pending[:2], [])
+    # 'a' trained, 'b' still training: 'c' needs both cores and holds up a's analysis
+    assert runner._ready(pending[2:], {"a"}, set(), 1) == ([], [])
+    # 'c' started on both cores and finished; b's analysis waits, a's goes
+    assert runner._ready(pending[3:], {"a", "c"}, set(), 1) == ([pending[3]], [])
+    # 'b' failed: its analysis is dropped, not run
+    assert runner._ready(pending[4:], {"a", "c"}, {"b"}, 2) == ([], [pending[4]])
