@@ -9,6 +9,9 @@ STAMP := $(VENV)/.citylib-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# pynndescent (which openTSNE imports to look for it) compiles its numba functions on its
+	# first import, about 25 s, and caches them in the environment: once here, not in the job.
+	$(BIN)/python -c "import pynndescent"
 	touch $(STAMP)
 
 run: $(STAMP)
