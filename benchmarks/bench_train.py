@@ -5,9 +5,13 @@ optimizer are stepped N times (a) through ``train.train_one_epoch`` (one step pe
 gather, uint8 -> float, flip and pad-and-crop on the batch, progress bar off) and (b) by a bare
 loop over float tensors built beforehand. Overhead = extra time of (a) over (b). Also estimates
 the seconds of one epoch of ``--epoch-images`` training images (train steps + validation at a
-6:2:2 split + one checkpoint write), which sizes the default world.
+6:2:2 split + one checkpoint write), which sizes the default world. Given several thread counts
+(``--threads 1 2``), the table is printed for each, then how many times faster each architecture
+trains on more threads than on the fewest: below 2x for 2 threads, two one-thread runs side by
+side (what ``citylib run`` does with ``train.threads: 1``) get more done than one after another.
 
     python benchmarks/bench_train.py [--size 96] [--batch 32] [--steps 8] [--archs simple vgg11]
+                                     [--threads 1 2]
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=3)
     p.add_argument("--images", type=int, default=320, help="synthetic training images")
     p.add_argument("--steps", type=int, default=8, help="timed steps per loop (median kept)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, nargs="+", default=[2], help="one table per count")
     p.add_argument("--epoch-images", type=int, default=1100)
     return p
 
@@ -42,14 +46,14 @@ def _fresh(arch: str, classes: int, size: int, lr: float):
     return model, torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
-def bench_arch(arch: str, args) -> dict:
+def bench_arch(arch: str, args, threads: int) -> dict:
     n = args.steps * args.batch
     N = max(args.images, n)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (N, args.size, args.size, 3), dtype=np.uint8)  # (N, S, S, 3)
     y = torch.as_tensor(rng.integers(0, args.classes, N), dtype=torch.int64)     # (N,)
     idx = np.arange(N)
-    cfg = train.TrainConfig(batch_size=args.batch, threads=args.threads)
+    cfg = train.TrainConfig(batch_size=args.batch, threads=threads)
     X = train.to_tensor(images[:n])                       # (n, 3, S, S) float, built beforehand
     Y = y[:n]                                             # (n,)
 
@@ -102,19 +106,29 @@ def bench_arch(arch: str, args) -> dict:
 
 
 def main(args) -> list[dict]:
-    torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)             # as in training
-    print(f"{args.size} px, batch {args.batch}, {args.classes} classes, {args.threads} threads, "
-          f"median of {args.steps} alternating steps per loop")
-    print(f"{'arch':<9} {'params':>7} {'citylib img/s':>13} {'bare img/s':>10} {'overhead':>8} "
-          f"{'eval img/s':>10} {'ckpt MB':>8} {f's/epoch@{args.epoch_images}':>13}")
     rows = []
-    for arch in args.archs:
-        r = bench_arch(arch, args)
-        rows.append(r)
-        print(f"{r['arch']:<9} {r['params_m']:>6.1f}M {r['citylib']:>13.1f} {r['bare']:>10.1f} "
-              f"{r['overhead']:>7.1f}% {r['eval']:>10.1f} {r['ck_mb']:>8.0f} {r['epoch_s']:>13.0f}",
-              flush=True)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"{args.size} px, batch {args.batch}, {args.classes} classes, {threads} threads, "
+              f"median of {args.steps} alternating steps per loop")
+        print(f"{'arch':<9} {'params':>7} {'citylib img/s':>13} {'bare img/s':>10} {'overhead':>8} "
+              f"{'eval img/s':>10} {'ckpt MB':>8} {f's/epoch@{args.epoch_images}':>13}")
+        for arch in args.archs:
+            r = dict(bench_arch(arch, args, threads), threads=threads)
+            rows.append(r)
+            print(f"{r['arch']:<9} {r['params_m']:>6.1f}M {r['citylib']:>13.1f} {r['bare']:>10.1f} "
+                  f"{r['overhead']:>7.1f}% {r['eval']:>10.1f} {r['ck_mb']:>8.0f} "
+                  f"{r['epoch_s']:>13.0f}", flush=True)
+        print()
+    if len(args.threads) > 1:
+        base = min(args.threads)
+        speed = {(r["arch"], r["threads"]): r["citylib"] for r in rows}
+        print(f"training speed-up over {base} thread(s): " + ", ".join(
+            f"{t} threads" for t in args.threads if t != base))
+        for arch in args.archs:
+            print(f"{arch:<9} " + " ".join(f"{speed[arch, t] / speed[arch, base]:>9.2f}x"
+                                           for t in args.threads if t != base))
     return rows
 
 

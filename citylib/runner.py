@@ -39,9 +39,9 @@ GRID_NOTEBOOKS = ("06_comparison.ipynb",)
 # to 161 s (`/usr/bin/time -v make run`); wall time stayed within run-to-run noise. A value the
 # user has set is left alone.
 KERNEL_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
-# Thread pools of the kernels when several run side by side: each kernel as many as the cores its
-# task takes, so that the kernels never ask for more threads than there are cores (OpenMP threads that wait for a
-# busy core spin and slow everything down).
+# Thread pools of the kernels when several run side by side: each kernel as many as the cores
+# its task takes, so that the kernels never ask for more threads than there are cores (OpenMP
+# threads that wait for a busy core spin and slow everything down).
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
@@ -158,6 +158,10 @@ class _Task:
     notebooks: tuple[str, ...]
     cores: int
 
+    @property
+    def training(self) -> bool:
+        return self.notebooks == RUN_NOTEBOOKS[:1]
+
 
 def _schedule(runs: dict, out: Path, nb_dir: Path, force: bool, cores: int, analysis_cores: int,
               result: RunnerResult, bar) -> list[str]:
@@ -165,12 +169,13 @@ def _schedule(runs: dict, out: Path, nb_dir: Path, force: bool, cores: int, anal
 
     A run's training (notebook 02) takes ``train.threads`` cores, its analysis (03-05)
     ``analysis_cores``. Tasks start in order -- every training, those on the most cores first,
-    then every analysis once its run is trained -- whenever their cores are free, each in a worker process with that many
-    threads: runs that train on one thread train side by side, and the first analyses use a
-    core that a training has left. The first task that does not fit waits, and everything after
+    then every analysis once its run is trained -- whenever their cores are free, each in a
+    worker process with that many threads: runs that train on one thread train side by side,
+    and the first analyses use a core that a training has left. The first task that does not fit waits, and everything after
     it waits too, so that a training on every core is not starved by one-core tasks. When no two
     tasks can ever share the cores, everything runs here, one task after another."""
-    trainings = [_Task(n, RUN_NOTEBOOKS[:1], min(cores, cfg.train.threads)) for n, (cfg, _) in runs.items()]
+    trainings = [_Task(n, RUN_NOTEBOOKS[:1], min(cores, cfg.train.threads))
+                 for n, (cfg, _) in runs.items()]
     trainings.sort(key=lambda t: -t.cores)   # the widest first; at the end analyses fill the gaps
     analyses = [_Task(n, RUN_NOTEBOOKS[1:], analysis_cores) for n in runs]
     if 2 * min((t.cores for t in trainings + analyses), default=cores) > cores:
@@ -184,13 +189,14 @@ def _run_task(task: _Task, runs: dict, out: Path, nb_dir: Path, force: bool, res
               bar) -> bool:
     cfg, file = runs[task.run]
     ok = _notebooks(task.notebooks, task.run, file, cfg.hash, out, nb_dir, force, result, bar)
-    if not ok and task.notebooks[0] == RUN_NOTEBOOKS[0]:
+    if not ok and task.training:
         bar.update(len(RUN_NOTEBOOKS) - len(task.notebooks))   # its analysis never starts
     return ok
 
 
 def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: dict, out: Path,
-                         nb_dir: Path, force: bool, cores: int, result: RunnerResult, bar) -> list[str]:
+                         nb_dir: Path, force: bool, cores: int, result: RunnerResult,
+                         bar) -> list[str]:
     """The worker-process side of ``_schedule``: papermill changes the process's working
     directory for each notebook, which notebooks running side by side in threads of one process
     would share; and each kernel inherits its worker's thread settings."""
@@ -214,7 +220,7 @@ def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: di
             for future in done:
                 task = running.pop(future)
                 free += task.cores
-                label = f"{task.run}/{task.notebooks[0] if len(task.notebooks) == 1 else 'analysis'}"
+                label = f"{task.run}/{task.notebooks[0] if task.training else 'analysis'}"
                 try:
                     part, ok = future.result()
                 except Exception as e:   # the worker process itself died
@@ -226,10 +232,9 @@ def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: di
                 result.failed.update(part.failed)
                 bar.set_postfix_str(f"{label} done")
                 bar.update(len(task.notebooks))
-                is_training = task.notebooks == RUN_NOTEBOOKS[:1]
-                if is_training and ok:
+                if task.training and ok:
                     trained.add(task.run)
-                elif is_training:
+                elif task.training:
                     lost.add(task.run)
                     bar.update(len(RUN_NOTEBOOKS) - 1)
                 elif ok:
@@ -244,7 +249,7 @@ def _ready(pending: list[_Task], trained: set[str], lost: set[str], free: int
     the tasks behind it; the first task that does not fit holds up everything behind it."""
     start, dropped = [], []
     for task in pending:
-        if task.notebooks != RUN_NOTEBOOKS[:1] and task.run not in trained:
+        if not task.training and task.run not in trained:
             if task.run in lost:
                 dropped.append(task)
             continue
