@@ -1,14 +1,21 @@
-"""Writing results safely: every file lands atomically (temp file, then rename).
+"""Writing results safely, and reusing them only when exactly the same things made them.
 
-Readers never see half-written files; an interrupted write leaves the old file intact.
-Reads nothing; writes where it is told.
+Every file lands atomically (temp file, then rename): readers never see half-written files and
+an interrupted write leaves the old file intact. ``ResultFolder`` is the one mechanism by which
+every stage (and the batch runner) decides whether a finished result can be reused: a marker
+holding the result's key, which hashes the settings it read, the keys of its inputs and the
+source of the code that made it (``code_key``). Reads the package's own source; writes where it
+is told.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -69,3 +76,125 @@ def merge_json(path: Path, updates: dict) -> dict:
         merged = {**(read_json(path) if path.is_file() else {}), **updates}
         write_json(path, merged)
     return merged
+
+
+# ---------------------------------------------------------------- results keyed by what made them
+
+PACKAGE = Path(__file__).resolve().parent   # the citylib package, whose source keys results
+
+
+def code_key(module: str, root: str | os.PathLike | None = None) -> str:
+    """A hash of ``module``'s source and of every citylib module it imports, at any depth.
+
+    ``module`` is a name inside the package (``"train"`` or ``"citylib.train"``). Imports inside
+    functions count too, so a module that is imported lazily is covered. An edit to any of these
+    files, a comment included, changes the key: a result is never reused across a code change.
+    ``root`` is the package folder (default: this package).
+    """
+    root = Path(root) if root is not None else PACKAGE
+    seen, todo = {}, [module.removeprefix(f"{root.name}.")]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = root / f"{name.replace('.', '/')}.py"
+        source = path.read_bytes()
+        seen[name] = hashlib.sha256(source).hexdigest()
+        todo += [m for m in _package_imports(source, name, root) if m not in seen]
+    return hashlib.sha256(json.dumps(sorted(seen.items())).encode()).hexdigest()[:12]
+
+
+def _package_imports(source: bytes, module: str, root: Path) -> set[str]:
+    """Names of the package's modules that ``source`` imports (absolute or relative)."""
+    package, found = root.name, set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.removeprefix(f"{package}.") for a in node.names
+                      if a.name.startswith(f"{package}.")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:   # relative: from the module's own package
+                parts = [package, *module.split(".")[:-1]][:len(module.split(".")) + 1 - node.level]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base != package and not base.startswith(f"{package}."):
+                continue
+            inner = base.removeprefix(package).lstrip(".")
+            # `from citylib import train` names modules; `from citylib.train import run` a module
+            for a in node.names:
+                name = f"{inner}.{a.name}" if inner else a.name
+                if (root / f"{name.replace('.', '/')}.py").is_file():
+                    found.add(name)
+            if inner and (root / f"{inner.replace('.', '/')}.py").is_file():
+                found.add(inner)
+    return found
+
+
+class StaleError(RuntimeError):
+    """A result was made from other data, or its input does not exist yet; the message says
+    what to run."""
+
+
+class ResultFolder:
+    """One result in a folder, keyed by exactly what made it: settings, input keys and code.
+
+    A finished result has a marker, ``<folder>/.results/<name>.json``, holding its key, the files
+    it consists of (relative to the folder) and whatever the stage records about it. The stage
+    asks ``done()`` before any work: the marker if the key matches and every file is there,
+    else None. It calls ``begin()`` before writing (the folder holds no finished result of this
+    name until ``commit``), and ``commit(files, **info)`` once every file is written.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str, key: str):
+        self.folder, self.name, self.key = Path(folder), name, key
+        self.marker = self.folder / ".results" / f"{name}.json"
+
+    def read(self) -> dict | None:
+        """The marker, whatever its key; None when there is none (or it cannot be read)."""
+        try:
+            return read_json(self.marker)
+        except (OSError, ValueError):
+            return None
+
+    def done(self) -> dict | None:
+        """The marker of a finished result with this key whose files all exist, else None."""
+        marker = self.read()
+        if (marker is None or marker.get("key") != self.key
+                or not all((self.folder / f).exists() for f in marker.get("files", ()))):
+            return None
+        return marker
+
+    def begin(self) -> None:
+        """Mark the folder as holding no finished result of this name (until ``commit``)."""
+        self.marker.unlink(missing_ok=True)
+
+    def commit(self, files, **info) -> dict:
+        """Record the finished result: its key, its files (paths under the folder) and ``info``."""
+        names = [str(Path(f).relative_to(self.folder)) if Path(f).is_absolute() else str(f)
+                 for f in files]
+        marker = {"key": self.key, "files": names, **info}
+        write_json(self.marker, marker)
+        return marker
+
+
+@contextlib.contextmanager
+def atomic_dir(folder: str | os.PathLike) -> Iterator[Path | None]:
+    """Build a whole folder at once: yields a fresh hidden folder beside ``folder`` (None when
+    ``folder`` already exists); on success it is renamed onto ``folder``, so readers see all of
+    it or nothing. A folder made meanwhile by another process wins and this one is dropped."""
+    folder = Path(folder)
+    if folder.exists():
+        yield None
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; results are meant to be shared
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.exists():  # not a concurrent twin: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -4,8 +4,8 @@ Reads the image files (and label maps) named by a split records frame. Writes on
 ``<root>/<key>/`` holding ``images.npy`` (N, S, S, 3) uint8, ``labels.npy`` (N, S, S) uint8
 (ADE20K index, 0 where an image has no label map), ``index.csv`` (the records in row order
 with ``split``, ``has_labels``, ``width``, ``height``) and ``meta.json``. The key hashes the
-image size, the resize method and every file's (path, size, mtime), so a changed setting or a
-touched file makes a new folder instead of reusing stale pixels.
+image size, this module's code and every file's (path, size, mtime), so a changed setting, a
+changed decoder or a touched file makes a new folder instead of reusing stale pixels.
 
 Image normalisation (shared with validation in ``citylib.data``): EXIF orientation is applied;
 grayscale, palette, CMYK (plain conversion, ICC profiles ignored) become RGB; alpha is
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,11 +26,9 @@ import pandas as pd
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from citylib.artifacts import read_json, write_csv, write_json
+from citylib.artifacts import atomic_dir, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash
 
-# Bump when the decoding or resizing below changes: it is part of every cache key.
-RESIZE_VERSION = "exif-rgb-draft-bicubic-centre-square/1"
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B")
 INDEX_COLUMNS = ["path", "city", "group", "view", "label_path", "split"]
 
@@ -49,6 +46,11 @@ class Cache:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def key(self) -> str:
+        """What the arrays and the split were made from (the folder's name)."""
+        return self.folder.name
 
     def split_indices(self, split: str) -> np.ndarray:
         """Row numbers (int64) of one split: 'train', 'val' or 'test'."""
@@ -140,7 +142,7 @@ def file_stats(records: pd.DataFrame) -> list:
 
 def cache_keys(records: pd.DataFrame, image_size: int) -> tuple[str, str]:
     """(folder key, pixel key): pixels depend on files and size; the folder also on the index."""
-    pixels = config_hash(RESIZE_VERSION, int(image_size), file_stats(records))
+    pixels = config_hash(code_key(__name__), int(image_size), file_stats(records))
     index = records[["city", "group", "view", "split"]].astype(str).to_numpy().tolist()
     return config_hash(pixels, index), pixels
 
@@ -155,28 +157,18 @@ def build_cache(records: pd.DataFrame, image_size: int, root: str | os.PathLike,
     root = Path(root)
     key, pixels = cache_keys(records, image_size)
     folder = root / key
-    if (folder / "meta.json").exists():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
-    try:
+    with atomic_dir(folder) as tmp:   # readers see a whole cache or none
+        if tmp is None:
+            return folder
         has, sizes = _write_arrays(records, image_size, tmp, pixels, root, workers, progress)
         index = records.assign(has_labels=has, width=sizes[:, 0], height=sizes[:, 1])
         write_csv(tmp / "index.csv", index)
         write_json(tmp / "meta.json", {
-            "key": key, "pixels_key": pixels, "resize_version": RESIZE_VERSION,
+            "key": key, "pixels_key": pixels, "code": code_key(__name__),
             "image_size": int(image_size), "n": len(records),
             "cities": sorted(records["city"].unique()),
             "splits": records["split"].value_counts().sort_index().to_dict(),
         })
-        try:
-            os.rename(tmp, folder)  # atomic: readers see a whole cache or none
-        except OSError:
-            if not (folder / "meta.json").exists():  # not a concurrent twin: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

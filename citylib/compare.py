@@ -6,8 +6,10 @@ Reads, per run folder: ``config.json`` (name, arch, seed; ``metrics.json``'s con
 data cache for the randomised reference. Writes ``<out_dir>/`` (default
 ``outputs/comparison``): ``ar.csv`` (run_a, run_b, kind, ar, ci_low, ci_high, n_images,
 arch_a, arch_b), ``tests.json``, ``table2.csv``, ``lift_correlation.csv``, ``per_image.npz``
-(row k of ar.csv: ``rows_k`` cache rows, ``ar_k`` float32 AR per image) and ``meta.json``
-(settings and the hash that keys the folder; written last, so a folder without it is unfinished).
+(row k of ar.csv: ``rows_k`` cache rows, ``ar_k`` float32 AR per image), ``meta.json`` and the
+marker ``.results/comparison.json``, keyed (``key``) by the settings, each run's name, arch, seed,
+Grad-CAM and objects keys, and the code. The runs must have been trained on one data snapshot:
+a grid that mixes snapshots is refused (StaleError), never compared.
 
 - AR_i(m1, m2) = mean over the S x S pixels of |mask_m1 - mask_m2|, both masks brought to the
   image size S by ``gradcam.upsample`` (bilinear, renormalised): native sizes differ between
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -51,11 +52,12 @@ import torch
 from tqdm.auto import tqdm
 
 from citylib import gradcam, paths, sanity, train
-from citylib.artifacts import atomic_path, read_json, write_csv, write_json
+from citylib.artifacts import (ResultFolder, StaleError, atomic_path, code_key, read_json, write_csv,
+                               write_json)
 from citylib.config import config_hash, to_dict
 
 # Bump when the numbers computed here change: it is part of the folder's hash.
-VERSION = "compare/1"
+NAME = "comparison"
 COLUMNS = ["run_a", "run_b", "kind", "ar", "ci_low", "ci_high", "n_images", "arch_a", "arch_b"]
 KINDS = ("architecture", "seed", "randomised", "other")
 ORDER = ("vgg11", "resnet18", "simple", "simpler", "alexnet", "vgg_s")   # the paper's order
@@ -421,16 +423,14 @@ def run(cfg: CompareConfig, run_dirs: Sequence[str | Path], cache=None,
     if cfg.randomised and cache is None:
         raise ValueError("randomised=True needs the data cache (the test images)")
     S, names = sizes.pop(), list(infos)
-    lift_files = {n: hashlib.sha256((d / "r_scores.csv").read_bytes()).hexdigest()[:16]
-                  for n, d in zip(names, run_dirs) if (d / "r_scores.csv").is_file()}
-    key = config_hash(VERSION, cfg, [[i["name"], i["arch"], i["seed"], c.meta["config_hash"]]
-                                     for i, c in zip(infos.values(), cams)], lift_files,
-                      Path(str(getattr(cache, "folder", ""))).name if cfg.randomised else "")
+    check_one_snapshot(infos, cams, cache)
     out = Path(out_dir) if out_dir is not None else paths.outputs() / "comparison"
-    if (out / "meta.json").is_file() and read_json(out / "meta.json").get("config_hash") == key:
+    entries = [entry(i, c.meta["key"], objects_key(d)) for i, c, d in zip(infos.values(), cams, run_dirs)]
+    folder = ResultFolder(out, NAME, key(cfg, entries, cache.key if cfg.randomised else ""))
+    if folder.done() is not None:
         return dataclasses.replace(load(out), reused=True)
 
-    (out / "meta.json").unlink(missing_ok=True)     # unfinished until meta.json is back
+    folder.begin()
     sources = [(c.index["index"].to_numpy(np.int64), c.masks) for c in cams]
     per_image = {(names[a], names[b]): v for (a, b), v in
                  pairwise_ar(sources, S, cfg.batch_size, progress=progress).items()}
@@ -449,9 +449,40 @@ def run(cfg: CompareConfig, run_dirs: Sequence[str | Path], cache=None,
         np.savez(fh, **{f"{w}_{k}": v[j] for k, v in enumerate(per_image.values())
                         for j, w in enumerate(("rows", "ar"))})
     write_json(out / "meta.json", {"runs": list(infos.values()), "image_size": S,
-                                   "fig6_rows": result.fig6_rows, "version": VERSION,
-                                   "config": to_dict(cfg), "config_hash": key})
+                                   "fig6_rows": result.fig6_rows, "config": to_dict(cfg),
+                                   "key": folder.key})
+    folder.commit(["ar.csv", "tests.json", "table2.csv", "lift_correlation.csv", "per_image.npz",
+                   "meta.json"])
     return result
+
+
+def key(cfg: CompareConfig, entries: list, cache_key: str = "") -> str:
+    """What a comparison depends on: the settings, each run's ``entry``, the cache (only for the
+    randomised reference) and the code."""
+    return config_hash(NAME, code_key(__name__), cfg, entries, cache_key)
+
+
+def entry(info: dict, gradcam_key: str, objects_key: str | None) -> list:
+    """A run as a comparison's key sees it: name, arch, seed, its masks' and its scores' keys."""
+    return [info["name"], info["arch"], int(info["seed"]), gradcam_key, objects_key]
+
+
+def objects_key(run_dir: str | Path) -> str | None:
+    """The key of a run's finished objects stage (its lift scores), or None."""
+    marker = ResultFolder(run_dir, "objects", "").read()
+    return None if marker is None else marker["key"]
+
+
+def check_one_snapshot(infos: Mapping[str, dict], cams: Sequence, cache=None) -> None:
+    """StaleError unless every run's model was trained on the same data snapshot (and, when
+    given, the cache is that snapshot's)."""
+    keys = {n: c.meta.get("data_key") for n, c in zip(infos, cams)}
+    if cache is not None:
+        keys["the data stage's current snapshot"] = str(cache.key)
+    if len(set(keys.values())) > 1:
+        listed = ", ".join(f"{n}: {k}" for n, k in keys.items())
+        raise StaleError(f"the runs were trained on different data snapshots ({listed}); retrain "
+                         "them on one (`citylib run`) before comparing them")
 
 
 def load(out_dir: str | Path) -> CompareResult:

@@ -4,9 +4,15 @@ Reads a generated world (``source: world``; made by ``citylib.synth`` under
 ``<outputs>/world/<hash>/``), a folder with one sub-folder per city, or a manifest CSV
 (columns path, city; optional group, view, label_path). Writes into ``out``
 (default ``<outputs>/data``): ``manifest.csv`` (path, city, group, view, label_path, split),
-``rejected.csv`` (path, reason), ``config.json`` (the resolved settings, their hash and a
-fingerprint of the files) and ``cache/<key>/`` (see ``citylib.cache``). A rerun with the same
-settings and unchanged files reuses all of it.
+``rejected.csv`` (path, reason), ``snapshot.json`` and ``cache/<key>/`` (see ``citylib.cache``).
+
+Together they are the dataset's *snapshot*: the accepted files with each one's size and mtime,
+the rejected ones and the split, frozen. Every later stage reads the current snapshot and never
+rebuilds it; the snapshot's key is its cache folder's key (the decoded pixels, the cities and the
+split), which keys a training. The stage itself is keyed by its settings, the source's file
+listing (paths, sizes, mtimes) and its code: a rerun with all of them unchanged reuses the
+snapshot; otherwise it says what changed in the source ("source changed: 12 files added,
+1 removed") and builds a new one.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from citylib import paths, synth
-from citylib.artifacts import read_json, write_csv, write_json
+from citylib.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
 from citylib.cache import Cache, build_cache, file_stats, load_cache, open_rgb, read_label
 from citylib.config import config_hash, to_dict
 from citylib.splits import SplitError, split_groups
@@ -37,7 +43,6 @@ GROUP_PATTERNS = {"streetview": STREETVIEW_PANO}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MANIFEST_COLUMNS = ["path", "city", "group", "view", "label_path", "split"]
 RECORD_COLUMNS = MANIFEST_COLUMNS[:-1]
-CHECK_VERSION = "1"  # bump when ``check_file`` accepts or rejects differently: reruns recheck
 
 
 class DatasetError(ValueError):
@@ -95,6 +100,12 @@ class DataResult:
     cities: tuple[str, ...]
     folder: Path  # the stage's output folder
     reused: bool  # True when a previous identical run was reused
+    changes: str | None = None  # how the source differs from the previous snapshot, if any
+
+    @property
+    def key(self) -> str:
+        """The snapshot's key: that of its cache (pixels, cities, split)."""
+        return self.cache_dir.name
 
 
 # ---------------------------------------------------------------- finding the images
@@ -284,18 +295,20 @@ def validate(records: pd.DataFrame, max_pixels: int = DataConfig.max_pixels, wor
 
 # ---------------------------------------------------------------- the stage
 
+NAME = "data"   # the stage's result marker in its folder
+
 
 def run(cfg: DataConfig, out: str | os.PathLike | None = None, progress: bool = True) -> DataResult:
     """Find, check, split and cache the dataset of ``cfg`` into ``out`` (reusing a finished run)."""
     out = paths.resolve(out) if out is not None else paths.outputs() / "data"
-    source = _source(cfg, out)
-    records, rejected = load_records(source, cfg.group_pattern, cfg.cities)
-    chash = config_hash(cfg)
-    files = config_hash(CHECK_VERSION, str(source), file_stats(records), rejected.to_numpy().tolist())
-    previous = _previous(out, chash, files)
-    if previous is not None:
-        return previous
-    (out / "config.json").unlink(missing_ok=True)  # it marks a finished run; this one is not yet
+    source, records, rejected, listing = _scan(cfg, out)
+    folder = ResultFolder(out, NAME, _key(cfg, source, listing, rejected))
+    if folder.done() is not None:
+        return _result(folder, reused=True)
+    changes = describe_changes(_listing(read_snapshot(out)), listing)
+    if changes:
+        tqdm.write(f"{out}: {changes}: building a new snapshot")
+    folder.begin()
 
     ok, bad = validate(records, cfg.max_pixels, progress=progress)
     rejected = pd.concat([rejected, bad], ignore_index=True)
@@ -312,18 +325,90 @@ def run(cfg: DataConfig, out: str | os.PathLike | None = None, progress: bool = 
     cache_dir = build_cache(manifest, cfg.image_size, out / "cache", progress=progress)
     write_csv(out / "manifest.csv", manifest)
     cities = tuple(sorted(manifest["city"].unique()))
-    write_json(out / "config.json", {
-        "config": to_dict(cfg), "hash": chash, "source": str(source), "files": files,
-        "cache": cache_dir.name, "cities": list(cities),
-        "images": {"accepted": len(manifest), "rejected": len(rejected)},
-        "splits": manifest["split"].value_counts().sort_index().to_dict(),
-    })
-    return DataResult(manifest, rejected, cache_dir, cities, out, reused=False)
+    write_json(out / "snapshot.json", {"key": cache_dir.name, "source": str(source),
+                                       "files": listing, "config": to_dict(cfg)})
+    folder.commit(["manifest.csv", "rejected.csv", "snapshot.json", f"cache/{cache_dir.name}/meta.json"],
+                  settings=config_hash(cfg), snapshot=cache_dir.name, cities=list(cities),
+                  changes=changes, images={"accepted": len(manifest), "rejected": len(rejected)},
+                  splits=manifest["split"].value_counts().sort_index().to_dict())
+    return _result(folder, reused=False)
 
 
-def load(cfg: DataConfig, out: str | os.PathLike | None = None, progress: bool = True) -> Cache:
-    """The image cache for ``cfg`` (running the stage first unless an identical run is done)."""
-    return load_cache(run(cfg, out, progress=progress).cache_dir)
+def key(cfg: DataConfig, out: str | os.PathLike | None = None) -> str:
+    """The key the data stage has for ``cfg`` now (its settings, the source's files, its code)."""
+    out = paths.resolve(out) if out is not None else paths.outputs() / "data"
+    source, _, rejected, listing = _scan(cfg, out)
+    return _key(cfg, source, listing, rejected)
+
+
+def changes(cfg: DataConfig, out: str | os.PathLike) -> str | None:
+    """How the source differs from the current snapshot ("source changed: ..."), or None."""
+    return describe_changes(_listing(read_snapshot(out)), _scan(cfg, paths.resolve(out))[3])
+
+
+def _key(cfg: DataConfig, source: Path, listing: list, rejected: pd.DataFrame) -> str:
+    return config_hash(NAME, code_key(__name__), cfg, str(source), listing,
+                       rejected.to_numpy().tolist())
+
+
+def _scan(cfg: DataConfig, out: Path) -> tuple[Path, pd.DataFrame, pd.DataFrame, list]:
+    """(source, records, files rejected unread, listing: [path, size, mtime_ns] of every file)."""
+    source = _source(cfg, out)
+    records, rejected = load_records(source, cfg.group_pattern, cfg.cities)
+    listing = [f for pair in file_stats(records) for f in pair if f is not None]
+    return source, records, rejected, listing
+
+
+def _listing(snapshot: dict | None) -> list | None:
+    return None if snapshot is None else snapshot.get("files")
+
+
+def describe_changes(old: list | None, new: list) -> str | None:
+    """"source changed: a files added, r removed, m modified" between two listings, or None."""
+    if old is None:
+        return None
+    before, after = ({p: (size, mtime) for p, size, mtime in files} for files in (old, new))
+    added, removed = len(after.keys() - before.keys()), len(before.keys() - after.keys())
+    modified = sum(before[p] != after[p] for p in after.keys() & before.keys())
+    if not (added or removed or modified):
+        return None
+    return f"source changed: {added} files added, {removed} removed, {modified} modified"
+
+
+def read_snapshot(out: str | os.PathLike) -> dict | None:
+    """The current snapshot's ``snapshot.json`` in the data folder ``out``, if it is finished."""
+    folder = ResultFolder(out, NAME, "")
+    marker = folder.read()
+    if marker is None or not all((folder.folder / f).exists() for f in marker["files"]):
+        return None
+    return read_json(folder.folder / "snapshot.json")
+
+
+def current(cfg: DataConfig, out: str | os.PathLike | None = None) -> DataResult:
+    """The current snapshot of ``cfg``'s dataset, as it is: never rebuilt here, even when the
+    source changed since. StaleError when the data folder holds no snapshot of these settings."""
+    out = paths.resolve(out) if out is not None else paths.outputs() / "data"
+    marker = ResultFolder(out, NAME, "").read()
+    if marker is None or read_snapshot(out) is None:
+        raise StaleError(f"{out}: no data snapshot yet; run the data stage first "
+                         "(notebook 01, or `citylib run`)")
+    if marker.get("settings") != config_hash(cfg):
+        raise StaleError(f"{out}: the data snapshot there was made with other data settings; "
+                         "run the data stage for these (notebook 01, or `citylib run`)")
+    return _result(ResultFolder(out, NAME, marker["key"]), reused=True)
+
+
+def load(cfg: DataConfig, out: str | os.PathLike | None = None) -> Cache:
+    """The image cache of the current snapshot of ``cfg``'s dataset (see ``current``)."""
+    return load_cache(current(cfg, out).cache_dir)
+
+
+def _result(folder: ResultFolder, reused: bool) -> DataResult:
+    out, marker = folder.folder, folder.read()
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    rejected = pd.read_csv(out / "rejected.csv", dtype=str, keep_default_na=False)
+    return DataResult(manifest.astype({"view": int}), rejected, out / "cache" / marker["snapshot"],
+                      tuple(marker["cities"]), out, reused, marker.get("changes"))
 
 
 def _source(cfg: DataConfig, out: Path) -> Path:
@@ -333,18 +418,3 @@ def _source(cfg: DataConfig, out: Path) -> Path:
     # keyed by everything the files depend on: an edited world YAML or a new generator gets
     # its own folder instead of meeting the old files
     return Path(synth.run(cfg.world, out.parent / "world" / synth.world_hash(cfg.world)))
-
-
-def _previous(out: Path, chash: str, files: str) -> DataResult | None:
-    """The result of a finished run with the same settings and files, if ``out`` holds one."""
-    try:
-        saved = read_json(out / "config.json")
-        cache_dir = out / "cache" / saved["cache"]
-        if saved["hash"] != chash or saved["files"] != files or not (cache_dir / "meta.json").exists():
-            return None
-        manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
-        rejected = pd.read_csv(out / "rejected.csv", dtype=str, keep_default_na=False)
-    except (OSError, ValueError, KeyError):
-        return None
-    manifest = manifest.astype({"view": int})
-    return DataResult(manifest, rejected, cache_dir, tuple(saved["cities"]), out, reused=True)

@@ -7,11 +7,12 @@ Reads ``<run>/gradcam/`` (``gradcam.load``) and the test images of the data stag
   is row i of the Grad-CAM index.
 - ``<method>_<descriptor>/``: map_city.png, map_correct.png, gallery.png, gallery_<city>.png
   (drawn by ``citylib.gallery``).
-- ``<method>_<descriptor>.json``: config, hash, PCA variance, kNN agreement; written last, so
-  a pair without it is unfinished.
+- ``<method>_<descriptor>.json``: config, key, PCA variance, kNN agreement.
+- ``.results/<method>_<descriptor>.json``: the marker of the finished map, keyed (``key``) by
+  these settings, the Grad-CAM result's key and the code (``artifacts.ResultFolder``).
 
-and copies the figures to the run folder (``<run>/gallery.png``, ``map_city.png``, ...) and the
-summary to ``metrics.json["embedding"]``: the run's current map is the one ``run`` made last.
+and copies the figures to the run folder (``<run>/gallery.png``, ``map_city.png``, ...): the
+run's current map is the one ``run`` made or reused last.
 
 Method: descriptors -> PCA to min(pca_dims, n - 1, dim) dimensions -> t-SNE (or UMAP) to 2-D.
 The paper's descriptor is the normalised weighted mask itself ("mask", h*w values); the
@@ -57,12 +58,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from citylib import artifacts, gradcam
-from citylib.artifacts import atomic_path, read_json, write_csv, write_json
+from citylib import gradcam
+from citylib.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash, to_dict
 
-# Bump when the maps or figures made here change: it is part of every result's hash.
-VERSION = "embed/1"
 FOLDER = "embedding"
 METHODS = ("tsne", "umap")
 DESCRIPTORS = ("mask", "explanation")
@@ -250,18 +249,18 @@ def compute(cfg: EmbedConfig, result: gradcam.GradCAMResult, cache=None,
                                                                             y=xy[:, 1])
     summary = {"method": cfg.method, "descriptor": cfg.descriptor, "n": len(frame),
                "pca_dims": int(z.shape[1]), "pca_variance": float(variance.sum()), **knn,
-               "gradcam_config_hash": result.meta["config_hash"], "config": to_dict(cfg),
-               "config_hash": key(cfg, result)}
+               "gradcam_key": result.meta["key"], "config": to_dict(cfg),
+               "key": key(cfg, result.meta["key"])}
     return EmbedResult(frame, summary, None)
 
 
-def key(cfg: EmbedConfig, result: gradcam.GradCAMResult) -> str:
-    """The hash of a map: these settings and the Grad-CAM result they read."""
-    return config_hash(VERSION, cfg, result.meta["config_hash"])
+def key(cfg: EmbedConfig, gradcam_key: str) -> str:
+    """What a map depends on: these settings, the Grad-CAM result it reads (its key), the code."""
+    return config_hash("embed", code_key(__name__), cfg, gradcam_key)
 
 
 def run(cfg: EmbedConfig, run_dir: str | Path, cache, progress: bool = True) -> EmbedResult:
-    """Map, figures and agreement of a run's test images; reuse if the hash matches."""
+    """Map, figures and agreement of a run's test images; reuse if the key matches."""
     from citylib import gallery     # gallery imports this module
 
     run_dir = Path(run_dir)
@@ -270,11 +269,13 @@ def run(cfg: EmbedConfig, run_dir: str | Path, cache, progress: bool = True) -> 
     done = stored(cfg, run_dir, result)
     if done is None:
         out = run_dir / FOLDER
-        (out / f"{cfg.tag}.json").unlink(missing_ok=True)   # unfinished until it is back
+        folder = ResultFolder(out, cfg.tag, key(cfg, result.meta["key"]))
+        folder.begin()
         emb = compute(cfg, result, cache, progress)
         write_csv(out / f"{cfg.tag}.csv", emb.frame)
         figures = gallery.figures(emb, result, cache.images, rows, cfg, out / cfg.tag)
         write_json(out / f"{cfg.tag}.json", {**emb.summary, "figures": _names(figures, run_dir)})
+        folder.commit([f"{cfg.tag}.csv", f"{cfg.tag}.json", *figures.values()])
         done = dataclasses.replace(emb, folder=out, figures=figures)
     _publish(run_dir, done)
     return done
@@ -286,15 +287,11 @@ def stored(cfg: EmbedConfig, run_dir: str | Path,
     run_dir = Path(run_dir)
     result = gradcam.load(run_dir) if result is None else result
     out = run_dir / FOLDER
-    meta, csv = out / f"{cfg.tag}.json", out / f"{cfg.tag}.csv"
-    if not (meta.is_file() and csv.is_file()):
+    if ResultFolder(out, cfg.tag, key(cfg, result.meta["key"])).done() is None:
         return None
-    summary = read_json(meta)
+    summary = read_json(out / f"{cfg.tag}.json")
     figures = {k: run_dir / v for k, v in summary.pop("figures", {}).items()}
-    if summary.get("config_hash") != key(cfg, result) or not all(
-            p.is_file() for p in figures.values()):
-        return None
-    frame = pd.read_csv(csv, keep_default_na=False,
+    frame = pd.read_csv(out / f"{cfg.tag}.csv", keep_default_na=False,
                         dtype={"path": str, "city": str, "predicted": str})
     return EmbedResult(frame, summary, out, figures, reused=True)
 
@@ -318,16 +315,10 @@ def _names(figures: dict, run_dir: Path) -> dict:
 
 
 def _publish(run_dir: Path, emb: EmbedResult) -> None:
-    """Copy the map's figures to the run folder and its summary into metrics.json."""
-    path = run_dir / "metrics.json"
-    current = read_json(path).get("embedding", {}) if path.is_file() else {}
-    fresh = current.get("config_hash") == emb.summary["config_hash"]
-    for old in run_dir.glob("gallery_*.png") if not fresh else ():
-        old.unlink(missing_ok=True)          # another map's cities must not stay behind
+    """Copy the map's figures to the run folder; another map's city galleries are removed."""
+    for old in run_dir.glob("gallery_*.png"):
+        if old.stem not in emb.figures:
+            old.unlink(missing_ok=True)
     for name, src in emb.figures.items():
-        dst = run_dir / f"{name}.png"
-        if not (fresh and dst.is_file()):
-            with atomic_path(dst) as tmp:
-                shutil.copyfile(src, tmp)
-    if not fresh:
-        artifacts.merge_json(path, {"embedding": emb.summary})
+        with atomic_path(run_dir / f"{name}.png") as tmp:
+            shutil.copyfile(src, tmp)

@@ -7,10 +7,12 @@ stage's ``Cache``. Writes ``<run>/gradcam/``:
   Grad-CAM layer's own resolution (vgg11: 14 x 14 at 224 px); ``upsample`` brings them to S x S.
 - ``index.csv``: row = cache row index, path, city, target, predicted, correct, prob_<city>.
 - ``sanity.json``: the cascading-randomisation and deletion checks (``citylib.sanity``).
-- ``meta.json``: method, layer, map size, image size, config and the hash that keys the
-  folder; written last, so a folder without it is unfinished.
+- ``meta.json``: method, layer, map size, image size, config, the key of the training and of
+  the data it read, and this result's key (``key``: the settings, the training's key, the code).
+- ``.results/gradcam.json``: the marker of the finished result (``artifacts.ResultFolder``).
 
-and adds "gradcam_sanity" and "deletion" to the run's ``metrics.json``.
+The cache must be the one the training read (its data snapshot); StaleError otherwise, so that
+the masks are always those of the model's own test split.
 
 A mask is ReLU(sum_k w_k A^k) over the layer's channels A^k, min-max normalised per image; a
 constant map (all zero, say) stays all zero. Grad-CAM: w_k = spatial mean of d score / d A^k.
@@ -33,13 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from citylib import artifacts, models, train
-from citylib.artifacts import atomic_path, read_json, write_csv, write_json
+from citylib import models, train
+from citylib.artifacts import ResultFolder, StaleError, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash, to_dict
 
 # Bump when the masks computed here change: it is part of the folder's hash.
-VERSION = "gradcam/1"
-FOLDER = "gradcam"
+FOLDER = NAME = "gradcam"   # the run's sub-folder, and its result marker's name
 
 
 @dataclass(frozen=True)
@@ -310,9 +311,9 @@ class GradCAMResult:
     folder: Path               # <run>/gradcam
     masks: np.ndarray          # (N, h, w) float16 in [0, 1], memory-mapped; row i = index row i
     index: pd.DataFrame        # index, path, city, target, predicted, correct, prob_<city>
-    meta: dict                 # method, layer, map_size, image_size, cities, config, config_hash
+    meta: dict                 # method, layer, map_size, image_size, cities, config, key, ...
     sanity: dict               # {"cascade": ..., "deletion": ...}; empty if sanity_images = 0
-    reused: bool               # True: a finished folder with this hash was found, nothing ran
+    reused: bool               # True: a finished folder with this key was found, nothing ran
 
     @property
     def threshold(self) -> float:
@@ -325,24 +326,17 @@ def run(cfg: GradCAMConfig, run_dir: str | Path, cache, progress: bool = True) -
     out = run_dir / FOLDER
     model, cities, tconfig = train.load_model(run_dir)
     ckpt = torch.load(run_dir / "best.pt", weights_only=True, mmap=True)
-    if list(map(str, cache.cities)) != cities or cache.images.shape[1] != tconfig["image_size"]:
-        raise ValueError(f"{run_dir}: the cache ({list(cache.cities)}, {cache.images.shape[1]} px) "
-                         f"is not the one this run was trained on ({cities}, "
-                         f"{tconfig['image_size']} px)")
+    check_cache(run_dir, tconfig, cache)
     test = np.asarray(cache.split_indices("test"), dtype=np.int64)
     if len(test) == 0:
         raise ValueError("the cache's test split is empty")
     y = np.asarray(cache.y, dtype=np.int64)
     paths = cache.index["path"].to_numpy()[test]
-    key = config_hash(VERSION, cfg, ckpt["config_hash"], int(ckpt["epoch"]),
-                      Path(str(getattr(cache, "folder", ""))).name, test.tolist(),
-                      paths.tolist(), y[test].tolist())
-    if _finished(out, key):
-        result = load(run_dir)
-        _merge_metrics(run_dir, result)
-        return dataclasses.replace(result, reused=True)
+    folder = ResultFolder(out, NAME, key(cfg, ckpt["key"]))
+    if folder.done() is not None:
+        return dataclasses.replace(load(run_dir), reused=True)
 
-    (out / "meta.json").unlink(missing_ok=True)      # unfinished until meta.json is back
+    folder.begin()
     target = None if cfg.target == "predicted" else y[test]
     probs, targets = np.zeros((len(test), len(cities)), np.float32), np.zeros(len(test), np.int64)
     with make(cfg.method, model) as cam, atomic_path(out / "masks.npy") as tmp:
@@ -376,11 +370,24 @@ def run(cfg: GradCAMConfig, run_dir: str | Path, cache, progress: bool = True) -
     write_json(out / "meta.json", {
         "method": cfg.method, "layer": layer, "map_size": list(map_hw),
         "image_size": int(tconfig["image_size"]), "n": int(len(test)), "cities": cities,
-        "mask_dtype": "float16", "version": VERSION, "checkpoint_hash": ckpt["config_hash"],
-        "config": to_dict(cfg), "config_hash": key})
-    result = load(run_dir)
-    _merge_metrics(run_dir, result)
-    return result
+        "mask_dtype": "float16", "training_key": ckpt["key"], "data_key": tconfig["data_key"],
+        "config": to_dict(cfg), "key": folder.key})
+    folder.commit(["masks.npy", "index.csv", "sanity.json", "meta.json"])
+    return load(run_dir)
+
+
+def key(cfg: GradCAMConfig, training_key: str) -> str:
+    """What the masks depend on: these settings, the trained model (its key) and the code."""
+    return config_hash(NAME, code_key(__name__), cfg, training_key)
+
+
+def check_cache(run_dir: Path, tconfig: dict, cache) -> None:
+    """StaleError unless ``cache`` is the data the run's model was trained on."""
+    have = train.data_key(cache, {s: cache.split_indices(s) for s in train.SPLITS})
+    if have != tconfig["data_key"] or list(map(str, cache.cities)) != list(tconfig["cities"]):
+        raise StaleError(f"{run_dir}: the model was trained on data snapshot {tconfig['data_key']}, "
+                         f"but the data stage now holds {have} (its source or settings changed): "
+                         "train again (notebook 02, or `citylib run`) before explaining it")
 
 
 def load(run_dir: str | Path) -> GradCAMResult:
@@ -392,25 +399,3 @@ def load(run_dir: str | Path) -> GradCAMResult:
                         dtype={"path": str, "city": str, "target": str, "predicted": str})
     return GradCAMResult(out, np.load(out / "masks.npy", mmap_mode="r"), index,
                          read_json(out / "meta.json"), read_json(out / "sanity.json"), False)
-
-
-def _finished(out: Path, key: str) -> bool:
-    files = ("meta.json", "masks.npy", "index.csv", "sanity.json")
-    return (all((out / f).is_file() for f in files)
-            and read_json(out / "meta.json").get("config_hash") == key)
-
-
-def _merge_metrics(run_dir: Path, result: GradCAMResult) -> None:
-    """Add this result's summary and checks to the run's metrics.json (if not there already)."""
-    meta, key = result.meta, result.meta["config_hash"]
-    path = run_dir / "metrics.json"
-    if path.is_file() and read_json(path).get("gradcam", {}).get("config_hash") == key:
-        return
-    updates = {"gradcam": {k: meta[k] for k in ("method", "layer", "map_size", "n", "config",
-                                               "config_hash")}}
-    # None when the checks were skipped, so no older result stays behind under these keys
-    updates["gradcam_sanity"] = updates["deletion"] = None
-    if result.sanity:
-        updates["gradcam_sanity"] = {**result.sanity["cascade"], "gradcam_config_hash": key}
-        updates["deletion"] = {**result.sanity["deletion"], "gradcam_config_hash": key}
-    artifacts.merge_json(path, updates)

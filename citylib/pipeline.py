@@ -1,9 +1,12 @@
 """One run's stages, chained as the notebooks call them.
 
 ``open_run`` reads a parameter file into a ``Run`` (its resolved settings and folders); each
-``run_*`` function runs one stage for that run and returns the stage's result, reusing
-finished work whose settings are identical. The notebooks, the batch runner's notebooks and
-the tests all call these, so the chain is written once. Reads and writes what each stage does.
+``run_*`` function runs one stage for that run and returns the stage's result, reusing a
+finished result whose key is the same (``keys``: every stage's key, from its settings, its
+inputs' keys and its code). Only the data stage makes a data snapshot; every later stage reads
+the current one and never rebuilds it behind the user's back. ``write_metrics`` assembles the
+run's ``metrics.json`` from the stages' current results, in this one place. The notebooks, the
+batch runner and the tests all call these, so the chain is written once.
 """
 from __future__ import annotations
 
@@ -11,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 import matplotlib.pyplot as plt
 
-from citylib import (artifacts, compare, compare_plots, cues, data, embed, gradcam, paths, plots,
-                     segment, stats, stats_plots, train)
+from citylib import (artifacts, compare, compare_plots, cues, data, embed, gradcam, objects, paths,
+                     plots, segment, train)
+from citylib.artifacts import ResultFolder, StaleError
+from citylib.objects import ObjectsResult
 from citylib.params import RunConfig, discover, load, load_all
+
+__all__ = ["ObjectsResult", "StaleError"]
 
 
 @dataclass(frozen=True)
@@ -44,81 +50,51 @@ def open_run(params_file: str | Path, outputs: str | Path | None = None) -> Run:
 
 
 def run_data(run: Run, progress: bool = True) -> data.DataResult:
-    """The data stage: check, split and cache the dataset (``outputs/data/``)."""
+    """The data stage: check, split and cache the dataset (``outputs/data/``): a new snapshot
+    when the settings, the source's files or the code changed, else the current one."""
     return data.run(run.cfg.data, run.data_dir, progress=progress)
 
 
 def load_cache(run: Run):
-    """The decoded-image cache of the run's dataset (runs the data stage if needed)."""
-    return data.load(run.cfg.data, run.data_dir, progress=False)
+    """The decoded-image cache of the current data snapshot (StaleError if there is none)."""
+    return data.load(run.cfg.data, run.data_dir)
 
 
 def run_training(run: Run, force: bool = False, progress: bool = True) -> train.TrainResult:
-    """Train (or reuse, or resume) the run's network.
+    """Train (or reuse, or resume) the run's network on the current data snapshot (made first
+    when there is none yet).
 
     Only the latest epoch checkpoint is kept (it is all a resume needs; a VGG11 checkpoint with
     its optimiser state is 0.4 GB at 64 px and 1.5 GB at 224 px), besides ``best.pt``.
     """
     cfg = run.cfg
-    return train.run(cfg.arch, cfg.seed, cfg.train, load_cache(run), run.dir, name=cfg.name,
-                     extra_config=cfg.to_dict(), force=force, progress=progress, keep_checkpoints=1)
+    try:
+        cache = load_cache(run)
+    except StaleError:
+        cache = data.load_cache(run_data(run, progress).cache_dir)
+    result = train.run(cfg.arch, cfg.seed, cfg.train, cache, run.dir, name=cfg.name,
+                       extra_config=cfg.to_dict(), force=force, progress=progress,
+                       keep_checkpoints=1)
+    write_metrics(run)
+    return result
 
 
 def run_gradcam(run: Run, progress: bool = True) -> gradcam.GradCAMResult:
     """Grad-CAM masks of every test image, with the sanity and deletion checks."""
-    return gradcam.run(run.cfg.gradcam, run.dir, load_cache(run), progress=progress)
-
-
-@dataclass(frozen=True)
-class ObjectsResult:
-    """The statistics stage's result for one run."""
-
-    table: pd.DataFrame            # r_scores.csv at the configured threshold
-    histograms: stats.Histograms   # for other thresholds, instantly
-    segmenter: str                 # 'ground_truth' or 'ade20k'
-    rows: np.ndarray               # (n_test,) cache rows of the test images, as the masks
-    labels: np.ndarray             # (n_test, S, S) uint8 label maps of those rows
-    planted: dict                  # city -> planted cue names (generated world), else {}
-    recovery: pd.DataFrame         # rank of each planted cue by lift, and the ideal detector's
-                                   # rank on a map of the same size (empty without cues)
+    result = gradcam.run(run.cfg.gradcam, run.dir, load_cache(run), progress=progress)
+    write_metrics(run)
+    return result
 
 
 def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
-    """Label every test image (once per dataset), then R, coverage and lift per city and object.
-
-    Writes ``r_scores.csv`` into the run folder and adds an ``objects`` entry (segmenter,
-    threshold, planted-cue recovery on a generated world, and under ``ceiling`` the recovery of
-    an ideal cue detector whose map has the network's size: ``cues.ceiling``) to its
-    ``metrics.json``.
-    """
-    cfg, cache = run.cfg, load_cache(run)
-    cams = gradcam.load(run.dir)
-    rows = cams.index["index"].to_numpy(np.int64)                      # cache rows of the masks
-    seg = segment.run(cfg.segment, cache, run.data_dir / "segment", rows=rows, progress=progress)
-    label_maps = np.asarray(seg.labels[rows])                         # (n, S, S) uint8
-    size, cities = cache.images.shape[1], cams.index["city"].to_numpy(str)
-    result = stats.run(cfg.stats, stats.upsampled(cams.masks, size, gradcam.upsample), label_maps,
-                       cities, run.dir, progress=progress)
-    planted = planted_cues(run)
-    recovery, scores = pd.DataFrame(), {}
-    if planted:   # the ranks, and the best a map of this size allows: missed vs. could not show
-        recovery, scores = cues.recovery(result.table, planted)
-        grid = tuple(cams.masks.shape[1:])
-        ideal, best = cues.ceiling(label_maps, cities, planted, grid, gradcam.upsample, cfg.stats)
-        recovery = recovery.merge(ideal[["city", "object", "rank"]].rename(
-            columns={"rank": "ceiling_rank"}), on=["city", "object"], how="left")
-        scores["ceiling"] = {"map_size": list(grid), "planted_mrr": best["planted_mrr"],
-                             "planted_rr": best["planted_rr"],
-                             "planted_all_in_top": best["planted_all_in_top"]}
-    for name, draw in (("r_histograms", stats_plots.plot_r_histograms), ("lift", stats_plots.plot_lift)):
-        fig = draw(result.table, planted)         # the Fig. 5 panels, also for the report
-        plots.save(fig, run.dir / f"{name}.png")
-        plt.close(fig)
-    artifacts.merge_json(run.dir / "metrics.json", {"objects": {
-        "segmenter": seg.segmenter, "threshold": cfg.stats.threshold,
-        "r_scores": str(result.path.relative_to(run.dir)), **scores}})
-    return ObjectsResult(result.table, result.histograms, seg.segmenter, rows, label_maps, planted,
-                         recovery)
+    """Label every test image (once per dataset), then R, coverage and lift per city and object
+    (``citylib.objects``)."""
+    cache = load_cache(run)
+    gradcam.check_cache(run.dir, train.load_model(run.dir)[2], cache)
+    result = objects.run(run.cfg.stats, run.cfg.segment, run.dir, cache, planted_cues(run),
+                         run.data_dir / "segment", progress=progress)
+    write_metrics(run)
+    return result
 
 
 def planted_cues(run: Run) -> dict[str, tuple[str, ...]]:
@@ -129,7 +105,50 @@ def planted_cues(run: Run) -> dict[str, tuple[str, ...]]:
 
 def run_embedding(run: Run, progress: bool = True) -> embed.EmbedResult:
     """PCA -> t-SNE/UMAP map of the run's masks, its figures and galleries, kNN agreement."""
-    return embed.run(run.cfg.embed, run.dir, load_cache(run), progress=progress)
+    cache = load_cache(run)
+    gradcam.check_cache(run.dir, train.load_model(run.dir)[2], cache)
+    result = embed.run(run.cfg.embed, run.dir, cache, progress=progress)
+    write_metrics(run)
+    return result
+
+
+def keys(run: Run) -> dict[str, str]:
+    """Each stage's key for this run now, on the current data snapshot: what its result must
+    have been made from to be reused (the stages compute the same keys from their inputs)."""
+    cfg, cache = run.cfg, load_cache(run)
+    k = {"data": cache.key}
+    k["training"] = train.key(cfg.arch, cfg.seed, cfg.train, cache.key)
+    k["gradcam"] = gradcam.key(cfg.gradcam, k["training"])
+    k["embedding"] = embed.key(cfg.embed, k["gradcam"])
+    labels = segment.key(cfg.segment, cache, cache.split_indices("test"))
+    k["objects"] = objects.key(cfg.stats, labels, k["gradcam"], planted_cues(run))
+    return k
+
+
+def write_metrics(run: Run) -> dict:
+    """Assemble ``metrics.json`` from the stages' results that are current (made with this
+    run's keys): training's test metrics at the top, then "gradcam", "gradcam_sanity",
+    "deletion", "embedding" and "objects". The one place that writes the file."""
+    d, k, cfg = run.dir, keys(run), run.cfg
+
+    def current(folder: Path, name: str, stage: str) -> bool:
+        return ResultFolder(folder, name, k[stage]).done() is not None
+
+    out = {}
+    if current(d, train.NAME, "training"):
+        out.update(artifacts.read_json(d / "training.json"))
+    if current(d / gradcam.FOLDER, gradcam.NAME, "gradcam"):
+        cams = gradcam.load(d)
+        out["gradcam"] = {n: cams.meta[n] for n in ("method", "layer", "map_size", "n", "config", "key")}
+        out["gradcam_sanity"] = cams.sanity.get("cascade")
+        out["deletion"] = cams.sanity.get("deletion")
+    if current(d / embed.FOLDER, cfg.embed.tag, "embedding"):
+        summary = artifacts.read_json(d / embed.FOLDER / f"{cfg.embed.tag}.json")
+        out["embedding"] = {n: v for n, v in summary.items() if n != "figures"}
+    if current(d, objects.NAME, "objects"):
+        out["objects"] = artifacts.read_json(d / "objects.json")
+    artifacts.write_json(d / "metrics.json", out)
+    return out
 
 
 @dataclass(frozen=True)
@@ -154,7 +173,7 @@ def open_grid(params: str | Path | list, outputs: str | Path | None = None) -> G
     files = [paths.resolve(f) for f in params] if isinstance(params, (list, tuple)) else discover(params)
     out = paths.outputs(outputs)
     runs = [Run(cfg, out) for cfg in load_all(files)]
-    done = [r for r in runs if (r.dir / gradcam.FOLDER / "meta.json").is_file()]
+    done = [r for r in runs if (r.dir / gradcam.FOLDER / "meta.json").is_file()]   # any masks
     if not done:
         raise FileNotFoundError(f"none of the {len(runs)} run(s) has Grad-CAM masks under "
                                 f"{out / 'runs'}: run notebooks 02-03 (or `citylib run`) first")
@@ -164,7 +183,7 @@ def open_grid(params: str | Path | list, outputs: str | Path | None = None) -> G
 def run_comparison(grid: Grid, progress: bool = True) -> compare.CompareResult:
     """AR of every pair of runs (and against re-initialised models), tests and Table 2."""
     first, dirs = grid.runs[0], [r.dir for r in grid.runs]
-    cache = load_cache(first)
+    cache = load_cache(first)   # the runs must all have been trained on this snapshot
     result = compare.run(first.cfg.compare, dirs, cache, grid.dir, progress=progress)
     scores = compare.lift_scores(dirs)
     figures = {"ar_heatmap": lambda: compare_plots.plot_ar_heatmap(result.ar),
@@ -178,6 +197,17 @@ def run_comparison(grid: Grid, progress: bool = True) -> compare.CompareResult:
     return result
 
 
+def grid_key(runs: list[Run]) -> str:
+    """The comparison's key for these runs now (as ``compare.run`` computes it from the runs)."""
+    cfg, cache = runs[0].cfg.compare, load_cache(runs[0])
+    entries = []
+    for r in runs:
+        k = keys(r)
+        entries.append(compare.entry({"name": r.cfg.name, "arch": r.cfg.arch, "seed": r.cfg.seed},
+                                     k["gradcam"], k["objects"]))
+    return compare.key(cfg, entries, cache.key if cfg.randomised else "")
+
+
 def metrics(run: Run) -> dict:
-    """The run's ``metrics.json`` (every stage adds its entries)."""
+    """The run's ``metrics.json`` (``write_metrics`` assembles it after every stage)."""
     return artifacts.read_json(run.dir / "metrics.json")

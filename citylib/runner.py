@@ -6,9 +6,13 @@ the grid notebooks once over all runs. Each run's training (notebook 02) takes a
 its ``train.threads`` (which the weights depend on), its later notebooks (Grad-CAM, embedding,
 objects; mostly single-threaded work) ``cores / jobs``; runs go side by side, each in a worker
 process, as long as the cores they take are free. Writes every executed
-notebook under ``outputs/`` (``data/``, ``runs/<run>/``, ``comparison/``), a stamp per finished
-notebook, and ``outputs/runs/summary.csv``. A notebook whose stamp matches (same resolved config,
-same notebook source) is skipped; a failing run is reported at the end and the others go on.
+notebook under ``outputs/`` (``data/``, ``runs/<run>/``, ``comparison/``), a result marker per
+finished notebook (``.results/<notebook>.json``, an ``artifacts.ResultFolder``), and
+``outputs/runs/summary.csv``. A notebook is keyed by its own source and the key of the stage it
+runs (``pipeline.keys``: that stage's settings, its inputs' keys and its code), so a changed
+threshold reruns the objects and comparison notebooks and nothing before them, and a changed
+source folder ("source changed: ...") reruns everything that read the data. A notebook whose
+key matches is skipped; a failing run is reported at the end and the others go on.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from citylib import artifacts, paths
+from citylib import artifacts, data, paths
+from citylib.artifacts import ResultFolder
 from citylib.config import config_hash
 from citylib.params import RunConfig, discover, load_all
 
@@ -32,6 +37,8 @@ from citylib.params import RunConfig, discover, load_all
 DATA_NOTEBOOKS = ("01_data.ipynb",)
 RUN_NOTEBOOKS = ("02_training.ipynb", "03_gradcam.ipynb", "04_embedding.ipynb", "05_objects.ipynb")
 GRID_NOTEBOOKS = ("06_comparison.ipynb",)
+# The stage each per-run notebook runs: its key (``pipeline.keys``) keys the notebook.
+STAGES = dict(zip(RUN_NOTEBOOKS, ("training", "gradcam", "embedding", "objects")))
 
 # glibc malloc settings for the notebook kernels: keep freed memory in the heap instead of
 # handing every large tensor back to the system and faulting it in again on the next batch.
@@ -108,42 +115,74 @@ def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool, 
     total = len(DATA_NOTEBOOKS) + len(RUN_NOTEBOOKS) * len(by_name) + len(GRID_NOTEBOOKS)
     bar = tqdm(total=total, desc="citylib run", unit="notebook")
     first_cfg, first_file = next(iter(by_name.values()))
-    data_key = config_hash(first_cfg.data)
     data_ok = True
+    try:
+        data_key = data.key(first_cfg.data, out / "data")
+        changes = data.changes(first_cfg.data, out / "data")
+        if changes:
+            tqdm.write(f"{out / 'data'}: {changes}: a new data snapshot, and every stage that "
+                       "read the old one runs again")
+    except Exception as e:   # the data notebook reports it
+        data_key = f"unreadable: {type(e).__name__}: {e}"
     for nb in DATA_NOTEBOOKS:
         data_ok &= _execute(nb_dir / nb, out / "data", f"data/{nb}", first_file, out, data_key, force, result, bar)
 
-    runs = {}
+    runs, keys = {}, {}
+    for name, (cfg, file) in everything.items():
+        if data_ok:
+            try:
+                keys[name] = _keys(cfg, out)
+            except Exception as e:
+                if name in by_name:
+                    result.failed[name] = f"{type(e).__name__}: {e}"
+                continue
     for name, (cfg, file) in by_name.items():
-        if not data_ok:
-            result.failed[name] = "skipped: the data stage failed"
+        if name not in keys:
+            result.failed.setdefault(name, "skipped: the data stage failed")
             bar.update(len(RUN_NOTEBOOKS))
             continue
         artifacts.write_json(out / "runs" / name / "config.json",
                              {"config": cfg.to_dict(), "config_hash": cfg.hash})
-        runs[name] = (cfg, file)
+        runs[name] = (cfg, file, keys[name])
     finished = _schedule(runs, out, nb_dir, force, cores, max(1, cores // jobs), result, bar)
     # the grid compares every finished run of these files, also those left out by --only
-    finished += [n for n, (c, _) in everything.items()
-                 if n not in by_name and data_ok and _is_done(out / "runs" / n, c.hash, nb_dir)]
+    finished += [n for n in everything if n not in by_name and n in keys
+                 and _is_done(out / "runs" / n, keys[n], nb_dir)]
     grid = [str(everything[n][1]) for n in everything if n in finished]   # file order
     for nb in GRID_NOTEBOOKS:
         if not grid:
             result.failed[f"comparison/{nb}"] = "skipped: no run finished"
             bar.update(1)
             continue
-        key = config_hash(*[everything[n][0] for n in everything if n in finished])
+        try:
+            key = _grid_key([everything[n][0] for n in everything if n in finished], out)
+        except Exception as e:   # e.g. runs of different data snapshots: the notebook says so
+            key = f"unreadable: {type(e).__name__}: {e}"
         _execute(nb_dir / nb, out / "comparison", f"comparison/{nb}", grid, out, key, force, result, bar)
     bar.close()
     result.summary = write_summary(out, [c for c, _ in everything.values()], result)
     return result
 
 
-def _notebooks(names: tuple[str, ...], name: str, file: Path, key: str, out: Path, nb_dir: Path,
-               force: bool, result: RunnerResult, bar) -> bool:
+def _keys(cfg: RunConfig, out: Path) -> dict[str, str]:
+    """Each per-run notebook's stage key (``pipeline.keys``) on the current data snapshot."""
+    from citylib import pipeline   # it imports every stage: only once notebooks are to run
+
+    stage = pipeline.keys(pipeline.Run(cfg, out))
+    return {nb: stage[s] for nb, s in STAGES.items()}
+
+
+def _grid_key(configs: list[RunConfig], out: Path) -> str:
+    from citylib import pipeline
+
+    return pipeline.grid_key([pipeline.Run(c, out) for c in configs])
+
+
+def _notebooks(names: tuple[str, ...], name: str, file: Path, keys: dict[str, str], out: Path,
+               nb_dir: Path, force: bool, result: RunnerResult, bar) -> bool:
     """``names`` of one run in order; True if all are done (a failure skips the rest)."""
     for i, nb in enumerate(names):
-        if not _execute(nb_dir / nb, out / "runs" / name, f"{name}/{nb}", file, out, key, force,
+        if not _execute(nb_dir / nb, out / "runs" / name, f"{name}/{nb}", file, out, keys[nb], force,
                         result, bar):
             bar.update(len(names) - i - 1)   # later notebooks need the earlier ones
             return False
@@ -175,7 +214,7 @@ def _schedule(runs: dict, out: Path, nb_dir: Path, force: bool, cores: int, anal
     it waits too, so that a training on every core is not starved by one-core tasks. When no two
     tasks can ever share the cores, everything runs here, one task after another."""
     trainings = [_Task(n, RUN_NOTEBOOKS[:1], min(cores, cfg.train.threads))
-                 for n, (cfg, _) in runs.items()]
+                 for n, (cfg, _, _) in runs.items()]
     trainings.sort(key=lambda t: -t.cores)   # the widest first; at the end analyses fill the gaps
     analyses = [_Task(n, RUN_NOTEBOOKS[1:], analysis_cores) for n in runs]
     if 2 * min((t.cores for t in trainings + analyses), default=cores) > cores:
@@ -187,8 +226,8 @@ def _schedule(runs: dict, out: Path, nb_dir: Path, force: bool, cores: int, anal
 
 def _run_task(task: _Task, runs: dict, out: Path, nb_dir: Path, force: bool, result: RunnerResult,
               bar) -> bool:
-    cfg, file = runs[task.run]
-    ok = _notebooks(task.notebooks, task.run, file, cfg.hash, out, nb_dir, force, result, bar)
+    _, file, keys = runs[task.run]
+    ok = _notebooks(task.notebooks, task.run, file, keys, out, nb_dir, force, result, bar)
     if not ok and task.training:
         bar.update(len(RUN_NOTEBOOKS) - len(task.notebooks))   # its analysis never starts
     return ok
@@ -211,9 +250,9 @@ def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: di
             for task in start + dropped:
                 pending.remove(task)
             for task in start:
-                cfg, file = runs[task.run]
+                _, file, keys = runs[task.run]
                 env = {k: str(task.cores) for k in THREAD_VARS if k not in user_set}
-                running[pool.submit(_task_worker, task.run, task.notebooks, file, cfg.hash, out,
+                running[pool.submit(_task_worker, task.run, task.notebooks, file, keys, out,
                                     nb_dir, force, env)] = task
                 free -= task.cores
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -260,44 +299,41 @@ def _ready(pending: list[_Task], trained: set[str], lost: set[str], free: int
     return start, dropped
 
 
-def _task_worker(name: str, notebooks: tuple[str, ...], file: Path, key: str, out: Path,
+def _task_worker(name: str, notebooks: tuple[str, ...], file: Path, keys: dict[str, str], out: Path,
                  nb_dir: Path, force: bool, env: dict[str, str]) -> tuple[RunnerResult, bool]:
     """In a worker process: some notebooks of one run, with a silent progress bar; ``env`` (the
     thread settings) goes to the kernels it starts."""
     os.environ.update(env)
     result = RunnerResult()
     with tqdm(total=len(notebooks), disable=True) as bar:
-        ok = _notebooks(notebooks, name, file, key, out, nb_dir, force, result, bar)
+        ok = _notebooks(notebooks, name, file, keys, out, nb_dir, force, result, bar)
     return result, ok
 
 
-def _is_done(run_dir: Path, key: str, nb_dir: Path) -> bool:
-    """Every per-run notebook of ``run_dir`` finished with this config and notebook source."""
-    for nb in RUN_NOTEBOOKS:
-        stamp = run_dir / ".done" / f"{Path(nb).stem}.json"
-        if not stamp.is_file():
-            return False
-        done = artifacts.read_json(stamp)
-        sha = hashlib.sha256((nb_dir / nb).read_bytes()).hexdigest()[:12]
-        if done.get("config_hash") != key or done.get("notebook_sha") != sha:
-            return False
-    return True
+def _is_done(run_dir: Path, keys: dict[str, str], nb_dir: Path) -> bool:
+    """Every per-run notebook of ``run_dir`` finished with these keys and notebook source."""
+    return all(_marker(nb_dir / nb, run_dir, keys[nb]).done() is not None for nb in RUN_NOTEBOOKS)
+
+
+def _marker(notebook: Path, out_dir: Path, key: str) -> ResultFolder:
+    """The result marker of a notebook executed into ``out_dir``: keyed by the stage's key and
+    the notebook's own source."""
+    source = hashlib.sha256(notebook.read_bytes()).hexdigest()[:12]
+    return ResultFolder(out_dir, notebook.stem, config_hash(key, source))
 
 
 def _execute(notebook: Path, out_dir: Path, label: str, params_file: Path | list[str], outputs: Path,
              key: str, force: bool, result: RunnerResult, bar) -> bool:
-    """Run one notebook with papermill unless its stamp matches; True if it is done."""
+    """Run one notebook with papermill unless its marker matches; True if it is done."""
     import papermill as pm  # heavy import, only when notebooks run
 
-    stamp = out_dir / ".done" / f"{notebook.stem}.json"
-    source_sha = hashlib.sha256(notebook.read_bytes()).hexdigest()[:12]
+    marker = _marker(notebook, out_dir, key)
     target = out_dir / notebook.name
-    if not force and stamp.exists() and target.exists():
-        done = artifacts.read_json(stamp)
-        if done.get("config_hash") == key and done.get("notebook_sha") == source_sha:
-            result.skipped.append(label)
-            bar.update(1)
-            return True
+    if not force and marker.done() is not None:
+        result.skipped.append(label)
+        bar.update(1)
+        return True
+    marker.begin()
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f".{notebook.stem}.partial.ipynb"
     bar.set_postfix_str(label)
@@ -320,7 +356,7 @@ def _execute(notebook: Path, out_dir: Path, label: str, params_file: Path | list
     os.replace(partial, target)
     (out_dir / f"{notebook.stem}.failed.ipynb").unlink(missing_ok=True)
     seconds = round(time.perf_counter() - t0, 1)
-    artifacts.write_json(stamp, {"config_hash": key, "notebook_sha": source_sha, "seconds": seconds})
+    marker.commit([notebook.name], seconds=seconds)
     result.executed.append(label)
     result.seconds[label] = seconds
     bar.update(1)
@@ -349,10 +385,16 @@ def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> 
             "knn_2d": knn.get("observed"), "knn_2d_shuffled": knn.get("baseline_mean"),
             "planted_mrr": metrics.get("objects", {}).get("planted_mrr"),
             "planted_mrr_ceiling": metrics.get("objects", {}).get("ceiling", {}).get("planted_mrr"),
-            "notebook_seconds": sum(artifacts.read_json(f).get("seconds", 0.0) for f in
-                                    (out / "runs" / cfg.name / ".done").glob("*.json")) or None,
+            "notebook_seconds": sum(_seconds(out / "runs" / cfg.name, nb) for nb in RUN_NOTEBOOKS)
+                                or None,
             "config_hash": cfg.hash,
         })
     frame = pd.DataFrame(rows)
     artifacts.write_csv(out / "runs" / "summary.csv", frame)
     return frame
+
+
+def _seconds(out_dir: Path, notebook: str) -> float:
+    """How long the notebook's last finished execution into ``out_dir`` took (0 if none)."""
+    marker = ResultFolder(out_dir, Path(notebook).stem, "").read()
+    return float(marker.get("seconds", 0.0)) if marker else 0.0

@@ -14,9 +14,9 @@ otherwise). Segmenters:
 Segmentation does not depend on the classifier, so model label maps are kept once per dataset
 under ``<out>/ade20k_<key>/`` (default ``out``: ``<outputs>/data/segment``): ``labels.npy``
 (N, S, S) uint8 in cache row order, ``done.npy`` (N,) bool (rows segmented so far) and
-``meta.json``. The key covers the cache folder name (itself a hash of the files and the image
-size), the image size, the segmenter, ``SEGMENT_VERSION`` and the model file's sha256, size and
-mtime; ``threads`` changes only the speed and is not part of it.
+``meta.json``. The key (``key``) covers the cache folder name (itself a hash of the files and the
+image size), the image size, the segmenter, this module's code and the model file's sha256, size
+and mtime; ``threads`` changes only the speed and is not part of it.
 
 ``rows`` (e.g. ``cache.split_indices("test")``) segments only those rows; rows segmented by an
 earlier call are reused, so asking for the test split and later for everything segments each
@@ -29,8 +29,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +38,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from citylib import paths
-from citylib.artifacts import atomic_path, read_json, write_json
+from citylib.artifacts import atomic_dir, atomic_path, code_key, read_json, write_json
 from citylib.cache import Cache, prepare
 from citylib.config import config_hash
 
-# Bump when decoding, preprocessing or resampling below changes: it is part of the cache key.
-SEGMENT_VERSION = "centre-square-513/nearest-sample/1"
 MODEL_FILE = "deeplabv3_mobilenetv2_ade20k.tflite"
 MODEL_SIZE = 513  # the model's fixed input side
 CHUNK = 64  # images segmented between two saves of progress
@@ -188,10 +184,11 @@ def run(cfg: SegmentConfig, cache: Cache, out: str | os.PathLike | None = None,
         return _ground_truth(cache, rows)
     model = model_file(cfg.model_path)
     fingerprint = model_fingerprint(model)
-    key = config_hash(SEGMENT_VERSION, cache.folder.name, size, name, fingerprint)
-    folder = (paths.resolve(out) if out is not None else paths.outputs() / "data" / "segment") / f"{name}_{key}"
-    _create(folder, n, size, {"key": key, "segmenter": name, "cache": str(cache.folder), "image_size": size,
-                              "version": SEGMENT_VERSION, "model": {"path": str(model), **fingerprint}})
+    folder_key = key(cfg, cache, rows)
+    folder = (paths.resolve(out) if out is not None else paths.outputs() / "data" / "segment") / f"{name}_{folder_key}"
+    _create(folder, n, size, {"key": folder_key, "segmenter": name, "cache": str(cache.folder),
+                              "image_size": size, "code": code_key(__name__),
+                              "model": {"path": str(model), **fingerprint}})
     todo = rows[~_read_done(folder, n)[rows]]
     if todo.size:
         files = cache.index["path"].to_numpy(str)
@@ -206,6 +203,17 @@ def run(cfg: SegmentConfig, cache: Cache, out: str | os.PathLike | None = None,
     done = _read_done(folder, n)  # read before the labels: a saved row is never un-done
     labels = np.load(folder / "labels.npy", mmap_mode="r")
     return SegmentResult(labels, name, folder, done, reused=not todo.size)
+
+
+def key(cfg: SegmentConfig, cache: Cache, rows: np.ndarray | None = None) -> str:
+    """What the label maps of ``rows`` depend on: the cache, the segmenter (and its model file's
+    fingerprint), this module's code. Ground truth is the cache's own."""
+    rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.intp)
+    name = choose(cfg, cache, rows)
+    if name == "ground_truth":
+        return config_hash(name, cache.key)
+    fingerprint = model_fingerprint(model_file(cfg.model_path))
+    return config_hash(code_key(__name__), cache.key, int(cache.labels.shape[1]), name, fingerprint)
 
 
 def _has_labels(cache: Cache) -> np.ndarray:
@@ -228,22 +236,11 @@ def _ground_truth(cache: Cache, rows: np.ndarray) -> SegmentResult:
 
 def _create(folder: Path, n: int, size: int, meta: dict) -> None:
     """Make the folder with all-zero labels and nothing done, atomically, unless it exists."""
-    if (folder / "meta.json").exists():
-        return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, (n, size, size)).flush()
-        np.save(tmp / "done.npy", np.zeros(n, bool))
-        write_json(tmp / "meta.json", {**meta, "n": n})
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, folder)  # readers see a whole folder or none
-        except OSError:
-            if not (folder / "meta.json").exists():  # not a concurrent twin: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(folder) as tmp:   # readers see a whole folder or none
+        if tmp is not None:
+            np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, (n, size, size)).flush()
+            np.save(tmp / "done.npy", np.zeros(n, bool))
+            write_json(tmp / "meta.json", {**meta, "n": n})
 
 
 def _read_done(folder: Path, n: int) -> np.ndarray:

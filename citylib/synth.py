@@ -26,12 +26,11 @@ import yaml
 from PIL import Image
 
 from . import scene
-from .artifacts import atomic_path, read_json, write_csv, write_json
+from .artifacts import ResultFolder, atomic_path, code_key, write_csv, write_json
 from .config import ConfigError, config_hash, from_dict, to_dict
 from .paths import WORLDS
 from .scene import VOCAB
 
-GENERATOR_VERSION = 2  # bump when drawing changes, so cached worlds are not reused
 Range = tuple[float, float]
 
 
@@ -294,19 +293,10 @@ def _write_spot(world: World, cfg: SynthConfig, out: Path, task: tuple[str, int]
     return rows
 
 
-def _complete(out: Path, chash: str) -> bool:
-    try:
-        if read_json(out / "world.json")["hash"] != chash:
-            return False
-        m = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
-    except (OSError, ValueError, KeyError):
-        return False
-    return all((out / p).is_file() for p in pd.concat([m["path"], m["label_path"]]))
-
-
 def world_hash(cfg: SynthConfig, world=None) -> str:
-    """What the files of ``cfg``'s world depend on: generator version, settings, world definition."""
-    return config_hash(GENERATOR_VERSION, cfg, (world or load_world(cfg.world)).definition)
+    """What the files of ``cfg``'s world depend on: the generator's code (this module and the
+    scene renderer), the settings and the world definition."""
+    return config_hash(code_key(__name__), cfg, (world or load_world(cfg.world)).definition)
 
 
 def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int = 2) -> Path:
@@ -318,12 +308,10 @@ def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int
     out = Path(out)
     world = load_world(cfg.world)
     chash = world_hash(cfg, world)
-    if _complete(out, chash):
+    folder = ResultFolder(out, "world", chash)
+    if folder.done() is not None:
         return out / "manifest.csv"
-    try:
-        old = read_json(out / "world.json").get("hash")
-    except (OSError, ValueError):
-        old = None
+    old = (folder.read() or {}).get("key")
     if old not in (None, chash):
         if not overwrite:
             raise WorldExistsError(f"{out} holds a different world (hash {old}, wanted {chash}); "
@@ -332,6 +320,7 @@ def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int
             shutil.rmtree(out / sub, ignore_errors=True)
     # The manifest and world.json go first and come back last: an interrupted run leaves no
     # manifest that points at missing or half-written files.
+    folder.begin()
     for name in ("world.json", "manifest.csv"):
         (out / name).unlink(missing_ok=True)
     tasks = [(city, spot) for city in world.styles for spot in range(cfg.spots_per_city)]
@@ -345,9 +334,10 @@ def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int
     rows = [r for chunk in chunks for r in chunk]
     write_csv(out / "manifest.csv", pd.DataFrame(rows, columns=["path", "city", "group", "view", "label_path"]))
     write_json(out / "world.json", {
-        "hash": chash, "generator": GENERATOR_VERSION, "config": to_dict(cfg), "source": world.source,
+        "hash": chash, "config": to_dict(cfg), "source": world.source,
         "cities": list(world.styles), "images": len(rows),
         "planted": {c: [{"object": o, "index": VOCAB[o], "why": w} for o, w in p] for c, p in world.planted.items()},
         "vocabulary": VOCAB, "world": world.definition,
     })
+    folder.commit(["manifest.csv", "world.json", *(p for r in rows for p in (r[0], r[4]))])
     return out / "manifest.csv"

@@ -4,13 +4,19 @@ Reads a ``Cache`` (``images`` uint8 (N, S, S, 3), ``y`` int64 (N,), ``cities``, 
 ``split_indices(name)``) and, on a rerun, the run folder's own checkpoints. Writes into the run
 folder ``out`` (``outputs/runs/<name>/``):
 
-- ``checkpoints/epoch_XXX.pt``: model, optimizer, scheduler, epoch, history, config and every
-  RNG state (torch, numpy, python, the data-order generator); loads with ``weights_only=True``.
+- ``checkpoints/epoch_XXX.pt``: model, optimizer, scheduler, epoch, history, config, key and
+  every RNG state (torch, numpy, python, the data-order generator); loads with ``weights_only=True``.
 - ``best.pt``: the weights of the epoch with the best validation accuracy (ties: earlier).
 - ``history.csv``: epoch, lr, train_loss, train_acc, val_loss, val_acc, seconds.
-- ``metrics.json``: test accuracy of ``best.pt``, per-city accuracy, confusion matrix (rows true,
-  cols predicted, in ``cities`` order), config and its hash; merged, so later stages add keys.
+- ``training.json``: test accuracy of ``best.pt``, per-city accuracy, confusion matrix (rows true,
+  cols predicted, in ``cities`` order), config and key.
 - ``predictions.csv``: one row per test image with one probability column per city.
+- ``.results/training.json``: the marker of the finished training (``artifacts.ResultFolder``).
+
+A training is keyed (``key``) by the architecture, the seed, the training settings, the data it
+reads (the key of the data snapshot's cache) and this module's code with the modules it imports:
+nothing else, so a later stage's settings never make it train again. Results of another key in
+the folder are stale and replaced.
 
 Training follows the paper: cross-entropy, Adam, lr 1e-4 times 0.1 every 10 epochs. The seed
 fixes the initial weights and the data order/augmentation; the same config gives bit-identical
@@ -37,20 +43,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from citylib import artifacts, models
-from citylib.artifacts import atomic_path, read_json, write_csv
+from citylib import models
+from citylib.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash, to_dict
 
 # Inputs are mapped from [0, 255] to [-1, 1]: (x / 255 - MEAN) / STD. Fixed constants rather
 # than dataset statistics, so a checkpoint needs nothing else to be used on new images.
 MEAN, STD = 0.5, 0.5
 SPLITS = ("train", "val", "test")
-OUTPUT_FILES = ("best.pt", "history.csv", "metrics.json", "predictions.csv")
+NAME = "training"   # the result marker's name in the run folder
+OUTPUT_FILES = ("best.pt", "history.csv", "training.json", "predictions.csv")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings; every one is part of the run's config hash."""
+    """Training settings; every one is part of the training's key."""
 
     epochs: int = 4
     batch_size: int = 16
@@ -76,20 +83,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What ``run`` did: the run folder, its config and hash, history and test metrics."""
+    """What ``run`` did: the run folder, its config and key, history and test metrics."""
 
     out: Path
     config: dict
-    config_hash: str
+    key: str
     history: pd.DataFrame
-    metrics: dict          # metrics.json; empty while the run is unfinished
+    metrics: dict          # training.json; empty while the run is unfinished
     finished: bool
-    reused: bool           # True: a finished run with this config hash was found, nothing ran
+    reused: bool           # True: a finished training with this key was found, nothing ran
     resumed_from: int      # last epoch found in checkpoints/ (0: started fresh)
-
-
-class ConfigMismatchError(RuntimeError):
-    """A run folder holds results made by a different config."""
 
 
 def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
@@ -97,9 +100,9 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
         force: bool = False, keep_checkpoints: int | None = None) -> TrainResult:
     """Train ``arch`` with ``seed`` on ``cache``, writing into ``out``; reuse or resume if possible.
 
-    ``extra_config`` (the run's full resolved config) is stored in every artifact and hashed.
-    ``stop_after=k`` stops after epoch k (an interruption, for resuming later). ``force`` clears
-    whatever results the folder holds, of this config or another, and trains from the start.
+    ``extra_config`` (the run's full resolved config) is stored in every artifact, as information:
+    it is not part of the key. ``stop_after=k`` stops after epoch k (an interruption, for resuming
+    later). ``force`` clears whatever results the folder holds and trains from the start.
     ``keep_checkpoints=k`` keeps only the last k epoch checkpoints (all by default).
     """
     out = Path(out)
@@ -109,11 +112,13 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
         if len(idx[s]) == 0:
             raise ValueError(f"{name}: the '{s}' split is empty")
     config = run_config(arch, seed, cfg, cache, idx, extra_config)
-    chash = config_hash(config)
-    last = _prepare_folder(out, chash, force)
-    if last == "finished":
+    chash = key(arch, seed, cfg, config["data_key"])
+    folder = ResultFolder(out, NAME, chash)
+    if not force and folder.done() is not None:
         return TrainResult(out, config, chash, pd.read_csv(out / "history.csv"),
-                           read_json(out / "metrics.json"), True, True, cfg.epochs)
+                           read_json(out / "training.json"), True, True, cfg.epochs)
+    folder.begin()
+    last = _resumable(out, chash, force, name)
 
     images = cache.images                                    # (N, S, S, 3) uint8
     y = torch.tensor(np.asarray(cache.y), dtype=torch.int64)   # (N,), a copy: the cache is read-only
@@ -156,11 +161,11 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
                 if val_acc > best["val_acc"]:                # strict: ties keep the earlier
                     best, best_weights = {"epoch": epoch, "val_acc": val_acc}, weights
                     writer.submit(_save, {"model": weights, "epoch": epoch, "config": config,
-                                          "config_hash": chash, "val_acc": val_acc}, out / "best.pt")
+                                          "key": chash, "val_acc": val_acc}, out / "best.pt")
                 writer.submit(_save_checkpoint, {
                     "model": weights, "optimizer": _snapshot(opt.state_dict()),
                     "scheduler": sched.state_dict(), "epoch": epoch, "history": list(history),
-                    "best": dict(best), "config": config, "config_hash": chash,
+                    "best": dict(best), "config": config, "key": chash,
                     "rng": _get_rng_state(gen)}, ckpt_dir, epoch, keep_checkpoints)
                 write_csv(out / "history.csv", pd.DataFrame(history))
                 if progress:
@@ -178,7 +183,14 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
         model.load_state_dict(best_weights)
         probs = predict(model, images[idx["test"]], cfg.batch_size)   # (n_test, C)
     metrics = _write_test_results(out, cache, idx, probs, config, chash, best, name)
+    folder.commit(OUTPUT_FILES, arch=arch, seed=int(seed), data_key=config["data_key"],
+                  test_accuracy=metrics["test_accuracy"], config=config)
     return TrainResult(out, config, chash, pd.DataFrame(history), metrics, True, False, start)
+
+
+def key(arch: str, seed: int, cfg: TrainConfig, data_key: str) -> str:
+    """What a training's weights depend on: architecture, seed, settings, data and code."""
+    return config_hash(NAME, code_key(__name__), arch, int(seed), cfg, data_key)
 
 
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.ndarray,
@@ -285,42 +297,43 @@ def load_model(run_dir: str | Path, which: str | int = "best") -> tuple[nn.Modul
 
 
 def run_config(arch: str, seed: int, cfg: TrainConfig, cache, idx: dict, extra: dict | None) -> dict:
-    """The config a run is keyed by: settings, cities, image size and a fingerprint of the data."""
+    """What a training records about itself: settings, cities, image size, the data's key."""
     images = cache.images
     if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] != 3:
         raise ValueError(f"cache.images must be (N, S, S, 3), got {images.shape}")
-    h = hashlib.sha256()
-    for part in (images, np.asarray(cache.y, dtype=np.int64), *(idx[s] for s in SPLITS)):
-        h.update(np.ascontiguousarray(part).data)
     return {
         "arch": arch, "seed": int(seed), "train": to_dict(cfg),
         "cities": [str(c) for c in cache.cities], "image_size": int(images.shape[1]),
-        "data_fingerprint": h.hexdigest()[:16],
+        "data_key": data_key(cache, idx),
         # a JSON round trip keeps the stored config to plain types (weights_only loading)
         "extra": json.loads(json.dumps(extra or {}, default=str)),
     }
 
 
-def _prepare_folder(out: Path, chash: str, force: bool) -> Path | str | None:
-    """'finished', the last checkpoint to resume from, or None; raise on another config's
-    results unless ``force``, which clears the folder's training results of any config."""
-    if force:   # a redo: nothing of an earlier training is kept, finished or not
+def data_key(cache, idx: dict) -> str:
+    """The key of the data a training reads: its cache's (the data snapshot's) for a cache on
+    disk, else a hash of the arrays and the split."""
+    if getattr(cache, "key", None):
+        return str(cache.key)
+    h = hashlib.sha256()
+    for part in (cache.images, np.asarray(cache.y, dtype=np.int64), *(idx[s] for s in SPLITS)):
+        h.update(np.ascontiguousarray(part).data)
+    return h.hexdigest()[:16]
+
+
+def _resumable(out: Path, chash: str, force: bool, name: str) -> Path | None:
+    """The last checkpoint of this key to resume from, or None. ``force``, or results of
+    another key (settings, data or code changed), clear the folder's training results first."""
+    found = _checkpoints(out / "checkpoints")
+    stale = bool(found) and torch.load(found[-1], weights_only=True, mmap=True).get("key") != chash
+    if force or stale or any((out / f).exists() for f in OUTPUT_FILES) and not found:
+        if stale and not force:
+            tqdm.write(f"{name}: {out} holds a training of other settings, data or code: "
+                       "training again")
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         for f in OUTPUT_FILES:
             (out / f).unlink(missing_ok=True)
         return None
-    found = _checkpoints(out / "checkpoints")
-    hashes = set()
-    if (out / "metrics.json").is_file():
-        hashes.add(read_json(out / "metrics.json").get("config_hash"))
-        if hashes == {chash} and (out / "best.pt").is_file() and (out / "history.csv").is_file():
-            return "finished"
-    if found:   # mmap: reads the small entries only, not the weights
-        hashes.add(torch.load(found[-1], weights_only=True, mmap=True)["config_hash"])
-    other = sorted(h for h in hashes - {chash, None})
-    if other:
-        raise ConfigMismatchError(f"{out}: holds results of config {other[0]}, not {chash}; "
-                                  "choose another run name, or pass force=True to clear them")
     return found[-1] if found else None
 
 
@@ -375,6 +388,7 @@ class _Writer:
 
 def _write_test_results(out: Path, cache, idx: dict, probs: np.ndarray, config: dict,
                         chash: str, best: dict, name: str) -> dict:
+    """``predictions.csv`` and ``training.json`` (the test metrics); returns the metrics."""
     cities = list(config["cities"])
     test = idx["test"]
     true = np.asarray(cache.y, dtype=np.int64)[test]         # (n_test,)
@@ -396,9 +410,10 @@ def _write_test_results(out: Path, cache, idx: dict, probs: np.ndarray, config: 
         "confusion_matrix": confusion.tolist(), "cities": cities, "best_epoch": best["epoch"],
         "best_val_accuracy": best["val_acc"],
         **{f"n_{s}": int(len(idx[s])) for s in SPLITS},
-        "config": config, "config_hash": chash,
+        "config": config, "key": chash,
     }
-    return artifacts.merge_json(out / "metrics.json", metrics)
+    write_json(out / "training.json", metrics)
+    return metrics
 
 
 @contextlib.contextmanager

@@ -290,9 +290,9 @@ def test_run_writes_manifest_and_cache_and_reuses(tmp_path):
     assert list(manifest.columns) == data.MANIFEST_COLUMNS and len(manifest) == 15
     assert list(pd.read_csv(out / "rejected.csv").columns) == ["path", "reason"]
     assert leakage_report(res.manifest).empty and not res.reused
-    assert (out / "config.json").exists() and res.cache_dir.parent == out / "cache"
+    assert (out / "snapshot.json").exists() and res.cache_dir.parent == out / "cache"
 
-    c = data.load(cfg, out, progress=False)
+    c = data.load(cfg, out)
     assert c.images.shape == (15, 16, 16, 3) and c.images.dtype == np.uint8
     assert c.labels.shape == (15, 16, 16) and c.labels.dtype == np.uint8 and not c.labels.any()
     assert c.cities == ("amsterdam", "berlin", "cairo") and c.y.dtype == np.int64
@@ -318,6 +318,35 @@ def test_run_writes_manifest_and_cache_and_reuses(tmp_path):
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     touched = data.run(cfg, out, progress=False)
     assert not touched.reused and touched.cache_dir != res.cache_dir
+    assert touched.changes == "source changed: 0 files added, 0 removed, 1 modified"
+
+
+def test_source_changes_are_reported_and_make_a_new_snapshot(tmp_path):
+    """Files added and removed: a new snapshot whose manifest matches the folder; until the
+    stage runs again, ``current`` keeps the frozen one (never rebuilt behind the user's back)."""
+    root = city_tree(tmp_path / "ds", cities=("amsterdam", "berlin"), n=5, size=(32, 32))
+    cfg = data.DataConfig(source=str(root), image_size=16)
+    out = tmp_path / "out"
+    first = data.run(cfg, out, progress=False)
+    assert data.changes(cfg, out) is None and data.key(cfg, out) == data.key(cfg, out)
+    before = data.key(cfg, out)
+    for i in range(5, 8):
+        solid(root / "berlin" / f"new{i}.jpg", COLOURS["berlin"])
+    (root / "amsterdam" / "img0.jpg").unlink()
+    assert data.changes(cfg, out) == "source changed: 3 files added, 1 removed, 0 modified"
+    assert data.key(cfg, out) != before
+    frozen = data.current(cfg, out)
+    assert frozen.key == first.key and len(frozen.manifest) == 10     # not rebuilt by reading
+    new = data.run(cfg, out, progress=False)
+    assert not new.reused and new.key != first.key
+    assert new.changes == "source changed: 3 files added, 1 removed, 0 modified"
+    listed = sorted(str(p) for p in root.rglob("*.jpg"))
+    assert sorted(pd.read_csv(out / "manifest.csv")["path"]) == listed
+    assert data.current(cfg, out).key == new.key and data.changes(cfg, out) is None
+    with pytest.raises(data.StaleError, match="other data settings"):
+        data.current(dataclasses.replace(cfg, image_size=24), out)
+    with pytest.raises(data.StaleError, match="no data snapshot"):
+        data.current(cfg, tmp_path / "elsewhere")
 
 
 def test_city_without_usable_images_fails_after_listing_rejects(tmp_path):

@@ -75,7 +75,7 @@ def test_same_seed_bit_identical_other_seed_differs(cache, tmp_path):
     a = train.run("simple", 1, FAST, cache, tmp_path / "a", "a", progress=False)
     b = train.run("simple", 1, FAST, cache, tmp_path / "b", "b", progress=False)
     c = train.run("simple", 2, FAST, cache, tmp_path / "c", "c", progress=False)
-    assert a.config_hash == b.config_hash != c.config_hash
+    assert a.key == b.key != c.key
     assert _same(_weights(a.out), _weights(b.out))
     assert not _same(_weights(a.out), _weights(c.out))
     cols = ["train_loss", "train_acc", "val_loss", "val_acc"]
@@ -86,7 +86,7 @@ def test_resume_equals_uninterrupted(cache, tmp_path):
     cfg = dataclasses.replace(FAST, epochs=3)
     full = train.run("simple", 3, cfg, cache, tmp_path / "full", "x", progress=False)
     part = train.run("simple", 3, cfg, cache, tmp_path / "part", "x", progress=False, stop_after=1)
-    assert not part.finished and not (tmp_path / "part" / "metrics.json").exists()
+    assert not part.finished and not (tmp_path / "part" / "training.json").exists()
     assert [p.name for p in sorted((tmp_path / "part" / "checkpoints").iterdir())] == ["epoch_001.pt"]
     resumed = train.run("simple", 3, cfg, cache, tmp_path / "part", "x", progress=False)
     assert resumed.finished and resumed.resumed_from == 1
@@ -96,26 +96,35 @@ def test_resume_equals_uninterrupted(cache, tmp_path):
     assert len(pd.read_csv(resumed.out / "history.csv")) == 3
 
 
-def test_finished_run_is_reused_and_mismatch_refused(cache, tmp_path):
+def test_finished_run_is_reused_and_stale_results_replaced(cache, tmp_path):
     out = tmp_path / "run"
     first = train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 1}, progress=False)
     mtime = (out / "best.pt").stat().st_mtime_ns
-    again = train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 1}, progress=False)
+    # the full config is stored, not keyed: another later-stage setting reuses the training
+    again = train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 2}, progress=False)
     assert again.reused and again.metrics == first.metrics
     assert (out / "best.pt").stat().st_mtime_ns == mtime
     redo = train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 1}, progress=False,
                      force=True)   # force trains again, from the start, to the same weights
     assert not redo.reused and redo.resumed_from == 0 and redo.metrics == first.metrics
     assert (out / "best.pt").stat().st_mtime_ns != mtime
-    with pytest.raises(train.ConfigMismatchError, match=str(out)):
-        train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 2}, progress=False)
-    # an interrupted run of another config is refused too; force clears it
-    other = tmp_path / "other"
-    train.run("simple", 0, FAST, cache, other, "o", progress=False, stop_after=1)
-    with pytest.raises(train.ConfigMismatchError, match=str(other)):
-        train.run("simple", 1, FAST, cache, other, "o", progress=False)
-    forced = train.run("simple", 1, FAST, cache, other, "o", progress=False, force=True)
-    assert forced.finished and forced.resumed_from == 0
+    # other training settings: the old results are stale, replaced by a fresh training
+    other = train.run("simple", 0, dataclasses.replace(FAST, lr=2e-4), cache, out, "run",
+                      progress=False)
+    assert not other.reused and other.resumed_from == 0 and other.key != first.key
+    assert torch.load(out / "best.pt", weights_only=True)["key"] == other.key
+    # an interrupted run of another seed is not resumed by this one
+    part = tmp_path / "part"
+    train.run("simple", 0, FAST, cache, part, "p", progress=False, stop_after=1)
+    fresh = train.run("simple", 1, FAST, cache, part, "p", progress=False)
+    assert fresh.finished and fresh.resumed_from == 0
+    assert _same(_weights(part), _weights(train.run("simple", 1, FAST, cache, tmp_path / "q", "q",
+                                                    progress=False).out))
+    # the key follows the data: another split of the same images is another training
+    moved = make_cache()
+    moved.index.loc[0, "split"], moved.index.loc[12, "split"] = "val", "train"
+    assert train.data_key(moved, {s: moved.split_indices(s) for s in train.SPLITS}) != \
+        first.config["data_key"]
 
 
 def test_artifacts(cache, tmp_path):
@@ -124,7 +133,7 @@ def test_artifacts(cache, tmp_path):
                     progress=False)
     out = res.out
     ck = torch.load(out / "checkpoints" / "epoch_002.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "config", "config_hash", "rng"} <= set(ck)
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "key", "rng"} <= set(ck)
     assert set(ck["rng"]) == {"torch", "numpy", "python", "generator"}
     assert ck["epoch"] == 2 and ck["config"]["extra"] == {"note": "x"}
     assert ck["config"]["train"]["lr_step"] == 1
@@ -134,9 +143,9 @@ def test_artifacts(cache, tmp_path):
                                   "seconds"]
     assert hist["lr"].tolist() == pytest.approx([1e-4, 5e-5])       # lr * gamma after lr_step
     assert best["epoch"] == hist["epoch"][hist["val_acc"].idxmax()]  # first of the maxima
-    m = read_json(out / "metrics.json")
+    m = read_json(out / "training.json")
     for key in ("test_accuracy", "per_city_accuracy", "confusion_matrix", "cities", "best_epoch",
-                "n_train", "n_val", "n_test", "config", "config_hash"):
+                "n_train", "n_val", "n_test", "config", "key"):
         assert key in m, key
     assert m["cities"] == CITIES and (m["n_train"], m["n_val"], m["n_test"]) == (36, 12, 12)
     cm = np.array(m["confusion_matrix"])
@@ -147,9 +156,7 @@ def test_artifacts(cache, tmp_path):
     probs = pred[[f"prob_{c}" for c in CITIES]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert (pred["correct"] == (pred["city"] == pred["predicted"])).all()
-    # later stages merge their own keys into metrics.json
-    artifacts.merge_json(out / "metrics.json", {"gradcam": {"done": True}})
-    assert read_json(out / "metrics.json")["test_accuracy"] == m["test_accuracy"]
+    assert artifacts.ResultFolder(out, train.NAME, res.key).done()["files"] == list(train.OUTPUT_FILES)
     # load_model + predict reproduce the stored test probabilities
     model, cities, config = train.load_model(out)
     assert cities == CITIES and config["arch"] == "simple" and not model.training
