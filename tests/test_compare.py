@@ -29,7 +29,7 @@ def smooth(n: int, side: int, seed: int) -> np.ndarray:
 
 
 def fake_run(root, name: str, arch: str, seed: int, masks: np.ndarray, rows, size: int,
-             cities=None):
+             cities=None, data_key: str = "snap"):
     """A run folder as the runner and gradcam.run leave it (no checkpoint)."""
     d = root / name
     rows = np.asarray(rows)
@@ -44,7 +44,7 @@ def fake_run(root, name: str, arch: str, seed: int, masks: np.ndarray, rows, siz
     write_json(d / "gradcam" / "sanity.json", {})
     write_json(d / "gradcam" / "meta.json", {
         "method": "gradcam", "map_size": list(masks.shape[1:]), "image_size": size,
-        "cities": CITIES, "config": {"batch_size": 4}, "config_hash": f"h-{name}"})
+        "cities": CITIES, "config": {"batch_size": 4}, "key": f"h-{name}", "data_key": data_key})
     return d
 
 
@@ -226,11 +226,27 @@ def test_stage_on_fake_runs_and_reuse(tmp_path):
         matplotlib.pyplot.close(fig)
 
 
+def test_runs_of_different_data_snapshots_are_not_compared(tmp_path):
+    rows = np.arange(12)
+    a = fake_run(tmp_path, "simple_seed0", "simple", 0, smooth(12, 4, 1), rows, 8)
+    b = fake_run(tmp_path, "simple_seed1", "simple", 1, smooth(12, 4, 2), rows, 8,
+                 data_key="other")
+    cfg = CompareConfig(bootstrap=10, permutations=10, randomised=False)
+    with pytest.raises(compare.StaleError, match="different data snapshots.*simple_seed1: other"):
+        compare.run(cfg, [a, b], None, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "ar.csv").exists()
+    cache = SimpleNamespace(key="newer")      # both on one snapshot, but not the current one
+    c = fake_run(tmp_path / "c", "simple_seed1", "simple", 1, smooth(12, 4, 2), rows, 8)
+    with pytest.raises(compare.StaleError, match="current snapshot: newer"):
+        compare.run(cfg, [a, c], cache, tmp_path / "out", progress=False)
+    assert compare.run(cfg, [a, c], None, tmp_path / "out", progress=False).ar.shape[0] == 1
+
+
 def test_randomised_reference(tmp_path):
     size, rows = 64, np.arange(6)
     rng = np.random.default_rng(0)
     cache = SimpleNamespace(images=rng.integers(0, 255, (6, size, size, 3), dtype=np.uint8),
-                            folder=tmp_path / "cache")
+                            key="snap")
     runs = []
     for seed in (0, 1):
         torch.manual_seed(seed)

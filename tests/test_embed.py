@@ -59,7 +59,7 @@ def fake_run(tmp_path, n: int = 200, size: int = 32, seed: int = 0):
     write_json(out / "sanity.json", {})
     write_json(out / "meta.json", {"method": "gradcam", "map_size": [8, 8], "image_size": size,
                                    "n": n, "cities": list(CITIES),
-                                   "config": {"threshold": 0.5}, "config_hash": f"gc{seed}"})
+                                   "config": {"threshold": 0.5}, "key": f"gc{seed}"})
     return tmp_path / "run", cache
 
 
@@ -147,8 +147,8 @@ def test_run_writes_and_reuses(tmp_path):
     assert list(frame.columns) == embed.COLUMNS and len(frame) == 200
     gc = gradcam.load(run_dir)
     assert (frame["index"] == gc.index["index"]).all() and (frame["path"] == gc.index["path"]).all()
-    summary = read_json(run_dir / "metrics.json")["embedding"]
-    assert summary["config_hash"] == embed.key(cfg, gc) and summary["method"] == "tsne"
+    summary = read_json(run_dir / "embedding" / "tsne_mask.json")
+    assert summary["key"] == embed.key(cfg, gc.meta["key"]) and summary["method"] == "tsne"
     assert summary["knn_2d"]["observed"] > 0.9 > summary["knn_2d"]["baseline_p95"]
     assert summary["knn_pca"]["p_value"] == pytest.approx(1 / 21)
 
@@ -172,9 +172,8 @@ def test_run_writes_and_reuses(tmp_path):
     assert again.summary == res.summary
 
     other = embed.run(dataclasses.replace(cfg, knn=5), run_dir, cache, progress=False)
-    assert not other.reused
-    assert read_json(run_dir / "metrics.json")["embedding"]["knn_2d"]["k"] == 5
-    assert embed.stored(cfg, run_dir) is None        # the same file name, another hash now
+    assert not other.reused and other.summary["knn_2d"]["k"] == 5
+    assert embed.stored(cfg, run_dir) is None        # the same file name, another key now
 
     wrong = SimpleNamespace(**{**vars(cache), "index": cache.index.iloc[::-1]})
     with pytest.raises(ValueError, match="not the one"):
@@ -214,7 +213,8 @@ def test_explorer_panel(tmp_path):
     fig = ex.point_figure(7)
     assert len(fig.axes) == 3
     plt.close(fig)
-    assert read_json(run_dir / "metrics.json")["embedding"]["method"] == "tsne"   # untouched
+    assert sorted(p.name for p in (run_dir / "embedding" / ".results").iterdir()) == [
+        "tsne_mask.json"]                          # the maps made in memory are not stored
     assert "application/vnd.jupyter.widget-view+json" in ex._repr_mimebundle_()
 
 

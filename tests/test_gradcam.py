@@ -290,11 +290,10 @@ def test_run_load_reuse(trained_run):
     model, _, _ = train.load_model(run_dir)
     direct = gradcam.masks_for(model, cache.images[test])
     np.testing.assert_allclose(res.masks, direct.masks, atol=1e-3)
-    metrics = read_json(run_dir / "metrics.json")
-    assert metrics["gradcam"]["config_hash"] == res.meta["config_hash"]
-    assert len(metrics["gradcam_sanity"]["steps"]) == 1 + 7          # trained + 4 conv + 3 fc
-    assert len(metrics["deletion"]["curve_salient"]) == 5
-    assert "test_accuracy" in metrics                                # training's keys kept
+    training_key = torch.load(run_dir / "best.pt", weights_only=True)["key"]
+    assert res.meta["key"] == gradcam.key(cfg, training_key)
+    assert len(res.sanity["cascade"]["steps"]) == 1 + 7              # trained + 4 conv + 3 fc
+    assert len(res.sanity["deletion"]["curve_salient"]) == 5
 
     loaded = gradcam.load(run_dir)
     assert np.array_equal(loaded.masks, res.masks) and loaded.meta == res.meta
@@ -306,9 +305,8 @@ def test_run_load_reuse(trained_run):
     true = gradcam.run(gradcam.GradCAMConfig(target="true", batch_size=4, sanity_images=0),
                        run_dir, cache, progress=False)
     assert not true.reused and true.sanity == {}
-    assert read_json(run_dir / "metrics.json")["deletion"] is None     # no stale checks left
     assert (true.index["target"] == true.index["city"]).all()
-    assert true.meta["config_hash"] != res.meta["config_hash"]
+    assert true.meta["key"] != res.meta["key"]
 
 
 def test_config_checks(trained_run):
@@ -322,7 +320,12 @@ def test_config_checks(trained_run):
         from_dict(gradcam.GradCAMConfig, {"treshold": 0.4})
     run_dir, cache = trained_run
     other = SimpleNamespace(**{**cache.__dict__, "cities": ["x", "y", "z"]})
-    with pytest.raises(ValueError, match="not the one this run was trained on"):
+    with pytest.raises(gradcam.StaleError, match="train again"):
         gradcam.run(gradcam.GradCAMConfig(), run_dir, other, progress=False)
+    moved = SimpleNamespace(**{**cache.__dict__, "index": cache.index.assign(
+        split=np.roll(cache.index["split"].to_numpy(), 1))})
+    moved.split_indices = lambda s: np.flatnonzero(moved.index["split"].to_numpy() == s)
+    with pytest.raises(gradcam.StaleError, match="trained on data snapshot"):   # another split
+        gradcam.run(gradcam.GradCAMConfig(), run_dir, moved, progress=False)
     with pytest.raises(FileNotFoundError, match="gradcam.run"):
         gradcam.load(run_dir.parent / "nothing")
