@@ -89,8 +89,7 @@ def run_gradcam(run: Run, progress: bool = True) -> gradcam.GradCAMResult:
 def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
     """Label every test image (once per dataset), then R, coverage and lift per city and object
     (``citylib.objects``)."""
-    cache = load_cache(run)
-    gradcam.check_cache(run.dir, train.load_model(run.dir)[2], cache)
+    cache = _explained(run)
     result = objects.run(run.cfg.stats, run.cfg.segment, run.dir, cache, planted_cues(run),
                          run.data_dir / "segment", progress=progress)
     write_metrics(run)
@@ -105,11 +104,21 @@ def planted_cues(run: Run) -> dict[str, tuple[str, ...]]:
 
 def run_embedding(run: Run, progress: bool = True) -> embed.EmbedResult:
     """PCA -> t-SNE/UMAP map of the run's masks, its figures and galleries, kNN agreement."""
-    cache = load_cache(run)
-    gradcam.check_cache(run.dir, train.load_model(run.dir)[2], cache)
+    cache = _explained(run)
     result = embed.run(run.cfg.embed, run.dir, cache, progress=progress)
     write_metrics(run)
     return result
+
+
+def _explained(run: Run):
+    """The cache, once the run's model is known to be trained on it and its Grad-CAM masks to
+    be those of that model and settings (StaleError otherwise)."""
+    cache = load_cache(run)
+    gradcam.check_cache(run.dir, train.load_model(run.dir)[2], cache)
+    if ResultFolder(run.dir / gradcam.FOLDER, gradcam.NAME, keys(run)["gradcam"]).done() is None:
+        raise StaleError(f"{run.dir / gradcam.FOLDER}: no Grad-CAM masks of this training and "
+                         "these settings: run Grad-CAM first (notebook 03, or `citylib run`)")
+    return cache
 
 
 def keys(run: Run) -> dict[str, str]:
