@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 import matplotlib.pyplot as plt
 
 from citylib import (artifacts, compare, compare_plots, cues, data, embed, gradcam, objects, paths,

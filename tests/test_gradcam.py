@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from citylib import gradcam, models, train
-from citylib.artifacts import read_json
 
 SIZE = 64
 CITIES = ["amsterdam", "berlin", "cairo"]
