@@ -145,7 +145,7 @@ class ResultFolder:
     name until ``commit``), and ``commit(files, **info)`` once every file is written.
     """
 
-    def __init__(self, folder: str | os.PathLike, name: str, key: str):
+    def __init__(self, folder: str | os.PathLike, name: str, key: str | None = None):
         self.folder, self.name, self.key = Path(folder), name, key
         self.marker = self.folder / ".results" / f"{name}.json"
 
@@ -156,13 +156,17 @@ class ResultFolder:
         except (OSError, ValueError):
             return None
 
-    def done(self) -> dict | None:
-        """The marker of a finished result with this key whose files all exist, else None."""
+    def finished(self) -> dict | None:
+        """The marker of a finished result of any key whose files all exist, else None."""
         marker = self.read()
-        if (marker is None or marker.get("key") != self.key
-                or not all((self.folder / f).exists() for f in marker.get("files", ()))):
+        if marker is None or not all((self.folder / f).exists() for f in marker.get("files", ())):
             return None
         return marker
+
+    def done(self) -> dict | None:
+        """The marker of a finished result with this key whose files all exist, else None."""
+        marker = self.finished()
+        return marker if marker is not None and marker.get("key") == self.key else None
 
     def begin(self) -> None:
         """Mark the folder as holding no finished result of this name (until ``commit``)."""

@@ -469,7 +469,7 @@ def entry(info: dict, gradcam_key: str, objects_key: str | None) -> list:
 
 def objects_key(run_dir: str | Path) -> str | None:
     """The key of a run's finished objects stage (its lift scores), or None."""
-    marker = ResultFolder(run_dir, "objects", "").read()
+    marker = ResultFolder(run_dir, "objects").finished()
     return None if marker is None else marker["key"]
 
 

@@ -377,30 +377,33 @@ def describe_changes(old: list | None, new: list) -> str | None:
 
 def read_snapshot(out: str | os.PathLike) -> dict | None:
     """The current snapshot's ``snapshot.json`` in the data folder ``out``, if it is finished."""
-    folder = ResultFolder(out, NAME, "")
-    marker = folder.read()
-    if marker is None or not all((folder.folder / f).exists() for f in marker["files"]):
-        return None
-    return read_json(folder.folder / "snapshot.json")
+    marker = ResultFolder(out, NAME).finished()
+    return None if marker is None else read_json(Path(out) / "snapshot.json")
 
 
 def current(cfg: DataConfig, out: str | os.PathLike | None = None) -> DataResult:
     """The current snapshot of ``cfg``'s dataset, as it is: never rebuilt here, even when the
     source changed since. StaleError when the data folder holds no snapshot of these settings."""
     out = paths.resolve(out) if out is not None else paths.outputs() / "data"
-    marker = ResultFolder(out, NAME, "").read()
-    if marker is None or read_snapshot(out) is None:
+    return _result(ResultFolder(out, NAME, _current(cfg, out)["key"]), reused=True)
+
+
+def load(cfg: DataConfig, out: str | os.PathLike | None = None) -> Cache:
+    """The image cache of the current snapshot of ``cfg``'s dataset (see ``current``)."""
+    out = paths.resolve(out) if out is not None else paths.outputs() / "data"
+    return load_cache(out / "cache" / _current(cfg, out)["snapshot"])
+
+
+def _current(cfg: DataConfig, out: Path) -> dict:
+    """The marker of the finished snapshot in ``out`` if it has ``cfg``'s settings."""
+    marker = ResultFolder(out, NAME).finished()
+    if marker is None:
         raise StaleError(f"{out}: no data snapshot yet; run the data stage first "
                          "(notebook 01, or `citylib run`)")
     if marker.get("settings") != config_hash(cfg):
         raise StaleError(f"{out}: the data snapshot there was made with other data settings; "
                          "run the data stage for these (notebook 01, or `citylib run`)")
-    return _result(ResultFolder(out, NAME, marker["key"]), reused=True)
-
-
-def load(cfg: DataConfig, out: str | os.PathLike | None = None) -> Cache:
-    """The image cache of the current snapshot of ``cfg``'s dataset (see ``current``)."""
-    return load_cache(current(cfg, out).cache_dir)
+    return marker
 
 
 def _result(folder: ResultFolder, reused: bool) -> DataResult:

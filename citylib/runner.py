@@ -128,14 +128,12 @@ def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool, 
         data_ok &= _execute(nb_dir / nb, out / "data", f"data/{nb}", first_file, out, data_key, force, result, bar)
 
     runs, keys = {}, {}
-    for name, (cfg, file) in everything.items():
-        if data_ok:
-            try:
-                keys[name] = _keys(cfg, out)
-            except Exception as e:
-                if name in by_name:
-                    result.failed[name] = f"{type(e).__name__}: {e}"
-                continue
+    for name, (cfg, _) in everything.items() if data_ok else ():
+        try:
+            keys[name] = _keys(cfg, out)
+        except Exception as e:   # reported for the runs asked for; the others are left out
+            if name in by_name:
+                result.failed[name] = f"{type(e).__name__}: {e}"
     for name, (cfg, file) in by_name.items():
         if name not in keys:
             result.failed.setdefault(name, "skipped: the data stage failed")
@@ -396,5 +394,5 @@ def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> 
 
 def _seconds(out_dir: Path, notebook: str) -> float:
     """How long the notebook's last finished execution into ``out_dir`` took (0 if none)."""
-    marker = ResultFolder(out_dir, Path(notebook).stem, "").read()
+    marker = ResultFolder(out_dir, Path(notebook).stem).read()
     return float(marker.get("seconds", 0.0)) if marker else 0.0
