@@ -2,8 +2,8 @@
 
 Reads an ``r_scores.csv`` table (``stats.TABLE_COLUMNS``), ground-truth label maps (N, S, S)
 uint8 with each image's true city, or per-city pixel shares (``labels.pixel_share``), and the
-world's planted cues (city -> ADE20K object names); writes nothing (``pipeline.run_objects``
-stores the scores in the run's ``metrics.json``).
+world's planted cues (city -> ADE20K object names); writes nothing (``objects.run`` stores
+the scores in the run's ``objects.json`` and ``planted_recovery.csv``).
 
 - ``recovery``: the rank of each planted object by lift among its city's objects, and the mean
   reciprocal rank over cities.

@@ -18,10 +18,8 @@ import matplotlib.pyplot as plt
 from citylib import (artifacts, compare, compare_plots, cues, data, embed, gradcam, objects, paths,
                      plots, segment, train)
 from citylib.artifacts import ResultFolder, StaleError
-from citylib.objects import ObjectsResult
+from citylib.objects import ObjectsResult  # noqa: F401 (the objects stage's result, as before)
 from citylib.params import RunConfig, discover, load, load_all
-
-__all__ = ["ObjectsResult", "StaleError"]
 
 
 @dataclass(frozen=True)
