@@ -4,7 +4,8 @@ Reads a generated world (``source: world``; made by ``citylib.synth`` under
 ``<outputs>/world/<hash>/``), a folder with one sub-folder per city, or a manifest CSV
 (columns path, city; optional group, view, label_path). Writes into ``out``
 (default ``<outputs>/data``): ``manifest.csv`` (path, city, group, view, label_path, split),
-``rejected.csv`` (path, reason), ``snapshot.json`` and ``cache/<key>/`` (see ``citylib.cache``).
+``rejected.csv`` (path, reason), ``snapshot.json``, ``cache/<key>/`` (see ``citylib.cache``) and,
+for a generated world, ``counterfactual/<key>/`` (see ``citylib.counterfactual``).
 
 Together they are the dataset's *snapshot*: the accepted files with each one's size and mtime,
 the rejected ones and the split, frozen. Every later stage reads the current snapshot and never
@@ -28,7 +29,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from citylib import paths, synth
+from citylib import counterfactual, paths, synth
 from citylib.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
 from citylib.cache import Cache, build_cache, file_stats, load_cache, open_rgb, read_label
 from citylib.config import config_hash, to_dict
@@ -323,12 +324,18 @@ def run(cfg: DataConfig, out: str | os.PathLike | None = None, progress: bool = 
         raise DatasetError(f"{source}: {e}") from None
     manifest = ok[MANIFEST_COLUMNS]
     cache_dir = build_cache(manifest, cfg.image_size, out / "cache", progress=progress)
+    cf_dir = None
+    if cfg.source == "world":   # each test spot without each planted cue, once per snapshot
+        cf_dir = counterfactual.build(cfg.world, manifest, cache_dir.name, cfg.image_size,
+                                      out / "counterfactual", progress=progress)
     write_csv(out / "manifest.csv", manifest)
     cities = tuple(sorted(manifest["city"].unique()))
     write_json(out / "snapshot.json", {"key": cache_dir.name, "source": str(source),
                                        "files": listing, "config": to_dict(cfg)})
-    folder.commit(["manifest.csv", "rejected.csv", "snapshot.json", f"cache/{cache_dir.name}/meta.json"],
+    folder.commit(["manifest.csv", "rejected.csv", "snapshot.json", f"cache/{cache_dir.name}/meta.json",
+                   *([f"counterfactual/{cf_dir.name}/meta.json"] if cf_dir else [])],
                   settings=config_hash(cfg), snapshot=cache_dir.name, cities=list(cities),
+                  counterfactual=cf_dir.name if cf_dir else None,
                   changes=changes, images={"accepted": len(manifest), "rejected": len(rejected)},
                   splits=manifest["split"].value_counts().sort_index().to_dict())
     return _result(folder, reused=False)
@@ -392,6 +399,14 @@ def load(cfg: DataConfig, out: str | os.PathLike | None = None) -> Cache:
     """The image cache of the current snapshot of ``cfg``'s dataset (see ``current``)."""
     out = paths.resolve(out) if out is not None else paths.outputs() / "data"
     return load_cache(out / "cache" / _current(cfg, out)["snapshot"])
+
+
+def load_counterfactuals(cfg: DataConfig, out: str | os.PathLike | None = None):
+    """The current snapshot's counterfactual test images (``counterfactual.CounterfactualSet``),
+    or None when its source is not a generated world."""
+    out = paths.resolve(out) if out is not None else paths.outputs() / "data"
+    name = _current(cfg, out).get("counterfactual")
+    return None if name is None else counterfactual.load(out / "counterfactual" / name)
 
 
 def _current(cfg: DataConfig, out: Path) -> dict:

@@ -383,11 +383,7 @@ def key(cfg: GradCAMConfig, training_key: str) -> str:
 
 def check_cache(run_dir: Path, tconfig: dict, cache) -> None:
     """StaleError unless ``cache`` is the data the run's model was trained on."""
-    have = train.data_key(cache, {s: cache.split_indices(s) for s in train.SPLITS})
-    if have != tconfig["data_key"] or list(map(str, cache.cities)) != list(tconfig["cities"]):
-        raise StaleError(f"{run_dir}: the model was trained on data snapshot {tconfig['data_key']}, "
-                         f"but the data stage now holds {have} (its source or settings changed): "
-                         "train again (notebook 02, or `citylib run`) before explaining it")
+    train.check_data(run_dir, tconfig, cache, "explaining it")
 
 
 def load(run_dir: str | Path) -> GradCAMResult:

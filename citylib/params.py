@@ -16,6 +16,7 @@ import yaml
 
 from citylib import paths
 from citylib.config import ConfigError, config_hash, from_dict, to_dict
+from citylib.causal import CausalConfig
 from citylib.compare import CompareConfig
 from citylib.data import DataConfig
 from citylib.embed import EmbedConfig
@@ -38,6 +39,7 @@ class RunConfig:
     gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    causal: CausalConfig = field(default_factory=CausalConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)  # grid-wide: equal in every file
 

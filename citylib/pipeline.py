@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 
-from citylib import (artifacts, compare, compare_plots, cues, data, embed, gradcam, objects, paths,
+from citylib import (artifacts, causal, compare, compare_plots, cues, data, embed, gradcam, objects, paths,
                      plots, segment, train)
 from citylib.artifacts import ResultFolder, StaleError
 from citylib.objects import ObjectsResult  # noqa: F401 (the objects stage's result, as before)
@@ -92,6 +93,17 @@ def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
     return result
 
 
+def run_causal(run: Run, progress: bool = True) -> causal.CausalResult | None:
+    """How much the network relies on each planted cue: its decisions on the counterfactual
+    test images of a generated world (``citylib.causal``); None for other data."""
+    cf = data.load_counterfactuals(run.cfg.data, run.data_dir)
+    if cf is None:
+        return None
+    result = causal.run(run.cfg.causal, run.dir, load_cache(run), cf, progress=progress)
+    write_metrics(run)
+    return result
+
+
 def planted_cues(run: Run) -> dict[str, tuple[str, ...]]:
     """City -> planted cue names of the run's generated world; empty for other data."""
     cfg = run.cfg.data
@@ -127,6 +139,9 @@ def keys(run: Run) -> dict[str, str]:
     k["embedding"] = embed.key(cfg.embed, k["gradcam"])
     labels = segment.key(cfg.segment, cache, cache.split_indices("test"))
     k["objects"] = objects.key(cfg.stats, labels, k["gradcam"], planted_cues(run))
+    cf = data.load_counterfactuals(cfg.data, run.data_dir)
+    if cf is not None:
+        k["causal"] = causal.key(cfg.causal, k["training"], cf.key)
     return k
 
 
@@ -152,6 +167,9 @@ def write_metrics(run: Run) -> dict:
         out["embedding"] = {n: v for n, v in summary.items() if n != "figures"}
     if current(d, objects.NAME, "objects"):
         out["objects"] = artifacts.read_json(d / "objects.json")
+    if "causal" in k and current(d, causal.NAME, "causal"):
+        out["causal"] = {**artifacts.read_json(d / "causal.json"),
+                         "effects": pd.read_csv(d / "causal.csv").to_dict("records")}
     artifacts.write_json(d / "metrics.json", out)
     return out
 

@@ -161,6 +161,16 @@ class Style:
                 raise ValueError(f"'palette.{group}' = {list(colours)} must list '#rrggbb' colours ({n} each)")
 
 
+# What a planted object's counterfactual resets: the style entries of its element.
+_OPEN_GROUND = (("street", "open_ground"), ("street", "verge_prob"))
+ELEMENT_KEYS = {
+    **{kind.replace("_", " "): (("objects", kind),) for kind in scene.OBJECT_KINDS},
+    "skyscraper": (("buildings", "skyscraper_prob"), ("buildings", "skyscraper_share")),
+    **{name: _OPEN_GROUND for name in ("earth", "grass", "sidewalk", "road")},
+}
+CUE_FREE = "cue-free"   # the counterfactual with every element of the city reset to base
+
+
 @dataclass(frozen=True)
 class World:
     name: str
@@ -168,6 +178,32 @@ class World:
     definition: dict          # base and cities as written (after `extends`), for world.json
     styles: dict              # city -> Style
     planted: dict             # city -> tuple of (ADE20K name, why)
+    undeclared: dict = dataclasses.field(default_factory=dict)  # city -> overridden entries no cue owns
+
+    def style(self, city: str, reset=()) -> "Style":
+        """The city's style with the elements of the planted objects in ``reset`` back to the
+        base style (CUE_FREE: every entry of the city, the base style itself)."""
+        if not reset:
+            return self.styles[city]
+        over = {k: v for k, v in (self.definition["cities"][city] or {}).items() if k != "planted"}
+        if reset == CUE_FREE:
+            over = {}
+        for name in (reset if reset != CUE_FREE else ()):
+            if name not in dict(self.planted[city]):
+                raise ValueError(f"{city}: {name!r} is not one of its planted cues "
+                                 f"({', '.join(o for o, _ in self.planted[city]) or 'none'})")
+            for section, entry in ELEMENT_KEYS[name]:
+                over = {**over, section: {k: v for k, v in (over.get(section) or {}).items() if k != entry}}
+        return from_dict(Style, _merge(self.definition["base"], over), where=f"{self.source} (cities.{city})")
+
+
+def _undeclared(over: dict, cues) -> list[str]:
+    """The entries a city overrides that none of its planted cues' elements owns."""
+    owned = {key for name, _ in cues for key in ELEMENT_KEYS[name]}
+    return [f"{section}.{entry}" if isinstance(value, dict) else section
+            for section, value in over.items() if section != "planted"
+            for entry in (value if isinstance(value, dict) else [None])
+            if (section, entry) not in owned]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -198,9 +234,14 @@ def _read_world(world: str) -> tuple[Path, dict]:
 
 
 def load_world(world: str) -> World:
-    """Read and check a world YAML; unknown keys anywhere raise ConfigError naming key and file."""
+    """Read and check a world YAML; unknown keys anywhere raise ConfigError naming key and file.
+
+    A planted object must be one the generator can reset (ELEMENT_KEYS): an object kind, the
+    skyscraper or an open-ground class. ``undeclared`` lists what a city overrides beyond its
+    cues' elements: differences a network can use that the ground truth does not name.
+    """
     path, raw = _read_world(world)
-    cities, styles, planted = raw.get("cities") or {}, {}, {}
+    cities, styles, planted, undeclared = raw.get("cities") or {}, {}, {}, {}
     if not isinstance(cities, dict) or not cities:
         raise ConfigError(f"{path}: 'cities' must map at least one city name to its settings")
     for city, over in cities.items():
@@ -210,20 +251,24 @@ def load_world(world: str) -> World:
         over = dict(over or {})
         cues = []
         for i, cue in enumerate(over.pop("planted", None) or []):
-            if not isinstance(cue, dict) or set(cue) - {"object", "why"} or cue.get("object") not in VOCAB:
+            if not isinstance(cue, dict) or set(cue) - {"object", "why"} or cue.get("object") not in ELEMENT_KEYS:
                 raise ConfigError(f"{where}: 'planted[{i}]' = {cue!r} must be {{object: <one of "
-                                  f"{', '.join(VOCAB)}>, why: ...}}")
+                                  f"{', '.join(sorted(ELEMENT_KEYS))}>, why: ...}}")
             cues.append((cue["object"], str(cue.get("why", ""))))
         styles[city] = from_dict(Style, _merge(raw.get("base") or {}, over), where=where)
         planted[city] = tuple(cues)
-    definition = {"description": raw.get("description", ""), "base": raw.get("base") or {}, "cities": cities}
-    return World(path.stem, str(path), definition, styles, planted)
+        undeclared[city] = _undeclared(over, cues)
+    definition = {"description": raw.get("description", ""), "base": raw.get("base") or {},
+                  "cities": {str(c): v for c, v in cities.items()}}
+    return World(path.stem, str(path), definition, styles, planted, undeclared)
 
 
 # ------------------------------------------------------------------ one spot: layout and views
-def _colour(style: Style, rng: np.random.Generator, group: str) -> tuple:
-    """One colour of palette ``group`` ("#zenith #horizon" gives six numbers), jittered a little."""
-    hexes = style.palette[group][rng.integers(len(style.palette[group]))].split()
+def _colour(style: Style, group: str, rng: np.random.Generator) -> tuple:
+    """One colour of palette ``group`` ("#zenith #horizon" gives six numbers), jittered a little.
+    Always the same five draws from ``rng``, whatever the palette's length."""
+    colours = style.palette[group]
+    hexes = colours[min(int(rng.random() * len(colours)), len(colours) - 1)].split()
     j = style.nuisance.color_jitter
     k = rng.uniform(1 - j, 1 + j) * (1 + 0.3 * j * rng.standard_normal(3))
     return tuple(float(c) for h in hexes
@@ -245,32 +290,43 @@ def _finish(view: dict, rng: np.random.Generator, haze: float, haze_color: tuple
 
 
 def render_spot(world: World, city: str, spot: int, views: int = 4, size: int = 128, seed: int = 0,
-                flat: bool = False) -> list[dict]:
+                flat: bool = False, reset=()) -> list[dict]:
     """Render the views of one spot: dicts of image (S, S, 3) uint8, label (S, S) uint8,
-    inst (S, S) instance ids, heading, pitch and the JPEG quality to save it with.
+    inst (S, S) instance ids (``scene.element_of`` tells their element), heading, pitch and the
+    JPEG quality to save it with.
 
     ``flat`` paints each class in one fixed colour (scene.LUT) with every nuisance off.
+    ``reset``: planted objects of the city whose elements take the base style (or CUE_FREE for
+    all of them): the counterfactual spot, with everything else drawn identically.
     """
-    style, nu = world.styles[city], world.styles[city].nuisance
-    # One seed per spot, from the city's name (not its position in the file): adding a city
-    # or a worker process changes nothing else. Child 0 lays out, 1 lights, 2.. are the views.
-    kids = np.random.SeedSequence([seed, zlib.crc32(city.encode()), spot]).spawn(2 + views)
-    rng, light = np.random.default_rng(kids[0]), np.random.default_rng(kids[1])
-    lay = scene.spot(style, rng, partial(_colour, style, rng))
+    style = world.style(city, reset)
+    nu = style.nuisance
+    # Every random stream is keyed by name, from the city's name (not its position in the file):
+    # adding a city, a worker process or a view changes nothing else, and an element's
+    # settings change only that element's draws.
+    def stream(*name) -> np.random.Generator:
+        words = [zlib.crc32(str(n).encode()) for n in name]
+        return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(city.encode()), spot, *words]))
+
+    lay = scene.spot(style, stream, partial(_colour, style))
+    light = stream("light")
     haze, gain, warmth = (float(light.uniform(*r)) for r in (nu.haze, nu.gain, nu.warmth))
     first = 90.0 * int(light.integers(4))
+    az, el = light.uniform(0, 2 * np.pi), light.uniform(0.35, 1.1)
+    sun = np.array([np.cos(el) * np.sin(az), np.cos(el) * np.cos(az), np.sin(el)])
     out = []
     for k in range(views):
-        vr = np.random.default_rng(kids[2 + k])
+        vr = stream("view", k)
         cam = scene.Camera(lay["eye"], first + 360.0 * k / views + vr.uniform(-1, 1) * nu.heading_jitter,
                            float(vr.uniform(*nu.pitch)), nu.fov)
-        v = scene.render(lay["rects"], cam, size, lay["sky"], lay["sun"], flat=flat)
+        noise, quality = float(vr.uniform(*nu.noise)), int(vr.integers(nu.jpeg_quality[0], nu.jpeg_quality[1] + 1))
+        v = scene.render(lay["rects"], cam, size, lay["sky"], sun, flat=flat)
         if flat:
             image = np.rint(v["rgb"] * 255).astype(np.uint8)
         else:
-            image = _finish(v, vr, haze, lay["sky"][1], gain, warmth, float(vr.uniform(*nu.noise)))
+            image = _finish(v, vr, haze, lay["sky"][1], gain, warmth, noise)
         out.append({"image": image, "label": v["label"], "inst": v["inst"], "heading": cam.heading % 360,
-                    "pitch": cam.pitch, "quality": int(vr.integers(nu.jpeg_quality[0], nu.jpeg_quality[1] + 1))})
+                    "pitch": cam.pitch, "quality": quality})
     return out
 
 
@@ -337,6 +393,7 @@ def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int
         "hash": chash, "config": to_dict(cfg), "source": world.source,
         "cities": list(world.styles), "images": len(rows),
         "planted": {c: [{"object": o, "index": VOCAB[o], "why": w} for o, w in p] for c, p in world.planted.items()},
+        "undeclared": world.undeclared,
         "vocabulary": VOCAB, "world": world.definition,
     })
     folder.commit(["manifest.csv", "world.json", *(p for r in rows for p in (r[0], r[4]))])

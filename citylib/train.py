@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from citylib import models
-from citylib.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
+from citylib.artifacts import ResultFolder, StaleError, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash, to_dict
 
 # Inputs are mapped from [0, 255] to [-1, 1]: (x / 255 - MEAN) / STD. Fixed constants rather
@@ -319,6 +319,15 @@ def data_key(cache, idx: dict) -> str:
     for part in (cache.images, np.asarray(cache.y, dtype=np.int64), *(idx[s] for s in SPLITS)):
         h.update(np.ascontiguousarray(part).data)
     return h.hexdigest()[:16]
+
+
+def check_data(run_dir: Path, config: dict, cache, before: str = "using it") -> None:
+    """StaleError unless ``cache`` is the data the run's model (its ``config``) was trained on."""
+    have = data_key(cache, {s: cache.split_indices(s) for s in SPLITS})
+    if have != config["data_key"] or list(map(str, cache.cities)) != list(config["cities"]):
+        raise StaleError(f"{run_dir}: the model was trained on data snapshot {config['data_key']}, "
+                         f"but the data stage now holds {have} (its source or settings changed): "
+                         f"train again (notebook 02, or `citylib run`) before {before}")
 
 
 def _resumable(out: Path, chash: str, force: bool, name: str) -> Path | None:

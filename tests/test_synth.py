@@ -120,7 +120,7 @@ def test_written_label_maps_use_the_vocabulary_and_show_a_street(medium):
     # The street shows in every view but those looking straight at a hoarding close by.
     ground = shares[:, [VOCAB["road"], VOCAB["sidewalk"]]].sum(1) > 0
     assert ground.mean() > 0.99
-    assert (shares[~ground, VOCAB["fence"]] > 0.2).all()
+    assert (shares[~ground, VOCAB["fence"]] > 0.15).all()
 
 
 def test_views_of_a_spot_share_one_layout():

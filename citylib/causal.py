@@ -1,0 +1,149 @@
+"""Causal stage: how much a run's network relies on each planted cue, with no explanation
+method in the loop.
+
+For every test image of a generated world and every planted cue of its city, the change in the
+network's log-probability of the true city when that cue alone is reset to the base style
+(``counterfactual``), and the same for the cue-free rendering (every cue reset at once).
+
+Reads the run's ``best.pt`` (``train.load_model``), the snapshot's cache and its counterfactual
+images (``data.load_counterfactuals``). Writes into the run folder:
+
+- ``causal.csv``: city, object (a cue, or ``cue-free``), n, spots, effect (mean
+  delta log p of the true city), ci_low, ci_high (bootstrap over spots), accuracy_with,
+  accuracy_without, rank (1 = the city's causally strongest cue: the most negative effect).
+- ``causal_images.csv``: one row per counterfactual image: row, city, group, view, object,
+  logp, logp_without, correct, correct_without.
+- ``causal.json``: the cue-free check: accuracy on the cue-free renderings with its Wilson and
+  spot-bootstrap 95% intervals, chance (1 / cities) and ``at_chance`` (the spot-bootstrap
+  interval, which allows for views of one spot being alike, contains chance).
+
+``.results/causal.json`` marks the finished result, keyed by the settings, the training's key,
+the counterfactual images' key and the code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from citylib import intervals, train
+from citylib.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
+from citylib.config import config_hash
+from citylib.counterfactual import CUE_FREE
+
+NAME = "causal"
+COLUMNS = ["city", "object", "n", "spots", "effect", "ci_low", "ci_high", "accuracy_with",
+           "accuracy_without", "rank"]
+
+
+@dataclass(frozen=True)
+class CausalConfig:
+    """Settings of the causal stage (the ``causal:`` section of a parameter file)."""
+
+    n_boot: int = 2000        # bootstrap resamples of the spots
+    level: float = 0.95       # interval level
+    batch_size: int = 128
+    seed: int = 0             # of the bootstrap
+
+    def __post_init__(self):
+        if not 100 <= self.n_boot <= 1_000_000:
+            raise ValueError(f"'n_boot' = {self.n_boot} must be in [100, 1000000]")
+        if not 0.5 <= self.level < 1:
+            raise ValueError(f"'level' = {self.level} must be in [0.5, 1)")
+        if self.batch_size < 1:
+            raise ValueError(f"'batch_size' must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class CausalResult:
+    table: pd.DataFrame       # causal.csv
+    images: pd.DataFrame      # causal_images.csv
+    summary: dict             # causal.json
+    reused: bool = False
+
+
+def key(cfg: CausalConfig, training_key: str, counterfactual_key: str) -> str:
+    return config_hash(NAME, code_key(__name__), cfg, training_key, counterfactual_key)
+
+
+def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, progress: bool = True) -> CausalResult:
+    """Measure every cue's causal effect on the run's network (reused when the key matches)."""
+    run_dir = Path(run_dir)
+    model, cities, config = train.load_model(run_dir)
+    train.check_data(run_dir, config, cache)
+    trained = ResultFolder(run_dir, train.NAME).finished()
+    if trained is None:
+        raise StaleError(f"{run_dir}: no finished training; train first (notebook 02, or `citylib run`)")
+    folder = ResultFolder(run_dir, NAME, key(cfg, trained["key"], counterfactuals.key))
+    if folder.done() is not None:
+        return _load(run_dir)
+    folder.begin()
+    images = effects(model, cache, counterfactuals, list(cities), cfg.batch_size)
+    table = summarise(images, cfg)
+    summary = {"cue_free": cue_free(images, len(cities), cfg), "counterfactuals": counterfactuals.key,
+               "n_boot": cfg.n_boot, "level": cfg.level}
+    write_csv(run_dir / "causal.csv", table)
+    write_csv(run_dir / "causal_images.csv", images)
+    write_json(run_dir / "causal.json", summary)
+    folder.commit(["causal.csv", "causal_images.csv", "causal.json"], training_key=trained["key"])
+    return CausalResult(table, images, summary)
+
+
+def effects(model: torch.nn.Module, cache, counterfactuals, cities: list[str],
+            batch_size: int = 128) -> pd.DataFrame:
+    """Per counterfactual image: the log-probability of the true city on the original (its
+    cache row) and on the counterfactual, and whether each is classified correctly."""
+    index = counterfactuals.index
+    target = np.array([cities.index(c) for c in index["city"]], np.int64)             # (M,)
+    rows = np.unique(index["row"].to_numpy(np.int64))
+    orig = _log_softmax(train._logits(model, np.asarray(cache.images[rows]), batch_size))   # (R, C)
+    at = np.searchsorted(rows, index["row"].to_numpy(np.int64))
+    logp, correct = orig[at, target], orig[at].argmax(1) == target
+    cf = _log_softmax(train._logits(model, np.asarray(counterfactuals.images), batch_size))  # (M, C)
+    return pd.DataFrame({"row": index["row"], "city": index["city"], "group": index["group"],
+                         "view": index["view"], "object": index["variant"], "logp": logp,
+                         "logp_without": cf[np.arange(len(cf)), target], "correct": correct,
+                         "correct_without": cf.argmax(1) == target})
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.log_softmax(torch.from_numpy(logits).double(), 1).numpy()
+
+
+def summarise(images: pd.DataFrame, cfg: CausalConfig = CausalConfig()) -> pd.DataFrame:
+    """causal.csv from the per-image effects: per (city, object) the mean delta log p with its
+    spot-bootstrap interval, the accuracies with and without, and the cues' causal rank."""
+    out = []
+    for (city, obj), g in images.groupby(["city", "object"], sort=False):
+        delta = (g["logp_without"] - g["logp"]).to_numpy()
+        effect, lo, hi = intervals.group_bootstrap(delta, g["group"].to_numpy(), cfg.n_boot, cfg.level, cfg.seed)
+        out.append({"city": city, "object": obj, "n": len(g), "spots": g["group"].nunique(),
+                    "effect": effect, "ci_low": lo, "ci_high": hi,
+                    "accuracy_with": float(g["correct"].mean()),
+                    "accuracy_without": float(g["correct_without"].mean())})
+    table = pd.DataFrame(out, columns=COLUMNS[:-1])
+    cue = table["object"] != CUE_FREE
+    table["rank"] = np.nan
+    table.loc[cue, "rank"] = table[cue].groupby("city")["effect"].rank(method="min")
+    return table[COLUMNS]
+
+
+def cue_free(images: pd.DataFrame, n_cities: int, cfg: CausalConfig = CausalConfig()) -> dict:
+    """Accuracy on the cue-free renderings, its intervals, and whether it is at chance."""
+    free = images[images["object"] == CUE_FREE]
+    k, n = int(free["correct_without"].sum()), len(free)
+    acc, lo, hi = intervals.group_bootstrap(free["correct_without"].to_numpy(float), free["group"].to_numpy(),
+                                            cfg.n_boot, cfg.level, cfg.seed)
+    chance = 1.0 / n_cities
+    return {"accuracy": acc, "n": n, "spots": int(free["group"].nunique()), "chance": chance,
+            "wilson": list(intervals.wilson(k, n, cfg.level)), "interval": [lo, hi],
+            "at_chance": bool(lo <= chance <= hi)}
+
+
+def _load(run_dir: Path) -> CausalResult:
+    return CausalResult(pd.read_csv(run_dir / "causal.csv", dtype={"city": str, "object": str}),
+                        pd.read_csv(run_dir / "causal_images.csv", dtype={"city": str, "object": str, "group": str}),
+                        read_json(run_dir / "causal.json"), reused=True)

@@ -1,0 +1,123 @@
+"""Counterfactual test images of a generated world: each test spot re-rendered with one of its
+city's planted cues reset to the base style, and cue-free (every element reset at once).
+
+Everything else about a counterfactual view is drawn identically (``synth.render_spot`` with
+``reset``: layout, the other objects, camera, lighting, haze, noise, JPEG quality), and it goes
+through the same JPEG encoding, decoding and resizing as the cached original
+(``cache.prepare``). The data stage builds this once per data snapshot, never per run.
+
+Reads the snapshot's manifest (test rows: their city, spot ``group`` and view) and the world.
+Writes ``<data>/counterfactual/<key>/``: ``images.npy`` (M, S, S, 3) uint8, ``index.csv``
+(row = the original's cache row, city, group, view, variant) and ``meta.json``. The key hashes
+the world's files' hash, the snapshot's key, the image size and this code.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from citylib import synth
+from citylib.artifacts import atomic_dir, code_key, read_json, write_csv, write_json
+from citylib.cache import prepare
+from citylib.config import config_hash
+
+CUE_FREE = synth.CUE_FREE
+INDEX_COLUMNS = ["row", "city", "group", "view", "variant"]
+
+
+@dataclass(frozen=True)
+class CounterfactualSet:
+    """The counterfactual test images of one snapshot; ``images`` is a read-only memory map."""
+
+    folder: Path
+    images: np.ndarray     # (M, S, S, 3) uint8
+    index: pd.DataFrame    # M rows: row (cache row of the original), city, group, view, variant
+
+    @property
+    def key(self) -> str:
+        return self.folder.name
+
+    def variants(self, city: str) -> list[str]:
+        """The city's variants: its planted cues in world order, then CUE_FREE."""
+        return list(dict.fromkeys(self.index.loc[self.index["city"] == city, "variant"]))
+
+
+def variants(world: synth.World, city: str) -> list[str]:
+    """What a test image of ``city`` is re-rendered without: each planted cue, then all at once."""
+    return [o for o, _ in world.planted[city]] + [CUE_FREE]
+
+
+def spot_of(group: str) -> int:
+    """The spot number of a generated world's group id ``<city>_<spot:04d>``."""
+    return int(str(group).rsplit("_", 1)[1])
+
+
+def key(world_cfg: synth.SynthConfig, snapshot: str, image_size: int) -> str:
+    return config_hash("counterfactual", code_key(__name__), synth.world_hash(world_cfg), snapshot,
+                       int(image_size))
+
+
+def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, image_size: int,
+          root: str | Path, workers: int = 2, progress: bool = True) -> Path:
+    """Render (or reuse) the counterfactuals of the test rows of ``manifest`` (the snapshot's,
+    in cache row order) under ``root``; returns the folder."""
+    folder = Path(root) / key(world_cfg, snapshot, image_size)
+    world = synth.load_world(world_cfg.world)
+    test = manifest.reset_index(drop=True)
+    test = test[test["split"] == "test"]
+    tasks = [(city, spot_of(group), sorted(zip(rows["view"].astype(int), rows.index)))
+             for (city, group), rows in test.groupby(["city", "group"], sort=True)]
+    with atomic_dir(folder) as tmp:
+        if tmp is None:
+            return folder
+        job = partial(_render, world, world_cfg, int(image_size))
+        bar = dict(total=len(tasks), desc="counterfactuals", disable=not progress)
+        if workers > 1 and len(tasks) > 1:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            with multiprocessing.get_context(method).Pool(workers) as pool:
+                done = list(tqdm(pool.imap(job, tasks), **bar))
+        else:
+            done = [job(t) for t in tqdm(tasks, **bar)]
+        records = [r for rows, _ in done for r in rows]
+        images = [img for _, imgs in done for img in imgs]
+        stack = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+        np.save(tmp / "images.npy", stack)
+        write_csv(tmp / "index.csv", pd.DataFrame(records, columns=INDEX_COLUMNS))
+        write_json(tmp / "meta.json", {"key": folder.name, "snapshot": snapshot, "world": synth.world_hash(world_cfg),
+                                       "image_size": int(image_size), "n": len(records),
+                                       "variants": {c: variants(world, c) for c in world.planted}})
+    return folder
+
+
+def _render(world: synth.World, cfg: synth.SynthConfig, size: int, task) -> tuple[list, list]:
+    """One test spot's counterfactual views, encoded and decoded like the originals."""
+    city, spot, views = task
+    rows, images = [], []
+    for variant in variants(world, city):
+        reset = CUE_FREE if variant == CUE_FREE else (variant,)
+        rendered = synth.render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed, reset=reset)
+        for view, row in views:
+            v = rendered[view]
+            buf = io.BytesIO()
+            Image.fromarray(v["image"], "RGB").save(buf, format="JPEG", quality=v["quality"])
+            buf.seek(0)
+            images.append(prepare(buf, "", size)[0])
+            rows.append((int(row), city, f"{city}_{spot:04d}", int(view), variant))
+    return rows, images
+
+
+def load(folder: str | Path) -> CounterfactualSet:
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        raise FileNotFoundError(f"{folder}: no counterfactual images; run the data stage")
+    read_json(folder / "meta.json")
+    index = pd.read_csv(folder / "index.csv", dtype={"city": str, "group": str, "variant": str})
+    return CounterfactualSet(folder, np.load(folder / "images.npy", mmap_mode="r"), index)

@@ -1,0 +1,35 @@
+"""Uncertainty of the numbers the suite compares: binomial and bootstrap intervals.
+
+Pure functions on arrays; reads and writes nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats as sps
+
+
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k / n (NaN, NaN when n = 0)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = float(sps.norm.ppf(0.5 + level / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def group_bootstrap(values: np.ndarray, groups: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` (n,) and its percentile interval, resampling whole ``groups`` (n,)
+    with replacement (images of one spot are not independent): (mean, low, high)."""
+    values = np.asarray(values, float)
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    sums, counts = np.bincount(g, values), np.bincount(g).astype(float)       # per group
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(sums), size=(n_boot, len(sums)))                # (B, G)
+    means = sums[pick].sum(1) / counts[pick].sum(1)                            # (B,)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(values.mean()), float(lo), float(hi)
