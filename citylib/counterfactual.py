@@ -98,20 +98,29 @@ def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, i
 
 
 def _render(world: synth.World, cfg: synth.SynthConfig, size: int, task) -> tuple[list, list]:
-    """One test spot's counterfactual views, encoded and decoded like the originals."""
+    """One test spot's counterfactual views, every variant of its city."""
     city, spot, views = task
     rows, images = [], []
     for variant in variants(world, city):
         reset = CUE_FREE if variant == CUE_FREE else (variant,)
-        rendered = synth.render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed, reset=reset)
-        for view, row in views:
-            v = rendered[view]
-            buf = io.BytesIO()
-            Image.fromarray(v["image"], "RGB").save(buf, format="JPEG", quality=v["quality"])
-            buf.seek(0)
-            images.append(prepare(buf, "", size)[0])
-            rows.append((int(row), city, f"{city}_{spot:04d}", int(view), variant))
+        images += cached_views(world, cfg, size, city, spot, [v for v, _ in views], reset)
+        rows += [(int(row), city, f"{city}_{spot:04d}", int(view), variant) for view, row in views]
     return rows, images
+
+
+def cached_views(world: synth.World, cfg: synth.SynthConfig, size: int, city: str, spot: int,
+                 views: list[int], reset=()) -> list[np.ndarray]:
+    """Views of a spot as the cache holds them, (S, S, 3) uint8 each: rendered (with ``reset``),
+    JPEG-encoded at the view's quality as ``synth`` saves it, decoded and resized by
+    ``cache.prepare``. With no reset, exactly the cached original's pixels."""
+    rendered = synth.render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed, reset=reset)
+    out = []
+    for view in views:
+        v, buf = rendered[view], io.BytesIO()
+        Image.fromarray(v["image"], "RGB").save(buf, format="JPEG", quality=v["quality"])
+        buf.seek(0)
+        out.append(prepare(buf, "", size)[0])
+    return out
 
 
 def load(folder: str | Path) -> CounterfactualSet:

@@ -17,6 +17,8 @@ the masks are always those of the model's own test split.
 A mask is ReLU(sum_k w_k A^k) over the layer's channels A^k, min-max normalised per image; a
 constant map (all zero, say) stays all zero. Grad-CAM: w_k = spatial mean of d score / d A^k.
 Grad-CAM++: the closed form of Chattopadhay et al. (eq. 19, exp-score), as pytorch-grad-cam.
+HiResCAM and LayerCAM weigh each position instead of each channel: sum_k g^k_ij A^k_ij, and
+sum_k ReLU(g^k_ij) A^k_ij.
 One forward and one backward per batch: the network runs without autograd up to the layer and
 records only what comes after it, and the backward stops at the layer (no parameter gradients).
 """
@@ -39,7 +41,6 @@ from citylib import models, train
 from citylib.artifacts import ResultFolder, StaleError, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash, to_dict
 
-# Bump when the masks computed here change: it is part of the folder's hash.
 FOLDER = NAME = "gradcam"   # the run's sub-folder, and its result marker's name
 
 
@@ -92,10 +93,6 @@ class BaseCAM:
             handle.remove()
             self._handle = None
 
-    def channel_weights(self, act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """(B, K, h, w) activations and d score / d activations -> (B, K) channel weights."""
-        raise NotImplementedError
-
     def _keep(self, module: nn.Module, inputs, output):
         if not self._armed:
             return None
@@ -118,6 +115,16 @@ class BaseCAM:
         ``target``: None or "predicted" (argmax), one class index for all images, or one per
         image (sequence, array or tensor of B ints).
         """
+        act, grad, logits, target = self.forward_backward(x, target)
+        with torch.no_grad():
+            cam = self.cam(act, grad).clamp_min_(0)                        # (B, h, w)
+            return CamResult(normalise(cam).numpy(), logits.float().numpy(),
+                             torch.softmax(logits.float(), 1).numpy(), target.numpy())
+
+    def forward_backward(self, x: torch.Tensor, target=None):
+        """One forward and one backward: the layer's activations and the gradients of the
+        target scores with respect to them, (B, K, h, w) each, the logits (B, C) and the
+        targets (B,)."""
         if self._handle is None:
             raise RuntimeError(f"{type(self).__name__} was released; make a new one")
         model = self.model
@@ -143,12 +150,18 @@ class BaseCAM:
         finally:
             self._armed, self._act = False, None
             model.train(was_training)
-        with torch.no_grad():
-            weights = self.channel_weights(act, grad)               # (B, K)
-            cam = torch.einsum("bk,bkhw->bhw", weights, act).clamp_min_(0)   # (B, h, w)
-            logits = logits.detach()
-            return CamResult(normalise(cam).numpy(), logits.float().numpy(),
-                             torch.softmax(logits.float(), 1).numpy(), target.numpy())
+        return act.detach(), grad, logits.detach(), target
+
+    @classmethod
+    def cam(cls, act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) activations and gradients -> (B, h, w) map before ReLU: by default
+        sum_k w_k A^k with the method's channel weights."""
+        return torch.einsum("bk,bkhw->bhw", cls.channel_weights(act, grad), act)
+
+    @staticmethod
+    def channel_weights(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) activations and d score / d activations -> (B, K) channel weights."""
+        raise NotImplementedError
 
 
 class GradCAM(BaseCAM):
@@ -156,7 +169,8 @@ class GradCAM(BaseCAM):
 
     name = "gradcam"
 
-    def channel_weights(self, act, grad):
+    @staticmethod
+    def channel_weights(act, grad):
         return grad.mean((2, 3))                                    # (B, K)
 
 
@@ -168,7 +182,8 @@ class GradCAMPlusPlus(BaseCAM):
 
     name = "gradcam++"
 
-    def channel_weights(self, act, grad):
+    @staticmethod
+    def channel_weights(act, grad):
         g2 = grad * grad
         g3 = g2 * grad
         sum_act = act.sum((2, 3), keepdim=True)                     # (B, K, 1, 1)
@@ -177,11 +192,33 @@ class GradCAMPlusPlus(BaseCAM):
         return (grad.clamp_min(0) * alpha).sum((2, 3))              # (B, K)
 
 
-METHODS = types.MappingProxyType({c.name: c for c in (GradCAM, GradCAMPlusPlus)})
+class HiResCAM(BaseCAM):
+    """Draelos and Carin 2020: sum_k g^k_ij A^k_ij, the gradient times the activation at each
+    position (no spatial averaging), faithful to what the score's gradient says there."""
+
+    name = "hirescam"
+
+    @classmethod
+    def cam(cls, act, grad):
+        return (grad * act).sum(1)                                  # (B, h, w)
+
+
+class LayerCAM(BaseCAM):
+    """Jiang et al. 2021: sum_k ReLU(g^k_ij) A^k_ij, positive gradients only, per position;
+    meant for earlier, finer layers as well as the last one."""
+
+    name = "layercam"
+
+    @classmethod
+    def cam(cls, act, grad):
+        return (grad.clamp_min(0) * act).sum(1)                     # (B, h, w)
+
+
+METHODS = types.MappingProxyType({c.name: c for c in (GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM)})
 
 
 def make(method: str, model: nn.Module, layer: nn.Module | None = None, **kw) -> BaseCAM:
-    """The CAM object for ``method`` ("gradcam" or "gradcam++")."""
+    """The CAM object for ``method`` (one of METHODS: gradcam, gradcam++, hirescam, layercam)."""
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; known: {', '.join(METHODS)}")
     return METHODS[method](model, layer, **kw)
@@ -284,7 +321,7 @@ def _batches(cam: BaseCAM, images: np.ndarray, target, batch_size: int, progress
 class GradCAMConfig:
     """Grad-CAM stage settings; every one is part of the result folder's hash."""
 
-    method: Literal["gradcam", "gradcam++"] = "gradcam"
+    method: Literal["gradcam", "gradcam++", "hirescam", "layercam"] = "gradcam"
     target: Literal["predicted", "true"] = "predicted"   # which city's score is explained
     batch_size: int = 32
     threshold: float = 0.5       # visual explanation: the image where mask >= threshold

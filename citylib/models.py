@@ -172,3 +172,17 @@ def gradcam_layer(model: nn.Module) -> nn.Module:
         raise ValueError(f"{type(model).__name__} was not made by citylib.models.build: "
                          "it declares no Grad-CAM layer")
     return model.get_submodule(target)
+
+
+def sweep_layers(model: nn.Module, n: int = 3) -> tuple[str, ...]:
+    """Names of the layers an explanation is taken at in the layer sweep, finest first and the
+    paper's Grad-CAM layer last: the outputs of the last ``n`` stages (ResNet: layer2-4; the
+    others: the ReLUs that end a conv block, just before its max pool)."""
+    target = gradcam_layer(model) and model.gradcam_target
+    if target == "layer4":
+        return tuple(f"layer{k}" for k in range(5 - n, 5))
+    feats = model.get_submodule("features")
+    ends = [f"features.{i}" for i in range(len(feats) - 1)
+            if isinstance(feats[i], nn.ReLU) and isinstance(feats[i + 1], nn.MaxPool2d)]
+    ends = [e for e in ends if int(e.split(".")[1]) < int(target.split(".")[1])]
+    return tuple(ends[-(n - 1):] + [target]) if n > 1 else (target,)

@@ -21,6 +21,7 @@ from citylib.compare import CompareConfig
 from citylib.data import DataConfig
 from citylib.embed import EmbedConfig
 from citylib.gradcam import GradCAMConfig
+from citylib.methods import MethodsConfig
 from citylib.models import ARCHS
 from citylib.segment import SegmentConfig
 from citylib.stats import StatsConfig
@@ -40,6 +41,7 @@ class RunConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     causal: CausalConfig = field(default_factory=CausalConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)  # grid-wide: equal in every file
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
-from citylib import (artifacts, causal, compare, compare_plots, cues, data, embed, gradcam, objects, paths,
-                     plots, segment, train)
+from citylib import (artifacts, causal, compare, compare_plots, cues, data, embed, gradcam, methods, objects,
+                     paths, plots, segment, train)
 from citylib.artifacts import ResultFolder, StaleError
 from citylib.objects import ObjectsResult  # noqa: F401 (the objects stage's result, as before)
 from citylib.params import RunConfig, discover, load, load_all
@@ -104,6 +105,22 @@ def run_causal(run: Run, progress: bool = True) -> causal.CausalResult | None:
     return result
 
 
+def run_methods(run: Run, progress: bool = True) -> methods.MethodsResult | None:
+    """Every CAM method at every layer of the sweep, scored by planted-cue recovery and by
+    agreement with the causal ranking (``citylib.methods``); None for other data."""
+    reliance = run_causal(run, progress)
+    if reliance is None:
+        return None
+    cfg, cache = run.cfg, load_cache(run)
+    rows = cache.split_indices("test")
+    seg = segment.run(cfg.segment, cache, run.data_dir / "segment", rows=rows, progress=progress)
+    result = methods.run(cfg.methods, cfg.stats, run.dir, cache, np.asarray(seg.labels[rows]), rows,
+                         segment.key(cfg.segment, cache, rows), planted_cues(run), reliance,
+                         cfg.gradcam.target, progress=progress)
+    write_metrics(run)
+    return result
+
+
 def planted_cues(run: Run) -> dict[str, tuple[str, ...]]:
     """City -> planted cue names of the run's generated world; empty for other data."""
     cfg = run.cfg.data
@@ -142,6 +159,7 @@ def keys(run: Run) -> dict[str, str]:
     cf = data.load_counterfactuals(cfg.data, run.data_dir)
     if cf is not None:
         k["causal"] = causal.key(cfg.causal, k["training"], cf.key)
+        k["methods"] = methods.key(cfg.methods, cfg.stats, k["training"], labels, k["causal"], cfg.gradcam.target)
     return k
 
 
@@ -170,6 +188,8 @@ def write_metrics(run: Run) -> dict:
     if "causal" in k and current(d, causal.NAME, "causal"):
         out["causal"] = {**artifacts.read_json(d / "causal.json"),
                          "effects": pd.read_csv(d / "causal.csv").to_dict("records")}
+    if "methods" in k and current(d, methods.NAME, "methods"):
+        out["methods"] = artifacts.read_json(d / "methods.json")
     artifacts.write_json(d / "metrics.json", out)
     return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from citylib import artifacts, compare, paths
+from citylib import artifacts, compare, methods, paths
 
 
 def run(outputs: str | Path | None = None) -> Path:
@@ -68,6 +68,7 @@ def _index_html(out: Path, sections) -> str:
                   "and the mean over cities (MRR). <i>MRR ceiling</i>: the same for an ideal "
                   "detector of the planted objects whose map has the network's size (<i>map</i>): "
                   "the best a network could show at that resolution.</p>", _table(recovery)]
+    parts += _reliance(runs)
     comparison = out / "comparison"
     if (comparison / "table2.csv").is_file():
         parts += ["<h2>Architectures versus initialisations (Table 2)</h2>",
@@ -91,6 +92,36 @@ def _index_html(out: Path, sections) -> str:
         parts.append(f"<h3>{html.escape(title)}</h3><ul>{items}</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _reliance(runs: list[Path]) -> list[str]:
+    """Reliance (causal effects) and visibility (each method's lift ranks) of the runs on a
+    generated world: the methods across runs, then per run its verdict and table."""
+    done = [d for d in runs if all((d / f).is_file() for f in ("causal.csv", "methods.csv", "methods.json"))]
+    if not done:
+        return []
+    summaries = {d.name: artifacts.read_json(d / "methods.json") for d in done}
+    parts = ["<h2>Reliance and visibility</h2><p>Generated world. <i>Reliance</i>: the change in "
+             "the network's log-probability of the true city when one planted cue is reset to the "
+             "base style and everything else is rendered identically (mean over test images, 95% "
+             "bootstrap interval over spots); no explanation method is involved. <i>Visibility</i>: "
+             "whether an explanation method ranks the city's causally strongest cue in the lift top "
+             f"{next(iter(summaries.values()))['top']}. Below: per method and layer (paper = the "
+             "paper's Grad-CAM layer, paper-k = k stages earlier, fusion = all of them on the finest "
+             "grid), the cities where it does, of those whose network relies on a cue, and the "
+             "planted-cue MRR.</p>", _table(methods.comparison(summaries))]
+    for d in done:
+        causal_table = pd.read_csv(d / "causal.csv")
+        cue_free = artifacts.read_json(d / "causal.json")["cue_free"]
+        recovery = pd.read_csv(d / "planted_recovery.csv") if (d / "planted_recovery.csv").is_file() else None
+        parts += [f"<h3>{html.escape(d.name)}</h3>",
+                  f"<p>{html.escape(methods.verdict(d.name, causal_table, summaries[d.name]))} "
+                  f"On the cue-free renderings it scores {cue_free['accuracy']:.3f} "
+                  f"[{cue_free['interval'][0]:.3f}, {cue_free['interval'][1]:.3f}] (chance "
+                  f"{cue_free['chance']:.3f}): {'at chance' if cue_free['at_chance'] else 'NOT at chance: the world leaks'}.</p>",
+                  _table(methods.run_table(causal_table, pd.read_csv(d / "methods.csv"),
+                                           summaries[d.name]["layers"], recovery))]
+    return parts
 
 
 def _table(frame: pd.DataFrame) -> str:

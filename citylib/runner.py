@@ -38,7 +38,9 @@ DATA_NOTEBOOKS = ("01_data.ipynb",)
 RUN_NOTEBOOKS = ("02_training.ipynb", "03_gradcam.ipynb", "04_embedding.ipynb", "05_objects.ipynb")
 GRID_NOTEBOOKS = ("06_comparison.ipynb",)
 # The stage each per-run notebook runs: its key (``pipeline.keys``) keys the notebook.
-STAGES = dict(zip(RUN_NOTEBOOKS, ("training", "gradcam", "embedding", "objects")))
+# The stages each per-run notebook runs (notebook 05: the objects, and on a generated world the
+# causal effects and the method sweep): a notebook's key is theirs.
+STAGES = dict(zip(RUN_NOTEBOOKS, (("training",), ("gradcam",), ("embedding",), ("objects", "causal", "methods"))))
 
 # glibc malloc settings for the notebook kernels: keep freed memory in the heap instead of
 # handing every large tensor back to the system and faulting it in again on the next batch.
@@ -167,7 +169,7 @@ def _keys(cfg: RunConfig, out: Path) -> dict[str, str]:
     from citylib import pipeline   # it imports every stage: only once notebooks are to run
 
     stage = pipeline.keys(pipeline.Run(cfg, out))
-    return {nb: stage[s] for nb, s in STAGES.items()}
+    return {nb: config_hash(*(stage[s] for s in names if s in stage)) for nb, names in STAGES.items()}
 
 
 def _grid_key(configs: list[RunConfig], out: Path) -> str:
@@ -383,6 +385,8 @@ def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> 
             "knn_2d": knn.get("observed"), "knn_2d_shuffled": knn.get("baseline_mean"),
             "planted_mrr": metrics.get("objects", {}).get("planted_mrr"),
             "planted_mrr_ceiling": metrics.get("objects", {}).get("ceiling", {}).get("planted_mrr"),
+            "cue_free_accuracy": metrics.get("causal", {}).get("cue_free", {}).get("accuracy"),
+            "cue_free_at_chance": metrics.get("causal", {}).get("cue_free", {}).get("at_chance"),
             "notebook_seconds": sum(_seconds(out / "runs" / cfg.name, nb) for nb in RUN_NOTEBOOKS)
                                 or None,
             "config_hash": cfg.hash,

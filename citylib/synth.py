@@ -289,6 +289,22 @@ def _finish(view: dict, rng: np.random.Generator, haze: float, haze_color: tuple
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
+def _streams(seed: int, city: str, spot: int):
+    """The spot's random streams, each keyed by its name: from the city's name (not its position
+    in the file), so that adding a city, a worker process or a view changes nothing else, and
+    an element's settings change only that element's draws."""
+    def stream(*name) -> np.random.Generator:
+        words = [zlib.crc32(str(n).encode()) for n in name]
+        return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(city.encode()), spot, *words]))
+    return stream
+
+
+def layout(world: World, city: str, spot: int, seed: int = 0, reset=()) -> dict:
+    """The spot's scene (``scene.spot``: rects, eye, sky) as ``render_spot`` draws it."""
+    style = world.style(city, reset)
+    return scene.spot(style, _streams(seed, city, spot), partial(_colour, style))
+
+
 def render_spot(world: World, city: str, spot: int, views: int = 4, size: int = 128, seed: int = 0,
                 flat: bool = False, reset=()) -> list[dict]:
     """Render the views of one spot: dicts of image (S, S, 3) uint8, label (S, S) uint8,
@@ -300,14 +316,7 @@ def render_spot(world: World, city: str, spot: int, views: int = 4, size: int = 
     all of them): the counterfactual spot, with everything else drawn identically.
     """
     style = world.style(city, reset)
-    nu = style.nuisance
-    # Every random stream is keyed by name, from the city's name (not its position in the file):
-    # adding a city, a worker process or a view changes nothing else, and an element's
-    # settings change only that element's draws.
-    def stream(*name) -> np.random.Generator:
-        words = [zlib.crc32(str(n).encode()) for n in name]
-        return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(city.encode()), spot, *words]))
-
+    nu, stream = style.nuisance, _streams(seed, city, spot)
     lay = scene.spot(style, stream, partial(_colour, style))
     light = stream("light")
     haze, gain, warmth = (float(light.uniform(*r)) for r in (nu.haze, nu.gain, nu.warmth))

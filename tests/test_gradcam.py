@@ -50,11 +50,12 @@ def _no_hooks(model: nn.Module) -> bool:
 @pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
 @pytest.mark.parametrize("arch", ["resnet18", "simple", "simpler"])
 def test_matches_pytorch_grad_cam(arch, trained):
-    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 
     model, x = _model(arch, trained), _x()
     layer = models.gradcam_layer(model)
-    for ours, theirs in ((gradcam.GradCAM, GradCAM), (gradcam.GradCAMPlusPlus, GradCAMPlusPlus)):
+    for ours, theirs in ((gradcam.GradCAM, GradCAM), (gradcam.GradCAMPlusPlus, GradCAMPlusPlus),
+                         (gradcam.HiResCAM, HiResCAM), (gradcam.LayerCAM, LayerCAM)):
         with ours(model) as cam:
             res = cam(x)
         # pytorch-grad-cam: ReLU -> min-max (eps 1e-7) -> cv2 bilinear resize -> min-max again;
@@ -204,13 +205,38 @@ def test_hooks_removed_and_state_restored():
         assert not torch.is_grad_enabled()
 
 
+def test_hand_computed_hirescam_and_layercam():
+    # Tiny's gradient is W[c, k] / 4 at every position, so for class 0 (W = [2, -1]):
+    # HiResCAM = sum_k g^k A^k = (2 A0 - A1) / 4 (the same as Grad-CAM here: g is constant);
+    # LayerCAM = sum_k ReLU(g^k) A^k = 2 A0 / 4 = [[2, 0], [1, 0]] -> /2.
+    # Class 1 (W = [-1, 1]): LayerCAM = A1 / 4 = [[0, .5], [.5, .25]] -> /0.5.
+    red = torch.tensor([[4.0, 0.0], [2.0, -3.0]])
+    green = torch.tensor([[0.0, 2.0], [2.0, 1.0]])
+    x = torch.stack([red, green, torch.zeros(2, 2)])[None]
+    with gradcam.HiResCAM(Tiny()) as cam:
+        np.testing.assert_allclose(cam(x, target=0).masks[0], [[1.0, 0.0], [0.25, 0.0]], atol=1e-6)
+    with gradcam.LayerCAM(Tiny()) as cam:
+        np.testing.assert_allclose(cam(x, target=0).masks[0], [[1.0, 0.0], [0.5, 0.0]], atol=1e-6)
+        np.testing.assert_allclose(cam(x, target=1).masks[0], [[0.0, 1.0], [1.0, 0.5]], atol=1e-6)
+
+
+def test_position_weighted_methods_differ_from_gradcam_where_gradients_vary():
+    model, x = _model("simple", trained=True), _x(4)
+    found = {}
+    for method in ("gradcam", "hirescam", "layercam"):
+        with gradcam.make(method, model) as cam:
+            found[method] = cam(x).masks
+    assert np.abs(found["gradcam"] - found["hirescam"]).max() > 1e-3
+    assert np.abs(found["hirescam"] - found["layercam"]).max() > 1e-3
+
+
 def test_gradcam_plus_plus_differs_and_registry():
     model, x = _model("resnet18", trained=True), _x(4)
     with gradcam.make("gradcam", model) as a, gradcam.make("gradcam++", model) as b:
         ra, rb = a(x), b(x)
     assert ra.masks.shape == rb.masks.shape
     assert np.abs(ra.masks - rb.masks).max() > 1e-3
-    assert set(gradcam.METHODS) == {"gradcam", "gradcam++"}
+    assert set(gradcam.METHODS) == {"gradcam", "gradcam++", "hirescam", "layercam"}
     with pytest.raises(ValueError, match="unknown CAM method"):
         gradcam.make("scorecam", model)
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib import synth
+from citylib import scene, synth
 from citylib.artifacts import read_json
 from citylib.config import ConfigError, from_dict
 from citylib.scene import LUT, VOCAB
@@ -154,17 +154,119 @@ def test_planted_cues_are_frequent_at_home_and_not_certain(medium):
             assert 0.3 < presence < 1, (city, name, presence)
 
 
-def test_colour_histograms_do_not_tell_cities_apart(medium):
+def _element_ids(world, city: str, spot: int, cue: str) -> np.ndarray:
+    """Instance ids of the reset element in either scene: its own instances (open ground,
+    objects) and those of the cue's class in either (a tower, skyscraper in one, plain in the
+    other)."""
+    element = "open_ground" if cue in ("earth", "grass") else cue.replace(" ", "_")
+    ids = set()
+    for reset in ((), (cue,)):
+        for r in synth.layout(world, city, spot, reset=reset)["rects"]:
+            if r.cls == VOCAB[cue] or scene.element_of(r.inst) == scene.ELEMENTS.index(element):
+                ids.add(r.inst)
+    return np.array(sorted(ids))
+
+
+def _changed_outside(world, spots: int = 6) -> dict:
+    """Per (city, cue): pixels changed by resetting the cue, and those outside its element's
+    pixels in either render."""
+    out = {}
+    for city, cues in world.planted.items():
+        for cue, _ in cues:
+            changed = outside = 0
+            for spot in range(spots):
+                ids = _element_ids(world, city, spot, cue)
+                for o, c in zip(synth.render_spot(world, city, spot, views=2, size=48),
+                                synth.render_spot(world, city, spot, views=2, size=48, reset=(cue,))):
+                    diff = (o["image"] != c["image"]).any(-1)
+                    changed += int(diff.sum())
+                    outside += int((diff & ~(np.isin(o["inst"], ids) | np.isin(c["inst"], ids))).sum())
+            out[city, cue] = (changed, outside)
+    return out
+
+
+def test_counterfactual_changes_only_the_reset_cue():
+    """Before JPEG, a spot with one cue reset differs from the original only where that cue's
+    element is in either render; every cue's reset changes something."""
+    world = synth.load_world("default")
+    result = _changed_outside(world)
+    for (city, cue), (changed, outside) in result.items():
+        assert changed > 0, (city, cue)
+        assert outside == 0, (city, cue, changed, outside)
+    # The cue-free rendering is the base style itself, whatever the city
+    for city in world.styles:
+        assert world.style(city, synth.CUE_FREE) == from_dict(synth.Style, world.definition["base"])
+
+
+def test_counterfactual_check_detects_a_shared_random_stream(monkeypatch):
+    """The same check on a generator whose elements draw from one stream fails."""
+    spot = scene.spot
+
+    def shared(style, stream, colour):
+        one = stream("layout")
+        return spot(style, lambda element: one, colour)
+
+    monkeypatch.setattr(scene, "spot", shared)
+    result = _changed_outside(synth.load_world("default"), spots=3)
+    assert any(outside > 0 for _, outside in result.values()), result
+
+
+def _colour_features(world, reset, spots: int, size: int = 48):
+    """Colour histograms (N, 48) and class shares (N, 256) of view 0 of each spot (independent
+    samples), with the cities."""
+    feats, shares, cities = [], [], []
+    for city in world.styles:
+        for spot in range(spots):
+            v = synth.render_spot(world, city, spot, views=1, size=size, seed=7, reset=reset)[0]
+            feats.append(np.concatenate([np.histogram(v["image"][..., c], 16, (0, 256))[0]
+                                         for c in range(3)]) / size ** 2)
+            shares.append(np.bincount(v["label"].ravel(), minlength=256) / size ** 2)
+            cities.append(city)
+    return np.stack(feats), np.stack(shares), np.array(cities)
+
+
+def _histogram_accuracy(feats, cities) -> tuple[int, int]:
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GroupKFold, cross_val_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    m, _, hists = medium
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    acc = cross_val_score(clf, hists, m["city"], groups=m["group"], cv=GroupKFold(5)).mean()
-    # Measured 0.444 (chance 0.33): cities differ in objects, not colours.
-    assert acc <= 1 / 3 + 0.12, acc
+    pred = cross_val_predict(clf, feats, cities, cv=StratifiedKFold(5, shuffle=True, random_state=0))
+    return int((pred == cities).sum()), len(cities)
+
+
+def _shares_differ(shares, cities) -> list[str]:
+    """The classes whose pixel share differs between the cities (Kruskal-Wallis, Bonferroni)."""
+    from scipy.stats import kruskal
+
+    names = {i: n for n, i in VOCAB.items()}
+    present = [k for k in np.nonzero(shares.sum(0))[0] if k in names]
+    differ = []
+    for k in present:
+        groups = [shares[cities == c, k] for c in np.unique(cities)]
+        if np.ptp(np.concatenate(groups)) > 0 and kruskal(*groups).pvalue < 0.01 / len(present):
+            differ.append(names[k])
+    return differ
+
+
+def test_cue_free_renderings_cannot_tell_cities_apart():
+    """With every cue reset the cities are one distribution: a colour-histogram classifier
+    scores at chance (chance inside its Wilson 95% interval) and no object's pixel share
+    differs between cities. The same checks on the real renderings do detect the cities."""
+    from citylib.intervals import wilson
+
+    world = synth.load_world("default")
+    chance = 1 / len(world.styles)
+    feats, shares, cities = _colour_features(world, synth.CUE_FREE, spots=150)
+    lo, hi = wilson(*_histogram_accuracy(feats, cities))
+    assert lo <= chance <= hi, (lo, hi)
+    assert _shares_differ(shares, cities) == []
+    feats, shares, cities = _colour_features(world, (), spots=150)
+    lo, _ = wilson(*_histogram_accuracy(feats, cities))
+    assert lo > chance, lo
+    planted = {o for cues in world.planted.values() for o, _ in cues}
+    assert planted <= set(_shares_differ(shares, cities))
 
 
 def test_world_yaml_is_strict(tmp_path):
@@ -199,6 +301,34 @@ def test_user_world_with_two_cities(tmp_path):
     assert sorted(m["city"].unique()) == ["leafy", "plain"] and len(m) == 8
     saved = read_json(tmp_path / "out" / "world.json")
     assert saved["planted"]["leafy"][0]["index"] == VOCAB["tree"] and saved["planted"]["plain"] == []
+    assert saved["undeclared"] == {"leafy": [], "plain": []}
+
+
+def test_resets_and_undeclared_differences(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "extends: default\n"
+        "cities:\n"
+        "  leafy:\n"
+        "    planted: [{object: tree, why: trees}, {object: earth, why: soil}]\n"
+        "    objects: {tree: {spot_prob: 1.0}, plant: {spot_prob: 0.0}}\n"
+        "    street: {open_ground: {earth: 1.0}, camera_height: [3.0, 3.2]}\n"
+        "  plain: {}\n")
+    world = synth.load_world(str(path))
+    assert world.undeclared == {"leafy": ["objects.plant", "street.camera_height"], "plain": []}
+    base = from_dict(synth.Style, world.definition["base"])
+    tree_reset = world.style("leafy", ("tree",))
+    assert tree_reset.objects.tree == base.objects.tree and tree_reset.objects.plant.spot_prob == 0.0
+    assert tree_reset.street.open_ground == {"sidewalk": 0.4, "grass": 0.6, "earth": 1.0}  # a deep merge
+    earth_reset = world.style("leafy", ("earth",))
+    assert earth_reset.street.open_ground == base.street.open_ground
+    assert earth_reset.street.camera_height == (3.0, 3.2)      # not the cue's element: kept
+    assert world.style("leafy", synth.CUE_FREE) == base          # undeclared entries go too
+    with pytest.raises(ValueError, match="not one of its planted cues"):
+        world.style("leafy", ("car",))
+    path.write_text("extends: default\ncities:\n  a: {planted: [{object: building, why: x}]}\n")
+    with pytest.raises(ConfigError, match="planted"):
+        synth.load_world(str(path))
 
 
 def test_world_hash_follows_the_world_definition(tmp_path):

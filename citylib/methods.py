@@ -1,0 +1,229 @@
+"""Methods stage: which explanation method, at which layer, shows what a run's network relies on.
+
+Every CAM method (``gradcam.METHODS``: Grad-CAM, Grad-CAM++, HiResCAM, LayerCAM) at every layer
+of the sweep (``models.sweep_layers``: the last three stages, the paper's Grad-CAM layer last)
+and at their fusion (each layer's masks upsampled to the finest layer's grid, normalised and
+averaged: finer maps at the same input size). One forward and one backward per batch and layer
+serve all methods. Each method's masks are counted like the objects stage's (``stats``, same
+threshold) and scored on the generated world's planted cues:
+
+- *recovery*: the rank by lift of each planted cue among its city's objects (``cues.recovery``);
+- *visibility* (faithfulness to the causal ranking of ``citylib.causal``): whether each city's
+  causally strongest cue is in the lift top ``top`` (cities where the network relies on no cue,
+  every interval reaching 0, are left out), and Spearman's rho between the cues' reliance
+  (-effect) and their lift rank within their city (higher = agree), over the run's cues.
+
+Reads the run's ``best.pt``, the cache, the test label maps and ``causal.csv``. Writes into the
+run folder ``methods.csv`` (method, layer, map_size, city, object, lift, lift_rank, effect,
+causal_rank) and ``methods.json`` (per method and layer: planted MRR, strongest cue in top
+``top`` per city, rho). ``.results/methods.json`` marks it, keyed by the settings, the
+training's, label maps' and causal result's keys and the code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sps
+
+from citylib import cues, gradcam, models, stats, train
+from citylib.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
+from citylib.config import config_hash
+
+NAME = "methods"
+FUSION = "fusion"
+
+
+@dataclass(frozen=True)
+class MethodsConfig:
+    """Settings of the methods stage (the ``methods:`` section of a parameter file)."""
+
+    methods: tuple[str, ...] = tuple(gradcam.METHODS)
+    layers: int = 3           # stages in the sweep, the paper's layer last
+    fusion: bool = True       # also the fused multi-layer maps
+    top: int = 3              # "in the top k" by lift
+    batch_size: int = 32
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in gradcam.METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"'methods' = {list(self.methods)}: each must be one of {list(gradcam.METHODS)}")
+        object.__setattr__(self, "methods", tuple(self.methods))
+        for name, lo in (("layers", 1), ("top", 1), ("batch_size", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"'{name}' must be >= {lo}, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class MethodsResult:
+    table: pd.DataFrame      # methods.csv
+    summary: dict            # methods.json
+    reused: bool = False
+
+
+def key(cfg: MethodsConfig, stats_cfg: stats.StatsConfig, training_key: str, labels_key: str,
+        causal_key: str, target: str) -> str:
+    return config_hash(NAME, code_key(__name__), cfg, stats_cfg, training_key, labels_key, causal_key, target)
+
+
+def sweep(model: torch.nn.Module, images: np.ndarray, target, layers, methods, batch_size: int = 32,
+          fusion: bool = True) -> dict[tuple[str, str], np.ndarray]:
+    """(method, layer) -> masks (N, h, w) float32 in [0, 1] of uint8 ``images`` (N, S, S, 3);
+    ``target`` as ``BaseCAM`` takes it (None: predicted), or (N,) class indices."""
+    out: dict[tuple[str, str], list] = {}
+    for layer in layers:
+        with gradcam.GradCAM(model, model.get_submodule(layer)) as probe:
+            for b in range(0, len(images), batch_size):
+                t = None if target is None else np.asarray(target)[b:b + batch_size]
+                act, grad, _, _ = probe.forward_backward(train.to_tensor(np.asarray(images[b:b + batch_size])), t)
+                with torch.no_grad():
+                    for m in methods:
+                        cam = gradcam.METHODS[m].cam(act, grad).clamp_min_(0)           # (B, h, w)
+                        out.setdefault((m, layer), []).append(gradcam.normalise(cam).numpy())
+    masks = {k: np.concatenate(v) for k, v in out.items()}
+    if fusion and len(layers) > 1:
+        finest = max((masks[methods[0], layer].shape[1:] for layer in layers), key=lambda s: s[0] * s[1])
+        for m in methods:
+            up = [gradcam.upsample(masks[m, layer], finest) for layer in layers]     # (N, h, w) each
+            masks[m, FUSION] = gradcam.normalise(torch.from_numpy(np.mean(up, 0))).numpy()
+    return masks
+
+
+def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tuple], causal: pd.DataFrame,
+          stats_cfg: stats.StatsConfig, top: int = 3) -> tuple[pd.DataFrame, dict]:
+    """methods.csv rows and methods.json for ``sweep``'s masks (see the module docstring)."""
+    size = int(label_maps.shape[-1])
+    cue_rows = causal[causal["object"].isin({o for v in planted.values() for o in v})]
+    effect = {(c, o): (e, r) for c, o, e, r in cue_rows[["city", "object", "effect", "rank"]].itertuples(index=False)}
+    relied = set(zip(cue_rows.loc[cue_rows["ci_high"] < 0, "city"], cue_rows.loc[cue_rows["ci_high"] < 0, "object"]))
+    rows, summary = [], {}
+    for (method, layer), m in masks.items():
+        hist = stats.Histograms.build(stats.upsampled(m, size, gradcam.upsample), label_maps, cities,
+                                      stats_cfg, progress=False)
+        rec, scores = cues.recovery(hist.table(ci=False), planted, top)
+        rec = rec.assign(method=method, layer=layer, map_size="x".join(map(str, m.shape[1:])),
+                         effect=[effect.get((c, o), (np.nan, np.nan))[0] for c, o in zip(rec["city"], rec["object"])],
+                         causal_rank=[effect.get((c, o), (np.nan, np.nan))[1] for c, o in zip(rec["city"], rec["object"])])
+        rows.append(rec)
+        # a city counts only where the network relies on its strongest cue (interval below 0)
+        strongest = rec[(rec["causal_rank"] == 1) & [(c, o) in relied for c, o in zip(rec["city"], rec["object"])]]
+        in_top = {c: bool(r <= top) for c, r in zip(strongest["city"], strongest["rank"])}
+        ok = rec.dropna(subset=["effect", "rank"])
+        rho = float(sps.spearmanr(-ok["effect"], -ok["rank"]).statistic) if len(ok) > 2 else float("nan")
+        summary.setdefault(method, {})[layer] = {
+            "map_size": list(m.shape[1:]), "planted_mrr": scores["planted_mrr"],
+            "strongest_in_top": in_top, "all_strongest_in_top": bool(in_top) and all(in_top.values()),
+            "spearman": rho}
+    table = pd.concat(rows, ignore_index=True).rename(columns={"rank": "lift_rank"})
+    cols = ["method", "layer", "map_size", "city", "object", "lift", "lift_rank", "effect", "causal_rank"]
+    return table[cols], {"top": top, "threshold": stats_cfg.threshold, "scores": summary}
+
+
+def run(cfg: MethodsConfig, stats_cfg: stats.StatsConfig, run_dir: str | Path, cache, label_maps: np.ndarray,
+        rows: np.ndarray, labels_key: str, planted: Mapping[str, tuple], causal_result, target: str = "predicted",
+        progress: bool = True) -> MethodsResult:
+    """Sweep and score every method at every layer on the run's test images ``rows`` (with
+    their ``label_maps``); ``causal_result`` is the run's ``causal.run`` result."""
+    run_dir = Path(run_dir)
+    model, cities, config = train.load_model(run_dir)
+    train.check_data(run_dir, config, cache)
+    trained = ResultFolder(run_dir, train.NAME).finished()
+    causal_key = ResultFolder(run_dir, "causal").finished()["key"]
+    folder = ResultFolder(run_dir, NAME, key(cfg, stats_cfg, trained["key"], labels_key, causal_key, target))
+    if folder.done() is not None:
+        return MethodsResult(pd.read_csv(run_dir / "methods.csv"), read_json(run_dir / "methods.json"), True)
+    folder.begin()
+    y = np.asarray(cache.y, np.int64)[rows]
+    layers = models.sweep_layers(model, cfg.layers)
+    masks = sweep(model, cache.images[rows], None if target == "predicted" else y, layers, cfg.methods,
+                  cfg.batch_size, cfg.fusion)
+    table, summary = score(masks, label_maps, np.asarray(cities)[y], planted, causal_result.table,
+                           stats_cfg, cfg.top)
+    summary["layers"] = list(layers) + ([FUSION] if cfg.fusion and len(layers) > 1 else [])
+    write_csv(run_dir / "methods.csv", table)
+    write_json(run_dir / "methods.json", summary)
+    folder.commit(["methods.csv", "methods.json"])
+    return MethodsResult(table, summary)
+
+
+# ------------------------------------------------------------------ tables and the verdict
+def position(layer: str, layers: list[str]) -> str:
+    """A layer's place in the sweep, comparable across architectures: 'paper' (the paper's
+    Grad-CAM layer, the last), 'fusion', or 'paper-k' for the k-th stage before it."""
+    if layer == FUSION:
+        return FUSION
+    stages = [n for n in layers if n != FUSION]
+    k = len(stages) - 1 - stages.index(layer)
+    return "paper" if k == 0 else f"paper-{k}"
+
+
+def run_table(causal_table: pd.DataFrame, table: pd.DataFrame, layers: list[str],
+              recovery: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (city, cue): its causal effect with interval and rank, the ideal detector's
+    lift rank (``recovery``'s ceiling_rank), and each method's lift rank at the paper's layer
+    and at its best layer of the sweep."""
+    paper = [n for n in layers if n != FUSION][-1]
+    out = causal_table[causal_table["object"] != "cue-free"][["city", "object", "effect", "ci_low", "ci_high",
+                                                            "rank"]].rename(columns={"object": "cue",
+                                                                                     "rank": "causal_rank"})
+    if recovery is not None and "ceiling_rank" in recovery:
+        out = out.merge(recovery[["city", "object", "ceiling_rank"]].rename(columns={"object": "cue"}),
+                        on=["city", "cue"], how="left")
+    for method, g in table.groupby("method", sort=False):
+        at = g[g["layer"] == paper].set_index(["city", "object"])["lift_rank"]
+        out[f"{method} (paper layer)"] = [at.get((c, o), np.nan) for c, o in zip(out["city"], out["cue"])]
+    for method, g in table.groupby("method", sort=False):
+        best = g.sort_values("lift_rank", kind="stable").groupby(["city", "object"]).first()
+        out[f"{method} (best layer)"] = [
+            f"{int(best.loc[(c, o), 'lift_rank'])} ({best.loc[(c, o), 'layer']})"
+            if (c, o) in best.index and best.loc[(c, o), "lift_rank"] == best.loc[(c, o), "lift_rank"] else "—"
+            for c, o in zip(out["city"], out["cue"])]
+    return out.reset_index(drop=True)
+
+
+def comparison(summaries: Mapping[str, dict]) -> pd.DataFrame:
+    """The methods across runs: per method and layer position, per run, how many cities have
+    their causally strongest cue in the lift top k ("2/3"), and the planted MRR."""
+    rows = {}
+    for run_name, summary in summaries.items():
+        for method, by_layer in summary["scores"].items():
+            for layer, s in by_layer.items():
+                where = (method, position(layer, summary["layers"]))
+                hits = s["strongest_in_top"]
+                rows.setdefault(where, {})[run_name] = (f"{sum(hits.values())}/{len(hits)}"
+                                                        f" (MRR {s['planted_mrr']:.2f})")
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["method", "layer"])
+    return frame.reset_index()
+
+
+def verdict(name: str, causal_table: pd.DataFrame, summary: dict) -> str:
+    """A few plain sentences from the numbers: which cues the network relies on (interval below
+    zero), which it does not, and which method and layer show its strongest cues."""
+    cue = causal_table[causal_table["object"] != "cue-free"]
+    used = cue[cue["ci_high"] < 0].sort_values("effect")
+    unused = cue[cue["ci_high"] >= 0]
+    fmt = lambda r: f"{r.object} in {r.city} (Δ log p {r.effect:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}])"  # noqa: E731
+    parts = [f"{name} relies on " + (", ".join(fmt(r) for r in used.itertuples()) or "none of the planted cues") + "."]
+    if len(unused):
+        parts.append("It shows no reliance on " + ", ".join(f"{r.object} in {r.city}" for r in unused.itertuples())
+                     + " (interval includes 0).")
+    paper = [n for n in summary["layers"] if n != FUSION][-1]
+    scored = [(m, layer, s) for m, by in summary["scores"].items() for layer, s in by.items()]
+    grad = summary["scores"].get("gradcam", {}).get(paper)
+    if grad is not None:
+        hits = grad["strongest_in_top"]
+        parts.append(f"Grad-CAM at the paper's layer ({paper}, {'x'.join(map(str, grad['map_size']))}) puts the "
+                     f"strongest cue in the lift top {summary['top']} for {sum(hits.values())} of {len(hits)} cities.")
+    good = [(m, layer) for m, layer, s in scored if s["all_strongest_in_top"]]
+    if good:
+        parts.append(f"Methods that do so for every city: {', '.join(f'{m} at {layer}' for m, layer in good)}.")
+    else:
+        best = max(scored, key=lambda t: (sum(t[2]["strongest_in_top"].values()), t[2]["planted_mrr"]))
+        parts.append(f"No method does so for every city; the closest is {best[0]} at {best[1]} "
+                     f"({sum(best[2]['strongest_in_top'].values())} of {len(best[2]['strongest_in_top'])}).")
+    return " ".join(parts)

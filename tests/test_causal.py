@@ -1,0 +1,113 @@
+"""Causal effects of planted cues: a hand-made model whose reliance is known, the cue-free check,
+the intervals, and the data stage's counterfactual images of a generated world."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from citylib import causal, counterfactual, data, intervals, synth, train
+from citylib.counterfactual import CUE_FREE
+
+
+class RedNet(nn.Module):
+    """Looks at one thing only: class 0's logit is 4 x the mean red level above black (the
+    normalised red channel + MEAN / STD); class 1's is 0.05 and class 2's 0."""
+
+    def forward(self, x):                                           # (B, 3, S, S)
+        red = x[:, 0].mean((1, 2)) + train.MEAN / train.STD         # (B,) 0 for black
+
+        return torch.stack([4 * red, torch.full_like(red, 0.05), torch.zeros_like(red)], 1)
+
+
+def _world(n_spots: int = 6, size: int = 16):
+    """City 'a' images: black with a red square (cue 'tree') and a green one (cue 'fence') of
+    a size that varies by spot; their counterfactuals without each, and without both."""
+    rng = np.random.default_rng(0)
+    originals, cf, rows = [], [], []
+    for spot in range(n_spots):
+        img = np.zeros((size, size, 3), np.uint8)
+        k = int(rng.integers(2, 8))
+        img[:k, :k, 0] = 255                                        # red square
+        img[-4:, -4:, 1] = 255                                      # green square
+        no_red, no_green = img.copy(), img.copy()
+        no_red[:k, :k, 0] = 0
+        no_green[-4:, -4:, 1] = 0
+        originals.append(img)
+        for variant, im in (("tree", no_red), ("fence", no_green), (CUE_FREE, np.zeros_like(img))):
+            cf.append(im)
+            rows.append((spot, "a", f"a_{spot:04d}", 0, variant))
+    cache = SimpleNamespace(images=np.stack(originals))
+    cfs = SimpleNamespace(images=np.stack(cf), index=pd.DataFrame(rows, columns=counterfactual.INDEX_COLUMNS))
+    return cache, cfs
+
+
+def _logp0(model, images):
+    return torch.log_softmax(model(train.to_tensor(images)).double(), 1)[:, 0].numpy()
+
+
+def test_causal_effect_of_a_cue_the_model_uses_and_one_it_ignores():
+    model, (cache, cfs) = RedNet().eval(), _world()
+    images = causal.effects(model, cache, cfs, ["a", "b", "c"])
+    table = causal.summarise(images).set_index("object")
+    # by hand: delta log p_0 = log p_0(counterfactual) - log p_0(original), per image
+    want = _logp0(model, cfs.images[cfs.index["variant"] == "tree"]) - _logp0(model, cache.images)
+    assert table.loc["tree", "effect"] == pytest.approx(want.mean(), abs=1e-9)
+    assert table.loc["tree", "ci_high"] < 0 and table.loc["tree", "ci_low"] <= table.loc["tree", "effect"]
+    assert table.loc["fence", "effect"] == 0 and table.loc["fence", "ci_low"] == table.loc["fence", "ci_high"] == 0
+    assert table.loc["tree", "rank"] == 1 and table.loc["fence", "rank"] == 2
+    assert np.isnan(table.loc[CUE_FREE, "rank"])
+    assert table.loc["tree", "n"] == table.loc["tree", "spots"] == 6
+    # with the red square the model says 'a'; without it, class 1
+    assert table.loc["tree", "accuracy_with"] == table.loc["fence", "accuracy_without"] == 1.0
+    assert table.loc["tree", "accuracy_without"] == table.loc[CUE_FREE, "accuracy_without"] == 0.0
+
+
+def test_cue_free_check_fails_for_a_model_that_still_knows_the_city():
+    rng = np.random.default_rng(1)
+    n = 300
+    frame = pd.DataFrame({"object": CUE_FREE, "group": np.arange(n) // 4, "city": "a"})
+    right = causal.cue_free(frame.assign(correct_without=True), 3)
+    chance = causal.cue_free(frame.assign(correct_without=rng.random(n) < 1 / 3), 3)
+    assert right["at_chance"] is False and right["accuracy"] == 1.0
+    assert chance["at_chance"] is True
+    assert chance["wilson"][0] < 1 / 3 < chance["wilson"][1]
+
+
+def test_intervals_by_hand_and_against_scipy():
+    from scipy.stats import binomtest
+
+    lo, hi = intervals.wilson(30, 100)
+    ref = binomtest(30, 100).proportion_ci(0.95, method="wilson")
+    assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=1e-9)
+    # a constant value has a zero-width interval; groups are resampled whole
+    assert intervals.group_bootstrap(np.full(8, 2.0), np.arange(8) // 2) == (2.0, 2.0, 2.0)
+    values, groups = np.array([0.0, 0.0, 0.0, 10.0]), np.array([0, 0, 0, 1])
+    mean, lo, hi = intervals.group_bootstrap(values, groups, n_boot=4000)
+    assert mean == 2.5 and lo == 0.0 and hi == 10.0    # a resample holds group 0 only, or 1 only
+
+
+def test_data_stage_renders_counterfactuals_of_the_test_spots(tmp_path):
+    cfg = data.DataConfig(world=synth.SynthConfig(spots_per_city=10, views=2, size=64), image_size=64)
+    result = data.run(cfg, tmp_path / "data", progress=False)
+    cfs = data.load_counterfactuals(cfg, tmp_path / "data")
+    cache = data.load_cache(result.cache_dir)
+    test = cache.split_indices("test")
+    world = synth.load_world("default")
+    # every test image once per variant of its city (its cues, then cue-free)
+    assert len(cfs.index) == sum(len(counterfactual.variants(world, c)) for c in cache.index["city"].iloc[test])
+    assert set(cfs.index["row"]) == set(test.tolist())
+    assert cfs.variants("treeville") == ["tree", "streetlight", CUE_FREE]
+    # the same rendering, JPEG and resizing as the cache: with no reset, the cached pixels exactly
+    r = int(test[0])
+    city, group, view = cache.index.loc[r, ["city", "group", "view"]]
+    same = counterfactual.cached_views(world, cfg.world, 64, city, counterfactual.spot_of(group), [int(view)])[0]
+    assert np.array_equal(same, cache.images[r])
+    at = cfs.index.index[(cfs.index["row"] == r)]
+    assert all(not np.array_equal(cfs.images[i], cache.images[r]) for i in at if cfs.index.loc[i, "variant"] == CUE_FREE)
+    # reused by a second run; none for a folder of photos
+    assert data.run(cfg, tmp_path / "data", progress=False).reused
