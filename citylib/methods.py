@@ -110,7 +110,8 @@ def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tup
                          causal_rank=[effect.get((c, o), (np.nan, np.nan))[1] for c, o in zip(rec["city"], rec["object"])])
         rows.append(rec)
         # a city counts only where the network relies on its strongest cue (interval below 0)
-        strongest = rec[(rec["causal_rank"] == 1) & [(c, o) in relied for c, o in zip(rec["city"], rec["object"])]]
+        relies = np.array([(c, o) in relied for c, o in zip(rec["city"], rec["object"])], bool)
+        strongest = rec[(rec["causal_rank"] == 1).to_numpy() & relies]
         in_top = {c: bool(r <= top) for c, r in zip(strongest["city"], strongest["rank"])}
         ok = rec.dropna(subset=["effect", "rank"])
         rho = float(sps.spearmanr(-ok["effect"], -ok["rank"]).statistic) if len(ok) > 2 else float("nan")
