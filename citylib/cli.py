@@ -26,6 +26,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None, help="image size in pixels (square)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true", help="replace a different world in --out")
+    s.add_argument("--reset", action="append", default=None, metavar="CUE",
+                   help="counterfactual world: this planted cue reset to the base style in every city "
+                        "that plants it, everything else identical (repeatable)")
+    s.add_argument("--cue-free", action="store_true", help="counterfactual world: every city in the base style")
 
     r = sub.add_parser("run", help="run the notebooks for every parameter file (papermill)")
     r.add_argument("--params", default=None, help="a parameter file or folder (default: parameters/)")
@@ -85,8 +89,9 @@ def _synth(args) -> int:
     from citylib import synth
     from citylib.config import from_dict
 
+    reset = ["cue-free"] if args.cue_free else args.reset
     given = {"world": args.world, "spots_per_city": args.spots, "views": args.views,
-             "size": args.size, "seed": args.seed}
+             "size": args.size, "seed": args.seed, "reset": reset}
     cfg = from_dict(synth.SynthConfig, {k: v for k, v in given.items() if v is not None}, where="citylib synth")
     manifest = synth.run(cfg, args.out, overwrite=args.overwrite)
     print(manifest)

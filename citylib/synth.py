@@ -37,10 +37,12 @@ Range = tuple[float, float]
 @dataclass(frozen=True)
 class SynthConfig:
     world: str = "default"    # built-in name (citylib/worlds/<name>.yaml) or a path to a YAML
-    spots_per_city: int = 100
+    spots_per_city: int = 130
     views: int = 4            # headings per spot, evenly spaced round the camera
     size: int = 128           # square image side, px
     seed: int = 0
+    reset: tuple[str, ...] = ()  # a counterfactual world: these planted cues (or "cue-free": all)
+    #                              reset to the base style in every city that plants them
 
     def __post_init__(self):
         for name, lo, hi in (("spots_per_city", 1, 100_000), ("views", 1, 36), ("size", 16, 2048),
@@ -49,6 +51,15 @@ class SynthConfig:
                 raise ValueError(f"'{name}' = {getattr(self, name)} must be in [{lo}, {hi}]")
         if not self.world:
             raise ValueError("'world' must name a world")
+        object.__setattr__(self, "reset", tuple(self.reset))
+        if CUE_FREE in self.reset and len(self.reset) > 1:
+            raise ValueError(f"'reset' = {list(self.reset)}: '{CUE_FREE}' resets everything; name it alone")
+
+    def resets(self, world: "World", city: str):
+        """What ``render_spot`` resets in ``city``: CUE_FREE, or the city's cues among ``reset``."""
+        if self.reset == (CUE_FREE,):
+            return CUE_FREE
+        return tuple(o for o, _ in world.planted[city] if o in self.reset)
 
 
 # ------------------------------------------------------------------ the world YAML's schema
@@ -347,7 +358,8 @@ class WorldExistsError(FileExistsError, ValueError):
 def _write_spot(world: World, cfg: SynthConfig, out: Path, task: tuple[str, int]) -> list[tuple]:
     city, spot = task
     rows = []
-    for k, view in enumerate(render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed)):
+    for k, view in enumerate(render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed,
+                                         reset=cfg.resets(world, city))):
         stem = f"{city}_{spot:04d}_v{k}"
         img, lab = f"images/{city}/{stem}.jpg", f"labels/{city}/{stem}.png"
         with atomic_path(out / img) as tmp:
@@ -372,6 +384,10 @@ def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int
     """
     out = Path(out)
     world = load_world(cfg.world)
+    unknown = set(cfg.reset) - {CUE_FREE} - {o for cues in world.planted.values() for o, _ in cues}
+    if unknown:
+        raise ConfigError(f"reset: {', '.join(sorted(unknown))} is no planted cue of world '{cfg.world}' "
+                          f"(planted: {', '.join(sorted({o for c in world.planted.values() for o, _ in c}))})")
     chash = world_hash(cfg, world)
     folder = ResultFolder(out, "world", chash)
     if folder.done() is not None:

@@ -346,3 +346,16 @@ def test_world_hash_follows_the_world_definition(tmp_path):
     path.write_text("# a comment changes no image\n" + text)
     assert synth.world_hash(cfg) == before
     assert synth.world_hash(dataclasses.replace(cfg, seed=1)) != before
+
+
+def test_counterfactual_world_resets_only_the_cities_that_plant_the_cue(small, tmp_path):
+    cfg = dataclasses.replace(SMALL, reset=("tree",))
+    synth.run(cfg, tmp_path / "no_trees")
+    a, b = files(small), files(tmp_path / "no_trees")
+    changed = {k.split("/")[1] for k in a if k.endswith(".jpg") and a[k] != b[k]}
+    assert changed == {"treeville"}
+    assert read_json(tmp_path / "no_trees" / "world.json")["config"]["reset"] == ["tree"]
+    with pytest.raises(ConfigError, match="no planted cue"):
+        synth.run(dataclasses.replace(SMALL, reset=("car",)), tmp_path / "bad")
+    with pytest.raises(ValueError, match="resets everything"):
+        synth.SynthConfig(reset=("cue-free", "tree"))
