@@ -12,10 +12,10 @@ images (``data.load_counterfactuals``). Writes into the run folder:
   delta log p of the true city), ci_low, ci_high (bootstrap over spots), accuracy_with,
   accuracy_without, rank (1 = the city's causally strongest cue: the most negative effect).
 - ``causal_images.csv``: one row per counterfactual image: row, city, group, view, object,
-  logp, logp_without, correct, correct_without.
-- ``causal.json``: the cue-free check: accuracy on the cue-free renderings with its Wilson and
-  spot-bootstrap 95% intervals, chance (1 / cities) and ``at_chance`` (the spot-bootstrap
-  interval, which allows for views of one spot being alike, contains chance).
+  logp, logp_without, correct, correct_without, predicted_without.
+- ``causal.json``: the cue-free check (``cue_free``): accuracy on the cue-free renderings, the
+  95% range a city-blind network's accuracy takes with the spots' cities permuted, the
+  permutation p-value and ``at_chance``.
 
 ``.results/causal.json`` marks the finished result, keyed by the settings, the training's key,
 the counterfactual images' key and the code.
@@ -106,7 +106,8 @@ def effects(model: torch.nn.Module, cache, counterfactuals, cities: list[str],
     return pd.DataFrame({"row": index["row"], "city": index["city"], "group": index["group"],
                          "view": index["view"], "object": index["variant"], "logp": logp,
                          "logp_without": cf[np.arange(len(cf)), target], "correct": correct,
-                         "correct_without": cf.argmax(1) == target})
+                         "correct_without": cf.argmax(1) == target,
+                         "predicted_without": np.asarray(cities)[cf.argmax(1)]})
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -132,15 +133,29 @@ def summarise(images: pd.DataFrame, cfg: CausalConfig = CausalConfig()) -> pd.Da
 
 
 def cue_free(images: pd.DataFrame, n_cities: int, cfg: CausalConfig = CausalConfig()) -> dict:
-    """Accuracy on the cue-free renderings, its intervals, and whether it is at chance."""
+    """Accuracy on the cue-free renderings, and whether it is what a city-blind network gets.
+
+    Cue-free, every city is the base style: the images carry no information about their city,
+    so the cities' labels are exchangeable between spots. ``interval`` is the central ``level``
+    range of this network's accuracy with the spots' cities permuted (``cfg.n_boot`` times;
+    views of one spot keep one city, which allows for their predictions being alike), and
+    ``at_chance`` says whether the observed accuracy lies in it; ``p`` is the two-sided
+    permutation p-value. ``wilson`` is the plain binomial interval of the observed accuracy.
+    """
     free = images[images["object"] == CUE_FREE]
     k, n = int(free["correct_without"].sum()), len(free)
-    acc, lo, hi = intervals.group_bootstrap(free["correct_without"].to_numpy(float), free["group"].to_numpy(),
-                                            cfg.n_boot, cfg.level, cfg.seed)
-    chance = 1.0 / n_cities
-    return {"accuracy": acc, "n": n, "spots": int(free["group"].nunique()), "chance": chance,
-            "wilson": list(intervals.wilson(k, n, cfg.level)), "interval": [lo, hi],
-            "at_chance": bool(lo <= chance <= hi)}
+    spots, at = np.unique(free["group"].to_numpy(), return_inverse=True)
+    city_of = free.groupby("group")["city"].first().reindex(spots).to_numpy()       # (G,)
+    predicted = free["predicted_without"].to_numpy()
+    rng = np.random.default_rng(cfg.seed)
+    null = np.array([(predicted == rng.permutation(city_of)[at]).mean() for _ in range(cfg.n_boot)])
+    acc = k / n if n else float("nan")
+    lo, hi = np.quantile(null, [(1 - cfg.level) / 2, (1 + cfg.level) / 2])
+    centre = null.mean()
+    p = float(min(1.0, (np.sum(np.abs(null - centre) >= abs(acc - centre) - 1e-12) + 1) / (len(null) + 1)))
+    return {"accuracy": acc, "n": n, "spots": len(spots), "chance": 1.0 / n_cities,
+            "interval": [float(lo), float(hi)], "p": p, "wilson": list(intervals.wilson(k, n, cfg.level)),
+            "at_chance": bool(lo <= acc <= hi)}
 
 
 def _load(run_dir: Path) -> CausalResult:

@@ -69,13 +69,22 @@ def test_causal_effect_of_a_cue_the_model_uses_and_one_it_ignores():
 
 def test_cue_free_check_fails_for_a_model_that_still_knows_the_city():
     rng = np.random.default_rng(1)
-    n = 300
-    frame = pd.DataFrame({"object": CUE_FREE, "group": np.arange(n) // 4, "city": "a"})
-    right = causal.cue_free(frame.assign(correct_without=True), 3)
-    chance = causal.cue_free(frame.assign(correct_without=rng.random(n) < 1 / 3), 3)
-    assert right["at_chance"] is False and right["accuracy"] == 1.0
-    assert chance["at_chance"] is True
-    assert chance["wilson"][0] < 1 / 3 < chance["wilson"][1]
+    spots = 90
+    city = np.repeat(np.array(["a", "b", "c"]), spots // 3)                     # per spot
+    frame = pd.DataFrame({"object": CUE_FREE, "group": np.repeat(np.arange(spots), 4),
+                          "city": np.repeat(city, 4)})
+    knows = frame.assign(predicted_without=frame["city"])
+    blind = frame.assign(predicted_without=np.repeat(rng.choice(["a", "b", "c"], spots), 4))
+    one = frame.assign(predicted_without="a")                                   # always the same city
+    for f in (knows, blind, one):
+        f["correct_without"] = f["predicted_without"] == f["city"]
+    right, chance, same = (causal.cue_free(f, 3) for f in (knows, blind, one))
+    assert right["at_chance"] is False and right["accuracy"] == 1.0 and right["p"] < 0.01
+    assert chance["at_chance"] is True and chance["p"] > 0.05
+    assert same["accuracy"] == pytest.approx(1 / 3) and same["at_chance"] is True
+    # views of one spot predicted alike: the permutation range is wider than a binomial one
+    lo, hi = chance["interval"]
+    assert lo < 1 / 3 < hi and hi - lo > intervals.wilson(120, 360)[1] - intervals.wilson(120, 360)[0]
 
 
 def test_intervals_by_hand_and_against_scipy():
