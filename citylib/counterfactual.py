@@ -66,13 +66,16 @@ def key(world_cfg: synth.SynthConfig, snapshot: str, image_size: int) -> str:
 
 
 def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, image_size: int,
-          root: str | Path, workers: int = 2, progress: bool = True) -> Path:
+          root: str | Path, workers: int = 2, progress: bool = True) -> Path | None:
     """Render (or reuse) the counterfactuals of the test rows of ``manifest`` (the snapshot's,
-    in cache row order) under ``root``; returns the folder."""
+    in cache row order) under ``root``; returns the folder (None: no test row of the world's
+    cities)."""
     folder = Path(root) / key(world_cfg, snapshot, image_size)
     world = synth.load_world(world_cfg.world)
     test = manifest.reset_index(drop=True)
-    test = test[test["split"] == "test"]
+    test = test[(test["split"] == "test") & test["city"].isin(list(world.planted))]
+    if test.empty:   # no test image of a city the world defines: nothing to re-render
+        return None
     tasks = [(city, spot_of(group), sorted(zip(rows["view"].astype(int), rows.index)))
              for (city, group), rows in test.groupby(["city", "group"], sort=True)]
     with atomic_dir(folder) as tmp:

@@ -68,7 +68,8 @@ def test_manifest_columns_groups_and_views(small):
         assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (48, 48))
         assert (lab.format, lab.mode, lab.size) == ("PNG", "L", (48, 48))
     saved = read_json(small / "world.json")
-    assert saved["config"] == {"world": "default", "spots_per_city": 3, "views": 4, "size": 48, "seed": 0}
+    assert saved["config"] == {"world": "default", "spots_per_city": 3, "views": 4, "size": 48, "seed": 0,
+                               "reset": []}
     assert {c: [p["object"] for p in v] for c, v in saved["planted"].items()} == {
         "signtown": ["signboard", "fence"], "towerville": ["skyscraper", "earth"],
         "treeville": ["tree", "streetlight"]}
