@@ -13,9 +13,12 @@ images (``data.load_counterfactuals``). Writes into the run folder:
   accuracy_without, rank (1 = the city's causally strongest cue: the most negative effect).
 - ``causal_images.csv``: one row per counterfactual image: row, city, group, view, object,
   logp, logp_without, correct, correct_without, predicted_without.
-- ``causal.json``: the cue-free check (``cue_free``): accuracy on the cue-free renderings, the
-  95% range a city-blind network's accuracy takes with the spots' cities permuted, the
-  permutation p-value and ``at_chance``.
+- ``causal_cue_free.csv``: every cue-free rendering the check uses, the test spots' views and
+  the fresh spots' (``counterfactual``): sample (test / fresh), city, group, view, predicted,
+  correct.
+- ``causal.json``: the cue-free check (``cue_free``) on all of them: accuracy, the 95% range a
+  city-blind network's accuracy takes with the spots' cities permuted, the permutation p-value
+  and ``at_chance``; the same per sample under ``samples``.
 
 ``.results/causal.json`` marks the finished result, keyed by the settings, the training's key,
 the counterfactual images' key and the code.
@@ -62,6 +65,8 @@ class CausalResult:
     table: pd.DataFrame       # causal.csv
     images: pd.DataFrame      # causal_images.csv
     summary: dict             # causal.json
+    cue_free: pd.DataFrame    # causal_cue_free.csv
+    key: str                  # what made it: the settings, training, counterfactuals and code
     reused: bool = False
 
 
@@ -79,17 +84,20 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, progress
         raise StaleError(f"{run_dir}: no finished training; train first (notebook 02, or `citylib run`)")
     folder = ResultFolder(run_dir, NAME, key(cfg, trained["key"], counterfactuals.key))
     if folder.done() is not None:
-        return _load(run_dir)
+        return _load(run_dir, folder.key)
     folder.begin()
     images = effects(model, cache, counterfactuals, list(cities), cfg.batch_size)
     table = summarise(images, cfg)
-    summary = {"cue_free": cue_free(images, len(cities), cfg), "counterfactuals": counterfactuals.key,
+    free = cue_free_predictions(model, images, counterfactuals, list(cities), cfg.batch_size)
+    summary = {"cue_free": cue_free(free, len(cities), cfg), "counterfactuals": counterfactuals.key,
                "n_boot": cfg.n_boot, "level": cfg.level}
     write_csv(run_dir / "causal.csv", table)
     write_csv(run_dir / "causal_images.csv", images)
+    write_csv(run_dir / "causal_cue_free.csv", free)
     write_json(run_dir / "causal.json", summary)
-    folder.commit(["causal.csv", "causal_images.csv", "causal.json"], training_key=trained["key"])
-    return CausalResult(table, images, summary)
+    folder.commit(["causal.csv", "causal_images.csv", "causal_cue_free.csv", "causal.json"],
+                  training_key=trained["key"])
+    return CausalResult(table, images, summary, free, folder.key)
 
 
 def effects(model: torch.nn.Module, cache, counterfactuals, cities: list[str],
@@ -132,8 +140,24 @@ def summarise(images: pd.DataFrame, cfg: CausalConfig = CausalConfig()) -> pd.Da
     return table[COLUMNS]
 
 
-def cue_free(images: pd.DataFrame, n_cities: int, cfg: CausalConfig = CausalConfig()) -> dict:
-    """Accuracy on the cue-free renderings, and whether it is what a city-blind network gets.
+def cue_free_predictions(model: torch.nn.Module, images: pd.DataFrame, counterfactuals, cities: list[str],
+                         batch_size: int = 128) -> pd.DataFrame:
+    """causal_cue_free.csv: the network's decision on every cue-free rendering, the test spots'
+    (from ``effects``' rows) and the fresh spots'."""
+    test = images[images["object"] == CUE_FREE]
+    fresh = counterfactuals.fresh_index
+    pred = (train._logits(model, np.asarray(counterfactuals.fresh_images), batch_size).argmax(1)
+            if len(fresh) else np.zeros(0, np.int64))
+    frames = [pd.DataFrame({"sample": "test", "city": test["city"], "group": test["group"], "view": test["view"],
+                            "predicted": test["predicted_without"], "correct": test["correct_without"]}),
+              pd.DataFrame({"sample": "fresh", "city": fresh["city"], "group": fresh["group"], "view": fresh["view"],
+                            "predicted": np.asarray(cities)[pred], "correct": np.asarray(cities)[pred] == fresh["city"]})]
+    return pd.concat(frames, ignore_index=True)
+
+
+def cue_free(free: pd.DataFrame, n_cities: int, cfg: CausalConfig = CausalConfig()) -> dict:
+    """Accuracy on the cue-free renderings ``free`` (``cue_free_predictions``' columns), and
+    whether it is what a city-blind network gets; all samples pooled, and per ``sample``.
 
     Cue-free, every city is the base style: the images carry no information about their city,
     so the cities' labels are exchangeable between spots. ``interval`` is the central ``level``
@@ -142,14 +166,22 @@ def cue_free(images: pd.DataFrame, n_cities: int, cfg: CausalConfig = CausalConf
     ``at_chance`` says whether the observed accuracy lies in it; ``p`` is the two-sided
     permutation p-value. ``wilson`` is the plain binomial interval of the observed accuracy.
     """
-    free = images[images["object"] == CUE_FREE]
-    k, n = int(free["correct_without"].sum()), len(free)
+    out = _permutation(free, n_cities, cfg)
+    if "sample" in free and free["sample"].nunique() > 1:
+        out["samples"] = {name: _permutation(g, n_cities, cfg) for name, g in free.groupby("sample", sort=False)}
+    return out
+
+
+def _permutation(free: pd.DataFrame, n_cities: int, cfg: CausalConfig) -> dict:
+    k, n = int(free["correct"].sum()), len(free)
+    if n == 0:
+        raise ValueError("no cue-free rendering to check")
     spots, at = np.unique(free["group"].to_numpy(), return_inverse=True)
     city_of = free.groupby("group")["city"].first().reindex(spots).to_numpy()       # (G,)
-    predicted = free["predicted_without"].to_numpy()
+    predicted = free["predicted"].to_numpy()
     rng = np.random.default_rng(cfg.seed)
     null = np.array([(predicted == rng.permutation(city_of)[at]).mean() for _ in range(cfg.n_boot)])
-    acc = k / n if n else float("nan")
+    acc = k / n
     lo, hi = np.quantile(null, [(1 - cfg.level) / 2, (1 + cfg.level) / 2])
     centre = null.mean()
     p = float(min(1.0, (np.sum(np.abs(null - centre) >= abs(acc - centre) - 1e-12) + 1) / (len(null) + 1)))
@@ -158,7 +190,10 @@ def cue_free(images: pd.DataFrame, n_cities: int, cfg: CausalConfig = CausalConf
             "at_chance": bool(lo <= acc <= hi)}
 
 
-def _load(run_dir: Path) -> CausalResult:
+def _load(run_dir: Path, key: str) -> CausalResult:
     return CausalResult(pd.read_csv(run_dir / "causal.csv", dtype={"city": str, "object": str}),
                         pd.read_csv(run_dir / "causal_images.csv", dtype={"city": str, "object": str, "group": str}),
-                        read_json(run_dir / "causal.json"), reused=True)
+                        read_json(run_dir / "causal.json"),
+                        pd.read_csv(run_dir / "causal_cue_free.csv", dtype={"city": str, "group": str,
+                                                                            "predicted": str}),
+                        key, reused=True)

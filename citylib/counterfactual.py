@@ -6,10 +6,15 @@ Everything else about a counterfactual view is drawn identically (``synth.render
 through the same JPEG encoding, decoding and resizing as the cached original
 (``cache.prepare``). The data stage builds this once per data snapshot, never per run.
 
+For the cue-free check (``causal.cue_free``) the test spots are a small sample, shared by every
+run; ``fresh`` more spots per city, numbered after the world's own (``spots_per_city`` on, so no
+split holds them), are rendered cue-free only, every view.
+
 Reads the snapshot's manifest (test rows: their city, spot ``group`` and view) and the world.
 Writes ``<data>/counterfactual/<key>/``: ``images.npy`` (M, S, S, 3) uint8, ``index.csv``
-(row = the original's cache row, city, group, view, variant) and ``meta.json``. The key hashes
-the world's files' hash, the snapshot's key, the image size and this code.
+(row = the original's cache row, city, group, view, variant), ``fresh.npy`` / ``fresh.csv``
+(city, group, view: the fresh spots' cue-free views) and ``meta.json``. The key hashes the
+world's files' hash, the snapshot's key, the image size, the number of fresh spots and this code.
 """
 from __future__ import annotations
 
@@ -25,12 +30,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from citylib import synth
-from citylib.artifacts import atomic_dir, code_key, read_json, write_csv, write_json
+from citylib.artifacts import atomic_dir, code_key, write_csv, write_json
 from citylib.cache import prepare
 from citylib.config import config_hash
 
 CUE_FREE = synth.CUE_FREE
 INDEX_COLUMNS = ["row", "city", "group", "view", "variant"]
+FRESH_COLUMNS = ["city", "group", "view"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class CounterfactualSet:
     folder: Path
     images: np.ndarray     # (M, S, S, 3) uint8
     index: pd.DataFrame    # M rows: row (cache row of the original), city, group, view, variant
+    fresh_images: np.ndarray   # (F, S, S, 3) uint8: cue-free views of the fresh spots
+    fresh_index: pd.DataFrame  # F rows: city, group, view
 
     @property
     def key(self) -> str:
@@ -60,24 +68,33 @@ def spot_of(group: str) -> int:
     return int(str(group).rsplit("_", 1)[1])
 
 
-def key(world_cfg: synth.SynthConfig, snapshot: str, image_size: int) -> str:
+def group_of(city: str, spot: int) -> str:
+    """The group id of a generated world's spot (``synth`` names its files so)."""
+    return f"{city}_{spot:04d}"
+
+
+def key(world_cfg: synth.SynthConfig, snapshot: str, image_size: int, fresh: int = 0) -> str:
     return config_hash("counterfactual", code_key(__name__), synth.world_hash(world_cfg), snapshot,
-                       int(image_size))
+                       int(image_size), int(fresh))
 
 
 def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, image_size: int,
-          root: str | Path, workers: int = 2, progress: bool = True) -> Path | None:
+          root: str | Path, fresh: int = 0, workers: int = 2, progress: bool = True) -> Path | None:
     """Render (or reuse) the counterfactuals of the test rows of ``manifest`` (the snapshot's,
-    in cache row order) under ``root``; returns the folder (None: no test row of the world's
-    cities)."""
-    folder = Path(root) / key(world_cfg, snapshot, image_size)
+    in cache row order) and the cue-free views of ``fresh`` new spots per city under ``root``;
+    returns the folder (None: no test row of the world's cities)."""
+    folder = Path(root) / key(world_cfg, snapshot, image_size, fresh)
     world = synth.load_world(world_cfg.world)
     test = manifest.reset_index(drop=True)
     test = test[(test["split"] == "test") & test["city"].isin(list(world.planted))]
     if test.empty:   # no test image of a city the world defines: nothing to re-render
         return None
-    tasks = [(city, spot_of(group), sorted(zip(rows["view"].astype(int), rows.index)))
+    tasks = [(city, spot_of(group), sorted(zip(rows["view"].astype(int), rows.index)), None)
              for (city, group), rows in test.groupby(["city", "group"], sort=True)]
+    first = world_cfg.spots_per_city
+    cities = sorted(set(test["city"]))
+    tasks += [(city, spot, [(v, -1) for v in range(world_cfg.views)], CUE_FREE)
+              for city in cities for spot in range(first, first + int(fresh))]
     with atomic_dir(folder) as tmp:
         if tmp is None:
             return folder
@@ -89,25 +106,33 @@ def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, i
                 done = list(tqdm(pool.imap(job, tasks), **bar))
         else:
             done = [job(t) for t in tqdm(tasks, **bar)]
-        records = [r for rows, _ in done for r in rows]
-        images = [img for _, imgs in done for img in imgs]
-        stack = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-        np.save(tmp / "images.npy", stack)
-        write_csv(tmp / "index.csv", pd.DataFrame(records, columns=INDEX_COLUMNS))
+        parts = {True: ([], []), False: ([], [])}          # test spots, fresh spots: (records, images)
+        for (rows, imgs), task in zip(done, tasks):
+            records, images = parts[task[3] is None]
+            records += rows if task[3] is None else [r[1:4] for r in rows]
+            images += imgs
+        for name, csv, columns, test_part in (("images", "index.csv", INDEX_COLUMNS, True),
+                                              ("fresh", "fresh.csv", FRESH_COLUMNS, False)):
+            records, images = parts[test_part]
+            stack = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+            np.save(tmp / f"{name}.npy", stack)
+            write_csv(tmp / csv, pd.DataFrame(records, columns=columns))
         write_json(tmp / "meta.json", {"key": folder.name, "snapshot": snapshot, "world": synth.world_hash(world_cfg),
-                                       "image_size": int(image_size), "n": len(records),
+                                       "image_size": int(image_size), "n": len(parts[True][0]),
+                                       "fresh_spots": int(fresh), "fresh_spot_numbers": [first, first + int(fresh)],
                                        "variants": {c: variants(world, c) for c in world.planted}})
     return folder
 
 
 def _render(world: synth.World, cfg: synth.SynthConfig, size: int, task) -> tuple[list, list]:
-    """One test spot's counterfactual views, every variant of its city."""
-    city, spot, views = task
+    """One spot's counterfactual views: a test spot's under every variant of its city, a fresh
+    spot's (``only`` = CUE_FREE) cue-free only."""
+    city, spot, views, only = task
     rows, images = [], []
-    for variant in variants(world, city):
+    for variant in ([only] if only else variants(world, city)):
         reset = CUE_FREE if variant == CUE_FREE else (variant,)
         images += cached_views(world, cfg, size, city, spot, [v for v, _ in views], reset)
-        rows += [(int(row), city, f"{city}_{spot:04d}", int(view), variant) for view, row in views]
+        rows += [(int(row), city, group_of(city, spot), int(view), variant) for view, row in views]
     return rows, images
 
 
@@ -130,6 +155,7 @@ def load(folder: str | Path) -> CounterfactualSet:
     folder = Path(folder)
     if not (folder / "meta.json").is_file():
         raise FileNotFoundError(f"{folder}: no counterfactual images; run the data stage")
-    read_json(folder / "meta.json")
     index = pd.read_csv(folder / "index.csv", dtype={"city": str, "group": str, "variant": str})
-    return CounterfactualSet(folder, np.load(folder / "images.npy", mmap_mode="r"), index)
+    fresh = pd.read_csv(folder / "fresh.csv", dtype={"city": str, "group": str})
+    return CounterfactualSet(folder, np.load(folder / "images.npy", mmap_mode="r"), index,
+                             np.load(folder / "fresh.npy", mmap_mode="r"), fresh)

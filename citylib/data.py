@@ -63,6 +63,8 @@ class DataConfig:
     #                                   'group' (or the first, or the whole match) is the id
     cities: tuple[str, ...] | None = None  # a subset of the cities, or all
     max_pixels: int = 100_000_000  # larger images are rejected as too large
+    cue_free_spots: int = 120  # generated world: fresh spots per city rendered cue-free, for the
+    #                            cue-free check (``counterfactual``); the test spots alone are few
 
     def __post_init__(self):
         if not self.source.strip():
@@ -89,6 +91,8 @@ class DataConfig:
             object.__setattr__(self, "cities", cities)
         if self.max_pixels < 1:
             raise ValueError(f"'max_pixels' must be >= 1, got {self.max_pixels}")
+        if not 0 <= self.cue_free_spots <= 100_000:
+            raise ValueError(f"'cue_free_spots' must be in 0..100000, got {self.cue_free_spots}")
 
 
 @dataclass(frozen=True)
@@ -327,7 +331,7 @@ def run(cfg: DataConfig, out: str | os.PathLike | None = None, progress: bool = 
     cf_dir = None
     if cfg.source == "world":   # each test spot without each planted cue, once per snapshot
         cf_dir = counterfactual.build(cfg.world, manifest, cache_dir.name, cfg.image_size,
-                                      out / "counterfactual", progress=progress)
+                                      out / "counterfactual", cfg.cue_free_spots, progress=progress)
     write_csv(out / "manifest.csv", manifest)
     cities = tuple(sorted(manifest["city"].unique()))
     write_json(out / "snapshot.json", {"key": cache_dir.name, "source": str(source),

@@ -33,3 +33,15 @@ def group_bootstrap(values: np.ndarray, groups: np.ndarray, n_boot: int = 2000, 
     means = sums[pick].sum(1) / counts[pick].sum(1)                            # (B,)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(values.mean()), float(lo), float(hi)
+
+
+def holm(p) -> np.ndarray:
+    """Holm's step-down adjusted p-values of ``p`` (m,): rejecting where adjusted p <= alpha
+    keeps the chance of any false rejection among the m tests at alpha."""
+    p = np.asarray(p, float)
+    order = np.argsort(p, kind="stable")
+    m = len(p)
+    stepped = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    out = np.empty(m)
+    out[order] = np.minimum(stepped, 1.0)
+    return out

@@ -11,12 +11,15 @@ threshold) and scored on the generated world's planted cues:
 - *visibility* (faithfulness to the causal ranking of ``citylib.causal``): whether each city's
   causally strongest cue is in the lift top ``top`` (cities where the network relies on no cue,
   every interval reaching 0, are left out), and Spearman's rho between the cues' reliance
-  (-effect) and their lift rank within their city (higher = agree), over the run's cues.
+  (-effect) and their lift rank within their city (higher = agree), over the run's cues, with a
+  percentile interval from resampling the test spots within each city (``n_boot`` times; the
+  lift ranks and the effects are recomputed on the same resampled spots, so their dependence
+  is kept).
 
 Reads the run's ``best.pt``, the cache, the test label maps and ``causal.csv``. Writes into the
 run folder ``methods.csv`` (method, layer, map_size, city, object, lift, lift_rank, effect,
 causal_rank) and ``methods.json`` (per method and layer: planted MRR, strongest cue in top
-``top`` per city, rho). ``.results/methods.json`` marks it, keyed by the settings, the
+``top`` per city, rho and its interval). ``.results/methods.json`` marks it, keyed by the settings, the
 training's, label maps' and causal result's keys and the code.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from scipy import stats as sps
 from citylib import cues, gradcam, models, stats, train
 from citylib.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash
+from citylib.counterfactual import CUE_FREE
 
 NAME = "methods"
 FUSION = "fusion"
@@ -47,15 +51,20 @@ class MethodsConfig:
     fusion: bool = True       # also the fused multi-layer maps
     top: int = 3              # "in the top k" by lift
     batch_size: int = 32
+    n_boot: int = 1000        # spot resamples for rho's interval
+    level: float = 0.95
+    seed: int = 0             # of the resampling
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in gradcam.METHODS]
         if bad or not self.methods:
             raise ValueError(f"'methods' = {list(self.methods)}: each must be one of {list(gradcam.METHODS)}")
         object.__setattr__(self, "methods", tuple(self.methods))
-        for name, lo in (("layers", 1), ("top", 1), ("batch_size", 1)):
+        for name, lo in (("layers", 1), ("top", 1), ("batch_size", 1), ("n_boot", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"'{name}' must be >= {lo}, got {getattr(self, name)}")
+        if not 0.5 <= self.level < 1:
+            raise ValueError(f"'level' = {self.level} must be in [0.5, 1)")
 
 
 @dataclass(frozen=True)
@@ -94,13 +103,21 @@ def sweep(model: torch.nn.Module, images: np.ndarray, target, layers, methods, b
 
 
 def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tuple], causal: pd.DataFrame,
-          stats_cfg: stats.StatsConfig, top: int = 3) -> tuple[pd.DataFrame, dict]:
-    """methods.csv rows and methods.json for ``sweep``'s masks (see the module docstring)."""
+          stats_cfg: stats.StatsConfig, top: int = 3, images: pd.DataFrame | None = None,
+          rows: np.ndarray | None = None, n_boot: int = 1000, level: float = 0.95,
+          seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """methods.csv rows and methods.json for ``sweep``'s masks (see the module docstring).
+
+    ``images`` (``causal_images.csv``: row, group, object, logp, logp_without) and ``rows`` (the
+    cache row of each label map) give rho's interval; without them it has none."""
     size = int(label_maps.shape[-1])
     cue_rows = causal[causal["object"].isin({o for v in planted.values() for o in v})]
     effect = {(c, o): (e, r) for c, o, e, r in cue_rows[["city", "object", "effect", "rank"]].itertuples(index=False)}
     relied = set(zip(cue_rows.loc[cue_rows["ci_high"] < 0, "city"], cue_rows.loc[cue_rows["ci_high"] < 0, "object"]))
-    rows, summary = [], {}
+    boot = None
+    if images is not None and rows is not None and n_boot > 0:
+        boot = _resampling(images, np.asarray(rows), np.asarray(cities).astype(str), n_boot, seed)
+    rows_out, summary = [], {}
     for (method, layer), m in masks.items():
         hist = stats.Histograms.build(stats.upsampled(m, size, gradcam.upsample), label_maps, cities,
                                       stats_cfg, progress=False)
@@ -108,20 +125,101 @@ def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tup
         rec = rec.assign(method=method, layer=layer, map_size="x".join(map(str, m.shape[1:])),
                          effect=[effect.get((c, o), (np.nan, np.nan))[0] for c, o in zip(rec["city"], rec["object"])],
                          causal_rank=[effect.get((c, o), (np.nan, np.nan))[1] for c, o in zip(rec["city"], rec["object"])])
-        rows.append(rec)
+        rows_out.append(rec)
         # a city counts only where the network relies on its strongest cue (interval below 0)
         relies = np.array([(c, o) in relied for c, o in zip(rec["city"], rec["object"])], bool)
         strongest = rec[(rec["causal_rank"] == 1).to_numpy() & relies]
         in_top = {c: bool(r <= top) for c, r in zip(strongest["city"], strongest["rank"])}
         ok = rec.dropna(subset=["effect", "rank"])
         rho = float(sps.spearmanr(-ok["effect"], -ok["rank"]).statistic) if len(ok) > 2 else float("nan")
+        interval = [float("nan"), float("nan")]
+        if boot is not None and len(ok) > 2:
+            interval = rho_interval(hist, list(zip(ok["city"], ok["object"])), boot, level)
         summary.setdefault(method, {})[layer] = {
             "map_size": list(m.shape[1:]), "planted_mrr": scores["planted_mrr"],
             "strongest_in_top": in_top, "all_strongest_in_top": bool(in_top) and all(in_top.values()),
-            "spearman": rho}
-    table = pd.concat(rows, ignore_index=True).rename(columns={"rank": "lift_rank"})
+            "spearman": rho, "spearman_ci": interval}
+    table = pd.concat(rows_out, ignore_index=True).rename(columns={"rank": "lift_rank"})
     cols = ["method", "layer", "map_size", "city", "object", "lift", "lift_rank", "effect", "causal_rank"]
-    return table[cols], {"top": top, "threshold": stats_cfg.threshold, "scores": summary}
+    return table[cols], {"top": top, "threshold": stats_cfg.threshold, "n_boot": n_boot if boot is not None else 0,
+                         "level": level, "scores": summary}
+
+
+@dataclass(frozen=True)
+class _Resampling:
+    """Spot resamples shared by every method and layer of a run: image weights and per-image
+    effects of each cue."""
+
+    weights: np.ndarray                       # (B, N): draws of each image's spot, within its city
+    delta: dict                               # (city, object) -> (N,) delta log p (NaN elsewhere)
+
+
+def _resampling(images: pd.DataFrame, rows: np.ndarray, cities: np.ndarray, n_boot: int, seed: int) -> _Resampling:
+    at = pd.Series(np.arange(len(rows)), index=rows)
+    groups = images.groupby("row")["group"].first().reindex(rows)
+    if groups.isna().any():
+        raise ValueError(f"{int(groups.isna().sum())} label-map rows have no counterfactual images")
+    weights = np.zeros((n_boot, len(rows)))
+    rng = np.random.default_rng(seed)
+    for city in np.unique(cities):             # whole spots, within each city, as causal.csv does
+        members = np.flatnonzero(cities == city)
+        spots, of = np.unique(groups.to_numpy()[members], return_inverse=True)
+        g = len(spots)
+        draws = rng.integers(0, g, size=(n_boot, g)) + (np.arange(n_boot) * g)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=n_boot * g).reshape(n_boot, g)
+        weights[:, members] = counts[:, of]
+    delta = {}
+    for (city, obj), g in images[images["row"].isin(rows)].groupby(["city", "object"], sort=False):
+        d = np.full(len(rows), np.nan)
+        d[at[g["row"]].to_numpy()] = (g["logp_without"] - g["logp"]).to_numpy()
+        delta[city, obj] = d
+    return _Resampling(weights, delta)
+
+
+def rho_interval(hist: stats.Histograms, cue_list: list[tuple[str, str]], boot: _Resampling,
+                 level: float = 0.95) -> list[float]:
+    """Percentile interval of Spearman's rho between the cues' reliance (-effect) and their lift
+    rank over the spot resamples (``rho_resamples``)."""
+    rho = rho_resamples(hist, cue_list, boot)
+    if np.isnan(rho).all():
+        return [float("nan"), float("nan")]
+    return [float(v) for v in np.nanquantile(rho, [(1 - level) / 2, (1 + level) / 2])]
+
+
+def rho_resamples(hist: stats.Histograms, cue_list: list[tuple[str, str]], boot: _Resampling) -> np.ndarray:
+    """(B,) Spearman's rho of each spot resample: the effects and ``hist``'s lift ranks
+    recomputed on the resampled images (the objects ranked are those the object filter keeps
+    on all images); NaN where fewer than three cues are ranked or a ranking is constant."""
+    m, n, explained = hist.per_image()
+    kept, index = hist.kept(), {name: i for i, name in hist.names.items()}
+    w = boot.weights                                                          # (B, N)
+    reliance, lift_rank = np.full((len(w), len(cue_list)), np.nan), np.full((len(w), len(cue_list)), np.nan)
+    for c, city in enumerate(hist.cities):
+        members = np.flatnonzero(hist.city == c)
+        objects = np.flatnonzero(kept[c])
+        wc = w[:, members]                                                    # (B, n_c)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = (wc @ m[members][:, objects]) / (wc @ n[members][:, objects])   # (B, q)
+            cov = (wc @ explained[members]) / (wc.sum(1) * float(hist.size) ** 2)
+            lift = np.where(cov[:, None] > 0, r / cov[:, None], np.nan)
+        for j, (cue_city, obj) in enumerate(cue_list):
+            if cue_city != city or obj not in index or index[obj] not in objects:
+                continue
+            mine = lift[:, np.searchsorted(objects, index[obj])][:, None]
+            lift_rank[:, j] = np.where(np.isnan(mine[:, 0]), np.nan, 1 + (lift > mine).sum(1))
+            d = boot.delta[city, obj][members]
+            reliance[:, j] = -(wc @ np.nan_to_num(d)) / (wc @ np.isfinite(d))
+    rho = np.full(len(w), np.nan)
+    full = ~np.isnan(reliance).any(1) & ~np.isnan(lift_rank).any(1)
+    rx, ry = sps.rankdata(reliance[full], axis=1), sps.rankdata(-lift_rank[full], axis=1)
+    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho[full] = (rx * ry).sum(1) / np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))   # nan: a constant ranking
+    for b in np.flatnonzero(~full):          # a cue absent from a resample: rho over the others
+        ok = ~np.isnan(reliance[b]) & ~np.isnan(lift_rank[b])
+        if ok.sum() > 2:
+            rho[b] = sps.spearmanr(reliance[b, ok], -lift_rank[b, ok]).statistic
+    return rho
 
 
 def run(cfg: MethodsConfig, stats_cfg: stats.StatsConfig, run_dir: str | Path, cache, label_maps: np.ndarray,
@@ -133,8 +231,7 @@ def run(cfg: MethodsConfig, stats_cfg: stats.StatsConfig, run_dir: str | Path, c
     model, cities, config = train.load_model(run_dir)
     train.check_data(run_dir, config, cache)
     trained = ResultFolder(run_dir, train.NAME).finished()
-    causal_key = ResultFolder(run_dir, "causal").finished()["key"]
-    folder = ResultFolder(run_dir, NAME, key(cfg, stats_cfg, trained["key"], labels_key, causal_key, target))
+    folder = ResultFolder(run_dir, NAME, key(cfg, stats_cfg, trained["key"], labels_key, causal_result.key, target))
     if folder.done() is not None:
         return MethodsResult(pd.read_csv(run_dir / "methods.csv"), read_json(run_dir / "methods.json"), True)
     folder.begin()
@@ -143,7 +240,7 @@ def run(cfg: MethodsConfig, stats_cfg: stats.StatsConfig, run_dir: str | Path, c
     masks = sweep(model, cache.images[rows], None if target == "predicted" else y, layers, cfg.methods,
                   cfg.batch_size, cfg.fusion)
     table, summary = score(masks, label_maps, np.asarray(cities)[y], planted, causal_result.table,
-                           stats_cfg, cfg.top)
+                           stats_cfg, cfg.top, causal_result.images, rows, cfg.n_boot, cfg.level, cfg.seed)
     summary["layers"] = list(layers) + ([FUSION] if cfg.fusion and len(layers) > 1 else [])
     write_csv(run_dir / "methods.csv", table)
     write_json(run_dir / "methods.json", summary)
@@ -168,7 +265,7 @@ def run_table(causal_table: pd.DataFrame, table: pd.DataFrame, layers: list[str]
     lift rank (``recovery``'s ceiling_rank), and each method's lift rank at the paper's layer
     and at its best layer of the sweep."""
     paper = [n for n in layers if n != FUSION][-1]
-    out = causal_table[causal_table["object"] != "cue-free"][["city", "object", "effect", "ci_low", "ci_high",
+    out = causal_table[causal_table["object"] != CUE_FREE][["city", "object", "effect", "ci_low", "ci_high",
                                                             "rank"]].rename(columns={"object": "cue",
                                                                                      "rank": "causal_rank"})
     if recovery is not None and "ceiling_rank" in recovery:
@@ -188,15 +285,17 @@ def run_table(causal_table: pd.DataFrame, table: pd.DataFrame, layers: list[str]
 
 def comparison(summaries: Mapping[str, dict]) -> pd.DataFrame:
     """The methods across runs: per method and layer position, per run, how many cities have
-    their causally strongest cue in the lift top k ("2/3"), and the planted MRR."""
+    their causally strongest cue in the lift top k ("2/3"), the planted MRR, and Spearman's rho
+    between reliance and lift rank with its interval."""
     rows = {}
     for run_name, summary in summaries.items():
         for method, by_layer in summary["scores"].items():
             for layer, s in by_layer.items():
                 where = (method, position(layer, summary["layers"]))
-                hits = s["strongest_in_top"]
+                hits, (lo, hi) = s["strongest_in_top"], s.get("spearman_ci", [np.nan, np.nan])
+                rho = f"ρ {s['spearman']:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo == lo else "")
                 rows.setdefault(where, {})[run_name] = (f"{sum(hits.values())}/{len(hits)}"
-                                                        f" (MRR {s['planted_mrr']:.2f})")
+                                                        f" (MRR {s['planted_mrr']:.2f}, {rho})")
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index = pd.MultiIndex.from_tuples(frame.index, names=["method", "layer"])
     return frame.reset_index()
@@ -205,7 +304,7 @@ def comparison(summaries: Mapping[str, dict]) -> pd.DataFrame:
 def verdict(name: str, causal_table: pd.DataFrame, summary: dict) -> str:
     """A few plain sentences from the numbers: which cues the network relies on (interval below
     zero), which it does not, and which method and layer show its strongest cues."""
-    cue = causal_table[causal_table["object"] != "cue-free"]
+    cue = causal_table[causal_table["object"] != CUE_FREE]
     used = cue[cue["ci_high"] < 0].sort_values("effect")
     unused = cue[cue["ci_high"] >= 0]
     fmt = lambda r: f"{r.object} in {r.city} (Δ log p {r.effect:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}])"  # noqa: E731

@@ -105,12 +105,16 @@ def run_causal(run: Run, progress: bool = True) -> causal.CausalResult | None:
     return result
 
 
-def run_methods(run: Run, progress: bool = True) -> methods.MethodsResult | None:
+def run_methods(run: Run, reliance: causal.CausalResult | None = None,
+                progress: bool = True) -> methods.MethodsResult | None:
     """Every CAM method at every layer of the sweep, scored by planted-cue recovery and by
-    agreement with the causal ranking (``citylib.methods``); None for other data."""
-    reliance = run_causal(run, progress)
+    agreement with the causal ranking (``citylib.methods``; ``reliance``: the run's
+    ``run_causal`` result, measured or reused here when not given); None for other data."""
     if reliance is None:
-        return None
+        cf = data.load_counterfactuals(run.cfg.data, run.data_dir)
+        if cf is None:
+            return None
+        reliance = causal.run(run.cfg.causal, run.dir, load_cache(run), cf, progress=progress)
     cfg, cache = run.cfg, load_cache(run)
     rows = cache.split_indices("test")
     seg = segment.run(cfg.segment, cache, run.data_dir / "segment", rows=rows, progress=progress)

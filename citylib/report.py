@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from citylib import artifacts, compare, methods, paths
+from citylib import artifacts, compare, intervals, methods, paths
 
 
 def run(outputs: str | Path | None = None) -> Path:
@@ -108,19 +108,32 @@ def _reliance(runs: list[Path]) -> list[str]:
              "whether an explanation method ranks the city's causally strongest cue in the lift top "
              f"{next(iter(summaries.values()))['top']}. Below: per method and layer (paper = the "
              "paper's Grad-CAM layer, paper-k = k stages earlier, fusion = all of them on the finest "
-             "grid), the cities where it does, of those whose network relies on a cue, and the "
-             "planted-cue MRR.</p>", _table(methods.comparison(summaries))]
+             "grid), the cities where it does, of those whose network relies on a cue, the "
+             "planted-cue MRR, and Spearman's ρ between the cues' reliance and their lift rank (1 = "
+             "the method ranks the cues as the network relies on them) with its 95% interval over "
+             "resampled spots.</p>", _table(methods.comparison(summaries))]
+    free = {d.name: artifacts.read_json(d / "causal.json")["cue_free"] for d in done}
+    adjusted = dict(zip(free, intervals.holm([c["p"] for c in free.values()])))
+    parts.append(f"<p>Cue-free check: on renderings with every cue reset the cities cannot be told apart, so "
+                 f"each network must score what a city-blind one does. Over the {len(free)} runs "
+                 f"{sum(c['at_chance'] for c in free.values())} lie in their permuted-city 95% range; the "
+                 f"smallest Holm-adjusted p (all runs as one family of tests) is {min(adjusted.values()):.3f}: "
+                 + ("no run differs from chance at a family-wise 5%." if min(adjusted.values()) > 0.05 else
+                    "a run differs from chance at a family-wise 5%: the world leaks a difference it does not "
+                    "declare.") + "</p>")
     for d in done:
         causal_table = pd.read_csv(d / "causal.csv")
-        cue_free = artifacts.read_json(d / "causal.json")["cue_free"]
+        cue_free = free[d.name]
+        samples = "; ".join(f"{name} spots {c['accuracy']:.3f} ({c['n']} images, p = {c['p']:.3f})"
+                            for name, c in cue_free.get("samples", {}).items())
         recovery = pd.read_csv(d / "planted_recovery.csv") if (d / "planted_recovery.csv").is_file() else None
         parts += [f"<h3>{html.escape(d.name)}</h3>",
                   f"<p>{html.escape(methods.verdict(d.name, causal_table, summaries[d.name]))} "
-                  f"On the cue-free renderings it scores {cue_free['accuracy']:.3f} (permuted-city range "
-                  f"[{cue_free['interval'][0]:.3f}, {cue_free['interval'][1]:.3f}], chance "
-                  f"{cue_free['chance']:.3f}; the range is that of a city-blind network, p = "
-                  f"{cue_free.get('p', float('nan')):.3f}): "
-                  f"{'at chance' if cue_free['at_chance'] else 'outside it: a difference the world does not declare, or a test split too small to tell (benchmarks/cue_free_fresh.py checks on fresh spots)'}.</p>",
+                  f"On the {cue_free['n']} cue-free renderings it scores {cue_free['accuracy']:.3f} (a city-blind "
+                  f"network's range [{cue_free['interval'][0]:.3f}, {cue_free['interval'][1]:.3f}], chance "
+                  f"{cue_free['chance']:.3f}, p = {cue_free['p']:.3f}, Holm-adjusted {adjusted[d.name]:.3f}"
+                  + (f"; {html.escape(samples)}" if samples else "") + "): "
+                  + ("at chance" if cue_free["at_chance"] else "outside the range") + ".</p>",
                   _table(methods.run_table(causal_table, pd.read_csv(d / "methods.csv"),
                                            summaries[d.name]["layers"], recovery))]
     return parts

@@ -235,9 +235,7 @@ class Histograms:
         t = self.cfg.threshold if threshold is None else threshold
         k = edge(t, self.cfg.bins)
         n_px, m_px = self.city_above[..., 0], self.city_above[..., k]  # (C, 151)
-        keep = n_px / np.maximum(self.images, 1)[:, None] > min_pixels(self.cfg, self.size)
-        keep[:, 0] = False  # unlabelled is not an object
-        c, p = np.nonzero(keep)
+        c, p = np.nonzero(self.kept())
         cov = self.coverage(t)[c]
         with np.errstate(invalid="ignore", divide="ignore"):
             r = m_px[c, p] / n_px[c, p]
@@ -254,6 +252,22 @@ class Histograms:
             "lift_ci_low": low, "lift_ci_high": high})
         return table.sort_values(["city", "lift"], ascending=[True, False], kind="stable",
                                  na_position="last", ignore_index=True)[TABLE_COLUMNS]
+
+    def kept(self) -> np.ndarray:
+        """(C, 151) bool: the (city, object) pairs the object filter keeps (unlabelled never)."""
+        keep = self.city_above[..., 0] / np.maximum(self.images, 1)[:, None] > min_pixels(self.cfg, self.size)
+        keep[:, 0] = False  # unlabelled is not an object
+        return keep
+
+    def per_image(self, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Dense per-image counts at ``threshold`` (default: the config's): M (N, 151) pixels of
+        each object with mask >= t, N (N, 151) pixels of each object, explained (N,) pixels with
+        mask >= t; float64, so weighted sums over images (a bootstrap) are exact."""
+        k = edge(self.cfg.threshold if threshold is None else threshold, self.cfg.bins)
+        m, n = np.zeros((len(self.city), CLASSES)), np.zeros((len(self.city), CLASSES))
+        m[self.img, self.obj] = self.above[:, k]
+        n[self.img, self.obj] = self.above[:, 0]
+        return m, n, self.image_above[:, k].astype(np.float64)
 
     def _bootstrap(self, c: int, objects: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Percentile 95% CI of lift for ``objects`` of city ``c``, resampling its images."""

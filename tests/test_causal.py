@@ -42,7 +42,9 @@ def _world(n_spots: int = 6, size: int = 16):
             cf.append(im)
             rows.append((spot, "a", f"a_{spot:04d}", 0, variant))
     cache = SimpleNamespace(images=np.stack(originals))
-    cfs = SimpleNamespace(images=np.stack(cf), index=pd.DataFrame(rows, columns=counterfactual.INDEX_COLUMNS))
+    cfs = SimpleNamespace(images=np.stack(cf), index=pd.DataFrame(rows, columns=counterfactual.INDEX_COLUMNS),
+                          fresh_images=np.zeros((0, size, size, 3), np.uint8),
+                          fresh_index=pd.DataFrame(columns=counterfactual.FRESH_COLUMNS))
     return cache, cfs
 
 
@@ -73,11 +75,11 @@ def test_cue_free_check_fails_for_a_model_that_still_knows_the_city():
     city = np.repeat(np.array(["a", "b", "c"]), spots // 3)                     # per spot
     frame = pd.DataFrame({"object": CUE_FREE, "group": np.repeat(np.arange(spots), 4),
                           "city": np.repeat(city, 4)})
-    knows = frame.assign(predicted_without=frame["city"])
-    blind = frame.assign(predicted_without=np.repeat(rng.choice(["a", "b", "c"], spots), 4))
-    one = frame.assign(predicted_without="a")                                   # always the same city
+    knows = frame.assign(predicted=frame["city"])
+    blind = frame.assign(predicted=np.repeat(rng.choice(["a", "b", "c"], spots), 4))
+    one = frame.assign(predicted="a")                                           # always the same city
     for f in (knows, blind, one):
-        f["correct_without"] = f["predicted_without"] == f["city"]
+        f["correct"] = f["predicted"] == f["city"]
     right, chance, same = (causal.cue_free(f, 3) for f in (knows, blind, one))
     assert right["at_chance"] is False and right["accuracy"] == 1.0 and right["p"] < 0.01
     assert chance["at_chance"] is True and chance["p"] > 0.05
@@ -85,6 +87,33 @@ def test_cue_free_check_fails_for_a_model_that_still_knows_the_city():
     # views of one spot predicted alike: the permutation range is wider than a binomial one
     lo, hi = chance["interval"]
     assert lo < 1 / 3 < hi and hi - lo > intervals.wilson(120, 360)[1] - intervals.wilson(120, 360)[0]
+    # two samples: each checked, and pooled; a leak in one sample shows in it
+    both = pd.concat([blind.assign(sample="test"), knows.assign(sample="fresh", group=knows["group"] + spots)])
+    pooled = causal.cue_free(both, 3)
+    assert pooled["n"] == 720 and pooled["spots"] == 2 * spots and pooled["at_chance"] is False
+    assert pooled["samples"]["test"]["at_chance"] is True and pooled["samples"]["fresh"]["at_chance"] is False
+
+
+def test_cue_free_predictions_cover_the_test_and_the_fresh_spots():
+    model, (cache, cfs) = RedNet().eval(), _world()
+    red = np.zeros((4, 16, 16, 3), np.uint8)
+    red[:2, :, :, 0] = 255                                       # class 0 ('a') on the first two
+    cfs.fresh_images = red
+    cfs.fresh_index = pd.DataFrame({"city": ["a", "b", "a", "b"], "group": ["a_0100", "b_0100", "a_0101", "b_0101"],
+                                    "view": 0})
+    images = causal.effects(model, cache, cfs, ["a", "b", "c"])
+    free = causal.cue_free_predictions(model, images, cfs, ["a", "b", "c"])
+    assert list(free["sample"]) == ["test"] * 6 + ["fresh"] * 4
+    # a black image (every cue reset): class 1 = 'b'; red: 'a'
+    assert list(free["predicted"]) == ["b"] * 6 + ["a", "a", "b", "b"]
+    assert list(free["correct"]) == [False] * 6 + [True, False, False, True]
+
+
+def test_holm_by_hand():
+    # p sorted 0.01, 0.02, 0.04, 0.3 (m = 4): 4 x 0.01, 3 x 0.02, 2 x 0.04 (monotone), 1 x 0.3
+    np.testing.assert_allclose(intervals.holm([0.04, 0.01, 0.3, 0.02]), [0.08, 0.04, 0.3, 0.06])
+    np.testing.assert_allclose(intervals.holm([0.5, 0.4]), [0.8, 0.8])            # kept monotone
+    np.testing.assert_allclose(intervals.holm([0.9, 0.8]), [1.0, 1.0])            # capped at 1
 
 
 def test_intervals_by_hand_and_against_scipy():
@@ -101,7 +130,8 @@ def test_intervals_by_hand_and_against_scipy():
 
 
 def test_data_stage_renders_counterfactuals_of_the_test_spots(tmp_path):
-    cfg = data.DataConfig(world=synth.SynthConfig(spots_per_city=10, views=2, size=64), image_size=64)
+    cfg = data.DataConfig(world=synth.SynthConfig(spots_per_city=10, views=2, size=64), image_size=64,
+                          cue_free_spots=3)
     result = data.run(cfg, tmp_path / "data", progress=False)
     cfs = data.load_counterfactuals(cfg, tmp_path / "data")
     cache = data.load_cache(result.cache_dir)
@@ -111,6 +141,15 @@ def test_data_stage_renders_counterfactuals_of_the_test_spots(tmp_path):
     assert len(cfs.index) == sum(len(counterfactual.variants(world, c)) for c in cache.index["city"].iloc[test])
     assert set(cfs.index["row"]) == set(test.tolist())
     assert cfs.variants("treeville") == ["tree", "streetlight", CUE_FREE]
+    # fresh spots, numbered after the world's own, every view, cue-free
+    fresh = cfs.fresh_index
+    assert len(fresh) == len(cfs.fresh_images) == 3 * cfg.cue_free_spots * 2
+    assert {counterfactual.spot_of(g) for g in fresh["group"]} == set(range(10, 10 + cfg.cue_free_spots))
+    assert not set(fresh["group"]) & set(cache.index["group"])
+    g = fresh.iloc[-1]
+    free = counterfactual.cached_views(world, cfg.world, 64, g["city"], counterfactual.spot_of(g["group"]),
+                                       [int(g["view"])], CUE_FREE)[0]
+    assert np.array_equal(free, cfs.fresh_images[-1])
     # the same rendering, JPEG and resizing as the cache: with no reset, the cached pixels exactly
     r = int(test[0])
     city, group, view = cache.index.loc[r, ["city", "group", "view"]]

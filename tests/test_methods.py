@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from citylib import gradcam, methods, models, stats, train
@@ -70,3 +71,72 @@ def test_visibility_against_a_known_causal_ranking():
     summary["layers"] = ["good"]
     text = methods.verdict("run", none, summary)
     assert "car in b" in text and "no reliance on tree in a, fence in a" in text
+
+
+def _resampled_reference(masks, labels, cities, images, weights, planted, stats_cfg):
+    """rho of one resample the slow way: the images repeated as often as drawn, counted again by
+    ``stats.Histograms`` and ranked by ``cues.recovery``, effects as weighted means."""
+    from citylib import cues
+
+    take = np.repeat(np.arange(len(labels)), weights.astype(int))
+    hist = stats.Histograms.build(stats.upsampled(masks[take], labels.shape[-1], gradcam.upsample),
+                                  labels[take], cities[take], stats_cfg, progress=False)
+    rec, _ = cues.recovery(hist.table(ci=False), planted, 3)
+    effect = {}
+    for (c, o), g in images.groupby(["city", "object"]):
+        w = weights[g["row"].to_numpy()]
+        effect[c, o] = float(np.sum(w * (g["logp_without"] - g["logp"])) / w.sum())
+    reliance = [-effect[c, o] for c, o in zip(rec["city"], rec["object"])]
+    from scipy.stats import spearmanr
+    return spearmanr(reliance, -rec["rank"]).statistic
+
+
+def test_rho_interval_resamples_spots_as_a_recount_would():
+    labels, cities = _scene(n=6)
+    labels[[1, 7], :4] = FENCE
+    labels[[2, 8], -3:] = ROAD                                    # object sizes vary by image
+    rng = np.random.default_rng(3)
+    masks = rng.random((12, 4, 4)).astype(np.float32)
+    rows = np.arange(12)
+    group = [f"s{r // 2}" for r in rows]                          # two views per spot
+    planted = {"a": ("tree", "fence"), "b": ("car", "road")}
+    recs = []
+    for r in rows:
+        for obj in planted[cities[r]]:
+            recs.append({"row": r, "city": cities[r], "group": group[r], "object": obj,
+                         "logp": 0.0, "logp_without": float(rng.normal(-1 if obj in ("tree", "car") else 0, 0.5))})
+    images = pd.DataFrame(recs)
+    cfg = stats.StatsConfig(bootstrap=0)
+    boot = methods._resampling(images, rows, cities, n_boot=20, seed=0)
+    hist = stats.Histograms.build(stats.upsampled(masks, 32, gradcam.upsample), labels, cities, cfg, progress=False)
+    cue_list = [("a", "tree"), ("a", "fence"), ("b", "car"), ("b", "road")]
+    rho = methods.rho_resamples(hist, cue_list, boot)
+    # each image's weight is its spot's draw count, spots drawn within their city
+    assert (boot.weights[:, 0] == boot.weights[:, 1]).all() and (boot.weights[:, :6].sum(1) == 6).all()
+    for b in range(8):
+        ref = _resampled_reference(masks, labels, cities, images, boot.weights[b], planted, cfg)
+        assert rho[b] == pytest.approx(ref, abs=1e-9, nan_ok=True), b
+    lo, hi = methods.rho_interval(hist, cue_list, boot)
+    assert lo <= hi and np.nanmin(rho) <= lo
+
+
+def test_rho_interval_separates_a_faithful_method_from_an_unfaithful_one():
+    labels, cities = _scene(n=6)
+    n = 6
+    on_tree, on_fence = np.zeros((2 * n, 4, 4), np.float32), np.zeros((2 * n, 4, 4), np.float32)
+    on_tree[:n, 0, 0] = on_fence[:n, 3, 3] = 1
+    on_tree[n:, 1:3, 1:3] = on_fence[n:, 1:3, 1:3] = 1            # city b: on the car in both
+    rng = np.random.default_rng(0)
+    recs = [{"row": r, "city": cities[r], "group": f"s{r // 2}", "object": obj, "logp": 0.0,
+             "logp_without": float(rng.normal(mean, 0.2))}
+            for r in range(2 * n) for obj, mean in ((("tree", -1.0), ("fence", -0.1)) if r < n else (("car", -2.0),))]
+    images = pd.DataFrame(recs)
+    causal = pd.DataFrame({"city": ["a", "a", "b"], "object": ["tree", "fence", "car"],
+                           "effect": [-1.0, -0.1, -2.0], "ci_low": [-1.5, -0.2, -3.0],
+                           "ci_high": [-0.5, 0.05, -1.0], "rank": [1.0, 2.0, 1.0]})
+    _, summary = methods.score({("m", "good"): on_tree, ("m", "bad"): on_fence}, labels, cities,
+                               {"a": ("tree", "fence"), "b": ("car",)}, causal, stats.StatsConfig(bootstrap=0),
+                               top=1, images=images, rows=np.arange(2 * n), n_boot=200)
+    good, bad = summary["scores"]["m"]["good"], summary["scores"]["m"]["bad"]
+    assert good["spearman_ci"][0] <= good["spearman"] <= good["spearman_ci"][1]
+    assert good["spearman_ci"][0] > bad["spearman_ci"][1]
