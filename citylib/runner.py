@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -244,7 +246,8 @@ def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: di
     user_set = {k for k in THREAD_VARS if k in os.environ}   # a value the user set is left alone
     pending, running, free = trainings + analyses, {}, cores
     trained, finished, lost = set(), set(), set()
-    with ProcessPoolExecutor(cores, multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(cores, multiprocessing.get_context("spawn"), initializer=_end_with,
+                             initargs=(os.getpid(),)) as pool:
         while pending or running:
             start, dropped = _ready(pending, trained, lost, free)
             for task in start + dropped:
@@ -297,6 +300,50 @@ def _ready(pending: list[_Task], trained: set[str], lost: set[str], free: int
         start.append(task)
         free -= task.cores
     return start, dropped
+
+
+def _end_with(parent: int, every: float = 0.5) -> None:
+    """Worker initializer: once the runner (``parent``) is gone -- killed on its own, as a closed
+    terminal or a scheduler's cancel can do -- end this worker's notebook kernels, then the
+    worker, so that nothing goes on writing into the outputs folder with no one to report it."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        _end_descendants()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="citylib-runner-watch", daemon=True).start()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``, read from /proc (none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()   # after "(comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _end_descendants(grace: float = 3.0) -> None:
+    """SIGTERM every process below this one; SIGKILL those still there after ``grace`` s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = _descendants(os.getpid())
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while sig == signal.SIGTERM and left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = _descendants(os.getpid())
 
 
 def _task_worker(name: str, notebooks: tuple[str, ...], file: Path, keys: dict[str, str], out: Path,

@@ -1,5 +1,13 @@
-"""The papermill grid in smoke size: skip identical runs, go on past a failing run."""
+"""The papermill grid in smoke size: skip identical runs, go on past a failing run; workers end
+with the runner."""
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -147,3 +155,53 @@ def test_tasks_start_in_order_while_their_cores_are_free():
     assert runner._ready(pending[3:], {"a", "c"}, set(), 1) == ([pending[3]], [])
     # 'b' failed: its analysis is dropped, not run
     assert runner._ready(pending[4:], {"a", "c"}, {"b"}, 2) == ([], [pending[4]])
+
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
+def test_workers_end_when_the_runner_is_killed_on_its_own(tmp_path):
+    """Killing only the runner's PID (not its process group, as a closed terminal or a
+    scheduler's cancel can) leaves no worker or notebook kernel running."""
+    params = tmp_path / "params"
+    params.mkdir()
+    text = (PARAMETERS / "smoke" / "simple_seed0.yaml").read_text().replace("  epochs: 1\n", "")
+    for name in ("a", "b"):        # one thread each: two long trainings side by side, in workers
+        (params / f"{name}.yaml").write_text(text.replace("train:\n", "train:\n  threads: 1\n  epochs: 200\n"))
+    proc = subprocess.Popen([sys.executable, "-m", "citylib", "run", "--params", str(params),
+                             "--outputs", str(tmp_path / "out")], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            seen |= set(runner._descendants(proc.pid))
+            if any((tmp_path / "out" / "runs" / n / "history.csv").is_file() for n in ("a", "b")):
+                break                                           # an epoch done: training under way
+            time.sleep(0.5)
+        kernels = [p for p in seen if "ipykernel" in _cmdline(p)]
+        assert proc.poll() is None and kernels, "the runner never started a kernel in a worker"
+        os.kill(proc.pid, signal.SIGKILL)                       # the runner alone
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(p) for p in seen):
+            time.sleep(0.5)
+        assert not [p for p in seen if _alive(p)], "workers or kernels outlived the runner"
+    finally:
+        for pid in seen:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
