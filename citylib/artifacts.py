@@ -41,6 +41,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files ``atomic_path`` leaves under ``folder`` when its process is
+    killed mid-write (``.<name>.*.tmp``); only for a folder no other process writes now."""
+    gone = []
+    for tmp in Path(folder).rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
@@ -50,6 +61,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def holds_json(path: str | os.PathLike, obj: Any) -> bool:
+    """Whether ``path`` already holds ``obj`` as ``write_json`` would write it."""
+    try:
+        return read_json(path) == json.loads(json.dumps(obj, default=_json_default))
+    except (OSError, ValueError):
+        return False
 
 
 def write_csv(path: str | os.PathLike, frame) -> Path:

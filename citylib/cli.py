@@ -14,13 +14,24 @@ from pathlib import Path
 from citylib.config import ConfigError
 
 
+def _here(path: str) -> Path:
+    """A path given on the command line, taken from the working directory (as a shell user
+    expects); the Python API and the notebooks take relative paths from the repository root."""
+    return Path(path).expanduser().absolute()
+
+
+def _world(name: str) -> str:
+    """--world: a built-in world's name, or a file (taken from the working directory)."""
+    return str(_here(name)) if name.endswith((".yaml", ".yml")) or "/" in name else name
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="citylib", description="What makes a city look like itself?")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write a generated city world (images, label maps, manifest.csv)")
-    s.add_argument("--out", required=True, type=Path, help="folder to write the world into")
-    s.add_argument("--world", default="default", help="built-in world name or path to a world YAML")
+    s.add_argument("--out", required=True, type=_here, help="folder to write the world into")
+    s.add_argument("--world", default="default", type=_world, help="built-in world name or path to a world YAML")
     s.add_argument("--spots", type=int, default=None, help="spots (places) per city")
     s.add_argument("--views", type=int, default=None, help="views (headings) per spot")
     s.add_argument("--size", type=int, default=None, help="image size in pixels (square)")
@@ -32,19 +43,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--cue-free", action="store_true", help="counterfactual world: every city in the base style")
 
     r = sub.add_parser("run", help="run the notebooks for every parameter file (papermill)")
-    r.add_argument("--params", default=None, help="a parameter file or folder (default: parameters/)")
+    r.add_argument("--params", default=None, type=_here, help="a parameter file or folder (default: parameters/)")
     r.add_argument("--only", action="append", default=None, metavar="RUN", help="run only this run (repeatable)")
     r.add_argument("--force", action="store_true", help="redo runs even if identical results exist")
     r.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="runs analysed (notebooks 03-05) side by side, cores / N each (default: cores)")
-    r.add_argument("--outputs", default=None, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")
+    r.add_argument("--outputs", default=None, type=_here, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")
 
     pr = sub.add_parser("predict", help="predicted city and probabilities per image")
-    pr.add_argument("--run", required=True, type=Path, help="a run folder, e.g. outputs/runs/vgg11_seed0")
-    pr.add_argument("images", nargs="+", type=Path)
+    pr.add_argument("--run", required=True, type=_here, help="a run folder, e.g. outputs/runs/vgg11_seed0")
+    pr.add_argument("images", nargs="+", type=_here)
 
     rep = sub.add_parser("report", help="HTML of executed notebooks + outputs/report/index.html")
-    rep.add_argument("--outputs", default=None, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")
+    rep.add_argument("--outputs", default=None, type=_here, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")
 
     sv = sub.add_parser("streetview", help="collect Street View images for a city (key from env/file only)",
                         description="The API key is read from $CITYLIB_STREETVIEW_KEY or --key-file, "
@@ -55,8 +66,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     area = sv.add_mutually_exclusive_group(required=True)
     area.add_argument("--bbox", nargs="+", metavar="S,W,N,E",
                       help="south,west,north,east in degrees (negative first value: --bbox=-33.9,...)")
-    area.add_argument("--polygon", help="GeoJSON file with a Polygon or MultiPolygon")
-    sv.add_argument("--out", required=True, type=Path, help="collection folder (shared by all cities)")
+    area.add_argument("--polygon", type=_here, help="GeoJSON file with a Polygon or MultiPolygon")
+    sv.add_argument("--out", required=True, type=_here, help="collection folder (shared by all cities)")
     sv.add_argument("--points", type=int, default=None, help="points to sample (default 100)")
     sv.add_argument("--headings", nargs="+", type=float, default=None, help="compass headings (default 0 90 180 270)")
     sv.add_argument("--random-offset", action="store_true", help="turn each panorama's headings by a seeded offset")
@@ -69,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     sv.add_argument("--rps", type=float, default=None, help="requests per second at most (default 10)")
     sv.add_argument("--max-retries", type=int, default=None, help="retries per request (default 4)")
     sv.add_argument("--backoff", type=float, default=None, help="seconds before the first retry, doubling (default 1)")
-    sv.add_argument("--key-file", default=None, help="file holding the API key (else $CITYLIB_STREETVIEW_KEY)")
+    sv.add_argument("--key-file", default=None, type=_here, help="file holding the API key (else $CITYLIB_STREETVIEW_KEY)")
     sv.add_argument("--base-url", default=None, help="API base URL (default https://maps.googleapis.com/maps/api)")
     sv.add_argument("--seed", type=int, default=None, help="seed of the point sampler (default 0)")
     sv.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -80,9 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except KeyboardInterrupt:
+        print(f"citylib {args.command}: interrupted; finished results are kept, and the same command "
+              "goes on from them", file=sys.stderr)
+        return 130
+    except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError, ValueError) as e:   # the user's to fix: a setting, a path, a permission
         print(f"citylib {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:                         # the machine's: a full disk, an I/O error
+        print(f"citylib {args.command}: failed: {e}", file=sys.stderr)
+        return 1
 
 
 def _synth(args) -> int:
@@ -144,10 +163,10 @@ def _streetview(args) -> int:
         if m is None:
             raise ConfigError(f"--size must be WxH (e.g. 640x640), got {args.size!r}")
         size = [int(m[1]), int(m[2])]
-    given = {"city": args.city, "bbox": bbox, "polygon": args.polygon, "points": args.points,
+    given = {"city": args.city, "bbox": bbox, "polygon": args.polygon and str(args.polygon), "points": args.points,
              "headings": args.headings, "size": size, "fov": args.fov, "pitch": args.pitch,
              "radius": args.radius, "min_spacing": args.min_spacing, "max_requests": args.max_requests,
-             "rps": args.rps, "max_retries": args.max_retries, "backoff": args.backoff, "key_file": args.key_file,
+             "rps": args.rps, "max_retries": args.max_retries, "backoff": args.backoff, "key_file": args.key_file and str(args.key_file),
              "base_url": args.base_url, "seed": args.seed, "random_offset": args.random_offset or None}
     cfg = from_dict(streetview.StreetViewConfig, {k: v for k, v in given.items() if v is not None},
                     where="citylib streetview")

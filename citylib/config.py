@@ -123,3 +123,30 @@ def config_hash(*parts: Any, length: int = 12) -> str:
         return p
     blob = json.dumps([norm(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse a settings file strictly: a key given twice in one mapping is an error (not "the
+    last wins"), and ``1e-4`` is a float as in YAML 1.2 (YAML 1.1 wants ``1.0e-4``)."""
+    import re
+
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            first: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in first and key != "<<":
+                    raise ConfigError(f"{where}: line {key_node.start_mark.line + 1}: key {key!r} given twice "
+                                      f"(first on line {first[key] + 1})")
+                first[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    Strict.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    try:
+        return yaml.load(text, Loader=Strict)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None

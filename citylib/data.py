@@ -17,6 +17,7 @@ snapshot; otherwise it says what changed in the source ("source changed: 12 file
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -185,9 +186,13 @@ def _scan_folder(root: Path, cities) -> tuple[list, list]:
     if not folders:
         raise DatasetError(f"{root}: no images found (expected one sub-folder per city)")
     rows = []
+
+    def unreadable(e: OSError) -> None:   # os.walk would skip the folder without a word
+        rejected.append((str(e.filename), f"folder not readable: {_why(e)}"))
+
     for folder in folders:
         files = []
-        for d, subdirs, names in os.walk(folder):
+        for d, subdirs, names in os.walk(folder, onerror=unreadable):
             subdirs[:] = sorted(s for s in subdirs if not _hidden(s))
             files += [Path(d) / n for n in sorted(names) if not _hidden(n)]
         images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
@@ -217,10 +222,14 @@ def _read_manifest(csv: Path, cities) -> tuple[list, list]:
         absent = sorted(set(cities) - set(table["city"].str.strip()))
         if absent:
             raise DatasetError(f"{csv}: no rows for city/cities {absent}")
-    rows, rejected, seen = [], [], set()
-    for r in table.to_dict("records"):
+    rows, rejected, first = [], [], {}
+    resolved = [str(paths.resolve(r["path"].strip(), base=csv.parent)) if r["path"].strip() else ""
+                for r in table.to_dict("records")]
+    city_sets: dict[str, set] = {}
+    for path, city in zip(resolved, table["city"].str.strip()):
+        city_sets.setdefault(path, set()).add(city)
+    for line, (r, path) in enumerate(zip(table.to_dict("records"), resolved), start=2):   # line 1: header
         given, city = r["path"].strip(), r["city"].strip()
-        path = str(paths.resolve(given, base=csv.parent)) if given else ""
         label = r.get("label_path", "").strip()
         if cities is not None and city not in cities:
             continue
@@ -228,10 +237,14 @@ def _read_manifest(csv: Path, cities) -> tuple[list, list]:
             rejected.append((path or f"{csv} (row without a path)", "manifest row lacks a path or a city"))
         elif Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
             rejected.append((path, f"not an image file (extension '{Path(path).suffix}')"))
-        elif path in seen:
-            rejected.append((path, "listed more than once in the manifest"))
+        elif len(city_sets[path] - {""}) > 1:   # which city is it? neither row can say
+            rejected.append((path, f"line {line} of {csv.name}: listed for two cities: "
+                                   f"{', '.join(sorted(city_sets[path] - {''}))}"))
+        elif path in first:
+            rejected.append((path, f"line {line} of {csv.name}: duplicate of line {first[path]}; "
+                                   "that line is used"))
         else:
-            seen.add(path)
+            first[path] = line
             view = r.get("view", "").strip()
             rows.append({"path": path, "city": city, "group": path,
                          "group_given": r.get("group", "").strip(),
@@ -263,11 +276,19 @@ def check_file(path: str, label_path: str = "", max_pixels: int = DataConfig.max
         w, h = open_rgb(path).size
     except FileNotFoundError:
         return "file not found"
+    except PermissionError:
+        return "permission denied"
+    except IsADirectoryError:
+        return "is a directory, not an image file"
     except Image.DecompressionBombError as e:
         return f"too large: {e}"
     except UnidentifiedImageError:
         return "not an image (unrecognised or unsupported format)"
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except OSError as e:
+        if e.errno is not None:           # the file system's error, not the image's
+            return f"cannot read: {_why(e)}"
+        return f"truncated or corrupt image: {e}"
+    except (SyntaxError, ValueError, EOFError) as e:
         return f"truncated or corrupt image: {e}"
     except Exception as e:  # a strange file must not stop the whole dataset
         return f"cannot decode image: {type(e).__name__}: {e}"
@@ -281,6 +302,13 @@ def check_file(path: str, label_path: str = "", max_pixels: int = DataConfig.max
         if label.shape != (h, w):
             return f"label map is {label.shape[1]}x{label.shape[0]} but the image is {w}x{h}"
     return None
+
+
+def _why(e: OSError) -> str:
+    """An OSError in words: 'permission denied', 'symlink loop', ..."""
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    return (e.strerror or str(e)).lower()
 
 
 def validate(records: pd.DataFrame, max_pixels: int = DataConfig.max_pixels, workers: int = 4,

@@ -12,17 +12,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from citylib import paths
-from citylib.config import ConfigError, config_hash, from_dict, to_dict
+from citylib.config import ConfigError, config_hash, from_dict, load_yaml, to_dict
 from citylib.causal import CausalConfig
 from citylib.compare import CompareConfig
 from citylib.data import DataConfig
 from citylib.embed import EmbedConfig
 from citylib.gradcam import GradCAMConfig
 from citylib.methods import MethodsConfig
-from citylib.models import ARCHS
+from citylib.models import ARCHS, MIN_IMAGE_SIZE
 from citylib.segment import SegmentConfig
 from citylib.stats import StatsConfig
 from citylib.train import TrainConfig
@@ -50,6 +48,8 @@ class RunConfig:
             raise ValueError(f"'arch' = {self.arch!r} is not one of {', '.join(ARCHS)}")
         if self.seed < 0:
             raise ValueError(f"'seed' must be >= 0, got {self.seed}")
+        if self.data.image_size < MIN_IMAGE_SIZE:   # else the data stage runs and training fails
+            raise ValueError(f"'data.image_size' = {self.data.image_size}: the networks need >= {MIN_IMAGE_SIZE}")
 
     @property
     def hash(self) -> str:
@@ -66,28 +66,41 @@ def load(path: str | Path) -> RunConfig:
     where = str(path)
     if not path.is_file():
         raise ConfigError(f"{where}: parameter file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    raw = load_yaml(path.read_text(), where) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of settings at the top level")
     if "name" in raw:
         raise ConfigError(f"{where}: 'name' is not a setting; the run is named after the file")
     cfg = from_dict(RunConfig, {"name": path.stem, **raw}, where=where)
-    _check_dataset(cfg.data, where, base=path.parent)
+    cfg = _anchored(cfg, path.parent)
+    _check_dataset(cfg.data, where, raw.get("data") or {})
     return cfg
 
 
-def _check_dataset(data: DataConfig, where: str, base: Path) -> None:
-    """A dataset path must exist before any work starts."""
+def _anchored(cfg: RunConfig, base: Path) -> RunConfig:
+    """The parameter file's own relative paths (``data.source``, a world file) taken from the
+    file's folder, wherever citylib runs from; stored absolute."""
+    data = cfg.data
+    if data.source != "world" and not Path(data.source).expanduser().is_absolute():
+        data = dataclasses.replace(data, source=str(paths.resolve(data.source, base=base)))
+    world = data.world.world
+    if world.endswith((".yaml", ".yml")) and not Path(world).expanduser().is_absolute():
+        data = dataclasses.replace(data, world=dataclasses.replace(data.world, world=str(paths.resolve(world, base=base))))
+    return dataclasses.replace(cfg, data=data) if data is not cfg.data else cfg
+
+
+def _check_dataset(data: DataConfig, where: str, given: dict) -> None:
+    """A dataset path must exist before any work starts; the message shows where it looked."""
     if data.source == "world":
         world = data.world.world
-        if not (paths.WORLDS / f"{world}.yaml").is_file() and not paths.resolve(world).is_file():
-            raise ConfigError(f"{where}: 'data.world.world' = {world!r}: no such built-in world or file")
+        if not (paths.WORLDS / f"{world}.yaml").is_file() and not Path(world).is_file():
+            asked = (given.get("world") or {}).get("world", world) if isinstance(given.get("world"), dict) else world
+            raise ConfigError(f"{where}: 'data.world.world' = {asked!r}: no such built-in world or file"
+                              + (f" ({world})" if asked != world else ""))
         return
-    if not paths.resolve(data.source).exists():
-        raise ConfigError(f"{where}: 'data.source' = {data.source!r}: dataset not found")
+    if not Path(data.source).exists():
+        raise ConfigError(f"{where}: 'data.source' = {given.get('source', data.source)!r}: dataset not found "
+                          f"at {data.source} (a relative path is taken from the parameter file's folder)")
 
 
 def discover(params: str | Path | None = None) -> list[Path]:

@@ -64,6 +64,9 @@ class RunnerResult:
     seconds: dict[str, float] = field(default_factory=dict)   # wall time of each executed notebook
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)         # runs with a notebook begun
+    finished: list[str] = field(default_factory=list)        # runs with every notebook done
+    interrupted: bool = False                                # stopped by Ctrl-C (or SIGTERM)
     summary: pd.DataFrame | None = None
 
     @property
@@ -101,6 +104,14 @@ def run(
         return _run(by_name, everything, out, nb_dir, force, jobs, cores)
 
 
+def _write_config(path: Path, cfg: RunConfig) -> None:
+    """The run's resolved settings, written only when they changed (a finished run's rerun
+    writes nothing, and so works on a read-only outputs folder)."""
+    content = {"config": cfg.to_dict(), "config_hash": cfg.hash}
+    if not artifacts.holds_json(path, content):
+        artifacts.write_json(path, content)
+
+
 @contextlib.contextmanager
 def _kernel_env(env: dict[str, str]):
     """Set ``env`` (where unset) for the kernels started inside; restore afterwards."""
@@ -128,41 +139,49 @@ def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool, 
                        "read the old one runs again")
     except Exception as e:   # the data notebook reports it
         data_key = f"unreadable: {type(e).__name__}: {e}"
-    for nb in DATA_NOTEBOOKS:
-        data_ok &= _execute(nb_dir / nb, out / "data", f"data/{nb}", first_file, out, data_key, force, result, bar)
+    try:
+        for nb in DATA_NOTEBOOKS:
+            data_ok &= _execute(nb_dir / nb, out / "data", f"data/{nb}", first_file, out, data_key, force, result, bar)
+        rejected = out / "data" / "rejected.csv"
+        if data_ok and rejected.is_file() and (n := len(pd.read_csv(rejected))):
+            tqdm.write(f"{n} file(s) of the dataset rejected, each with its reason: {rejected}")
 
-    runs, keys = {}, {}
-    for name, (cfg, _) in everything.items() if data_ok else ():
-        try:
-            keys[name] = _keys(cfg, out)
-        except Exception as e:   # reported for the runs asked for; the others are left out
-            if name in by_name:
-                result.failed[name] = f"{type(e).__name__}: {e}"
-    for name, (cfg, file) in by_name.items():
-        if name not in keys:
-            result.failed.setdefault(name, "skipped: the data stage failed")
-            bar.update(len(RUN_NOTEBOOKS))
-            continue
-        artifacts.write_json(out / "runs" / name / "config.json",
-                             {"config": cfg.to_dict(), "config_hash": cfg.hash})
-        runs[name] = (cfg, file, keys[name])
-    finished = _schedule(runs, out, nb_dir, force, cores, max(1, cores // jobs), result, bar)
-    # the grid compares every finished run of these files, also those left out by --only
-    finished += [n for n in everything if n not in by_name and n in keys
-                 and _is_done(out / "runs" / n, keys[n], nb_dir)]
-    grid = [str(everything[n][1]) for n in everything if n in finished]   # file order
-    for nb in GRID_NOTEBOOKS:
-        if not grid:
-            result.failed[f"comparison/{nb}"] = "skipped: no run finished"
-            bar.update(1)
-            continue
-        try:
-            key = _grid_key([everything[n][0] for n in everything if n in finished], out)
-        except Exception as e:   # e.g. runs of different data snapshots: the notebook says so
-            key = f"unreadable: {type(e).__name__}: {e}"
-        _execute(nb_dir / nb, out / "comparison", f"comparison/{nb}", grid, out, key, force, result, bar)
-    bar.close()
-    result.summary = write_summary(out, [c for c, _ in everything.values()], result)
+        runs, keys = {}, {}
+        for name, (cfg, _) in everything.items() if data_ok else ():
+            try:
+                keys[name] = _keys(cfg, out)
+            except Exception as e:   # reported for the runs asked for; the others are left out
+                if name in by_name:
+                    result.failed[name] = f"{type(e).__name__}: {e}"
+        for name, (cfg, file) in by_name.items():
+            if name not in keys:
+                result.failed.setdefault(name, "skipped: the data stage failed")
+                bar.update(len(RUN_NOTEBOOKS))
+                continue
+            _write_config(out / "runs" / name / "config.json", cfg)
+            runs[name] = (cfg, file, keys[name])
+        finished = _schedule(runs, out, nb_dir, force, cores, max(1, cores // jobs), result, bar)
+        # the grid compares every finished run of these files, also those left out by --only
+        finished += [n for n in everything if n not in by_name and n in keys
+                     and _is_done(out / "runs" / n, keys[n], nb_dir)]
+        result.finished[:] = [n for n in everything if n in finished]
+        grid = [str(everything[n][1]) for n in everything if n in finished]   # file order
+        for nb in GRID_NOTEBOOKS:
+            if not grid:
+                result.failed[f"comparison/{nb}"] = "skipped: no run finished"
+                bar.update(1)
+                continue
+            try:
+                key = _grid_key([everything[n][0] for n in everything if n in finished], out)
+            except Exception as e:   # e.g. runs of different data snapshots: the notebook says so
+                key = f"unreadable: {type(e).__name__}: {e}"
+            _execute(nb_dir / nb, out / "comparison", f"comparison/{nb}", grid, out, key, force, result, bar)
+    except KeyboardInterrupt:          # the summary says what finished, then the caller says why
+        result.interrupted = True
+        raise
+    finally:
+        bar.close()
+        result.summary = write_summary(out, [c for c, _ in everything.values()], result)
     return result
 
 
@@ -183,6 +202,7 @@ def _grid_key(configs: list[RunConfig], out: Path) -> str:
 def _notebooks(names: tuple[str, ...], name: str, file: Path, keys: dict[str, str], out: Path,
                nb_dir: Path, force: bool, result: RunnerResult, bar) -> bool:
     """``names`` of one run in order; True if all are done (a failure skips the rest)."""
+    result.started.append(name)
     for i, nb in enumerate(names):
         if not _execute(nb_dir / nb, out / "runs" / name, f"{name}/{nb}", file, out, keys[nb], force,
                         result, bar):
@@ -221,8 +241,10 @@ def _schedule(runs: dict, out: Path, nb_dir: Path, force: bool, cores: int, anal
     analyses = [_Task(n, RUN_NOTEBOOKS[1:], analysis_cores) for n in runs]
     if 2 * min((t.cores for t in trainings + analyses), default=cores) > cores:
         trained = [t.run for t in trainings if _run_task(t, runs, out, nb_dir, force, result, bar)]
-        return [t.run for t in analyses if t.run in trained
-                and _run_task(t, runs, out, nb_dir, force, result, bar)]
+        for t in analyses:
+            if t.run in trained and _run_task(t, runs, out, nb_dir, force, result, bar):
+                result.finished.append(t.run)
+        return [n for n in runs if n in result.finished]
     return _schedule_in_workers(trainings, analyses, runs, out, nb_dir, force, cores, result, bar)
 
 
@@ -247,7 +269,7 @@ def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: di
     pending, running, free = trainings + analyses, {}, cores
     trained, finished, lost = set(), set(), set()
     with ProcessPoolExecutor(cores, multiprocessing.get_context("spawn"), initializer=_end_with,
-                             initargs=(os.getpid(),)) as pool:
+                             initargs=(os.getpid(),)) as pool, _ended_on_interrupt(pool):
         while pending or running:
             start, dropped = _ready(pending, trained, lost, free)
             for task in start + dropped:
@@ -258,6 +280,7 @@ def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: di
                 running[pool.submit(_task_worker, task.run, task.notebooks, file, keys, out,
                                     nb_dir, force, env)] = task
                 free -= task.cores
+                result.started.append(task.run)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 task = running.pop(future)
@@ -281,6 +304,7 @@ def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: di
                     bar.update(len(RUN_NOTEBOOKS) - 1)
                 elif ok:
                     finished.add(task.run)
+                    result.finished.append(task.run)
     return [n for n in runs if n in finished]
 
 
@@ -302,10 +326,37 @@ def _ready(pending: list[_Task], trained: set[str], lost: set[str], free: int
     return start, dropped
 
 
+@contextlib.contextmanager
+def _ended_on_interrupt(pool: ProcessPoolExecutor):
+    """On Ctrl-C, end the workers (and their kernels) now instead of waiting for their tasks."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        for process in workers:
+            with contextlib.suppress(Exception):
+                process.terminate()                        # SIGTERM: the worker ends its kernels
+        for process in workers:
+            process.join(timeout=10)
+        pool.shutdown(wait=True, cancel_futures=True)      # its queues' semaphores go too
+        raise
+
+
 def _end_with(parent: int, every: float = 0.5) -> None:
     """Worker initializer: once the runner (``parent``) is gone -- killed on its own, as a closed
     terminal or a scheduler's cancel can do -- end this worker's notebook kernels, then the
-    worker, so that nothing goes on writing into the outputs folder with no one to report it."""
+    worker, so that nothing goes on writing into the outputs folder with no one to report it.
+    Ctrl-C is the runner's to handle (it ends the workers); SIGTERM ends the kernels too."""
+    def ended(*_):
+        _end_descendants()
+        os._exit(143)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, ended)
+    # tqdm's default lock is a multiprocessing one, whose semaphores a worker ended this way
+    # would leave behind; a worker's bars are silent anyway
+    tqdm.set_lock(threading.RLock())
+
     def watch():
         while os.getppid() == parent:
             time.sleep(every)
@@ -425,7 +476,8 @@ def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> 
         knn = metrics.get("embedding", {}).get("knn_2d", {})
         rows.append({
             "run": cfg.name, "arch": cfg.arch, "seed": cfg.seed,
-            "status": "failed" if failed else "ok" if metrics else "not run",
+            "status": ("done" if cfg.name in result.finished else "failed" if failed
+                       else "interrupted" if result.interrupted and cfg.name in result.started else "not started"),
             "test_accuracy": metrics.get("test_accuracy"),
             "best_epoch": metrics.get("best_epoch"),
             "n_test": metrics.get("n_test"),
@@ -439,7 +491,13 @@ def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> 
             "config_hash": cfg.hash,
         })
     frame = pd.DataFrame(rows)
-    artifacts.write_csv(out / "runs" / "summary.csv", frame)
+    path = out / "runs" / "summary.csv"
+    try:
+        same = path.read_text() == frame.to_csv(index=False)
+    except OSError:
+        same = False
+    if not same:                       # a rerun that changed nothing writes nothing
+        artifacts.write_csv(path, frame)
     return frame
 
 

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from PIL import Image
 
 from . import scene
 from .artifacts import ResultFolder, atomic_path, code_key, write_csv, write_json
-from .config import ConfigError, config_hash, from_dict, to_dict
+from .config import ConfigError, config_hash, from_dict, load_yaml, to_dict
 from .paths import WORLDS
 from .scene import VOCAB
 
@@ -235,7 +234,7 @@ def _read_world(world: str) -> tuple[Path, dict]:
     path = _world_path(world)
     if not path.is_file():
         raise ConfigError(f"world '{world}': no file {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text(), str(path)) or {}
     unknown = sorted(set(raw) - {"description", "extends", "base", "cities"})
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: base, cities, description, extends")

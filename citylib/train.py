@@ -44,7 +44,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from citylib import models
-from citylib.artifacts import ResultFolder, StaleError, atomic_path, code_key, read_json, write_csv, write_json
+from citylib.artifacts import (ResultFolder, StaleError, atomic_path, code_key, read_json, remove_leftovers,
+                               write_csv, write_json)
 from citylib.config import config_hash, to_dict
 
 # Inputs are mapped from [0, 255] to [-1, 1]: (x / 255 - MEAN) / STD. Fixed constants rather
@@ -118,6 +119,7 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
         return TrainResult(out, config, chash, pd.read_csv(out / "history.csv"),
                            read_json(out / "training.json"), True, True, cfg.epochs)
     folder.begin()
+    remove_leftovers(out)        # half-written files of a killed run (a checkpoint is 0.1-1.5 GB)
     last = _resumable(out, chash, force, name)
 
     images = cache.images                                    # (N, S, S, 3) uint8

@@ -210,7 +210,7 @@ def test_manifest_csv_with_relative_paths_groups_and_labels(tmp_path):
         "label_path": ["../imgs/a0_lab.png", "../imgs/a1_lab.png", "../imgs/a2_lab.png", "", "", "", "", ""],
     }).to_csv(csv, index=False)
     records, rejected = data.load_records(csv)
-    assert reasons(rejected) == {"b2.png": "listed more than once in the manifest"}
+    assert reasons(rejected) == {"b2.png": "line 8 of list.csv: duplicate of line 7; that line is used"}
     assert records["path"].map(lambda p: Path(p).is_absolute()).all()
     row = records.set_index(records["path"].map(lambda p: Path(p).name))
     assert row.loc["a1.jpg", "group"] == "s1" and row.loc["a1.jpg", "view"] == 1
@@ -389,3 +389,53 @@ def test_world_source_goes_through_synth(tmp_path, monkeypatch):
     assert seen["out"] == tmp_path / "outputs" / "world" / synth.world_hash(cfg.world)
     assert sorted(res.manifest["group"]) == ["amsterdam0", "amsterdam1", "amsterdam2",
                                              "berlin0", "berlin1", "berlin2"]
+
+
+def test_manifest_rows_that_name_one_file_for_two_cities_are_both_refused(tmp_path):
+    for i in range(3):
+        solid(tmp_path / f"a{i}.jpg")
+        solid(tmp_path / f"b{i}.jpg")
+    csv = tmp_path / "m.csv"
+    pd.DataFrame({"path": ["a0.jpg", "a1.jpg", "a2.jpg", "b0.jpg", "b1.jpg", "b2.jpg", "a0.jpg"],
+                  "city": ["a", "a", "a", "b", "b", "b", "b"]}).to_csv(csv, index=False)
+    records, rejected = data.load_records(csv)
+    assert list(rejected["reason"]) == ["line 2 of m.csv: listed for two cities: a, b",
+                                        "line 8 of m.csv: listed for two cities: a, b"]
+    assert str(tmp_path / "a0.jpg") not in set(records["path"])
+
+
+def test_reasons_say_what_happened(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "dir.jpg").mkdir()
+    os.symlink(folder / "loop.jpg", folder / "loop.jpg")            # points at itself
+    denied = solid(folder / "denied.jpg")
+    real_open = Image.open
+
+    def open_(path, *a, **k):                                        # root reads every file
+        if Path(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(Image, "open", open_)
+    assert data.check_file(str(folder / "dir.jpg")) == "is a directory, not an image file"
+    assert data.check_file(str(folder / "loop.jpg")) == "cannot read: symlink loop"
+    assert data.check_file(str(denied)) == "permission denied"
+
+
+def test_an_unreadable_city_sub_folder_is_listed_not_lost(tmp_path, monkeypatch):
+    for city in ("a", "b"):
+        for i in range(2):
+            solid(tmp_path / city / f"{i}.jpg")
+    solid(tmp_path / "a" / "locked" / "x.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == tmp_path / "a" / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    records, rejected = data.load_records(tmp_path)
+    assert reasons(rejected) == {"locked": "folder not readable: permission denied"}
+    assert len(records) == 4

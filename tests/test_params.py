@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from citylib import params
+from citylib import cli, params, paths
 from citylib.config import ConfigError
 from citylib.paths import PARAMETERS
 
@@ -42,6 +42,9 @@ def test_good_file_resolves_with_defaults_and_is_named_after_the_file(tmp_path):
     (lambda t: t + "name: other\n", "name"),
     (lambda t: "- just\n- a list\n", "mapping"),
     (lambda t: "arch: [unclosed\n", "YAML"),
+    (lambda t: t + "seed: 2\n", "'seed' given twice"),                       # not "the last wins"
+    (lambda t: t.replace("train: {epochs: 1,", "train: {epochs: 1, epochs: 2,"), "'epochs' given twice"),
+    (lambda t: t.replace("image_size: 64", "image_size: 10"), "data.image_size"),   # before the data stage
 ])
 def test_bad_files_stop_with_a_message_naming_file_and_key(tmp_path, edit, needle):
     path = write(tmp_path, "bad.yaml", edit(textwrap.dedent(GOOD)))
@@ -75,9 +78,49 @@ def test_discover_skips_private_files_and_every_shipped_file_is_valid(tmp_path):
     params.load_all(params.discover(PARAMETERS / "smoke"))
     assert {c.data.image_size for c in params.load_all(params.discover(PARAMETERS / "maps128"))} == {128}
     assert {c.data.image_size for c in params.load_all(params.discover(PARAMETERS / "paper"))} == {224}
+    # the real-photo files find the samples beside the checkout from their own folder
+    assert {c.data.source for c in params.load_all(params.discover(PARAMETERS / "streetview"))} == {
+        str(paths.shared() / "samples" / "streetview")}
 
 
 def test_hash_changes_with_any_setting(tmp_path):
     a = params.load(write(tmp_path, "a.yaml", GOOD))
     b = params.load(write(tmp_path, "b.yaml", GOOD.replace("batch_size: 8", "batch_size: 9")))
     assert a.hash != b.hash
+
+
+def test_exponent_floats_are_floats_as_in_yaml_1_2(tmp_path):
+    cfg = params.load(write(tmp_path, "a.yaml", GOOD.replace("batch_size: 8}", "batch_size: 8, lr: 1e-4, weight_decay: 5E-4}")))
+    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 5e-4
+    # a value that only looks like a number stays what YAML says it is
+    assert params.load(write(tmp_path, "b.yaml", GOOD.replace("source: world", "source: world  # 1e-4"))).data.source == "world"
+
+
+def test_relative_paths_in_a_parameter_file_are_taken_from_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "cities" / "a").mkdir(parents=True)
+    (tmp_path / "params").mkdir()
+    (tmp_path / "worlds").mkdir()
+    (tmp_path / "worlds" / "mine.yaml").write_text("extends: default\n")
+    f = write(tmp_path / "params", "p.yaml", GOOD.replace("source: world", "source: ../cities"))
+    monkeypatch.chdir(tmp_path / "cities")                         # wherever citylib runs from
+    assert params.load(f).data.source == str(tmp_path / "cities")
+    w = write(tmp_path / "params", "w.yaml", GOOD.replace("world: {", "world: {world: ../worlds/mine.yaml, "))
+    assert params.load(w).data.world.world == str(tmp_path / "worlds" / "mine.yaml")
+    gone = write(tmp_path / "params", "g.yaml", GOOD.replace("source: world", "source: cities"))
+    with pytest.raises(ConfigError, match=f"'cities': dataset not found at {tmp_path / 'params' / 'cities'}"):
+        params.load(gone)
+
+
+def test_command_line_paths_are_taken_from_the_working_directory(tmp_path, monkeypatch, capsys):
+    (tmp_path / "work" / "p3").mkdir(parents=True)
+    write(tmp_path / "work" / "p3", "a.yaml", GOOD.replace("arch: simple", "arch: nope"))
+    monkeypatch.chdir(tmp_path / "work")
+    assert cli.main(["run", "--params", "p3", "--outputs", "my_outputs"]) == 2   # a bad file: stops first
+    err = capsys.readouterr().err
+    assert str(tmp_path / "work" / "p3" / "a.yaml") in err and "nope" in err
+    assert not (paths.ROOT / "p3").exists() and not (paths.ROOT / "my_outputs").exists()
+    args = cli.get_args_parser().parse_args(["run", "--params", "p3", "--outputs", "my_outputs"])
+    assert (args.params, args.outputs) == (tmp_path / "work" / "p3", tmp_path / "work" / "my_outputs")
+    args = cli.get_args_parser().parse_args(["synth", "--out", "w", "--world", "mine.yaml"])
+    assert (args.out, args.world) == (tmp_path / "work" / "w", str(tmp_path / "work" / "mine.yaml"))
+    assert cli.get_args_parser().parse_args(["synth", "--out", "w"]).world == "default"

@@ -44,7 +44,7 @@ def test_failing_run_is_reported_with_nonzero_exit_and_others_finish(grid):
     assert (out / "runs" / "broken" / "02_training.failed.ipynb").exists()
     assert (out / "data" / "manifest.csv").exists()
     summary = pd.read_csv(out / "runs" / "summary.csv").set_index("run")
-    assert summary.loc["good", "status"] == "ok" and summary.loc["broken", "status"] == "failed"
+    assert summary.loc["good", "status"] == "done" and summary.loc["broken", "status"] == "failed"
     assert 0 <= summary.loc["good", "test_accuracy"] <= 1
     # planted-cue recovery beside the ideal detector's on a map of the network's size
     objects = artifacts.read_json(out / "runs" / "good" / "metrics.json")["objects"]
@@ -62,8 +62,12 @@ def test_failing_run_is_reported_with_nonzero_exit_and_others_finish(grid):
 
 def test_identical_runs_are_skipped_and_force_redoes_them(grid):
     params_dir, out, _ = grid
+    written = (out / "runs" / "good" / "config.json").stat().st_mtime_ns
     again = runner.run(params=params_dir, only=["good"], outputs=out)
     assert again.ok and not again.executed
+    # a rerun with nothing to do writes nothing a read-only outputs folder would refuse
+    assert (out / "runs" / "good" / "config.json").stat().st_mtime_ns == written
+    assert list(again.summary.set_index("run")["status"][["good", "other", "broken"]]) == ["done", "done", "not started"]
     # the comparison still covers 'other' (finished earlier, not selected), so it is identical
     assert set(again.skipped) == ({"data/01_data.ipynb", "comparison/06_comparison.ipynb"}
                                   | {f"good/{nb}" for nb in runner.RUN_NOTEBOOKS})
@@ -139,7 +143,7 @@ def test_analysis_failure_in_a_worker_process_is_reported_and_the_other_run_fini
     assert not any(label.startswith("other/0") and label != "other/02_training.ipynb"
                    for label in result.executed + result.skipped)
     summary = result.summary.set_index("run")
-    assert summary.loc["good", "status"] == "ok" and summary.loc["other", "status"] == "failed"
+    assert summary.loc["good", "status"] == "done" and summary.loc["other", "status"] == "failed"
 
 
 def test_tasks_start_in_order_while_their_cores_are_free():
@@ -173,34 +177,68 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _long_grid(tmp_path) -> Path:
+    """Two long one-thread trainings: the runner trains them side by side, in workers."""
+    params = tmp_path / "params"
+    params.mkdir()
+    text = (PARAMETERS / "smoke" / "simple_seed0.yaml").read_text().replace("  epochs: 1\n", "")
+    for name in ("a", "b"):
+        (params / f"{name}.yaml").write_text(text.replace("train:\n", "train:\n  threads: 1\n  epochs: 200\n"))
+    return params
+
+
+def _start(tmp_path, params: Path) -> tuple[subprocess.Popen, set[int]]:
+    """``citylib run`` in a session of its own, once a training has written an epoch; the
+    processes below it then."""
+    proc = subprocess.Popen([sys.executable, "-m", "citylib", "run", "--params", str(params),
+                             "--outputs", str(tmp_path / "out")], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        seen |= set(runner._descendants(proc.pid))
+        if any((tmp_path / "out" / "runs" / n / "history.csv").is_file() for n in ("a", "b")):
+            break                                               # an epoch done: training under way
+        time.sleep(0.5)
+    seen |= set(runner._descendants(proc.pid))
+    assert proc.poll() is None and any("ipykernel" in _cmdline(p) for p in seen), \
+        "the runner never started a kernel in a worker"
+    return proc, seen
+
+
+def _gone(seen: set[int], seconds: float = 20) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(_alive(p) for p in seen):
+        time.sleep(0.5)
+    return [p for p in seen if _alive(p)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
+def test_ctrl_c_stops_everything_with_one_line_and_a_summary(tmp_path):
+    proc, seen = _start(tmp_path, _long_grid(tmp_path))
+    try:
+        os.killpg(proc.pid, signal.SIGINT)                      # what Ctrl-C in a terminal sends
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("citylib run: interrupted")
+        assert not _gone(seen), "workers or kernels outlived Ctrl-C"
+        summary = pd.read_csv(tmp_path / "out" / "runs" / "summary.csv").set_index("run")
+        assert set(summary["status"]) == {"interrupted"}
+    finally:
+        for pid in seen | {proc.pid}:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
 def test_workers_end_when_the_runner_is_killed_on_its_own(tmp_path):
     """Killing only the runner's PID (not its process group, as a closed terminal or a
     scheduler's cancel can) leaves no worker or notebook kernel running."""
-    params = tmp_path / "params"
-    params.mkdir()
-    text = (PARAMETERS / "smoke" / "simple_seed0.yaml").read_text().replace("  epochs: 1\n", "")
-    for name in ("a", "b"):        # one thread each: two long trainings side by side, in workers
-        (params / f"{name}.yaml").write_text(text.replace("train:\n", "train:\n  threads: 1\n  epochs: 200\n"))
-    proc = subprocess.Popen([sys.executable, "-m", "citylib", "run", "--params", str(params),
-                             "--outputs", str(tmp_path / "out")], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seen: set[int] = set()
+    proc, seen = _start(tmp_path, _long_grid(tmp_path))
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            seen |= set(runner._descendants(proc.pid))
-            if any((tmp_path / "out" / "runs" / n / "history.csv").is_file() for n in ("a", "b")):
-                break                                           # an epoch done: training under way
-            time.sleep(0.5)
-        kernels = [p for p in seen if "ipykernel" in _cmdline(p)]
-        assert proc.poll() is None and kernels, "the runner never started a kernel in a worker"
         os.kill(proc.pid, signal.SIGKILL)                       # the runner alone
         proc.wait()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_alive(p) for p in seen):
-            time.sleep(0.5)
-        assert not [p for p in seen if _alive(p)], "workers or kernels outlived the runner"
+        assert not _gone(seen), "workers or kernels outlived the runner"
     finally:
         for pid in seen:
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -288,6 +288,13 @@ def test_world_yaml_is_strict(tmp_path):
         from_dict(synth.SynthConfig, {"spots": 3})
 
 
+def test_a_world_file_with_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("extends: default\ncities:\n  a: {}\n  b: {}\n  a: {objects: {tree: {spot_prob: 1.0}}}\n")
+    with pytest.raises(ConfigError, match=r"line 5: key 'a' given twice \(first on line 3\)"):
+        synth.load_world(str(path))
+
+
 def test_user_world_with_two_cities(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text(

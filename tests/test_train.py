@@ -88,8 +88,12 @@ def test_resume_equals_uninterrupted(cache, tmp_path):
     part = train.run("simple", 3, cfg, cache, tmp_path / "part", "x", progress=False, stop_after=1)
     assert not part.finished and not (tmp_path / "part" / "training.json").exists()
     assert [p.name for p in sorted((tmp_path / "part" / "checkpoints").iterdir())] == ["epoch_001.pt"]
+    # a kill during a checkpoint write leaves its temporary file: the next run removes it
+    (tmp_path / "part" / "checkpoints" / ".epoch_002.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "part" / ".history.csv.k1ll3d.tmp").write_text("epoch\n")
     resumed = train.run("simple", 3, cfg, cache, tmp_path / "part", "x", progress=False)
     assert resumed.finished and resumed.resumed_from == 1
+    assert not list((tmp_path / "part").rglob("*.tmp"))
     assert _same(_weights(full.out), _weights(resumed.out))
     assert _same(_weights(full.out, "best"), _weights(resumed.out, "best"))
     assert full.metrics["test_accuracy"] == resumed.metrics["test_accuracy"]
