@@ -17,6 +17,7 @@ key matches is skipped; a failing run is reported at the end and the others go o
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import signal
@@ -100,8 +101,67 @@ def run(
             raise ValueError(f"--only: no parameter file for run(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
         by_name = {n: v for n, v in by_name.items() if n in only}
 
-    with _kernel_env(KERNEL_ENV):
+    with _kernel_env(KERNEL_ENV), _lock(out), _terminate_as_interrupt():
         return _run(by_name, everything, out, nb_dir, force, jobs, cores)
+
+
+class Busy(ValueError):
+    """Another ``citylib run`` is writing the outputs folder."""
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    """Hold ``out/.citylib-run.lock`` while running: a second ``citylib run`` on the same
+    outputs stops at once and says who holds it. The lock is the kernel's (``flock``), so a
+    killed runner never leaves a stale one."""
+    import fcntl
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".citylib-run.lock"
+    try:
+        fh = open(path, "a+")
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        yield          # a folder this process cannot write: a rerun with nothing to do still works
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            try:
+                holder = json.loads(fh.read() or "{}")
+            except ValueError:
+                holder = {}
+            raise Busy(f"{out}: another citylib run is writing here (pid {holder.get('pid', '?')}, started "
+                       f"{holder.get('started', '?')}); wait for it, or give another --outputs") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a job scheduler's cancel, ``kill``) stops the runner as Ctrl-C does: workers
+    ended, ``summary.csv`` written."""
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _write_config(path: Path, cfg: RunConfig) -> None:
@@ -277,8 +337,10 @@ def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: di
             for task in start:
                 _, file, keys = runs[task.run]
                 env = {k: str(task.cores) for k in THREAD_VARS if k not in user_set}
-                running[pool.submit(_task_worker, task.run, task.notebooks, file, keys, out,
-                                    nb_dir, force, env)] = task
+                with _sigint_ignored():          # a worker it starts inherits that: Ctrl-C is ours
+                    future = pool.submit(_task_worker, task.run, task.notebooks, file, keys, out,
+                                         nb_dir, force, env)
+                running[future] = task
                 free -= task.cores
                 result.started.append(task.run)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -324,6 +386,21 @@ def _ready(pending: list[_Task], trained: set[str], lost: set[str], free: int
         start.append(task)
         free -= task.cores
     return start, dropped
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored for a moment: a worker process started now begins with it ignored (an
+    ignored signal stays ignored across exec, and Python then installs no KeyboardInterrupt
+    handler), so a Ctrl-C while it starts up prints no traceback from it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @contextlib.contextmanager
@@ -428,6 +505,8 @@ def _execute(notebook: Path, out_dir: Path, label: str, params_file: Path | list
     marker = _marker(notebook, out_dir, key)
     target = out_dir / notebook.name
     if not force and marker.done() is not None:
+        with contextlib.suppress(OSError):   # an earlier failure's copy, now outdated
+            (out_dir / f"{notebook.stem}.failed.ipynb").unlink(missing_ok=True)
         result.skipped.append(label)
         bar.update(1)
         return True

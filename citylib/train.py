@@ -291,10 +291,14 @@ def load_model(run_dir: str | Path, which: str | int = "best") -> tuple[nn.Modul
         path = run_dir / "checkpoints" / f"epoch_{int(which):03d}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    ck = torch.load(path, weights_only=True)
-    config = ck["config"]
-    model = models.build(config["arch"], len(config["cities"]), config["image_size"])
-    model.load_state_dict(ck["model"])
+    try:
+        ck = torch.load(path, weights_only=True)
+        config = ck["config"]
+        model = models.build(config["arch"], len(config["cities"]), config["image_size"])
+        model.load_state_dict(ck["model"])
+    except Exception as e:   # truncated, another file, another network's weights
+        raise ValueError(f"{path}: not a readable citylib checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); train the run again") from None
     return model.eval(), list(config["cities"]), config
 
 

@@ -220,7 +220,7 @@ def test_ctrl_c_stops_everything_with_one_line_and_a_summary(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)                      # what Ctrl-C in a terminal sends
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130
-        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("citylib run: interrupted")
+        assert "citylib run: interrupted; finished results are kept" in err
         assert not _gone(seen), "workers or kernels outlived Ctrl-C"
         summary = pd.read_csv(tmp_path / "out" / "runs" / "summary.csv").set_index("run")
         assert set(summary["status"]) == {"interrupted"}
@@ -241,5 +241,38 @@ def test_workers_end_when_the_runner_is_killed_on_its_own(tmp_path):
         assert not _gone(seen), "workers or kernels outlived the runner"
     finally:
         for pid in seen:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_run_on_the_same_outputs_says_who_holds_it(tmp_path, capsys):
+    import fcntl
+    import json
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".citylib-run.lock", "w") as fh:               # a run in progress
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fh.write(json.dumps({"pid": 4242, "started": "2026-12-02 07:00:00"}))
+        fh.flush()
+        code = cli.main(["run", "--params", str(PARAMETERS / "smoke" / "simple_seed0.yaml"), "--outputs", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another citylib run is writing here (pid 4242" in err[0]
+    assert not (out / "data").exists()                              # nothing was started
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
+def test_sigterm_stops_the_runner_as_ctrl_c_does(tmp_path):
+    proc, seen = _start(tmp_path, _long_grid(tmp_path))
+    try:
+        os.kill(proc.pid, signal.SIGTERM)                         # a scheduler's cancel, `kill`
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "citylib run: interrupted" in err
+        assert not _gone(seen), "workers or kernels outlived SIGTERM"
+        summary = pd.read_csv(tmp_path / "out" / "runs" / "summary.csv").set_index("run")
+        assert set(summary["status"]) == {"interrupted"}
+    finally:
+        for pid in seen | {proc.pid}:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from citylib import artifacts, train
 from citylib.artifacts import read_json
@@ -198,3 +199,18 @@ def test_to_tensor_and_augment(cache):
         crops = [padded[i, dy:dy + SIZE, dx:dx + SIZE] for dy in range(2 * p + 1)
                  for dx in range(2 * p + 1)]
         assert any(np.array_equal(a[i], c) or np.array_equal(a[i], c[:, ::-1]) for c in crops)
+
+
+def test_a_corrupt_checkpoint_is_one_clear_line(tmp_path, capsys):
+    from citylib import cli
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
+    with pytest.raises(ValueError, match="best.pt: not a readable citylib checkpoint"):
+        train.load_model(run)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    assert cli.main(["predict", "--run", str(run), str(image)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a readable citylib checkpoint" in err[0]
