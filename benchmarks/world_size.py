@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from citylib import data, params, pipeline, train  # noqa: E402
+from citylib import data, intervals, params, pipeline, train  # noqa: E402
 
 PARAMETERS = Path(__file__).resolve().parent.parent / "parameters"
 N_BOOT = 4000
@@ -58,14 +58,6 @@ def _train(task) -> tuple:
     return run, spots, epochs, correct, cache.index["group"].to_numpy()[rows]
 
 
-def _draws(correct: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
-    """(N_BOOT,) accuracy with whole spots resampled."""
-    _, g = np.unique(groups, return_inverse=True)
-    hits, counts = np.bincount(g, correct.astype(float)), np.bincount(g).astype(float)
-    pick = np.random.default_rng(seed).integers(0, len(hits), size=(N_BOOT, len(hits)))
-    return hits[pick].sum(1) / counts[pick].sum(1)
-
-
 def main(args) -> None:
     for spots in args.spots:                 # one data stage per world size, before the trainings
         cfg = _config(args.runs[0], spots, args.epochs[0])
@@ -75,7 +67,7 @@ def main(args) -> None:
         results = pool.map(_train, tasks, chunksize=1)
     rows, draws = [], {}
     for i, (run, spots, epochs, correct, groups) in enumerate(results):
-        d = _draws(correct, groups, seed=i)
+        d = intervals.group_bootstrap_means(correct, groups, N_BOOT, seed=i)
         draws[run, spots, epochs] = d
         lo, hi = np.quantile(d, [0.025, 0.975])
         rows.append({"run": run, "spots": spots, "epochs": epochs, "val_images": len(correct),

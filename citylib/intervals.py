@@ -26,13 +26,20 @@ def group_bootstrap(values: np.ndarray, groups: np.ndarray, n_boot: int = 2000, 
     values = np.asarray(values, float)
     if values.size == 0:
         return float("nan"), float("nan"), float("nan")
+    means = group_bootstrap_means(values, groups, n_boot, seed)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(values.mean()), float(lo), float(hi)
+
+
+def group_bootstrap_means(values: np.ndarray, groups: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """(n_boot,) means of ``values`` over resamples of whole ``groups`` (for intervals of a
+    difference between two independent samples, say)."""
+    values = np.asarray(values, float)
     _, g = np.unique(np.asarray(groups), return_inverse=True)
     sums, counts = np.bincount(g, values), np.bincount(g).astype(float)       # per group
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(sums), size=(n_boot, len(sums)))                # (B, G)
-    means = sums[pick].sum(1) / counts[pick].sum(1)                            # (B,)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(values.mean()), float(lo), float(hi)
+    return sums[pick].sum(1) / counts[pick].sum(1)                             # (B,)
 
 
 def holm(p) -> np.ndarray:

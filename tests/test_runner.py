@@ -213,21 +213,31 @@ def _gone(seen: set[int], seconds: float = 20) -> list[int]:
     return [p for p in seen if _alive(p)]
 
 
+def _kill_all(pids) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
-def test_ctrl_c_stops_everything_with_one_line_and_a_summary(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_run_stops_everything_and_writes_its_summary(tmp_path, how):
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to the runner (a scheduler's
+    cancel, `kill`): exit 130 with a line saying so, no worker or kernel left, summary.csv."""
     proc, seen = _start(tmp_path, _long_grid(tmp_path))
     try:
-        os.killpg(proc.pid, signal.SIGINT)                      # what Ctrl-C in a terminal sends
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130
         assert "citylib run: interrupted; finished results are kept" in err
-        assert not _gone(seen), "workers or kernels outlived Ctrl-C"
+        assert not _gone(seen), f"workers or kernels outlived {how}"
         summary = pd.read_csv(tmp_path / "out" / "runs" / "summary.csv").set_index("run")
         assert set(summary["status"]) == {"interrupted"}
     finally:
-        for pid in seen | {proc.pid}:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all(seen | {proc.pid})
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
@@ -240,9 +250,7 @@ def test_workers_end_when_the_runner_is_killed_on_its_own(tmp_path):
         proc.wait()
         assert not _gone(seen), "workers or kernels outlived the runner"
     finally:
-        for pid in seen:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all(seen)
 
 
 def test_a_second_run_on_the_same_outputs_says_who_holds_it(tmp_path, capsys):
@@ -260,19 +268,3 @@ def test_a_second_run_on_the_same_outputs_says_who_holds_it(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another citylib run is writing here (pid 4242" in err[0]
     assert not (out / "data").exists()                              # nothing was started
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
-def test_sigterm_stops_the_runner_as_ctrl_c_does(tmp_path):
-    proc, seen = _start(tmp_path, _long_grid(tmp_path))
-    try:
-        os.kill(proc.pid, signal.SIGTERM)                         # a scheduler's cancel, `kill`
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130 and "citylib run: interrupted" in err
-        assert not _gone(seen), "workers or kernels outlived SIGTERM"
-        summary = pd.read_csv(tmp_path / "out" / "runs" / "summary.csv").set_index("run")
-        assert set(summary["status"]) == {"interrupted"}
-    finally:
-        for pid in seen | {proc.pid}:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
