@@ -4,19 +4,29 @@ pixels? The average residual AR of Shi et al., section 3.4.1, Eq. 2 and Table 2,
 Reads, per run folder: ``config.json`` (name, arch, seed; ``metrics.json``'s config otherwise),
 ``gradcam/`` (``gradcam.load``), ``r_scores.csv`` if there is one, and ``best.pt`` plus the
 data cache for the randomised reference. Writes ``<out_dir>/`` (default
-``outputs/comparison``): ``ar.csv`` (run_a, run_b, kind, ar, ci_low, ci_high, n_images,
-arch_a, arch_b), ``tests.json``, ``table2.csv``, ``lift_correlation.csv``, ``per_image.npz``
-(row k of ar.csv: ``rows_k`` cache rows, ``ar_k`` float32 AR per image), ``meta.json`` and the
+``outputs/comparison``): ``ar.csv`` (COLUMNS: run_a, run_b, kind, ar, ci_low, ci_high, n_images,
+arch_a, arch_b; then EXTRA: both native map sizes, the pair's and the shared grid, AR and CI on
+each grid, the null in each view and AR / null), ``tests.json`` (the paper's tests, the same
+tests under each control, the conclusion), ``table2.csv``, ``lift_correlation.csv``,
+``per_image.npz`` (row k of ar.csv: ``rows_k`` cache rows, ``ar_k``, ``ar_pair_grid_k``,
+``ar_shared_grid_k`` float32 AR per image), ``meta.json`` and the
 marker ``.results/comparison.json``, keyed (``key``) by the settings, each run's name, arch, seed,
 Grad-CAM and objects keys, and the code. The runs must have been trained on one data snapshot:
 a grid that mixes snapshots is refused (StaleError), never compared.
 
 - AR_i(m1, m2) = mean over the S x S pixels of |mask_m1 - mask_m2|, both masks brought to the
-  image size S by ``gradcam.upsample`` (bilinear, renormalised): native sizes differ between
-  architectures (resnet18 7 x 7, vgg11 14 x 14, ...), so image resolution is the common ground.
-  A pair's AR is the mean over the test images both runs have (matched by cache row). Images
-  are streamed in batches of ``batch_size``: every run's batch is upsampled once and shared by
-  all its pairs, so memory is about (runs + 2) x batch_size x S^2 x 4 bytes whatever N is.
+  image size S by ``gradcam.upsample`` (bilinear, renormalised): the paper's AR. A pair's AR is
+  the mean over the test images both runs have (matched by cache row). Images are streamed in
+  batches of ``batch_size``: every run's batch is brought to a grid once and shared by all its
+  pairs, so memory is about (runs + 2) x batch_size x S^2 x 4 bytes whatever N is.
+- Resolution controls (VIEWS). Native sizes differ between architectures (at 64 px resnet18
+  2 x 2, vgg11 4 x 4, simple 8 x 8, simpler 16 x 16), seeds of one architecture share theirs: at
+  image resolution a coarse map is a smooth upsampling and a fine one is not, so an architecture
+  pair can differ by map size alone. Hence the same AR on the pair's coarser native map
+  ("pair_grid": the finer mask average-pooled to it, ``pool``, renormalised as a native mask
+  is) and on one grid for all runs (the coarsest native map, "shared_grid"), and each pair's
+  null: its AR when b's masks are filed under other images (``relabelled``), in the same view,
+  i.e. what two unrelated masks of these two sizes get; ``rel_<view>`` = AR / null.
 - CI: percentile bootstrap over the pair's images (seeded per pair name).
 - kind: "architecture" (archs differ), "seed" (same arch, other seed: the paper's "retrained"),
   "randomised" (a run against a copy of its model with every layer re-initialised - the end
@@ -33,6 +43,10 @@ a grid that mixes snapshots is refused (StaleError), never compared.
   pairs) on the images all those pairs share; statistic = mean d_i; null: d_i symmetric about 0,
   by random sign flips (exact when 2^n <= ``permutations``). Far more power, but it speaks about
   these trained models only, with images as the units.
+  Both tests also run on each control of TESTED (AR on the pair's grid, on the shared grid, and
+  AR / null at image resolution and on the pair's grid); ``conclusion``: the claim holds in a
+  view when both tests give p <= ALPHA, and survives when it holds at image resolution and in
+  every control.
 """
 from __future__ import annotations
 
@@ -65,6 +79,26 @@ NAMES = {"vgg11": "VGG11", "resnet18": "ResNet18", "simple": "Simple", "simpler"
          "alexnet": "AlexNet", "vgg_s": "VGG-S"}
 RANDOMISED = " (randomised)"     # run_b of a run's randomised reference: "<run> (randomised)"
 CHUNK = 256                      # bootstrap resamples / sign flips drawn at once
+ALPHA = 0.05                     # the level at which the conclusion calls a test significant
+# Where two masks meet: the image (the paper's AR), the pair's coarser native map, or the
+# coarsest native map of all the compared runs (one grid for every pair).
+VIEWS = {"image": "image resolution (the paper's)", "pair_grid": "the pair's coarser map",
+         "shared_grid": "one grid for all runs (the coarsest map)"}
+# The tests of "architecture AR > seed AR": the paper's, then the resolution controls, each on
+# a column of ar.csv (``rel_*``: AR over the pair's own null of unrelated masks).
+TESTED = {"image": "ar", "pair_grid": "ar_pair_grid", "shared_grid": "ar_shared_grid",
+          "image_vs_null": "rel_image", "pair_grid_vs_null": "rel_pair_grid"}
+
+
+def col(stat: str, view: str) -> str:
+    """The ar.csv column of a statistic in a view: ``ar``/``ci_low``/``ci_high`` for the image
+    (the paper's columns), ``<stat>_<view>`` for the others."""
+    return stat if view == "image" else f"{stat}_{view}"
+
+
+EXTRA = ["map_a", "map_b", "grid", "shared_grid",
+         *(c for v in VIEWS if v != "image" for c in (col("ar", v), col("ci_low", v), col("ci_high", v))),
+         *(f"null_{v}" for v in VIEWS), *(f"rel_{v}" for v in VIEWS)]
 
 
 @dataclass(frozen=True)
@@ -101,6 +135,7 @@ class CompareResult:
     per_image: dict                  # (run_a, run_b) -> (cache rows (n,) int64, AR (n,) float32)
     fig6_rows: list                  # cache rows of the Fig. 6 images
     reused: bool = False
+    per_view: dict = dataclasses.field(default_factory=dict)   # view -> per_image of that view
 
 
 # ---------------------------------------------------------------- AR (Eq. 2), streamed
@@ -119,14 +154,33 @@ def residual(a, b, block: int = 8) -> np.ndarray:
     return out.numpy()
 
 
+def pool(masks, grid: tuple[int, int]) -> np.ndarray:
+    """(B, h, w) masks -> (B, gh, gw) float32: each cell of the coarser ``grid`` the mean of the
+    native cells that fall into it (adaptive average pooling: exact block means when ``grid``
+    divides the map), then min-max renormalised per image as a native mask is. A mask already on
+    ``grid`` comes back unchanged (as float32)."""
+    m = torch.as_tensor(np.asarray(masks, dtype=np.float32))
+    if tuple(m.shape[1:]) != tuple(grid):
+        m = torch.nn.functional.adaptive_avg_pool2d(m[:, None], tuple(grid))[:, 0]
+    return gradcam.normalise(m).numpy()
+
+
+def coarser(a: Sequence[int], b: Sequence[int]) -> tuple[int, int]:
+    """The coarser of two map sizes, cell by cell: (min h, min w)."""
+    return int(min(a[0], b[0])), int(min(a[1], b[1]))
+
+
 def pairwise_ar(sources: Sequence[tuple[np.ndarray, np.ndarray]], size: int,
                 batch_size: int = 256, pairs: Sequence[tuple[int, int]] | None = None,
-                progress: bool = False) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+                progress: bool = False, grids: Mapping[tuple[int, int], tuple[int, int] | None] | None = None
+                ) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
     """Per-image AR of every pair of ``sources``, streamed over the images.
 
     ``sources[k]`` = (cache rows (N_k,), masks (N_k, h_k, w_k) in [0, 1], any h_k, e.g. a
-    memory map); ``pairs``: index pairs (default all). Returns {(a, b): (common rows sorted
-    (n,) int64, AR (n,) float32)}; a pair with no common image raises ValueError.
+    memory map); ``pairs``: index pairs (default all). ``grids[pair]``: where the pair's masks
+    meet, None (default) = the image, S x S, by ``gradcam.upsample``; (gh, gw) = that grid, by
+    ``pool``. Returns {(a, b): (common rows sorted (n,) int64, AR (n,) float32)}; a pair with
+    no common image raises ValueError.
     """
     rows, order = [], []
     for k, (r, m) in enumerate(sources):
@@ -136,6 +190,7 @@ def pairwise_ar(sources: Sequence[tuple[np.ndarray, np.ndarray]], size: int,
         order.append(np.argsort(r, kind="stable"))
         rows.append(r[order[-1]])
     pairs = list(combinations(range(len(sources)), 2)) if pairs is None else list(pairs)
+    grids = {p: None if grids is None else grids.get(p) for p in pairs}
     common = {p: np.intersect1d(rows[p[0]], rows[p[1]]) for p in pairs}
     for p, c in common.items():
         if len(c) == 0:
@@ -147,24 +202,43 @@ def pairwise_ar(sources: Sequence[tuple[np.ndarray, np.ndarray]], size: int,
     for start in tqdm(range(0, len(union), batch_size), desc="AR", unit="batch",
                       disable=not progress, leave=False):
         chunk = union[start:start + batch_size]                       # (B,) cache rows
-        have, up = {}, {}
-        for k in used:                # each run upsampled once per batch, shared by its pairs
+        have, native, up = {}, {}, {}
+        for k in used:
             pos = np.searchsorted(rows[k], chunk).clip(max=len(rows[k]) - 1)
             have[k] = rows[k][pos] == chunk                            # (B,) bool
-            up[k] = torch.from_numpy(gradcam.upsample(_take(sources[k][1], order[k][pos[have[k]]]),
-                                                      size))                 # (b_k, S, S)
+            native[k] = _take(sources[k][1], order[k][pos[have[k]]])    # (b_k, h_k, w_k)
+
+        def common_grid(k, g):        # each run brought to a grid once per batch, shared by its pairs
+            if (k, g) not in up:
+                up[k, g] = torch.from_numpy(gradcam.upsample(native[k], size) if g is None
+                                            else pool(native[k], g))    # (b_k, S, S) or (b_k, gh, gw)
+            return up[k, g]
         for a, b in pairs:
             both = have[a] & have[b]
             if not both.any():
                 continue
             ia = torch.from_numpy(np.flatnonzero(both[have[a]]))       # positions within up[a]
             ib = torch.from_numpy(np.flatnonzero(both[have[b]]))
-            ua = up[a] if len(ia) == len(up[a]) else up[a][ia]         # no copy in the usual case
-            ub = up[b] if len(ib) == len(up[b]) else up[b][ib]
+            ua, ub = common_grid(a, grids[a, b]), common_grid(b, grids[a, b])
+            ua = ua if len(ia) == len(ua) else ua[ia]                   # no copy in the usual case
+            ub = ub if len(ib) == len(ub) else ub[ib]
             n = len(ia)
             out[a, b][filled[a, b]:filled[a, b] + n] = residual(ua, ub)
             filled[a, b] += n
     return {p: (common[p], out[p]) for p in pairs}
+
+
+def relabelled(rows, seed) -> np.ndarray:
+    """``rows`` (n,) with the labels moved along one random cycle: the mask stored for each
+    image is now filed under another image (a derangement, seeded), so a pair's AR against it
+    is the AR of unrelated masks of the same two map sizes - the pair's own null."""
+    rows = np.asarray(rows, np.int64)
+    if len(rows) < 2:
+        raise ValueError("a null of unrelated masks needs at least 2 images")
+    p = np.random.default_rng(seed).permutation(len(rows))
+    out = rows.copy()
+    out[p] = rows[np.roll(p, -1)]
+    return out
 
 
 def _take(masks: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -193,9 +267,11 @@ def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return rand.eval()
 
 
-def randomised_ar(run_dir: str | Path, cache, cfg: CompareConfig,
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(cache rows, per-image AR) of a run's stored masks against its re-initialised model's."""
+def randomised_masks(run_dir: str | Path, cache, cfg: CompareConfig,
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(cache rows (n,), masks (n, h, w) float16) of a run's re-initialised model for the images
+    and target classes of its stored masks, stored as the run's own are (so only the weights
+    differ): the "randomised" source a run is compared with."""
     cam = gradcam.load(run_dir)
     model, _, _ = train.load_model(run_dir)
     S = int(cam.meta["image_size"])
@@ -207,17 +283,49 @@ def randomised_ar(run_dir: str | Path, cache, cfg: CompareConfig,
     # explain the class the trained model's mask explains, as sanity.cascade does
     target = cam.index["target"].map({c: i for i, c in enumerate(cam.meta["cities"])})
     target = target.to_numpy(np.int64, copy=True)    # writable: torch.as_tensor warns otherwise
-    ar = np.empty(len(rows), np.float32)
+    out = np.empty(cam.masks.shape, np.float16)
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="randomised", disable=not progress,
                   leave=False, unit="batch"):
         sl = slice(s, s + cfg.batch_size)
-        res = gradcam.masks_for(rand, np.asarray(cache.images[rows[sl]]), cam.meta["method"],
-                                target[sl], cam.meta["config"].get("batch_size", 32))
-        # stored as the run's own masks are (float16), so only the weights differ
-        ar[sl] = residual(gradcam.upsample(cam.masks[sl], S),
-                          gradcam.upsample(res.masks.astype(np.float16), S))   # (B,)
-    order = np.argsort(rows)
-    return rows[order], ar[order]
+        out[sl] = gradcam.masks_for(rand, np.asarray(cache.images[rows[sl]]), cam.meta["method"],
+                                    target[sl], cam.meta["config"].get("batch_size", 32)).masks
+    return rows, out
+
+
+def randomised_ar(run_dir: str | Path, cache, cfg: CompareConfig,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(cache rows sorted, per-image AR at image resolution) of a run's stored masks against
+    its re-initialised model's."""
+    cam = gradcam.load(run_dir)
+    rows, masks = randomised_masks(run_dir, cache, cfg, progress)
+    return pairwise_ar([(rows, cam.masks), (rows, masks)], int(cam.meta["image_size"]),
+                       cfg.batch_size)[0, 1]
+
+
+def views_ar(sources: Mapping[str, tuple[np.ndarray, np.ndarray]], pairs: Sequence[tuple[str, str]],
+             size: int, cfg: CompareConfig, progress: bool = False) -> tuple[dict, dict, dict]:
+    """Every pair's AR in each of VIEWS, and its null: (per_view {view: {pair: (rows, AR)}},
+    nulls {view: {pair: mean AR of unrelated masks}}, grids {view: {pair: grid or None}}).
+
+    The null of a pair (a, b) is a's masks against b's masks filed under other images
+    (``relabelled``, seeded by ``cfg.seed`` and the pair), in the same view: the AR two
+    unrelated masks of these two map sizes get."""
+    names = list(sources)
+    native = {n: tuple(int(v) for v in sources[n][1].shape[1:]) for n in names}
+    shared = (min(h for h, _ in native.values()), min(w for _, w in native.values()))
+    idx = [(names.index(a), names.index(b)) for a, b in pairs]
+    per_view, nulls, grids = {}, {}, {}
+    for view in VIEWS:
+        g = {p: None if view == "image" else shared if view == "shared_grid"
+             else coarser(native[p[0]], native[p[1]]) for p in pairs}
+        got = pairwise_ar([sources[n] for n in names], size, cfg.batch_size, idx, progress,
+                          {i: g[p] for i, p in zip(idx, pairs)})
+        per_view[view], grids[view], nulls[view] = {p: got[i] for i, p in zip(idx, pairs)}, g, {}
+        for a, b in pairs:            # one pair at a time: memory stays that of two runs
+            other = (relabelled(sources[b][0], [cfg.seed, zlib.crc32(f"{a}|{b}".encode())]), sources[b][1])
+            _, ar = pairwise_ar([sources[a], other], size, cfg.batch_size, grids={(0, 1): g[a, b]})[0, 1]
+            nulls[view][a, b] = float(ar.mean(dtype=np.float64))
+    return per_view, nulls, grids
 
 
 # ---------------------------------------------------------------- uncertainty and tests
@@ -279,8 +387,9 @@ def sign_flip_test(d, permutations: int = 10000, seed: int = 0) -> dict:
             "alternative": "greater"}
 
 
-def tests(frame: pd.DataFrame, per_image: Mapping, cfg: CompareConfig) -> dict:
-    """Both tests of "architecture AR > seed AR" on an ar frame and its per-image values."""
+def tests(frame: pd.DataFrame, per_image: Mapping, cfg: CompareConfig, column: str = "ar") -> dict:
+    """Both tests of "architecture AR > seed AR" on an ar frame's ``column`` and the matching
+    per-image values {pair: (rows, values)}."""
     arch = frame[frame["kind"] == "architecture"]
     seed = frame[frame["kind"] == "seed"]
     used = {"architecture": arch[["run_a", "run_b"]].values.tolist(),
@@ -288,8 +397,8 @@ def tests(frame: pd.DataFrame, per_image: Mapping, cfg: CompareConfig) -> dict:
     groups = [(k, label, g) for k, label, g in _groups(frame) if k in ("architecture", "seed")]
     units = {k: {label: g[["run_a", "run_b"]].values.tolist() for kk, label, g in groups if kk == k}
              for k in ("architecture", "seed")}
-    pair = label_permutation_test([g["ar"].mean() for k, _, g in groups if k == "architecture"],
-                                  [g["ar"].mean() for k, _, g in groups if k == "seed"],
+    pair = label_permutation_test([g[column].mean() for k, _, g in groups if k == "architecture"],
+                                  [g[column].mean() for k, _, g in groups if k == "seed"],
                                   cfg.permutations, cfg.seed)
     pair["units"] = units
     keys = [tuple(p) for p in used["architecture"] + used["seed"]]
@@ -304,13 +413,69 @@ def tests(frame: pd.DataFrame, per_image: Mapping, cfg: CompareConfig) -> dict:
     return {"pairs": used, "pair_permutation": pair, "image_sign_flip": image}
 
 
+def all_tests(frame: pd.DataFrame, per_view: Mapping, nulls: Mapping, cfg: CompareConfig) -> dict:
+    """The paper's tests at image resolution (top level, as ``tests``), the same tests under
+    each resolution control of TESTED (``controls``), and the ``conclusion``."""
+    rel = relative(per_view, nulls)
+    values = {**per_view, **{f"{v}_vs_null": rel[v] for v in ("image", "pair_grid")}}
+    out = tests(frame, per_view["image"], cfg)
+    out["controls"] = {}
+    for name, column in TESTED.items():
+        if name != "image":
+            t = tests(frame, values[name], cfg, column)
+            out["controls"][name] = {"column": column, "pair_permutation": t["pair_permutation"],
+                                     "image_sign_flip": t["image_sign_flip"]}
+    out["conclusion"] = conclusion(out)
+    return out
+
+
+def conclusion(result_tests: dict, alpha: float = ALPHA) -> dict:
+    """Does "architecture AR > seed AR" hold at image resolution (both tests at ``alpha``), and
+    does it survive every resolution control? {"alpha", "holds": {test set: bool or None},
+    "survives": bool or None, "text"}."""
+    sets = {"image": result_tests, **result_tests.get("controls", {})}
+    holds, ps = {}, {}
+    for name, t in sets.items():
+        ps[name] = [t[k]["p_value"] for k in ("pair_permutation", "image_sign_flip")]
+        holds[name] = None if None in ps[name] else bool(max(ps[name]) <= alpha)
+    if holds["image"] is None:
+        return {"alpha": alpha, "holds": holds, "survives": None,
+                "text": "Not tested: it needs runs of two architectures, one of them with two seeds."}
+    controls = [n for n in holds if n != "image"]
+    failed = [n for n in controls if not holds[n]]
+    each = "; ".join(f"{TESTED_LABELS.get(n, n)}: {'yes' if holds[n] else 'no'} (p = {ps[n][0]:.3g}, "
+                     f"{ps[n][1]:.3g})" for n in holds)
+    text = (f"Architecture pairs differ more than seed pairs (both tests, groups relabelled and images' "
+            f"sign flips, at the {alpha:g} level)? {each}. ")
+    survives = bool(holds["image"] and controls and not failed)
+    if survives:
+        text += "The difference survives every resolution control: it is not made by the maps' sizes."
+    elif holds["image"]:
+        text += ("It does not survive every resolution control: part of the image-resolution difference "
+                 "can be built in by the maps' different sizes.")
+    else:
+        held = [TESTED_LABELS.get(n, n) for n in controls if holds[n]]
+        text += ("The paper's test at image resolution does not establish it here"
+                 + (f"; judged on {', '.join(held)} it holds." if held else ", nor does any control."))
+    return {"alpha": alpha, "holds": holds, "survives": survives if controls else None, "text": text}
+
+
 def tests_table(result_tests: dict) -> pd.DataFrame:
-    """``tests.json`` as a table: one row per test (statistic, p-value, units, method)."""
+    """``tests.json`` as a table: one row per comparison and test (statistic, p-value, n,
+    method); the paper's image-resolution tests first, then the controls."""
     names = {"pair_permutation": "architecture groups relabelled",
              "image_sign_flip": "per-image sign flips"}
-    return pd.DataFrame([{"test": label, "statistic": result_tests[k].get("statistic"),
-                          "p_value": result_tests[k].get("p_value"), "n": result_tests[k].get("n"),
-                          "method": result_tests[k].get("method")} for k, label in names.items()])
+    sets = {"image": result_tests, **result_tests.get("controls", {})}
+    return pd.DataFrame([{"compared on": TESTED_LABELS.get(s, s), "test": label,
+                          "statistic": t[k].get("statistic"), "p_value": t[k].get("p_value"),
+                          "n": t[k].get("n"), "method": t[k].get("method")}
+                         for s, t in sets.items() for k, label in names.items()])
+
+
+TESTED_LABELS = {"image": "AR at image resolution (paper)", "pair_grid": "AR on the pair's coarser map",
+                 "shared_grid": "AR on one grid for all runs",
+                 "image_vs_null": "AR / null at image resolution",
+                 "pair_grid_vs_null": "AR / null on the pair's coarser map"}
 
 
 # ---------------------------------------------------------------- tables
@@ -330,17 +495,42 @@ def kind_of(a: dict, b: dict) -> str:
     return "architecture" if a["arch"] != b["arch"] else "seed" if a["seed"] != b["seed"] else "other"
 
 
-def ar_frame(per_image: Mapping, infos: Mapping[str, dict], cfg: CompareConfig) -> pd.DataFrame:
-    """One row per pair (COLUMNS): mean AR, bootstrap CI (seeded by cfg.seed and the pair)."""
+def ar_frame(per_image: Mapping, infos: Mapping[str, dict], cfg: CompareConfig,
+             nulls: Mapping | None = None, grids: Mapping | None = None,
+             native: Mapping[str, tuple] | None = None) -> pd.DataFrame:
+    """One row per pair: mean AR and bootstrap CI (seeded by cfg.seed and the pair) in COLUMNS;
+    given ``views_ar``'s per-view values as ``per_image`` (with ``nulls``, ``grids`` and each
+    source's ``native`` map size), also EXTRA: each view's AR and CI, the pair's null in each
+    view and AR / null (``rel_*``; its CI is the AR's over the same null)."""
+    per_view = per_image if set(per_image) <= set(VIEWS) else {"image": per_image}
     out = []
-    for (a, b), (rows, ar) in per_image.items():
+    for (a, b), (rows, ar) in per_view["image"].items():
         ia = infos[a]
         ib = infos.get(b) or {**ia, "randomised": True}
         kind = "randomised" if ib.get("randomised") else kind_of(ia, ib)
-        lo, hi = bootstrap_ci(ar, cfg.bootstrap, [cfg.seed, zlib.crc32(f"{a}|{b}".encode())])
-        out.append([a, b, kind, float(ar.mean(dtype=np.float64)), lo, hi, len(ar),
-                    ia["arch"], ib["arch"]])
-    return pd.DataFrame(out, columns=COLUMNS)
+        seed = [cfg.seed, zlib.crc32(f"{a}|{b}".encode())]
+        lo, hi = bootstrap_ci(ar, cfg.bootstrap, seed)
+        row = dict(zip(COLUMNS, [a, b, kind, float(ar.mean(dtype=np.float64)), lo, hi, len(ar),
+                                 ia["arch"], ib["arch"]]))
+        if len(per_view) > 1:
+            fmt = lambda g: "x".join(map(str, g))  # noqa: E731
+            row.update(map_a=fmt(native[a]), map_b=fmt(native[b]), grid=fmt(grids["pair_grid"][a, b]),
+                       shared_grid=fmt(grids["shared_grid"][a, b]))
+            for view, values in per_view.items():
+                v = values[a, b][1]
+                if view != "image":
+                    row[col("ar", view)] = float(v.mean(dtype=np.float64))
+                    row[col("ci_low", view)], row[col("ci_high", view)] = bootstrap_ci(v, cfg.bootstrap, seed)
+                row[f"null_{view}"] = nulls[view][a, b]
+                row[f"rel_{view}"] = row[col("ar", view)] / nulls[view][a, b]
+        out.append(row)
+    return pd.DataFrame(out, columns=COLUMNS + (EXTRA if len(per_view) > 1 else []))
+
+
+def relative(per_view: Mapping, nulls: Mapping) -> dict:
+    """Per-image AR over the pair's null, per view: {"<view>": {pair: (rows, AR_i / null)}}."""
+    return {view: {p: (rows, (ar / np.float32(nulls[view][p])).astype(np.float32))
+                   for p, (rows, ar) in values.items()} for view, values in per_view.items()}
 
 
 def _rank(arch: str) -> tuple:
@@ -364,11 +554,47 @@ def table2(frame: pd.DataFrame) -> pd.DataFrame:
     """The paper's Table 2: one row per architecture pair and kind ("VGG11-ResNet18",
     "VGG11-VGG11 retrained", "VGG11-VGG11 randomised"). With several seeds a row pools its run
     pairs: ar = their mean, ar_min / ar_max their spread, ci_low / ci_high the envelope of
-    their CIs (the lowest low, the highest high), n_pairs how many."""
-    return pd.DataFrame(
-        [[label, kind, g["ar"].mean(), g["ci_low"].min(), g["ci_high"].max(), g["ar"].min(),
-          g["ar"].max(), len(g)] for kind, label, g in _groups(frame)],
-        columns=["models", "kind", "ar", "ci_low", "ci_high", "ar_min", "ar_max", "n_pairs"])
+    their CIs (the lowest low, the highest high), n_pairs how many. With the views' columns
+    (EXTRA) also the maps and, per view, the pooled AR, CI envelope, null and AR / null."""
+    views = "grid" in frame
+    rows = []
+    for kind, label, g in _groups(frame):
+        row = {"models": label, "kind": kind, "ar": g["ar"].mean(), "ci_low": g["ci_low"].min(),
+               "ci_high": g["ci_high"].max(), "ar_min": g["ar"].min(), "ar_max": g["ar"].max(),
+               "n_pairs": len(g)}
+        if views:
+            row.update(maps=" / ".join(sorted({*g["map_a"], *g["map_b"]}, key=lambda m: -int(m.split("x")[0]))),
+                       grid=g["grid"].iloc[0], shared_grid=g["shared_grid"].iloc[0])
+            for view in VIEWS:
+                if view != "image":
+                    row[col("ar", view)] = g[col("ar", view)].mean()
+                    row[col("ci_low", view)] = g[col("ci_low", view)].min()
+                    row[col("ci_high", view)] = g[col("ci_high", view)].max()
+                row[f"null_{view}"] = g[f"null_{view}"].mean()
+                row[f"rel_{view}"] = g[f"rel_{view}"].mean()
+        rows.append(row)
+    base = ["models", "kind", "ar", "ci_low", "ci_high", "ar_min", "ar_max", "n_pairs"]
+    return pd.DataFrame(rows, columns=base + ([c for c in rows[0] if c not in base] if views and rows else []))
+
+
+def table2_display(table: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 for a reader: per view "AR [CI]" and AR / null, three decimals."""
+    out = table[["models", "kind"]].copy()
+    if "maps" in table:
+        out["maps"] = table["maps"]
+    for view, label in (("image", "image"), ("pair_grid", "pair's coarser map"),
+                        ("shared_grid", "one grid")):
+        if col("ar", view) not in table:
+            continue
+        out[f"AR, {label}"] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
+                               zip(table[col("ar", view)], table[col("ci_low", view)], table[col("ci_high", view)])]
+        if f"null_{view}" in table:
+            out[f"AR / null, {label}"] = [f"{r:.2f}" for r in table[f"rel_{view}"]]
+        if view == "pair_grid":
+            out["pair grid"] = table["grid"]
+        if view == "shared_grid":
+            out["shared grid"] = table["shared_grid"]
+    return out
 
 
 def lift_scores(run_dirs: Sequence[str | Path]) -> dict[str, pd.DataFrame]:
@@ -431,23 +657,27 @@ def run(cfg: CompareConfig, run_dirs: Sequence[str | Path], cache=None,
         return dataclasses.replace(load(out), reused=True)
 
     folder.begin()
-    sources = [(c.index["index"].to_numpy(np.int64), c.masks) for c in cams]
-    per_image = {(names[a], names[b]): v for (a, b), v in
-                 pairwise_ar(sources, S, cfg.batch_size, progress=progress).items()}
+    sources = {n: (c.index["index"].to_numpy(np.int64), c.masks) for n, c in zip(names, cams)}
+    pairs = list(combinations(names, 2))
     if cfg.randomised:
         for n, d in zip(names, run_dirs):
-            per_image[n, n + RANDOMISED] = randomised_ar(d, cache, cfg, progress)
-    frame = ar_frame(per_image, infos, cfg)
-    result = CompareResult(out, frame, tests(frame, per_image, cfg), table2(frame),
-                           lift_correlation(lift_scores(run_dirs)), per_image,
-                           fig6_rows([c.index for c in cams], cfg.fig6_per_city, cfg.seed))
+            sources[n + RANDOMISED] = randomised_masks(d, cache, cfg, progress)
+            pairs.append((n, n + RANDOMISED))
+    per_view, nulls, grids = views_ar(sources, pairs, S, cfg, progress)
+    native = {n: tuple(int(v) for v in m.shape[1:]) for n, (_, m) in sources.items()}
+    frame = ar_frame(per_view, infos, cfg, nulls, grids, native)
+    result = CompareResult(out, frame, all_tests(frame, per_view, nulls, cfg), table2(frame),
+                           lift_correlation(lift_scores(run_dirs)), per_view["image"],
+                           fig6_rows([c.index for c in cams], cfg.fig6_per_city, cfg.seed),
+                           per_view=per_view)
     write_csv(out / "ar.csv", result.ar)
     write_json(out / "tests.json", result.tests)
     write_csv(out / "table2.csv", result.table2)
     write_csv(out / "lift_correlation.csv", result.lift_correlation)
     with atomic_path(out / "per_image.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **{f"{w}_{k}": v[j] for k, v in enumerate(per_image.values())
-                        for j, w in enumerate(("rows", "ar"))})
+        np.savez(fh, **{f"{w}_{k}": v for k, p in enumerate(pairs) for w, v in
+                        [("rows", per_view["image"][p][0])] + [(col("ar", view), per_view[view][p][1])
+                                                               for view in VIEWS]})
     write_json(out / "meta.json", {"runs": list(infos.values()), "image_size": S,
                                    "fig6_rows": result.fig6_rows, "config": to_dict(cfg),
                                    "key": folder.key})
@@ -491,10 +721,11 @@ def load(out_dir: str | Path) -> CompareResult:
     if not (out / "meta.json").is_file():
         raise FileNotFoundError(f"{out}: no finished comparison (run compare.run first)")
     frame = pd.read_csv(out / "ar.csv", dtype={"run_a": str, "run_b": str})
+    pairs = list(zip(frame["run_a"], frame["run_b"]))
     with np.load(out / "per_image.npz") as z:
-        per_image = {(a, b): (z[f"rows_{k}"], z[f"ar_{k}"])
-                     for k, (a, b) in enumerate(zip(frame["run_a"], frame["run_b"]))}
+        per_view = {view: {p: (z[f"rows_{k}"], z[f"{col('ar', view)}_{k}"]) for k, p in enumerate(pairs)}
+                    for view in VIEWS if f"{col('ar', view)}_0" in z}
     return CompareResult(out, frame, read_json(out / "tests.json"),
                          pd.read_csv(out / "table2.csv"),
                          pd.read_csv(out / "lift_correlation.csv", dtype={"run_a": str, "run_b": str}),
-                         per_image, read_json(out / "meta.json")["fig6_rows"])
+                         per_view["image"], read_json(out / "meta.json")["fig6_rows"], per_view=per_view)

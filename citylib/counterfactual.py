@@ -19,7 +19,6 @@ world's files' hash, the snapshot's key, the image size, the number of fresh spo
 from __future__ import annotations
 
 import io
-import multiprocessing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -101,8 +100,7 @@ def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, i
         job = partial(_render, world, world_cfg, int(image_size))
         bar = dict(total=len(tasks), desc="counterfactuals", disable=not progress)
         if workers > 1 and len(tasks) > 1:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            with multiprocessing.get_context(method).Pool(workers) as pool:
+            with synth.worker_pool(workers) as pool:
                 done = list(tqdm(pool.imap(job, tasks), **bar))
         else:
             done = [job(t) for t in tqdm(tasks, **bar)]

@@ -71,14 +71,25 @@ def _index_html(out: Path, sections) -> str:
     parts += _reliance(runs)
     comparison = out / "comparison"
     if (comparison / "table2.csv").is_file():
+        table2 = pd.read_csv(comparison / "table2.csv")
         parts += ["<h2>Architectures versus initialisations (Table 2)</h2>",
-                  "<p>Average residual AR (Eq. 2) with bootstrap 95% intervals over test images.</p>",
-                  _table(pd.read_csv(comparison / "table2.csv"))]
+                  "<p>Average residual AR (Eq. 2) between two runs' masks of the same test image, with "
+                  "bootstrap 95% intervals over test images; a row pools its run pairs (mean; the "
+                  "envelope of their intervals). The paper compares the masks at image resolution, "
+                  "where a coarse map is upsampled smoothly and a fine one is not: two architectures "
+                  "always differ in map size, two seeds never do. So each pair is also compared on the "
+                  "coarser of its two native maps and all runs on one grid (the coarsest map, masks "
+                  "average-pooled and renormalised), and against its own <i>null</i>: the AR of the "
+                  "same two runs' masks of <i>different</i> images (AR / null: 1 = as different as "
+                  "unrelated masks).</p>", _table(compare.table2_display(table2))]
         if (comparison / "tests.json").is_file():
-            parts += ["<p>Tests of <i>between-architecture AR &gt; between-seed AR</i>:</p>",
-                      _table(compare.tests_table(artifacts.read_json(comparison / "tests.json")))]
+            tests = artifacts.read_json(comparison / "tests.json")
+            if "conclusion" in tests:
+                parts.append(f"<p><b>{html.escape(tests['conclusion']['text'])}</b></p>")
+            parts += ["<p>Tests of <i>between-architecture AR &gt; between-seed AR</i>, at image resolution "
+                      "and under each control:</p>", _table(compare.tests_table(tests))]
         parts.append(_figures(out, [(comparison / f"{n}.png", c) for n, c in (
-            ("ar_heatmap", "AR of every pair"), ("fig6", "Fig. 6: the same images, every network"),
+            ("ar_heatmap", "AR of every pair, at image resolution and on the pair's coarser map"), ("fig6", "Fig. 6: the same images, every network"),
             ("lift_comparison", "Lift across runs"))]))
     for run_dir in runs:
         parts += [f"<h2>Run {html.escape(run_dir.name)}</h2>", _figures(out, [

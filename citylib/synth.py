@@ -15,6 +15,7 @@ import dataclasses
 import multiprocessing
 import re
 import shutil
+import signal
 import zlib
 from dataclasses import dataclass
 from functools import partial
@@ -205,6 +206,21 @@ class World:
             for section, entry in ELEMENT_KEYS[name]:
                 over = {**over, section: {k: v for k, v in (over.get(section) or {}).items() if k != entry}}
         return from_dict(Style, _merge(self.definition["base"], over), where=f"{self.source} (cities.{city})")
+
+
+def _quiet_worker() -> None:
+    """A pool worker ends on SIGTERM (the pool's own ``terminate``) without a traceback,
+    whatever handler it inherited by fork (the runner's turns SIGTERM into KeyboardInterrupt);
+    Ctrl-C is its parent's to handle, which then ends the pool."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_pool(workers: int):
+    """A process pool of ``workers`` for rendering: fork where there is one (workers start at
+    once and inherit the world), each worker ended quietly by the pool (``_quiet_worker``)."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    return multiprocessing.get_context(method).Pool(workers, initializer=_quiet_worker)
 
 
 def _undeclared(over: dict, cues) -> list[str]:
@@ -406,8 +422,7 @@ def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int
     tasks = [(city, spot) for city in world.styles for spot in range(cfg.spots_per_city)]
     job = partial(_write_spot, world, cfg, out)
     if workers > 1:  # fork where there is one: workers start at once and inherit the world
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-        with multiprocessing.get_context(method).Pool(workers) as pool:
+        with worker_pool(workers) as pool:
             chunks = list(pool.imap(job, tasks, chunksize=4))
     else:
         chunks = [job(t) for t in tasks]

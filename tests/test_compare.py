@@ -315,3 +315,84 @@ def test_tests_table_and_single_run_heatmap():
     assert table["method"].str.contains("needs both kinds").all()
     fig = compare_plots.plot_ar_heatmap(frame)       # the run itself, AR 0 with itself
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a"]
+
+
+def test_pool_and_coarser_by_hand():
+    # a 4 x 4 mask pooled to 2 x 2: block means (0.25, 0.5 / 0.75, 0), renormalised by the
+    # range 0.75: (1/3, 2/3 / 1, 0)
+    m = np.array([[[0, 1, 1, 1],             # blocks: top-left 0.25, top-right 0.5,
+                   [0, 0, 0, 0],
+                   [1, 1, 0, 0],             # bottom-left 0.75, bottom-right 0
+                   [1, 0, 0, 0]]], np.float32)
+    np.testing.assert_allclose(compare.pool(m, (2, 2)), [[[1 / 3, 2 / 3], [1, 0]]], atol=1e-6)
+    same = smooth(3, 4, 0)
+    assert np.array_equal(compare.pool(same, (4, 4)), same.astype(np.float32))   # already there
+    assert compare.coarser((8, 8), (2, 4)) == (2, 4)
+
+
+def test_relabelled_is_a_seeded_derangement():
+    rows = np.arange(10, 60, 5)
+    r = compare.relabelled(rows, 3)
+    assert sorted(r) == sorted(rows) and not (r == rows).any()       # every mask filed elsewhere
+    assert np.array_equal(compare.relabelled(rows, 3), r) and not np.array_equal(compare.relabelled(rows, 4), r)
+    with pytest.raises(ValueError, match="at least 2"):
+        compare.relabelled([7], 0)
+
+
+def four_archs(tmp_path, own_view: bool, n: int = 48, size: int = 16):
+    """4 archs x 2 seeds with maps of 16, 8, 4, 2 cells, as the default job's networks. Each
+    image has one underlying 16 x 16 map with fine texture; a run's mask is that map pooled to
+    its own size plus a little seed noise. With ``own_view`` every architecture has its own
+    underlying map (they look at different things); without, all look at the same map and an
+    architecture pair differs only by what a coarser map cannot show."""
+    rng = np.random.default_rng(0)
+
+    def underlying():
+        base = torch.from_numpy(smooth(n, 16, int(rng.integers(1 << 30))).astype(np.float32))
+        return (base + 0.8 * torch.from_numpy(rng.random((n, 16, 16), dtype=np.float32))).numpy()
+    common = underlying()
+    runs = []
+    for arch, side in (("vgg11", 4), ("resnet18", 2), ("simple", 8), ("simpler", 16)):
+        u = underlying() if own_view else common
+        for seed in (0, 1):
+            noisy = compare.pool(u, (side, side)) + 0.03 * rng.random((n, side, side), dtype=np.float32)
+            m = gradcam.normalise(torch.from_numpy(noisy)).numpy()
+            runs.append(fake_run(tmp_path, f"{arch}_seed{seed}", arch, seed, m, np.arange(n), size))
+    return runs
+
+
+def test_resolution_controls_catch_a_difference_made_by_map_size(tmp_path):
+    cfg = CompareConfig(batch_size=16, bootstrap=200, permutations=2000, randomised=False)
+    # every network looks at the same map: at image resolution the architecture pairs still
+    # differ more than the seed pairs (the coarse maps cannot show the texture the fine ones
+    # do), but on one grid for all runs the difference is gone
+    same = compare.run(cfg, four_archs(tmp_path / "same", own_view=False), None, tmp_path / "c1", progress=False)
+    holds = same.tests["conclusion"]["holds"]
+    assert holds["image"] is True and holds["shared_grid"] is False
+    assert same.tests["conclusion"]["survives"] is False
+    text = same.tests["conclusion"]["text"]
+    assert "AR on one grid for all runs: no" in text and "does not survive" in text
+    row = same.ar.set_index(["run_a", "run_b"]).loc[("vgg11_seed0", "resnet18_seed0")]
+    assert (row.map_a, row.map_b, row.grid, row.shared_grid) == ("4x4", "2x2", "2x2", "2x2")
+    # a seed pair on its own (shared) map: AR by hand, no upsampling
+    cams = {n: gradcam.load(tmp_path / "same" / n) for n in ("simpler_seed0", "simpler_seed1")}
+    hand = np.abs(cams["simpler_seed0"].masks.astype(np.float32) - cams["simpler_seed1"].masks.astype(np.float32))
+    seed_row = same.ar.set_index(["run_a", "run_b"]).loc[("simpler_seed0", "simpler_seed1")]
+    assert seed_row.grid == "16x16" and seed_row.ar_pair_grid == pytest.approx(hand.mean(), abs=1e-6)
+    # the null of unrelated masks is far above any pair of related ones, in every view
+    assert (same.ar["rel_image"] < 1).all() and (same.ar["rel_shared_grid"] < 1).all()
+    # each architecture looks at its own map: the difference survives every control
+    own = compare.run(cfg, four_archs(tmp_path / "own", own_view=True), None, tmp_path / "c2", progress=False)
+    assert own.tests["conclusion"]["survives"] is True
+    assert all(own.tests["conclusion"]["holds"].values())
+    assert "survives every resolution control" in own.tests["conclusion"]["text"]
+    table = compare.tests_table(own.tests)
+    assert len(table) == 2 * len(compare.TESTED) and (table["p_value"] <= 0.05).all()
+    shown = compare.table2_display(own.table2)
+    assert {"AR, image", "AR / null, image", "AR, pair's coarser map", "AR, one grid"} <= set(shown.columns)
+    # stored and loaded alike
+    back = compare.load(tmp_path / "c2")
+    assert set(back.per_view) == set(compare.VIEWS)
+    for view, values in own.per_view.items():
+        for p, (rows, ar) in values.items():
+            assert np.array_equal(back.per_view[view][p][1], ar)

@@ -367,3 +367,23 @@ def test_counterfactual_world_resets_only_the_cities_that_plant_the_cue(small, t
         synth.run(dataclasses.replace(SMALL, reset=("car",)), tmp_path / "bad")
     with pytest.raises(ValueError, match="resets everything"):
         synth.SynthConfig(reset=("cue-free", "tree"))
+
+
+
+def test_render_workers_end_quietly_when_their_pool_ends_them():
+    # the runner turns SIGTERM into KeyboardInterrupt; forked render workers inherit that, and
+    # the pool's own terminate() (SIGTERM) made them print tracebacks, late, on the terminal
+    import subprocess
+    import sys
+
+    script = ("import signal, time\n"
+              "from citylib import synth\n"
+              "def stop(*_):\n    raise KeyboardInterrupt\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "for _ in range(3):\n"
+              "    with synth.worker_pool(2) as pool:\n"
+              "        assert pool.map(abs, [-1, -2, -3]) == [1, 2, 3]\n"
+              "time.sleep(0.5)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "KeyboardInterrupt" not in done.stderr and "Traceback" not in done.stderr, done.stderr
