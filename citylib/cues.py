@@ -68,6 +68,30 @@ def recovery(table: pd.DataFrame, cues: Mapping[str, Iterable], top: int = 3
     return frame, metrics
 
 
+def mrr_resamples(hist: stats.Histograms, cues: Mapping[str, Iterable], weights: np.ndarray) -> np.ndarray:
+    """(B,) planted-cue MRR of each resample of the images (``weights`` (B, N), e.g. whole
+    spots within each city: ``intervals.spot_weights``), lift recomputed on it; ranked as
+    ``recovery`` ranks them (among the city's kept objects, ties sharing the better rank, a
+    cue without lift unranked; cities without cues or images left out)."""
+    index = {name: i for i, name in hist.names.items()}
+    lifts = hist.resampled_lift(weights)
+    rr = []
+    for c, city in enumerate(hist.cities):
+        names = _names(cues.get(city, ()))
+        objects, lift = lifts[c]
+        if not names or not (hist.city == c).any():
+            continue
+        best = np.full(len(weights), np.inf)
+        for o in names:
+            if o not in index or index[o] not in objects:
+                continue
+            mine = lift[:, np.searchsorted(objects, index[o])]
+            rank = np.where(np.isnan(mine), np.inf, 1 + (lift > mine[:, None]).sum(1))
+            best = np.minimum(best, rank)
+        rr.append(np.where(np.isfinite(best), 1.0 / best, 0.0))
+    return np.mean(rr, axis=0) if rr else np.full(len(weights), np.nan)
+
+
 def ideal_masks(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], grid: tuple[int, int],
                 names: Mapping[int, str] | None = None) -> np.ndarray:
     """The masks of an ideal cue detector on a ``grid`` of map cells: (N, h, w) float32 in [0, 1].

@@ -41,7 +41,8 @@ What the eye sees, as a number: the kNN city agreement, the share of each point'
 neighbours (itself excluded) that come from the same true city, averaged over points; in the
 2-D map and in the PCA space, each against a permutation baseline (the cities shuffled
 ``permutations`` times over the same neighbour graph): mean, 95th percentile and
-p = (1 + #{perm >= observed}) / (1 + permutations).
+p = (1 + #{perm >= observed}) / (1 + permutations); and, with the cache, a 95% interval of the
+observed agreement over the test spots (resampled within each city, the graph held fixed).
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from citylib import gradcam
+from citylib import gradcam, intervals
 from citylib.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash, to_dict
 
@@ -195,12 +196,15 @@ def project(z: np.ndarray, cfg: EmbedConfig) -> np.ndarray:
 
 
 def knn_agreement(x: np.ndarray, labels, k: int = 10, permutations: int = 100,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, groups=None, n_boot: int = 1000) -> dict:
     """Share of each point's k nearest neighbours with its label, averaged; with a baseline.
 
     x (N, D); labels (N,). The baseline shuffles the labels ``permutations`` times over the
     same neighbour graph. Returns k, observed, baseline_mean, baseline_p95, p_value (None
-    without permutations), permutations.
+    without permutations), permutations; given ``groups`` (N,) (the spots: a spot's views are
+    not independent), also ``ci``, the 95% percentile interval of the mean of the points'
+    agreements over ``n_boot`` resamples of whole groups within each label (the neighbour
+    graph held fixed), and ``ci_unit``.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -218,7 +222,12 @@ def knn_agreement(x: np.ndarray, labels, k: int = 10, permutations: int = 100,
         c = rng.permutation(codes)
         null[p] = (c[idx] == c[:, None]).sum()
     total = n * k
-    return {"k": k, "observed": observed / total,
+    extra = {}
+    if groups is not None:
+        own = (codes[idx] == codes[:, None]).mean(1)                          # (N,) per point
+        w = intervals.spot_weights(groups, codes, n_boot, seed)              # (B, N)
+        extra = {"ci": list(intervals.percentile(w @ own / w.sum(1))), "ci_unit": "spots"}
+    return {**extra, "k": k, "observed": observed / total,
             "baseline_mean": float(null.mean() / total) if permutations else None,
             "baseline_p95": float(np.percentile(null, 95) / total) if permutations else None,
             "p_value": float((1 + (null >= observed).sum()) / (1 + permutations))
@@ -241,7 +250,8 @@ def compute(cfg: EmbedConfig, result: gradcam.GradCAMResult, cache=None,
     xy = project(z, cfg)                                                 # (N, 2)
     steps.update()
     cities = index["city"].to_numpy()
-    knn = {name: knn_agreement(space, cities, cfg.knn, cfg.permutations, cfg.seed)
+    groups = None if cache is None else cache.index["group"].to_numpy()[index["index"].to_numpy(np.int64)]
+    knn = {name: knn_agreement(space, cities, cfg.knn, cfg.permutations, cfg.seed, groups)
            for name, space in (("knn_2d", xy), ("knn_pca", z))}
     steps.update()
     steps.close()

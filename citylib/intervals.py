@@ -42,6 +42,34 @@ def group_bootstrap_means(values: np.ndarray, groups: np.ndarray, n_boot: int = 
     return sums[pick].sum(1) / counts[pick].sum(1)                             # (B,)
 
 
+def spot_weights(groups, strata, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """(n_boot, n) float64: how often each item is drawn in each resample when whole ``groups``
+    (n,) (the views of one spot) are drawn with replacement within each of the ``strata`` (n,)
+    (the cities, each keeping its number of spots). A weighted mean ``weights @ values /
+    weights.sum(1)`` is then one resample's statistic."""
+    groups, strata = np.asarray(groups).astype(str), np.asarray(strata).astype(str)
+    weights = np.zeros((n_boot, len(groups)))
+    rng = np.random.default_rng(seed)
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        spots, of = np.unique(groups[members], return_inverse=True)
+        g = len(spots)
+        draws = rng.integers(0, g, size=(n_boot, g)) + (np.arange(n_boot) * g)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=n_boot * g).reshape(n_boot, g)
+        weights[:, members] = counts[:, of]
+    return weights
+
+
+def percentile(values, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of resampled statistics (B,), NaN resamples left out."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def holm(p) -> np.ndarray:
     """Holm's step-down adjusted p-values of ``p`` (m,): rejecting where adjusted p <= alpha
     keeps the chance of any false rejection among the m tests at alpha."""

@@ -5,7 +5,8 @@ Reads the run's Grad-CAM masks (``gradcam.load``), the data snapshot's cache and
 dataset). Writes into the run folder: ``r_scores.csv``, ``r_scores.json`` and
 ``histograms.npz`` (``citylib.stats``); on a generated world ``planted_recovery.csv`` (the rank
 of each planted cue by lift, beside the rank an ideal cue detector gets on a map of the
-network's size: ``cues.ceiling``); the Fig. 5 panels ``r_histograms.png`` and ``lift.png``; and
+network's size: ``cues.ceiling``; the planted-cue MRR's 95% interval over the test spots,
+resampled within each city: ``cues.mrr_resamples``); the Fig. 5 panels ``r_histograms.png`` and ``lift.png``; and
 ``objects.json`` (segmenter, threshold, planted-cue scores). ``.results/objects.json`` marks the
 finished result, keyed (``key``) by the statistics settings, the label maps' key, the Grad-CAM
 result's key, the planted cues and the code: a threshold change reruns this stage alone.
@@ -20,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from citylib import cues, gradcam, plots, segment, stats, stats_plots
+from citylib import cues, gradcam, intervals, plots, segment, stats, stats_plots
 from citylib.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash
 
@@ -77,6 +78,11 @@ def run(stats_cfg: stats.StatsConfig, segment_cfg: segment.SegmentConfig, run_di
         ideal, best = cues.ceiling(label_maps, cities, planted, grid, gradcam.upsample, stats_cfg)
         recovery = recovery.merge(ideal[["city", "object", "rank"]].rename(
             columns={"rank": "ceiling_rank"}), on=["city", "object"], how="left")
+        if stats_cfg.bootstrap > 0:   # whole test spots resampled within each city
+            weights = intervals.spot_weights(cache.index["group"].to_numpy()[rows], cities,
+                                             stats_cfg.bootstrap, stats_cfg.seed)
+            scores["planted_mrr_ci"] = list(intervals.percentile(
+                cues.mrr_resamples(result.histograms, planted, weights)))
         scores["ceiling"] = {"map_size": list(grid), "planted_mrr": best["planted_mrr"],
                              "planted_rr": best["planted_rr"],
                              "planted_all_in_top": best["planted_all_in_top"]}

@@ -59,8 +59,12 @@ def _index_html(out: Path, sections) -> str:
     runs = sorted(p for p in (out / "runs").glob("*/") if (p / "metrics.json").is_file())
     summary = out / "runs" / "summary.csv"
     if summary.exists():
-        parts += ["<h2>Accuracy per run</h2>", _table(pd.read_csv(summary).drop(
-            columns=["config_hash"], errors="ignore"))]
+        frame = pd.read_csv(summary)
+        parts += ["<h2>Accuracy per run</h2><p>Each number with its 95% interval: test accuracy "
+                  "Wilson's; kNN city agreement in the 2-D map (chance: the shuffled-city baseline) and "
+                  "planted-cue MRR over the test spots, resampled within each city. Then per "
+                  "architecture the mean and the range over its seeds. Two numbers differ only where "
+                  "their intervals say so.</p>", _table(headline(frame)), _table(by_architecture(frame))]
     recovery = _recovery(runs)
     if not recovery.empty:
         parts += ["<h2>Planted-cue recovery</h2><p>Generated world: reciprocal rank of each "
@@ -148,6 +152,39 @@ def _reliance(runs: list[Path]) -> list[str]:
                   _table(methods.run_table(causal_table, pd.read_csv(d / "methods.csv"),
                                            summaries[d.name]["layers"], recovery))]
     return parts
+
+
+HEADLINE = {"test_accuracy": "test accuracy", "knn_2d": "kNN agreement", "planted_mrr": "planted-cue MRR"}
+
+
+def headline(summary: pd.DataFrame) -> pd.DataFrame:
+    """``summary.csv`` for a reader: per run its status and each headline number "x [low, high]"."""
+    out = summary[["run", "arch", "seed", "status"]].copy()
+    for name, label in HEADLINE.items():
+        if name not in summary:
+            continue
+        low, high = summary.get(f"{name}_low"), summary.get(f"{name}_high")
+        out[label] = [("—" if v != v else f"{v:.3f}") + (f" [{lo:.3f}, {hi:.3f}]" if lo == lo and hi == hi else "")
+                      for v, lo, hi in zip(summary[name], low if low is not None else [float("nan")] * len(out),
+                                           high if high is not None else [float("nan")] * len(out))]
+    for name, label in (("knn_2d_shuffled", "kNN, shuffled cities"), ("planted_mrr_ceiling", "MRR ceiling"),
+                        ("cue_free_accuracy", "cue-free accuracy"), ("n_test", "test images")):
+        if name in summary:
+            out[label] = summary[name]
+    return out
+
+
+def by_architecture(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per architecture: each headline number's mean over the seeds and their range."""
+    rows = []
+    for arch, g in summary.groupby("arch", sort=False):
+        row = {"architecture": compare.NAMES.get(arch, arch), "seeds": len(g)}
+        for name, label in HEADLINE.items():
+            v = g[name].dropna() if name in g else pd.Series(dtype=float)
+            row[label] = f"{v.mean():.3f} ({v.min():.3f}–{v.max():.3f})" if len(v) else "—"
+        rows.append(row)
+    order = {a: i for i, a in enumerate(compare.NAMES.values())}
+    return pd.DataFrame(rows).sort_values("architecture", key=lambda c: c.map(order), kind="stable")
 
 
 def _table(frame: pd.DataFrame) -> str:

@@ -546,23 +546,32 @@ def _last_line(e: Exception) -> str:
 
 
 def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> pd.DataFrame:
-    """``outputs/runs/summary.csv``: one row per run with its status and key metrics."""
+    """``outputs/runs/summary.csv``: one row per run with its status and key metrics, each with
+    its 95% interval (``_low``, ``_high``): test accuracy Wilson's, kNN agreement and planted-cue
+    MRR over resampled test spots."""
     rows = []
     for cfg in configs:
         metrics_path = out / "runs" / cfg.name / "metrics.json"
         metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
         failed = [k for k in result.failed if k == cfg.name or k.startswith(cfg.name + "/")]
         knn = metrics.get("embedding", {}).get("knn_2d", {})
+        objects = metrics.get("objects", {})
+        accuracy, n_test = metrics.get("test_accuracy"), metrics.get("n_test")
+        acc_ci = (_wilson(round(accuracy * n_test), n_test) if accuracy is not None and n_test
+                  else (None, None))
         rows.append({
             "run": cfg.name, "arch": cfg.arch, "seed": cfg.seed,
             "status": ("done" if cfg.name in result.finished else "failed" if failed
                        else "interrupted" if result.interrupted and cfg.name in result.started else "not started"),
-            "test_accuracy": metrics.get("test_accuracy"),
+            "test_accuracy": accuracy, "test_accuracy_low": acc_ci[0], "test_accuracy_high": acc_ci[1],
             "best_epoch": metrics.get("best_epoch"),
-            "n_test": metrics.get("n_test"),
-            "knn_2d": knn.get("observed"), "knn_2d_shuffled": knn.get("baseline_mean"),
-            "planted_mrr": metrics.get("objects", {}).get("planted_mrr"),
-            "planted_mrr_ceiling": metrics.get("objects", {}).get("ceiling", {}).get("planted_mrr"),
+            "n_test": n_test,
+            "knn_2d": knn.get("observed"), "knn_2d_low": knn.get("ci", [None, None])[0],
+            "knn_2d_high": knn.get("ci", [None, None])[1], "knn_2d_shuffled": knn.get("baseline_mean"),
+            "planted_mrr": objects.get("planted_mrr"),
+            "planted_mrr_low": objects.get("planted_mrr_ci", [None, None])[0],
+            "planted_mrr_high": objects.get("planted_mrr_ci", [None, None])[1],
+            "planted_mrr_ceiling": objects.get("ceiling", {}).get("planted_mrr"),
             "cue_free_accuracy": metrics.get("causal", {}).get("cue_free", {}).get("accuracy"),
             "cue_free_at_chance": metrics.get("causal", {}).get("cue_free", {}).get("at_chance"),
             "notebook_seconds": sum(_seconds(out / "runs" / cfg.name, nb) for nb in RUN_NOTEBOOKS)
@@ -584,3 +593,9 @@ def _seconds(out_dir: Path, notebook: str) -> float:
     """How long the notebook's last finished execution into ``out_dir`` took (0 if none)."""
     marker = ResultFolder(out_dir, Path(notebook).stem).read()
     return float(marker.get("seconds", 0.0)) if marker else 0.0
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    from citylib import intervals   # scipy.stats takes a second to import: only when needed
+
+    return intervals.wilson(k, n)

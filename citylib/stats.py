@@ -269,6 +269,21 @@ class Histograms:
         n[self.img, self.obj] = self.above[:, 0]
         return m, n, self.image_above[:, k].astype(np.float64)
 
+    def resampled_lift(self, weights: np.ndarray, threshold: float | None = None) -> dict:
+        """Lift of every kept object of every city in each resample of the images, given as
+        ``weights`` (B, N) (how often each image is drawn, e.g. ``intervals.spot_weights``):
+        {city index: (objects (q,) class indices, lift (B, q), NaN where undefined)}."""
+        m, n, explained = self.per_image(threshold)
+        kept, out = self.kept(), {}
+        for c in range(len(self.cities)):
+            members, objects = np.flatnonzero(self.city == c), np.flatnonzero(kept[c])
+            wc = weights[:, members]                                                  # (B, n_c)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r = (wc @ m[members][:, objects]) / (wc @ n[members][:, objects])     # (B, q)
+                cov = (wc @ explained[members]) / (wc.sum(1) * float(self.size) ** 2)
+                out[c] = objects, np.where(cov[:, None] > 0, r / cov[:, None], np.nan)
+        return out
+
     def _bootstrap(self, c: int, objects: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Percentile 95% CI of lift for ``objects`` of city ``c``, resampling its images."""
         members, pairs, row, col = self._layout(c, objects)

@@ -159,3 +159,23 @@ def test_data_stage_renders_counterfactuals_of_the_test_spots(tmp_path):
     assert all(not np.array_equal(cfs.images[i], cache.images[r]) for i in at if cfs.index.loc[i, "variant"] == CUE_FREE)
     # reused by a second run; none for a folder of photos
     assert data.run(cfg, tmp_path / "data", progress=False).reused
+
+
+def test_intervals_by_hand():
+    # Wilson, 8 of 10 at 95% (z = 1.95996): centre (0.8 + z^2 / 20) / (1 + z^2 / 10) = 0.71674,
+    # half-width z sqrt(0.016 + z^2 / 400) / (1 + z^2 / 10) = 0.22658: [0.49016, 0.94332]
+    lo, hi = intervals.wilson(8, 10)
+    assert (lo, hi) == (pytest.approx(0.49016, abs=1e-5), pytest.approx(0.94332, abs=1e-5))
+    # whole groups: spot A has three images of value 0, spot B one of value 1. A resample draws
+    # two spots: AA (p 1/4) has mean 0, AB (1/2) mean (0 + 0 + 0 + 1) / 4 = 0.25 - not 0.5, as
+    # resampling images or averaging spots would give - and BB (1/4) mean 1
+    means = intervals.group_bootstrap_means(np.array([0, 0, 0, 1.0]), np.array(["A", "A", "A", "B"]), 20000, seed=0)
+    values, counts = np.unique(means, return_counts=True)
+    assert values.tolist() == [0.0, 0.25, 1.0]
+    np.testing.assert_allclose(counts / len(means), [0.25, 0.5, 0.25], atol=0.01)
+    assert intervals.percentile(means, 0.95) == (0.0, 1.0)
+    assert intervals.percentile(means, 0.40) == (0.25, 0.25)
+    # spot weights: within each city every resample keeps the city's number of spots
+    w = intervals.spot_weights(["A", "A", "A", "B", "C", "C"], ["x", "x", "x", "x", "y", "y"], 50, seed=1)
+    assert (w[:, :3] == w[:, [0]]).all() and (w[:, 4] == w[:, 5]).all()
+    assert ((w[:, 0] + w[:, 3]) == 2).all() and (w[:, 4] == 1).all()

@@ -140,3 +140,29 @@ def test_rho_interval_separates_a_faithful_method_from_an_unfaithful_one():
     good, bad = summary["scores"]["m"]["good"], summary["scores"]["m"]["bad"]
     assert good["spearman_ci"][0] <= good["spearman"] <= good["spearman_ci"][1]
     assert good["spearman_ci"][0] > bad["spearman_ci"][1]
+
+
+def test_mrr_interval_resamples_spots_as_a_recount_would():
+    from citylib import cues, intervals
+
+    labels, cities = _scene(n=6)
+    labels[[1, 7], :4] = FENCE
+    labels[[2, 8], -3:] = ROAD
+    masks = np.random.default_rng(4).random((12, 4, 4)).astype(np.float32)
+    group = np.array([f"s{r // 2}" for r in range(12)])                 # two views per spot
+    planted = {"a": ("tree", "fence"), "b": ("car", "road")}
+    cfg = stats.StatsConfig(bootstrap=0)
+    hist = stats.Histograms.build(stats.upsampled(masks, 32, gradcam.upsample), labels, cities, cfg, progress=False)
+    weights = intervals.spot_weights(group, cities, 30, seed=0)
+    assert (weights[:, 0] == weights[:, 1]).all() and (weights[:, np.asarray(cities) == "a"].sum(1) == 6).all()
+    mrr = cues.mrr_resamples(hist, planted, weights)
+    # all weights 1: the stage's own MRR
+    _, full = cues.recovery(hist.table(ci=False), planted)
+    assert cues.mrr_resamples(hist, planted, np.ones((1, 12)))[0] == pytest.approx(full["planted_mrr"])
+    for b in range(10):       # the slow way: images repeated as drawn, counted and ranked again
+        take = np.repeat(np.arange(12), weights[b].astype(int))
+        again = stats.Histograms.build(stats.upsampled(masks[take], 32, gradcam.upsample), labels[take],
+                                       np.asarray(cities)[take], cfg, progress=False)
+        ref = cues.recovery(again.table(ci=False), planted)[1]["planted_mrr"]
+        assert mrr[b] == pytest.approx(ref, abs=1e-12), b
+    assert len(set(np.round(mrr, 9))) > 1                              # the resamples differ

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from citylib import artifacts, cli, paths, runner
+from citylib import artifacts, cli, intervals, paths, runner
 from citylib.paths import PARAMETERS
 
 
@@ -46,6 +46,11 @@ def test_failing_run_is_reported_with_nonzero_exit_and_others_finish(grid):
     summary = pd.read_csv(out / "runs" / "summary.csv").set_index("run")
     assert summary.loc["good", "status"] == "done" and summary.loc["broken", "status"] == "failed"
     assert 0 <= summary.loc["good", "test_accuracy"] <= 1
+    good = summary.loc["good"]       # every headline number with its 95% interval around it
+    for name in ("test_accuracy", "knn_2d", "planted_mrr"):
+        assert good[f"{name}_low"] <= good[name] <= good[f"{name}_high"], name
+    assert (good.test_accuracy_low, good.test_accuracy_high) == pytest.approx(
+        intervals.wilson(round(good.test_accuracy * good.n_test), good.n_test))
     # planted-cue recovery beside the ideal detector's on a map of the network's size
     objects = artifacts.read_json(out / "runs" / "good" / "metrics.json")["objects"]
     masks = np.load(out / "runs" / "good" / "gradcam" / "masks.npy", mmap_mode="r")
