@@ -6,7 +6,8 @@ stage's ``Cache``. Writes ``<run>/gradcam/``:
 - ``masks.npy``: (N, h, w) float16, one min-max normalised mask per test image at the
   Grad-CAM layer's own resolution (vgg11: 14 x 14 at 224 px); ``upsample`` brings them to S x S.
 - ``index.csv``: row = cache row index, path, city, target, predicted, correct, prob_<city>.
-- ``sanity.json``: the cascading-randomisation and deletion checks (``citylib.sanity``).
+- ``sanity.json``: the cascading-randomisation and deletion checks (``citylib.sanity``) and
+  their ``verdict`` (pass or fail of each, with the numbers behind it).
 - ``meta.json``: method, layer, map size, image size, config, the key of the training and of
   the data it read, and this result's key (``key``: the settings, the training's key, the code).
 - ``.results/gradcam.json``: the marker of the finished result (``artifacts.ResultFolder``).
@@ -349,7 +350,7 @@ class GradCAMResult:
     masks: np.ndarray          # (N, h, w) float16 in [0, 1], memory-mapped; row i = index row i
     index: pd.DataFrame        # index, path, city, target, predicted, correct, prob_<city>
     meta: dict                 # method, layer, map_size, image_size, cities, config, key, ...
-    sanity: dict               # {"cascade": ..., "deletion": ...}; empty if sanity_images = 0
+    sanity: dict               # rows, cascade, deletion, verdict; empty if sanity_images = 0
     reused: bool               # True: a finished folder with this key was found, nothing ran
 
     @property
@@ -403,6 +404,7 @@ def run(cfg: GradCAMConfig, run_dir: str | Path, cache, progress: bool = True) -
                   "cascade": sanity.cascade(model, images, targets[pick], **kw),
                   "deletion": sanity.deletion(model, images, targets[pick],
                                               steps=cfg.deletion_steps, **kw)}
+        checks["verdict"] = sanity.verdict(checks)
     write_json(out / "sanity.json", checks)
     write_json(out / "meta.json", {
         "method": cfg.method, "layer": layer, "map_size": list(map_hw),

@@ -15,27 +15,37 @@ from citylib import gradcam
 def plot_cascade(cascade: dict) -> plt.Figure:
     """Spearman correlation (trained vs. randomised masks) per cascading-randomisation step.
 
-    ``cascade``: one result (``{"steps": [...]}``) or ``{label: result}`` to compare runs.
+    ``cascade``: one result (``{"steps": [...]}``) or ``{label: result}`` to compare runs. The
+    band is the bootstrap interval over images (mean ± std for results that have none).
     """
     runs = {"": cascade} if "steps" in cascade else cascade
     width = max(len(r["steps"]) for r in runs.values())
     fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * width + 2), 3.6))
+
+    def values(steps, key):
+        return np.array([np.nan if s.get(key) is None else s[key] for s in steps], float)
+
+    band = "std"
     for label, res in runs.items():
         steps = res["steps"]
-        mean = np.array([np.nan if s["spearman_mean"] is None else s["spearman_mean"]
-                         for s in steps])
-        std = np.array([np.nan if s["spearman_std"] is None else s["spearman_std"]
-                        for s in steps])
+        mean = values(steps, "spearman_mean")
+        if "spearman_low" in steps[0]:
+            lo, hi, band = values(steps, "spearman_low"), values(steps, "spearman_high"), "interval"
+        else:
+            std = values(steps, "spearman_std")
+            lo, hi = mean - std, mean + std
         x = np.arange(len(steps))
         ax.plot(x, mean, marker="o", ms=3, label=label or None)
-        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.fill_between(x, lo, hi, alpha=0.2)
     longest = max(runs.values(), key=lambda r: len(r["steps"]))["steps"]
     ax.set_xticks(range(len(longest)), [s["layer"] for s in longest], rotation=70, fontsize=7)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("randomised down to (cumulative, top layer first)")
     ax.set_ylabel("Spearman rank correlation")
-    ax.set_title("Cascading randomisation (mean ± std over images)")
+    level = next(iter(runs.values())).get("level", 0.95)
+    spread = f"{level:.0%} interval" if band == "interval" else "± std"
+    ax.set_title(f"Cascading randomisation (mean, {spread} over images)")
     if len(runs) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -53,7 +63,11 @@ def plot_deletion(deletion: dict) -> plt.Figure:
     ax.set_xlabel("fraction of pixels removed")
     ax.set_ylabel("target probability (mean)")
     ax.set_ylim(0, 1)
-    ax.set_title(f"Deletion, n = {deletion['n_images']} (lower AUC: more faithful)", fontsize=9)
+    title = f"Deletion, n = {deletion['n_images']} (lower AUC: more faithful)"
+    if "auc_difference" in deletion:   # the paired difference and its interval over images
+        lo, hi = deletion["auc_difference_low"], deletion["auc_difference_high"]
+        title += f"\nAUC difference {deletion['auc_difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

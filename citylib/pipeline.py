@@ -170,7 +170,7 @@ def keys(run: Run) -> dict[str, str]:
 def write_metrics(run: Run) -> dict:
     """Assemble ``metrics.json`` from the stages' results that are current (made with this
     run's keys): training's test metrics at the top, then "gradcam", "gradcam_sanity",
-    "deletion", "embedding" and "objects". The one place that writes the file."""
+    "deletion", "sanity_verdict", "embedding" and "objects". The one place that writes the file."""
     d, k, cfg = run.dir, keys(run), run.cfg
 
     def current(folder: Path, name: str, stage: str) -> bool:
@@ -184,6 +184,7 @@ def write_metrics(run: Run) -> dict:
         out["gradcam"] = {n: cams.meta[n] for n in ("method", "layer", "map_size", "n", "config", "key")}
         out["gradcam_sanity"] = cams.sanity.get("cascade")
         out["deletion"] = cams.sanity.get("deletion")
+        out["sanity_verdict"] = cams.sanity.get("verdict")
     if current(d / embed.FOLDER, cfg.embed.tag, "embedding"):
         summary = artifacts.read_json(d / embed.FOLDER / f"{cfg.embed.tag}.json")
         out["embedding"] = {n: v for n, v in summary.items() if n != "figures"}

@@ -65,6 +65,16 @@ def _index_html(out: Path, sections) -> str:
                   "planted-cue MRR over the test spots, resampled within each city. Then per "
                   "architecture the mean and the range over its seeds. Two numbers differ only where "
                   "their intervals say so.</p>", _table(headline(frame)), _table(by_architecture(frame))]
+    checks = _sanity(runs)
+    if not checks.empty:
+        parts += ["<h2>Sanity checks of the explanations</h2><p>Per run, on its Grad-CAM masks of a few "
+                  "test images (95% intervals over the images). <i>Deletion</i> (Petsiuk et al.): removing "
+                  "the pixels the mask calls salient first must lower the target probability faster than "
+                  "removing them at random: passed when the interval of AUC(salient) − AUC(random) lies "
+                  "below 0. <i>Cascade</i> (Adebayo et al.): with every layer re-initialised the masks must "
+                  "lose the trained ranking: passed when the upper end of the Spearman interval is below "
+                  "0.5. An explanation that ignores the model, or follows only the image, fails.</p>",
+                  _table(checks)]
     recovery = _recovery(runs)
     if not recovery.empty:
         parts += ["<h2>Planted-cue recovery</h2><p>Generated world: reciprocal rank of each "
@@ -200,6 +210,26 @@ def _recovery(runs: list[Path]) -> pd.DataFrame:
             rows.append({"run": run_dir.name, **objects["planted_rr"], "MRR": objects["planted_mrr"],
                          "map": "x".join(map(str, ceiling.get("map_size", []))) or None,
                          "MRR ceiling": ceiling.get("planted_mrr")})
+    return pd.DataFrame(rows)
+
+
+def _sanity(runs: list[Path]) -> pd.DataFrame:
+    rows = []
+    for run_dir in runs:
+        v = artifacts.read_json(run_dir / "metrics.json").get("sanity_verdict") or {}
+        d, c = v.get("deletion"), v.get("cascade")
+        if not (d or c):
+            continue
+        rows.append({"run": run_dir.name,
+                     "deletion AUC(salient) − AUC(random)": (
+                         f"{d['auc_difference']:.3f} [{d['auc_difference_low']:.3f}, {d['auc_difference_high']:.3f}]"
+                         if d else "—"),
+                     "deletion": ("passed" if d["passed"] else "failed") if d else "—",
+                     "cascade Spearman, all layers random": (
+                         f"{c['spearman_mean']:.2f} [{c['spearman_low']:.2f}, {c['spearman_high']:.2f}]"
+                         if c and c.get("spearman_high") is not None else "—"),
+                     "cascade": ("passed" if c["passed"] else "failed") if c else "—",
+                     "images": (d or c)["n_images"]})
     return pd.DataFrame(rows)
 
 

@@ -572,6 +572,8 @@ def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> 
             "planted_mrr_low": objects.get("planted_mrr_ci", [None, None])[0],
             "planted_mrr_high": objects.get("planted_mrr_ci", [None, None])[1],
             "planted_mrr_ceiling": objects.get("ceiling", {}).get("planted_mrr"),
+            "sanity_deletion": (metrics.get("sanity_verdict") or {}).get("deletion", {}).get("passed"),
+            "sanity_cascade": (metrics.get("sanity_verdict") or {}).get("cascade", {}).get("passed"),
             "cue_free_accuracy": metrics.get("causal", {}).get("cue_free", {}).get("accuracy"),
             "cue_free_at_chance": metrics.get("causal", {}).get("cue_free", {}).get("at_chance"),
             "notebook_seconds": sum(_seconds(out / "runs" / cfg.name, nb) for nb in RUN_NOTEBOOKS)

@@ -319,6 +319,9 @@ def test_run_load_reuse(trained_run):
     assert res.meta["key"] == gradcam.key(cfg, training_key)
     assert len(res.sanity["cascade"]["steps"]) == 1 + 7              # trained + 4 conv + 3 fc
     assert len(res.sanity["deletion"]["curve_salient"]) == 5
+    # 4 images are too few for either check to pass: the verdict says so rather than guess
+    assert res.sanity["verdict"]["passed"] is False
+    assert {"cascade", "deletion"} <= set(res.sanity["verdict"])
 
     loaded = gradcam.load(run_dir)
     assert np.array_equal(loaded.masks, res.masks) and loaded.meta == res.meta
