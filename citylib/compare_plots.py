@@ -21,10 +21,10 @@ def _run_order(frame: pd.DataFrame) -> list[str]:
     return sorted(arch, key=lambda r: (compare._rank(arch[r]), r))
 
 
-def plot_ar_heatmap(frame: pd.DataFrame, columns: Sequence[str] = ("ar", "ar_pair_grid")) -> plt.Figure:
+def plot_ar_heatmap(frame: pd.DataFrame, columns: Sequence[str] = ("ar", "ar_shared_grid")) -> plt.Figure:
     """AR of every pair of runs as a symmetric matrix (runs grouped by architecture), one panel
     per column of ``frame`` that it has: by default at image resolution (the paper's) and on
-    each pair's coarser map (the resolution control)."""
+    one grid for all runs (the resolution control), on one colour scale."""
     titles = {"ar": "at image resolution (Eq. 2)", "ar_pair_grid": "on the pair's coarser map",
               "ar_shared_grid": "on one grid for all runs", "rel_image": "AR / null, image",
               "rel_pair_grid": "AR / null, coarser map"}
@@ -33,16 +33,17 @@ def plot_ar_heatmap(frame: pd.DataFrame, columns: Sequence[str] = ("ar", "ar_pai
     pos = {r: i for i, r in enumerate(runs)}
     side = 0.6 + 0.6 * len(runs)
     fig, axes = plt.subplots(1, len(columns), figsize=(len(columns) * (1.6 + 0.7 * len(runs)), side), squeeze=False)
+    top = max([float(frame[c].max()) for c in columns] + [1e-9])
     for column, ax in zip(columns, axes[0]):
         m = np.full((len(runs), len(runs)), np.nan)
         np.fill_diagonal(m, 0.0)
         for r in frame[frame["kind"] != "randomised"].itertuples():
             m[pos[r.run_a], pos[r.run_b]] = m[pos[r.run_b], pos[r.run_a]] = getattr(r, column)
-        im = ax.imshow(m, cmap="viridis", vmin=0)
+        im = ax.imshow(m, cmap="viridis", vmin=0, vmax=top)
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7,
-                        color="w" if v < 0.6 * np.nanmax(m) else "k")
+                        color="w" if v < 0.6 * top else "k")
         ax.set_xticks(range(len(runs)), runs, rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(len(runs)), runs, fontsize=8)
         fig.colorbar(im, ax=ax, label="average residual AR", shrink=0.8)

@@ -61,10 +61,10 @@ def _index_html(out: Path, sections) -> str:
     if summary.exists():
         frame = pd.read_csv(summary)
         parts += ["<h2>Accuracy per run</h2><p>Each number with its 95% interval: test accuracy "
-                  "Wilson's; kNN city agreement in the 2-D map (chance: the shuffled-city baseline) and "
-                  "planted-cue MRR over the test spots, resampled within each city. Then per "
-                  "architecture the mean and the range over its seeds. Two numbers differ only where "
-                  "their intervals say so.</p>", _table(headline(frame)), _table(by_architecture(frame))]
+                  "Wilson's (it treats the test images as independent, though a spot's views are not, "
+                  "so it is somewhat narrow); kNN city agreement in the 2-D map (chance: the "
+                  "shuffled-city baseline) and planted-cue MRR over the test spots, resampled within "
+                  "each city. Then per architecture the mean and the range over its seeds.</p>", _table(headline(frame)), _table(by_architecture(frame))]
     checks = _sanity(runs)
     if not checks.empty:
         parts += ["<h2>Sanity checks of the explanations</h2><p>Per run, on its Grad-CAM masks of a few "
@@ -188,7 +188,7 @@ def by_architecture(summary: pd.DataFrame) -> pd.DataFrame:
     """Per architecture: each headline number's mean over the seeds and their range."""
     rows = []
     for arch, g in summary.groupby("arch", sort=False):
-        row = {"architecture": compare.NAMES.get(arch, arch), "seeds": len(g)}
+        row = {"architecture": compare.NAMES.get(arch, arch), "seeds done": int((g["status"] == "done").sum())}
         for name, label in HEADLINE.items():
             v = g[name].dropna() if name in g else pd.Series(dtype=float)
             row[label] = f"{v.mean():.3f} ({v.min():.3f}–{v.max():.3f})" if len(v) else "—"

@@ -134,8 +134,8 @@ def cascade(model: nn.Module, images: np.ndarray, target: np.ndarray, method: st
                 m.reset_parameters()
             masks = _masks(explain, rand, images, target)
             rows.append(_summary(k, name, spearman_rows(base, masks), **boot))
-    return {"method": explain.__name__, "n_images": len(images), "seed": seed, "level": level,
-            "n_boot": n_boot, "steps": rows}
+    return {"method": getattr(explain, "__name__", "custom"), "n_images": len(images), "seed": seed,
+            "level": level, "n_boot": n_boot, "steps": rows}
 
 
 def _summary(step: int, layer: str, rho: np.ndarray, n_boot: int, level: float, seed: int) -> dict:
@@ -182,7 +182,8 @@ def deletion(model: nn.Module, images: np.ndarray, target: np.ndarray, method: s
     auc = {k: np.trapezoid(p, fractions, axis=0) for k, p in probs.items()}   # (n,) each
     diff, lo, hi = intervals.group_bootstrap(auc["salient"] - auc["random"], np.arange(n),
                                              n_boot, level, seed)
-    return {"method": explain.__name__, "fill": FILL, "n_images": n, "steps": steps, "seed": seed,
+    return {"method": getattr(explain, "__name__", "custom"), "fill": FILL, "n_images": n, "steps": steps,
+            "seed": seed,
             "fractions": fractions.tolist(),
             "curve_salient": probs["salient"].mean(1).tolist(),
             "curve_random": probs["random"].mean(1).tolist(),

@@ -396,3 +396,22 @@ def test_resolution_controls_catch_a_difference_made_by_map_size(tmp_path):
     for view, values in own.per_view.items():
         for p, (rows, ar) in values.items():
             assert np.array_equal(back.per_view[view][p][1], ar)
+
+
+def test_conclusion_says_when_a_test_cannot_reach_alpha_and_dead_masks_do_not_crash(tmp_path):
+    # 2 archs x 2 seeds: 1 architecture row against 2 retrained rows, so the group test's
+    # smallest p is 1/3: the conclusion rests on the sign flips and says why
+    cfg = CompareConfig(batch_size=7, bootstrap=50, permutations=500, randomised=False)
+    res = compare.run(cfg, grid(tmp_path / "runs"), None, tmp_path / "c", progress=False)
+    c = res.tests["conclusion"]
+    assert "cannot reach it with these runs" in c["text"] and "0.333" in c["text"]
+    assert c["holds"]["image"] is True                  # by the sign flips (p = 1/501)
+    old = {k: v for k, v in res.tests.items() if k != "controls"}      # a folder from before
+    assert "No resolution control" in compare.conclusion(old)["text"]
+    assert compare.conclusion(old)["survives"] is None
+    # two runs whose masks are all zero: the null is 0, AR / null undefined, nothing raises
+    zero = [fake_run(tmp_path / "z", f"simple_seed{s}", "simple", s, np.zeros((6, 4, 4)), np.arange(6), 8)
+            for s in (0, 1)]
+    dead = compare.run(cfg, zero, None, tmp_path / "cz", progress=False)
+    assert dead.ar["null_image"].iloc[0] == 0 and np.isnan(dead.ar["rel_image"].iloc[0])
+    assert compare.ar_frame({}, {}, cfg).empty
