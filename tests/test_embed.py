@@ -42,7 +42,7 @@ def fake_run(tmp_path, n: int = 200, size: int = 32, seed: int = 0):
         folder=tmp_path / "cache", cities=CITIES, y=y,
         images=rng.integers(0, 256, (total, size, size, 3), dtype=np.uint8),
         index=pd.DataFrame({"path": [f"img/{i:04d}.jpg" for i in range(total)],
-                            "city": [CITIES[k] for k in y]}))
+                            "city": [CITIES[k] for k in y], "group": [f"spot{i // 2}" for i in range(total)]}))
     rows = np.sort(rng.choice(total, n, replace=False))                  # test rows, not 0..n-1
     truth = y[rows]
     masks, _ = _masks(n, seed=seed, city=truth)      # the blob's place follows the true city

@@ -286,7 +286,8 @@ def make_cache(size: int = SIZE, seed: int = 0) -> SimpleNamespace:
         images[i, 8:28, 8:28, k] = 255
     split = np.tile(["train"] * 4 + ["val"] * 2 + ["test"] * 2, len(CITIES))
     index = pd.DataFrame({"path": [f"img/{i:03d}.png" for i in range(len(y))],
-                          "city": [CITIES[k] for k in y], "split": split})
+                          "city": [CITIES[k] for k in y], "group": [f"spot{i // 2}" for i in range(len(y))],
+                          "split": split})
     return SimpleNamespace(images=images, index=index, cities=list(CITIES), y=y,
                            split_indices=lambda s: np.flatnonzero(split == s))
 
