@@ -48,7 +48,8 @@ def test_failing_run_is_reported_with_nonzero_exit_and_others_finish(grid):
     assert 0 <= summary.loc["good", "test_accuracy"] <= 1
     good = summary.loc["good"]       # every headline number with its 95% interval around it
     for name in ("test_accuracy", "knn_2d", "planted_mrr"):
-        assert good[f"{name}_low"] <= good[name] <= good[f"{name}_high"], name
+        # (a resample of one spot per city is the sample itself, up to float rounding)
+        assert good[f"{name}_low"] - 1e-9 <= good[name] <= good[f"{name}_high"] + 1e-9, name
     assert (good.test_accuracy_low, good.test_accuracy_high) == pytest.approx(
         intervals.wilson(round(good.test_accuracy * good.n_test), good.n_test))
     # planted-cue recovery beside the ideal detector's on a map of the network's size
