@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 
-from citylib import cues, gradcam, models, stats, train
+from citylib import cues, gradcam, intervals, models, stats, train
 from citylib.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash
 from citylib.counterfactual import CUE_FREE
@@ -159,15 +159,8 @@ def _resampling(images: pd.DataFrame, rows: np.ndarray, cities: np.ndarray, n_bo
     groups = images.groupby("row")["group"].first().reindex(rows)
     if groups.isna().any():
         raise ValueError(f"{int(groups.isna().sum())} label-map rows have no counterfactual images")
-    weights = np.zeros((n_boot, len(rows)))
-    rng = np.random.default_rng(seed)
-    for city in np.unique(cities):             # whole spots, within each city, as causal.csv does
-        members = np.flatnonzero(cities == city)
-        spots, of = np.unique(groups.to_numpy()[members], return_inverse=True)
-        g = len(spots)
-        draws = rng.integers(0, g, size=(n_boot, g)) + (np.arange(n_boot) * g)[:, None]
-        counts = np.bincount(draws.ravel(), minlength=n_boot * g).reshape(n_boot, g)
-        weights[:, members] = counts[:, of]
+    # whole spots, within each city, as causal.csv does
+    weights = intervals.spot_weights(groups.to_numpy(), cities, n_boot, seed)
     delta = {}
     for (city, obj), g in images[images["row"].isin(rows)].groupby(["city", "object"], sort=False):
         d = np.full(len(rows), np.nan)
