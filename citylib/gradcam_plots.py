@@ -53,13 +53,20 @@ def plot_cascade(cascade: dict) -> plt.Figure:
 
 
 def plot_deletion(deletion: dict) -> plt.Figure:
-    """Target probability as the most salient vs. random pixels are removed, with AUCs."""
+    """Target probability as the most salient pixels are removed first, against the mask's cells
+    in random order (the check's baseline) and pixels in random order, with AUCs."""
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
     f = deletion["fractions"]
     ax.plot(f, deletion["curve_salient"], marker="o", ms=3,
             label=f"{deletion['method']} order (AUC {deletion['auc_salient']:.3f})")
+    cells = "x".join(map(str, deletion.get("map_size", []))) or "?"
+    blocks = "random cells" if "curve_random_pixels" in deletion else "random"
     ax.plot(f, deletion["curve_random"], marker="o", ms=3, ls="--",
-            label=f"random order (AUC {deletion['auc_random']:.3f})")
+            label=f"{blocks} of the {cells} map (AUC {deletion['auc_random']:.3f})"
+            if "curve_random_pixels" in deletion else f"random order (AUC {deletion['auc_random']:.3f})")
+    if "curve_random_pixels" in deletion:
+        ax.plot(f, deletion["curve_random_pixels"], marker=".", ms=3, ls=":",
+                label=f"random pixels (AUC {deletion['auc_random_pixels']:.3f})")
     ax.set_xlabel("fraction of pixels removed")
     ax.set_ylabel("target probability (mean)")
     ax.set_ylim(0, 1)

@@ -225,6 +225,10 @@ def _sanity(runs: list[Path]) -> pd.DataFrame:
                          f"{d['auc_difference']:.3f} [{d['auc_difference_low']:.3f}, {d['auc_difference_high']:.3f}]"
                          if d else "—"),
                      "deletion": ("passed" if d["passed"] else "failed") if d else "—",
+                     "against random pixels (reference)": (
+                         f"{d['auc_difference_pixels']:.3f} [{d['auc_difference_pixels_low']:.3f}, "
+                         f"{d['auc_difference_pixels_high']:.3f}]"
+                         if d and "auc_difference_pixels" in d else "—"),
                      "cascade Spearman, all layers random": (
                          f"{c['spearman_mean']:.2f} [{c['spearman_low']:.2f}, {c['spearman_high']:.2f}]"
                          if c and c.get("spearman_high") is not None else "—"),

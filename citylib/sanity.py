@@ -21,14 +21,22 @@ one included, goes through the same checks.
   pixel is set to 0 in the network's normalised input space, i.e. mid-grey (127.5 in each
   channel): with inputs mapped to [-1, 1] that is the centre of the range and needs no
   dataset statistics. Ties in the mask are broken at random (seeded). Lower AUC = more
-  faithful. Per image: the AUC of both orders; the check is their paired difference,
-  AUC(salient) - AUC(random), its mean and percentile-bootstrap interval over images.
+  faithful. Two random orders: Petsiuk's, pixel by pixel ("random_pixels"), and the baseline
+  the check uses, the cells of the mask's own h x w grid in random order, each cell's pixels
+  together ("random": blocks of the native map's cell size). A mask of h x w cells can only
+  say which cells matter, and it removes contiguous regions; scattering the same number of
+  grey pixels over the whole image is a different perturbation (at 64 px it hurts a network
+  more than one grey block of the same area), so a pixel baseline judges the mask's shape,
+  not its choice of cells. On a mask at image resolution the two coincide. Per image: the AUC
+  of each order; the check is the paired difference AUC(salient) - AUC(random), its mean and
+  percentile-bootstrap interval over images.
 - ``verdict``: pass or fail per check, with the numbers behind it.
 
   - deletion passes when the whole interval of the mean AUC(salient) - AUC(random) lies below
     0: removing what the mask calls salient lowers the target probability faster than removing
-    pixels at random, by more than the spread over these images allows by chance. A mask that
-    ranks pixels no better than chance (constant, or blind to where the evidence is) fails.
+    its cells in random order, by more than the spread over these images allows by chance. A
+    mask that ranks its cells no better than chance (constant, or blind to where the evidence
+    is) fails. The difference against the pixel order is reported beside it.
   - cascade passes when, with every layer re-initialised, the interval's upper end of the mean
     Spearman is below ``max_rho`` (default 0.5), on a defined correlation for at least
     ``min_defined`` (default half) of the images. An explanation that ignores the model scores 1
@@ -160,18 +168,21 @@ def deletion(model: nn.Module, images: np.ndarray, target: np.ndarray, method: s
     explain = explainer(method, batch_size) if explain is None else explain
     target = np.asarray(target, dtype=np.int64)
     n, S = len(images), images.shape[1]
-    masks = gradcam.upsample(_masks(explain, model, images, target), S).reshape(n, S * S)
+    native = _masks(explain, model, images, target)                  # (n, h, w)
+    masks = gradcam.upsample(native, S).reshape(n, S * S)
     rng = np.random.default_rng(seed)
     salient = np.lexsort((rng.random((n, S * S)), -masks), axis=-1)   # most salient first
-    random = rng.permuted(np.tile(np.arange(S * S), (n, 1)), axis=1)
+    pixels = rng.permuted(np.tile(np.arange(S * S), (n, 1)), axis=1)
+    blocks = block_order(native.shape[1:], S, n, rng)
     fractions = np.linspace(0.0, 1.0, steps + 1)
     counts = np.round(fractions * S * S).astype(np.int64)
     x = train.to_tensor(images)                                       # (n, 3, S, S)
     # nothing and everything removed are the same images in both orders: computed once
     ends = {c: _target_prob(model, x * (c == 0), target, batch_size) for c in (0, S * S)}
     probs = {}                                                        # (steps + 1, n) per order
-    bar = tqdm(total=2 * (len(counts) - 2), desc="deletion", disable=not progress, leave=False)
-    for name, order in (("salient", salient), ("random", random)):
+    orders = {"salient": salient, "random": blocks, "random_pixels": pixels}
+    bar = tqdm(total=len(orders) * (len(counts) - 2), desc="deletion", disable=not progress, leave=False)
+    for name, order in orders.items():
         rank = np.empty_like(order)                                   # rank[i, pixel]
         np.put_along_axis(rank, order, np.arange(S * S)[None].repeat(n, 0), axis=1)
         rank = torch.from_numpy(rank).view(n, 1, S, S)
@@ -182,16 +193,30 @@ def deletion(model: nn.Module, images: np.ndarray, target: np.ndarray, method: s
     auc = {k: np.trapezoid(p, fractions, axis=0) for k, p in probs.items()}   # (n,) each
     diff, lo, hi = intervals.group_bootstrap(auc["salient"] - auc["random"], np.arange(n),
                                              n_boot, level, seed)
+    pdiff, plo, phi = intervals.group_bootstrap(auc["salient"] - auc["random_pixels"], np.arange(n),
+                                                n_boot, level, seed)
     return {"method": getattr(explain, "__name__", "custom"), "fill": FILL, "n_images": n, "steps": steps,
-            "seed": seed,
-            "fractions": fractions.tolist(),
-            "curve_salient": probs["salient"].mean(1).tolist(),
-            "curve_random": probs["random"].mean(1).tolist(),
-            "auc_salient": float(auc["salient"].mean()), "auc_random": float(auc["random"].mean()),
+            "seed": seed, "fractions": fractions.tolist(),
+            "baseline": f"random blocks: the mask's {native.shape[1]} x {native.shape[2]} cells in random order",
+            "map_size": list(native.shape[1:]),
+            **{f"curve_{k}": p.mean(1).tolist() for k, p in probs.items()},
+            **{f"auc_{k}": float(a.mean()) for k, a in auc.items()},
             "auc_difference": diff, "auc_difference_low": lo, "auc_difference_high": hi,
+            "auc_difference_pixels": pdiff, "auc_difference_pixels_low": plo,
+            "auc_difference_pixels_high": phi,
             "level": level, "n_boot": n_boot,
-            "auc_salient_per_image": auc["salient"].tolist(),
-            "auc_random_per_image": auc["random"].tolist()}
+            **{f"auc_{k}_per_image": a.tolist() for k, a in auc.items()}}
+
+
+def block_order(grid: tuple[int, int], S: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, S * S) deletion orders of an S x S image by the cells of an h x w grid: per image
+    the cells in random order, each cell's pixels one after another (in random order within
+    the cell). Pixel (i, j) belongs to cell (i * h // S, j * w // S), the cells a mask of
+    that size covers."""
+    h, w = grid
+    cell = ((np.arange(S) * h // S)[:, None] * w + (np.arange(S) * w // S)[None, :]).ravel()
+    cell_rank = rng.permuted(np.tile(np.arange(h * w), (n, 1)), axis=1)     # (n, h * w)
+    return np.lexsort((rng.random((n, S * S)), cell_rank[:, cell]), axis=-1)
 
 
 def verdict(checks: dict, max_rho: float = MAX_RHO, min_defined: float = MIN_DEFINED,
@@ -218,9 +243,11 @@ def verdict(checks: dict, max_rho: float = MAX_RHO, min_defined: float = MIN_DEF
         out["deletion"] = {
             "passed": bool(d["n_images"] >= min_images and d["auc_difference_high"] < 0),
             "rule": f"{d['level']:.0%} interval of the mean AUC(salient) - AUC(random) below 0, "
-                    f"over >= {min_images} images",
+                    f"over >= {min_images} images; random: {d.get('baseline', 'pixels')}",
             **{k: d[k] for k in ("auc_salient", "auc_random", "auc_difference",
                                  "auc_difference_low", "auc_difference_high", "n_images")},
+            **{k: d[k] for k in ("baseline", "map_size", "auc_difference_pixels",
+                                 "auc_difference_pixels_low", "auc_difference_pixels_high") if k in d},
             "min_images": min_images}
     out["passed"] = all(v["passed"] for v in out.values()) if out else None
     return out

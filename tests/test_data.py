@@ -423,6 +423,52 @@ def test_reasons_say_what_happened(tmp_path, monkeypatch):
     assert data.check_file(str(denied)) == "permission denied"
 
 
+UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]   # nobody
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+def test_permissions_for_real_a_file_and_a_folder_nobody_may_read():
+    """The two permission cases above without a simulated error: chmod 000 and the data stage
+    run as a user the mode applies to (root reads everything, so as root it runs as nobody)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.fail("running as root without setpriv (util-linux): cannot drop to an unprivileged user")
+    root = Path(tempfile.mkdtemp(prefix="citylib-perm-"))     # not under pytest's root-only tmp
+    try:
+        root.chmod(0o755)
+        for city in ("a", "b"):
+            for i in range(2):
+                solid(root / city / f"{i}.jpg")
+        denied = solid(root / "a" / "denied.jpg")
+        solid(root / "b" / "locked" / "x.jpg")
+        for p in root.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        denied.chmod(0)
+        (root / "b" / "locked").chmod(0)
+        script = ("import json, sys; from citylib import data\n"
+                  "records, rejected = data.load_records(sys.argv[1])\n"
+                  "records, bad = data.validate(records, progress=False)\n"
+                  "print(json.dumps({'records': sorted(records['path']), 'rejected': {"
+                  "**dict(zip(rejected['path'], rejected['reason'])), **dict(zip(bad['path'], bad['reason']))}}))")
+        cmd = ([*UNPRIVILEGED] if os.geteuid() == 0 else []) + [sys.executable, "-c", script, str(root)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        names = {Path(p).relative_to(root).as_posix(): why for p, why in got["rejected"].items()}
+        assert names == {"a/denied.jpg": "permission denied",
+                         "b/locked": "folder not readable: permission denied"}
+        assert len(got["records"]) == 4
+    finally:
+        for p in (root / "a" / "denied.jpg", root / "b" / "locked"):
+            p.chmod(0o755)
+        shutil.rmtree(root)
+
+
 def test_an_unreadable_city_sub_folder_is_listed_not_lost(tmp_path, monkeypatch):
     for city in ("a", "b"):
         for i in range(2):

@@ -110,7 +110,32 @@ def test_deletion_mechanics(simple, images):
     assert per_rnd.mean() == pytest.approx(out["auc_random"])
     assert out["auc_difference"] == pytest.approx((per_sal - per_rnd).mean())
     assert out["auc_difference_low"] <= out["auc_difference"] <= out["auc_difference_high"]
+    # the pixel baseline beside it, paired the same way; both baselines start and end as one
+    pix = np.array(out["curve_random_pixels"])
+    assert pix[0] == pytest.approx(rnd[0]) and pix[-1] == pytest.approx(rnd[-1])
+    assert out["auc_difference_pixels"] == pytest.approx(
+        (per_sal - np.array(out["auc_random_pixels_per_image"])).mean())
+    assert out["map_size"] == list(gradcam.masks_for(simple, images, "gradcam", target).masks.shape[1:])
     assert sanity.deletion(simple, images, target, steps=4, batch_size=8, seed=0, n_boot=200) == out
+
+
+@pytest.mark.parametrize("grid, S, sizes", [((2, 2), 4, [4, 4, 4, 4]),
+                                            ((3, 3), 4, [4, 2, 2, 2, 1, 1, 2, 1, 1])])
+def test_block_order_removes_the_mask_cells_one_whole_cell_at_a_time(grid, S, sizes):
+    # pixel (i, j) is in cell (i * h // S, j * w // S): on 3 x 3 cells over 4 x 4 pixels rows
+    # 0-1 are cell row 0, row 2 cell row 1, row 3 cell row 2 (sizes 2, 1, 1 per axis)
+    h, w = grid
+    cell = np.array([[i * h // S * w + j * w // S for j in range(S)] for i in range(S)]).ravel()
+    assert list(np.bincount(cell)) == sizes
+    orders = sanity.block_order(grid, S, 500, np.random.default_rng(0))
+    assert orders.shape == (500, S * S)
+    assert (np.sort(orders, axis=1) == np.arange(S * S)).all()       # each a permutation
+    seq = cell[orders]                                               # the cell of each step
+    runs = (np.diff(seq, axis=1) != 0).sum(1) + 1
+    assert (runs == h * w).all()                                     # every cell in one run
+    # the cells in uniformly random order, whatever their size (not by pixel count)
+    firsts = np.bincount(seq[:, 0], minlength=h * w) / 500
+    assert abs(firsts - 1 / (h * w)).max() < 0.05
 
 
 def _checks(rho_high: float, n_defined: int, auc_high: float, n: int = 20) -> dict:
@@ -254,7 +279,9 @@ def test_plots(simple, images):
     assert "std" in gradcam_plots.plot_cascade(old).axes[0].get_title()
     fig = gradcam_plots.plot_deletion(sanity.deletion(simple, images[:2], target[:2], steps=2,
                                                       n_boot=50))
-    assert len(fig.axes[0].lines) == 2 and "AUC difference" in fig.axes[0].get_title()
+    assert "AUC difference" in fig.axes[0].get_title()
+    labels = [line.get_label() for line in fig.axes[0].lines]   # salient, the baseline, pixels
+    assert len(labels) == 3 and labels[1].startswith("random cells") and labels[2].startswith("random pixels")
     masks = np.random.default_rng(0).random((3, 8, 8)).astype(np.float16)
     fig = gradcam_plots.plot_fig2(images[:3], masks, threshold=0.5, titles=["a", "b", "c"])
     assert len(fig.axes) == 12
