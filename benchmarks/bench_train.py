@@ -9,9 +9,12 @@ the seconds of one epoch of ``--epoch-images`` training images (train steps + va
 (``--threads 1 2``), the table is printed for each, then how many times faster each architecture
 trains on more threads than on the fewest: below 2x for 2 threads, two one-thread runs side by
 side (what ``citylib run`` does with ``train.threads: 1``) get more done than one after another.
+With ``--torchvision-pool``, vgg11 and alexnet are also timed as torchvision builds them (the
+adaptive pool copying a small map into 7 x 7 / 6 x 6 and the first fc layer sized to that),
+and the table ends with how many times faster citylib's fitted classifier trains.
 
     python benchmarks/bench_train.py [--size 96] [--batch 32] [--steps 8] [--archs simple vgg11]
-                                     [--threads 1 2]
+                                     [--threads 1 2] [--torchvision-pool]
 """
 from __future__ import annotations
 
@@ -37,12 +40,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="timed steps per loop (median kept)")
     p.add_argument("--threads", type=int, nargs="+", default=[2], help="one table per count")
     p.add_argument("--epoch-images", type=int, default=1100)
+    p.add_argument("--torchvision-pool", action="store_true",
+                   help="also time vgg11/alexnet with torchvision's own pool and fc1")
     return p
+
+
+TORCHVISION = " (torchvision)"   # suffix of an arch timed as torchvision builds it
 
 
 def _fresh(arch: str, classes: int, size: int, lr: float):
     torch.manual_seed(0)
-    model = models.build(arch, classes, size)
+    if arch.endswith(TORCHVISION):
+        from torchvision import models as tvm
+        model = getattr(tvm, arch.removesuffix(TORCHVISION))(weights=None, num_classes=classes)
+    else:
+        model = models.build(arch, classes, size)
     return model, torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
@@ -108,19 +120,29 @@ def bench_arch(arch: str, args, threads: int) -> dict:
 def main(args) -> list[dict]:
     torch.use_deterministic_algorithms(True)             # as in training
     rows = []
+    archs = list(args.archs)
+    if args.torchvision_pool:
+        archs += [a + TORCHVISION for a in args.archs if a in ("vgg11", "alexnet")]
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"{args.size} px, batch {args.batch}, {args.classes} classes, {threads} threads, "
               f"median of {args.steps} alternating steps per loop")
-        print(f"{'arch':<9} {'params':>7} {'citylib img/s':>13} {'bare img/s':>10} {'overhead':>8} "
+        print(f"{'arch':<22} {'params':>7} {'citylib img/s':>13} {'bare img/s':>10} {'overhead':>8} "
               f"{'eval img/s':>10} {'ckpt MB':>8} {f's/epoch@{args.epoch_images}':>13}")
-        for arch in args.archs:
+        for arch in archs:
             r = dict(bench_arch(arch, args, threads), threads=threads)
             rows.append(r)
-            print(f"{r['arch']:<9} {r['params_m']:>6.1f}M {r['citylib']:>13.1f} {r['bare']:>10.1f} "
+            print(f"{r['arch']:<22} {r['params_m']:>6.1f}M {r['citylib']:>13.1f} {r['bare']:>10.1f} "
                   f"{r['overhead']:>7.1f}% {r['eval']:>10.1f} {r['ck_mb']:>8.0f} "
                   f"{r['epoch_s']:>13.0f}", flush=True)
         print()
+    tv = [(r, next(q for q in rows if q["arch"] == r["arch"] + TORCHVISION and q["threads"] == r["threads"]))
+          for r in rows if r["arch"] + TORCHVISION in archs]
+    for r, q in tv:
+        print(f"{r['arch']}, {r['threads']} threads: citylib's fitted classifier trains "
+              f"{r['citylib'] / q['citylib']:.2f}x as fast as torchvision's pool "
+              f"({q['params_m']:.1f}M -> {r['params_m']:.1f}M parameters, checkpoint "
+              f"{q['ck_mb']:.0f} -> {r['ck_mb']:.0f} MB)")
     if len(args.threads) > 1:
         base = min(args.threads)
         speed = {(r["arch"], r["threads"]): r["citylib"] for r in rows}

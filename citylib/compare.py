@@ -15,7 +15,7 @@ Grad-CAM and objects keys, and the code. The runs must have been trained on one 
 a grid that mixes snapshots is refused (StaleError), never compared.
 
 - AR_i(m1, m2) = mean over the S x S pixels of |mask_m1 - mask_m2|, both masks brought to the
-  image size S by ``gradcam.upsample`` (bilinear, renormalised): the paper's AR. A pair's AR is
+  image size S by ``saliency.upsample`` (bilinear, renormalised): the paper's AR. A pair's AR is
   the mean over the test images both runs have (matched by cache row). Images are streamed in
   batches of ``batch_size``: every run's batch is brought to a grid once and shared by all its
   pairs, so memory is about (sources + 2) x batch_size x S^2 x 4 bytes whatever N is (sources:
@@ -69,7 +69,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from citylib import gradcam, paths, sanity, train
+from citylib import gradcam, models, paths, saliency, sanity, train
 from citylib.artifacts import (ResultFolder, StaleError, atomic_path, code_key, read_json, write_csv,
                                write_json)
 from citylib.config import config_hash, to_dict
@@ -78,9 +78,8 @@ from citylib.config import config_hash, to_dict
 NAME = "comparison"
 COLUMNS = ["run_a", "run_b", "kind", "ar", "ci_low", "ci_high", "n_images", "arch_a", "arch_b"]
 KINDS = ("architecture", "seed", "randomised", "other")
-ORDER = ("vgg11", "resnet18", "simple", "simpler", "alexnet", "vgg_s")   # the paper's order
-NAMES = {"vgg11": "VGG11", "resnet18": "ResNet18", "simple": "Simple", "simpler": "Simpler",
-         "alexnet": "AlexNet", "vgg_s": "VGG-S"}
+ORDER = models.ARCHS                                        # the paper's order (the registry's)
+NAMES = {a.name: a.display for a in models.REGISTRY.values()}
 RANDOMISED = " (randomised)"     # run_b of a run's randomised reference: "<run> (randomised)"
 CHUNK = 256                      # bootstrap resamples / sign flips drawn at once
 ALPHA = 0.05                     # the level at which the conclusion calls a test significant
@@ -169,7 +168,7 @@ def pool(masks, grid: tuple[int, int]) -> np.ndarray:
     m = torch.as_tensor(np.asarray(masks, dtype=np.float32))
     if tuple(m.shape[1:]) != tuple(grid):
         m = torch.nn.functional.adaptive_avg_pool2d(m[:, None], tuple(grid))[:, 0]
-    return gradcam.normalise(m).numpy()
+    return saliency.normalise(m).numpy()
 
 
 def coarser(a: Sequence[int], b: Sequence[int]) -> tuple[int, int]:
@@ -185,7 +184,7 @@ def pairwise_ar(sources: Sequence[tuple[np.ndarray, np.ndarray]], size: int,
 
     ``sources[k]`` = (cache rows (N_k,), masks (N_k, h_k, w_k) in [0, 1], any h_k, e.g. a
     memory map); ``pairs``: index pairs (default all). ``grids[pair]``: where the pair's masks
-    meet, None (default) = the image, S x S, by ``gradcam.upsample``; (gh, gw) = that grid, by
+    meet, None (default) = the image, S x S, by ``saliency.upsample``; (gh, gw) = that grid, by
     ``pool``. Returns {(a, b): (common rows sorted (n,) int64, AR (n,) float32)}; a pair with
     no common image raises ValueError.
     """
@@ -217,7 +216,7 @@ def pairwise_ar(sources: Sequence[tuple[np.ndarray, np.ndarray]], size: int,
 
         def common_grid(k, g):        # each run brought to a grid once per batch, shared by its pairs
             if (k, g) not in up:
-                up[k, g] = torch.from_numpy(gradcam.upsample(native[k], size) if g is None
+                up[k, g] = torch.from_numpy(saliency.upsample(native[k], size) if g is None
                                             else pool(native[k], g))    # (b_k, S, S) or (b_k, gh, gw)
             return up[k, g]
         for a, b in pairs:
@@ -294,7 +293,7 @@ def randomised_masks(run_dir: str | Path, cache, cfg: CompareConfig,
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="randomised", disable=not progress,
                   leave=False, unit="batch"):
         sl = slice(s, s + cfg.batch_size)
-        out[sl] = gradcam.masks_for(rand, np.asarray(cache.images[rows[sl]]), cam.meta["method"],
+        out[sl] = saliency.masks_for(rand, np.asarray(cache.images[rows[sl]]), cam.meta["method"],
                                     target[sl], cam.meta["config"].get("batch_size", 32)).masks
     return rows, out
 

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from citylib import compare, gradcam
+from citylib import compare, gradcam, saliency
 
 
 def _run_order(frame: pd.DataFrame) -> list[str]:
@@ -89,7 +89,7 @@ def plot_fig6(cache, runs: Sequence[str | Path], rows: Sequence[int]) -> plt.Fig
             raise ValueError(f"{d}: no mask for cache rows {missing[:5]}")
         info = compare.describe(d)
         cols.append((f"{compare.NAMES.get(info['arch'], info['arch'])} s{info['seed']}",
-                     gradcam.upsample(cam.masks[where.loc[list(rows)].to_numpy()], S)))  # (n, S, S)
+                     saliency.upsample(cam.masks[where.loc[list(rows)].to_numpy()], S)))  # (n, S, S)
     n = len(rows)
     fig, axes = plt.subplots(n, 1 + len(cols), figsize=(1.8 * (1 + len(cols)), 1.9 * n), squeeze=False)
     for i, r in enumerate(rows):

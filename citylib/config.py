@@ -28,12 +28,11 @@ def _check(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arm in args:
             try:
                 return _check(value, arm, key, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: '{key}' = {value!r} is not {_name(tp)}")
     if tp is type(None):
         if value is None:

@@ -98,7 +98,7 @@ def ideal_masks(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], gr
 
     Cell value = the share of the cell's pixels that belong to one of the image's own city's
     planted objects (``label_maps`` (N, S, S) average-pooled to (h, w), as an S x S image
-    falls into an h x w Grad-CAM map), min-max normalised per image by ``gradcam.normalise``
+    falls into an h x w Grad-CAM map), min-max normalised per image by ``saliency.normalise``
     as a Grad-CAM mask is (an image with no cue pixel, or nothing else, gets an all-zero mask).
     Upsampled like a network's mask and counted by ``stats.Histograms``, it gives the best
     planted-cue ranks a map of that size allows: ``ceiling``.
@@ -106,7 +106,7 @@ def ideal_masks(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], gr
     import torch
     import torch.nn.functional as F
 
-    from citylib import gradcam   # gradcam loads torch and the models: only when needed
+    from citylib import saliency   # it loads torch and the models: only when needed
 
     index = {name: i for i, name in (names if names is not None else ade.names()).items()}
     cities = np.asarray(cities).astype(str)
@@ -116,7 +116,7 @@ def ideal_masks(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], gr
         rows = np.flatnonzero(cities == city)
         own[rows] = np.isin(label_maps[rows], ids)
     pooled = F.adaptive_avg_pool2d(torch.from_numpy(own)[:, None], grid)[:, 0]   # (N, h, w)
-    return gradcam.normalise(pooled).numpy()
+    return saliency.normalise(pooled).numpy()
 
 
 def ceiling(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], grid: tuple[int, int],

@@ -55,11 +55,10 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from citylib import gradcam, intervals
+from citylib import gradcam, intervals, saliency
 from citylib.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash, to_dict
 
@@ -131,7 +130,7 @@ def descriptors(masks: np.ndarray, kind: str = "mask", images: np.ndarray | None
                 batch: int = 256) -> np.ndarray:
     """(N, h, w) masks -> (N, D) float32 descriptors.
 
-    "mask": the flattened mask (D = h*w). "explanation": ``gradcam.explanation`` of the images
+    "mask": the flattened mask (D = h*w). "explanation": ``saliency.explanation`` of the images
     (M, S, S, 3) uint8, area-averaged to px x px, scaled to [0, 1] (D = 3 px^2); mask i goes
     with ``images[rows[i]]`` (default: ``images[i]``), read a batch at a time, so a memory-mapped
     cache is never loaded whole.
@@ -145,12 +144,9 @@ def descriptors(masks: np.ndarray, kind: str = "mask", images: np.ndarray | None
     if images is None or len(rows) != len(masks):
         raise ValueError("the 'explanation' descriptor needs one image per mask")
     out = np.empty((len(masks), 3 * px * px), np.float32)
-    for b in range(0, len(masks), batch):        # upsampled masks: batch x S x S float32
-        img = np.asarray(images[rows[b:b + batch]])                      # (B, S, S, 3)
-        up = gradcam.upsample(masks[b:b + batch], img.shape[1])          # (B, S, S)
-        x = torch.from_numpy(gradcam.explanation(img, up, threshold)).permute(0, 3, 1, 2)
-        small = F.adaptive_avg_pool2d(x.float() / 255.0, px)             # (B, 3, px, px)
-        out[b:b + batch] = small.permute(0, 2, 3, 1).reshape(len(img), -1).numpy()
+    for sl, x in saliency.explanation_batches(images, masks, threshold, rows, batch):
+        small = F.adaptive_avg_pool2d(x / 255.0, px)                      # (B, 3, px, px)
+        out[sl] = small.permute(0, 2, 3, 1).reshape(len(x), -1).numpy()
     return out
 
 
@@ -271,7 +267,7 @@ def key(cfg: EmbedConfig, gradcam_key: str) -> str:
 
 def run(cfg: EmbedConfig, run_dir: str | Path, cache, progress: bool = True) -> EmbedResult:
     """Map, figures and agreement of a run's test images; reuse if the key matches."""
-    from citylib import gallery     # gallery imports this module
+    from citylib import gallery     # drawing: matplotlib and PIL only when figures are made
 
     run_dir = Path(run_dir)
     result = gradcam.load(run_dir)

@@ -1,4 +1,4 @@
-"""Pictures of the embedding: maps, explanation galleries (the paper's Figs. 3 and 4), explorer.
+"""Pictures of the embedding: maps and explanation galleries (the paper's Figs. 3 and 4).
 
 Reads a map (``embed.EmbedResult``), the Grad-CAM masks behind it and the cached test images.
 Writes, through ``figures`` (called by ``embed.run``), into the folder it is given:
@@ -11,29 +11,30 @@ laid on a grid of ``gallery_fill`` cells per tile, each tile goes to its point's
 that is taken, to the nearest free one (``place_tiles``), and the canvas is saved as a PNG
 marked 300 dpi (64 px tiles: ~5 mm each in print).
 
-``Explorer`` is the notebook panel: the map for a chosen method and descriptor (computed on
-demand, kept in the panel) and the image, mask and explanation behind a chosen point. Figures
-returned to a notebook are pyplot figures, like ``citylib.plots``'; those saved here are closed.
+Draws only: the notebook panel that browses the maps is ``widgets.Explorer``. Figures returned
+to a notebook are pyplot figures, like ``citylib.plots``'; those saved here are closed.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # seaborn is imported inside the functions that draw with it: it brings scipy.stats, a second
 # of every notebook kernel's start that the other notebooks need not pay.
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from citylib import embed, gradcam, plots
+from citylib import plots, saliency
 from citylib.artifacts import atomic_path
+
+if TYPE_CHECKING:   # for annotations only: embed draws through this module
+    from citylib import embed, gradcam
 
 DPI = 300
 WHITE = 255
@@ -89,15 +90,11 @@ def grid_shape(xy: np.ndarray, n: int, fill: float = 2.0) -> tuple[int, int]:
 def explanation_tiles(images: np.ndarray, masks: np.ndarray, threshold: float, px: int,
                       rows: np.ndarray | None = None, batch: int = 64) -> np.ndarray:
     """Visual explanations of ``images[rows[i]]`` with ``masks[i]`` as (n, px, px, 3) uint8."""
-    rows = np.arange(len(masks)) if rows is None else np.asarray(rows, np.int64)
-    out = np.empty((len(rows), px, px, 3), np.uint8)
-    for b in range(0, len(rows), batch):
-        img = np.asarray(images[rows[b:b + batch]])                          # (B, S, S, 3)
-        up = gradcam.upsample(np.asarray(masks[b:b + batch]), img.shape[1])  # (B, S, S)
-        x = torch.from_numpy(gradcam.explanation(img, up, threshold)).permute(0, 3, 1, 2)
-        small = F.interpolate(x.float(), size=(px, px), mode="bilinear", antialias=True,
+    out = np.empty((len(masks), px, px, 3), np.uint8)
+    for sl, x in saliency.explanation_batches(images, masks, threshold, rows, batch):
+        small = F.interpolate(x, size=(px, px), mode="bilinear", antialias=True,
                               align_corners=False)                           # (B, 3, px, px)
-        out[b:b + batch] = small.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        out[sl] = small.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     return out
 
 
@@ -228,106 +225,3 @@ def figures(emb: embed.EmbedResult, result: gradcam.GradCAMResult, images: np.nd
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or "_"
-
-
-class Explorer:
-    """Notebook panel: a map (method and descriptor chosen) and the image behind one point.
-
-    Maps are read where ``embed.run`` stored them, else computed in memory on first use, and
-    kept in ``self.maps`` keyed by (method, descriptor), so switching back costs nothing.
-    Display the object itself (or ``.widget``): controls for method, descriptor and colouring,
-    a slider choosing the point. Its pictures are PNG images inside the widgets, so it runs
-    headless (papermill, nbval) without a display; ``map_figure`` and ``point_figure`` give the
-    same pictures as static figures, which an executed notebook keeps.
-    """
-
-    def __init__(self, run_dir: str | Path, cache, cfg: embed.EmbedConfig | None = None):
-        self.run_dir, self.cache = Path(run_dir), cache
-        self.cfg = cfg or embed.EmbedConfig()
-        self.result = gradcam.load(self.run_dir)
-        self.rows = embed.image_rows(cache, self.result)
-        self.colours = city_colours(list(self.result.meta["cities"]))
-        self.maps: dict[tuple[str, str], embed.EmbedResult] = {}
-        self._widget = None
-
-    def map(self, method: str | None = None, descriptor: str | None = None) -> embed.EmbedResult:
-        """The map for ``method`` and ``descriptor`` (the config's by default)."""
-        cfg = dataclasses.replace(self.cfg, method=method or self.cfg.method,
-                                  descriptor=descriptor or self.cfg.descriptor)
-        if (cfg.method, cfg.descriptor) not in self.maps:
-            self.maps[cfg.method, cfg.descriptor] = (
-                embed.stored(cfg, self.run_dir, self.result)
-                or embed.compute(cfg, self.result, self.cache))
-        return self.maps[cfg.method, cfg.descriptor]
-
-    def map_figure(self, method: str | None = None, descriptor: str | None = None,
-                   point: int | None = None, hue: str = "city") -> Figure:
-        """The map, with ``point`` (a row) marked."""
-        emb = self.map(method, descriptor)
-        return map_figure(emb.frame, hue, self.colours, title(emb), point)
-
-    def point_figure(self, point: int) -> Figure:
-        """Image, weighted mask and visual explanation of one row, side by side."""
-        info = self.result.index.iloc[int(point)]
-        image = np.asarray(self.cache.images[self.rows[int(point)]])         # (S, S, 3)
-        up = gradcam.upsample(np.asarray(self.result.masks[[int(point)]]), image.shape[0])[0]
-        fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
-        panels = (("image", image), ("weighted mask", up),
-                  (f"explanation (≥ {self.result.threshold:g})",
-                   gradcam.explanation(image, up, self.result.threshold)))
-        for ax, (head, p) in zip(axes, panels):
-            ax.imshow(p, **({"cmap": "jet", "vmin": 0, "vmax": 1} if p.ndim == 2 else {}))
-            ax.set(xticks=[], yticks=[], title=head)
-        prob = info.get(f"prob_{info['predicted']}", float("nan"))
-        fig.suptitle(f"row {point}: {info['city']} → {info['predicted']} (p = {prob:.2f})   "
-                     f"{Path(str(info['path'])).name}", fontsize=9)
-        fig.tight_layout()
-        return fig
-
-    @property
-    def widget(self):
-        """The ipywidgets panel (built on first use)."""
-        if self._widget is None:
-            self._widget = self._build()
-        return self._widget
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
-
-    def _build(self):
-        import ipywidgets as w
-
-        method = w.Dropdown(options=[("t-SNE", "tsne"), ("UMAP", "umap")],
-                            value=self.cfg.method, description="method")
-        descriptor = w.Dropdown(options=[("weighted mask", "mask"),
-                                         ("visual explanation", "explanation")],
-                                value=self.cfg.descriptor, description="descriptor")
-        hue = w.ToggleButtons(options=[("city", "city"), ("correct?", "correct")], value="city")
-        point = w.IntSlider(0, 0, max(len(self.result.index) - 1, 0), description="point",
-                            continuous_update=False)
-        status = w.Label()
-        # PNG bytes in Image widgets rather than figures in Output widgets: no dependence on
-        # the kernel's matplotlib backend or on output capture, and the state saves with it
-        map_img = w.Image(format="png", layout=w.Layout(max_width="640px"))
-        point_img = w.Image(format="png", layout=w.Layout(max_width="760px"))
-
-        def redraw_map(_=None):
-            status.value = f"computing {method.label} of {descriptor.label}s …"
-            map_img.value = plots.png(self.map_figure(method.value, descriptor.value, point.value,
-                                                      hue.value))
-            status.value = title(self.map(method.value, descriptor.value))
-
-        def redraw_point(_=None):
-            point_img.value = plots.png(self.point_figure(point.value))
-            redraw_map()
-
-        for control in (method, descriptor, hue):
-            control.observe(redraw_map, names="value")
-        point.observe(redraw_point, names="value")
-        redraw_point()
-        return w.VBox([w.HBox([method, descriptor, hue]), point, status, map_img, point_img])
-
-
-def explorer(run_dir: str | Path, cache, cfg: embed.EmbedConfig | None = None) -> Explorer:
-    """The notebook panel for a run (see ``Explorer``)."""
-    return Explorer(run_dir, cache, cfg)

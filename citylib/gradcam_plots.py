@@ -9,7 +9,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from citylib import gradcam
+from citylib import gradcam, saliency
 
 
 def plot_cascade(cascade: dict) -> plt.Figure:
@@ -87,12 +87,12 @@ def plot_fig2(images: np.ndarray, masks: np.ndarray, threshold: float = 0.5,
     images (n, S, S, 3) uint8; masks (n, h, w) at any resolution (upsampled here).
     """
     n, S = len(images), images.shape[1]
-    up = gradcam.upsample(np.asarray(masks), S)                     # (n, S, S)
+    up = saliency.upsample(np.asarray(masks), S)                     # (n, S, S)
     fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
     heads = ["image", "weighted mask", "overlay", f"explanation (mask ≥ {threshold:g})"]
     for i in range(n):
-        panels = [images[i], up[i], gradcam.heatmap_overlay(images[i], up[i]),
-                  gradcam.explanation(images[i], up[i], threshold)]
+        panels = [images[i], up[i], saliency.heatmap_overlay(images[i], up[i]),
+                  saliency.explanation(images[i], up[i], threshold)]
         for j, (ax, p) in enumerate(zip(axes[i], panels)):
             ax.imshow(p, cmap="jet" if j == 1 else None, vmin=0, vmax=1 if j == 1 else None)
             ax.set_xticks([])
@@ -103,18 +103,6 @@ def plot_fig2(images: np.ndarray, masks: np.ndarray, threshold: float = 0.5,
             axes[i, 0].set_ylabel(titles[i], fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def plot_run_examples(result: "gradcam.GradCAMResult", cache, n: int = 4, seed: int = 0,
-                      threshold: float | None = None) -> plt.Figure:
-    """Fig. 2 for n random test images of a stored result (the result's threshold by default)."""
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(result.index), min(n, len(result.index)), replace=False))
-    rows = result.index.iloc[pick]
-    titles = [f"{r.city} → {r.predicted}" for r in rows.itertuples()]
-    return plot_fig2(np.asarray(cache.images[rows["index"].to_numpy()]),
-                     np.asarray(result.masks[pick], dtype=np.float32),
-                     result.threshold if threshold is None else threshold, titles)
 
 
 def plot_city_examples(result: "gradcam.GradCAMResult", cache, seed: int = 0,

@@ -1,6 +1,6 @@
 """Methods stage: which explanation method, at which layer, shows what a run's network relies on.
 
-Every CAM method (``gradcam.METHODS``: Grad-CAM, Grad-CAM++, HiResCAM, LayerCAM) at every layer
+Every CAM method (``saliency.METHODS``: Grad-CAM, Grad-CAM++, HiResCAM, LayerCAM) at every layer
 of the sweep (``models.sweep_layers``: the last three stages, the paper's Grad-CAM layer last)
 and at their fusion (each layer's masks upsampled to the finest layer's grid, normalised and
 averaged: finer maps at the same input size). One forward and one backward per batch and layer
@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 
-from citylib import cues, gradcam, intervals, models, stats, train
+from citylib import cues, intervals, models, saliency, stats, train
 from citylib.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash
 from citylib.counterfactual import CUE_FREE
@@ -46,7 +46,7 @@ FUSION = "fusion"
 class MethodsConfig:
     """Settings of the methods stage (the ``methods:`` section of a parameter file)."""
 
-    methods: tuple[str, ...] = tuple(gradcam.METHODS)
+    methods: tuple[str, ...] = tuple(saliency.METHODS)
     layers: int = 3           # stages in the sweep, the paper's layer last
     fusion: bool = True       # also the fused multi-layer maps
     top: int = 3              # "in the top k" by lift
@@ -56,9 +56,9 @@ class MethodsConfig:
     seed: int = 0             # of the resampling
 
     def __post_init__(self):
-        bad = [m for m in self.methods if m not in gradcam.METHODS]
+        bad = [m for m in self.methods if m not in saliency.METHODS]
         if bad or not self.methods:
-            raise ValueError(f"'methods' = {list(self.methods)}: each must be one of {list(gradcam.METHODS)}")
+            raise ValueError(f"'methods' = {list(self.methods)}: each must be one of {list(saliency.METHODS)}")
         object.__setattr__(self, "methods", tuple(self.methods))
         for name, lo in (("layers", 1), ("top", 1), ("batch_size", 1), ("n_boot", 0)):
             if getattr(self, name) < lo:
@@ -85,20 +85,20 @@ def sweep(model: torch.nn.Module, images: np.ndarray, target, layers, methods, b
     ``target`` as ``BaseCAM`` takes it (None: predicted), or (N,) class indices."""
     out: dict[tuple[str, str], list] = {}
     for layer in layers:
-        with gradcam.GradCAM(model, model.get_submodule(layer)) as probe:
+        with saliency.GradCAM(model, model.get_submodule(layer)) as probe:
             for b in range(0, len(images), batch_size):
                 t = None if target is None else np.asarray(target)[b:b + batch_size]
                 act, grad, _, _ = probe.forward_backward(train.to_tensor(np.asarray(images[b:b + batch_size])), t)
                 with torch.no_grad():
                     for m in methods:
-                        cam = gradcam.METHODS[m].cam(act, grad).clamp_min_(0)           # (B, h, w)
-                        out.setdefault((m, layer), []).append(gradcam.normalise(cam).numpy())
+                        cam = saliency.METHODS[m].cam(act, grad).clamp_min_(0)           # (B, h, w)
+                        out.setdefault((m, layer), []).append(saliency.normalise(cam).numpy())
     masks = {k: np.concatenate(v) for k, v in out.items()}
     if fusion and len(layers) > 1:
         finest = max((masks[methods[0], layer].shape[1:] for layer in layers), key=lambda s: s[0] * s[1])
         for m in methods:
-            up = [gradcam.upsample(masks[m, layer], finest) for layer in layers]     # (N, h, w) each
-            masks[m, FUSION] = gradcam.normalise(torch.from_numpy(np.mean(up, 0))).numpy()
+            up = [saliency.upsample(masks[m, layer], finest) for layer in layers]     # (N, h, w) each
+            masks[m, FUSION] = saliency.normalise(torch.from_numpy(np.mean(up, 0))).numpy()
     return masks
 
 
@@ -119,7 +119,7 @@ def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tup
         boot = _resampling(images, np.asarray(rows), np.asarray(cities).astype(str), n_boot, seed)
     rows_out, summary = [], {}
     for (method, layer), m in masks.items():
-        hist = stats.Histograms.build(stats.upsampled(m, size, gradcam.upsample), label_maps, cities,
+        hist = stats.Histograms.build(stats.upsampled(m, size, saliency.upsample), label_maps, cities,
                                       stats_cfg, progress=False)
         rec, scores = cues.recovery(hist.table(ci=False), planted, top)
         rec = rec.assign(method=method, layer=layer, map_size="x".join(map(str, m.shape[1:])),
@@ -183,18 +183,14 @@ def rho_resamples(hist: stats.Histograms, cue_list: list[tuple[str, str]], boot:
     """(B,) Spearman's rho of each spot resample: the effects and ``hist``'s lift ranks
     recomputed on the resampled images (the objects ranked are those the object filter keeps
     on all images); NaN where fewer than three cues are ranked or a ranking is constant."""
-    m, n, explained = hist.per_image()
-    kept, index = hist.kept(), {name: i for i, name in hist.names.items()}
+    index = {name: i for i, name in hist.names.items()}
     w = boot.weights                                                          # (B, N)
+    lifts = hist.resampled_lift(w)                                            # {c: (objects, (B, q))}
     reliance, lift_rank = np.full((len(w), len(cue_list)), np.nan), np.full((len(w), len(cue_list)), np.nan)
     for c, city in enumerate(hist.cities):
         members = np.flatnonzero(hist.city == c)
-        objects = np.flatnonzero(kept[c])
+        objects, lift = lifts[c]
         wc = w[:, members]                                                    # (B, n_c)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = (wc @ m[members][:, objects]) / (wc @ n[members][:, objects])   # (B, q)
-            cov = (wc @ explained[members]) / (wc.sum(1) * float(hist.size) ** 2)
-            lift = np.where(cov[:, None] > 0, r / cov[:, None], np.nan)
         for j, (cue_city, obj) in enumerate(cue_list):
             if cue_city != city or obj not in index or index[obj] not in objects:
                 continue

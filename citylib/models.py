@@ -23,16 +23,46 @@ alexnet 3/13, vgg_s 4/18 (every architecture gives at least 2x2 at 64 px).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-ARCHS = ("simple", "simpler", "vgg11", "resnet18", "alexnet", "vgg_s")
 MIN_IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture, declared once: what a parameter file's ``arch`` names, how tables and
+    figures name it, and how it is built (``build`` checks the arguments and calls ``make``).
+    The registry's order is the paper's (Table 2), which tables follow."""
+
+    name: str                  # the parameter files' ``arch:``
+    display: str               # tables and figures: "VGG11", "ResNet18", ...
+    make: str                  # "table:<convs>", "vgg_s" or "torchvision"
+    gradcam_target: str | None = None   # torchvision models: the Grad-CAM layer's module name
+
+
+REGISTRY = {a.name: a for a in (
+    Arch("vgg11", "VGG11", "torchvision", "features.19"),     # ReLU after conv5_2 (features.20: last max pool)
+    Arch("resnet18", "ResNet18", "torchvision", "layer4"),    # the last BasicBlock, ending in its ReLU
+    Arch("simple", "Simple", "table:simple"),
+    Arch("simpler", "Simpler", "table:simpler"),
+    Arch("alexnet", "AlexNet", "torchvision", "features.11"),  # ReLU after conv5 (features.12: last max pool)
+    Arch("vgg_s", "VGG-S", "vgg_s"),
+)}
+ARCHS = tuple(REGISTRY)
+
+
+def display_name(arch: str) -> str:
+    """How tables and figures name ``arch`` (an unknown one as given)."""
+    return REGISTRY[arch].display if arch in REGISTRY else arch
 
 # Table 1 of the paper: (kernel, channels) per conv; each conv is followed by ReLU and a 2x2 max
 # pool. Tuples, so nothing here can be changed by a caller.
 SIMPLE_CONVS = ((5, 20), (7, 64), (5, 96), (7, 128))
 SIMPLER_CONVS = ((9, 20), (9, 64), (9, 96))
+TABLE_CONVS = {"simple": SIMPLE_CONVS, "simpler": SIMPLER_CONVS}
 PAPER_FC = (4096, 100)
 
 
@@ -122,11 +152,10 @@ def build(arch: str, num_classes: int, image_size: int) -> nn.Module:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
-    if arch == "simple":
-        return TableNet(SIMPLE_CONVS, num_classes, image_size)
-    if arch == "simpler":
-        return TableNet(SIMPLER_CONVS, num_classes, image_size)
-    if arch == "vgg_s":
+    how = REGISTRY[arch].make
+    if how.startswith("table:"):
+        return TableNet(TABLE_CONVS[how.removeprefix("table:")], num_classes, image_size)
+    if how == "vgg_s":
         return VGGS(num_classes, image_size)
     # torchvision models as torchvision builds them (their ReLUs are in-place; the Grad-CAM
     # stage deals with that when it hooks them). Their adaptive average pool before the
@@ -134,13 +163,9 @@ def build(arch: str, num_classes: int, image_size: int) -> nn.Module:
     from torchvision import models as tvm     # here: importing it costs a second or more
 
     model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
-    if arch in ("vgg11", "alexnet"):
+    if hasattr(model, "avgpool") and hasattr(model, "classifier"):   # vgg11, alexnet
         _fit_classifier(model, arch, image_size)
-    model.gradcam_target = {
-        "vgg11": "features.19",   # ReLU after conv5_2 (features.20 is the last max pool)
-        "resnet18": "layer4",     # output of the last BasicBlock, which ends in its ReLU
-        "alexnet": "features.11", # ReLU after conv5 (features.12 is the last max pool)
-    }[arch]
+    model.gradcam_target = REGISTRY[arch].gradcam_target
     return model
 
 

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from citylib import cues, gradcam, intervals, plots, segment, stats, stats_plots
+from citylib import cues, gradcam, intervals, plots, saliency, segment, stats, stats_plots
 from citylib.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.config import config_hash
 
@@ -69,13 +69,13 @@ def run(stats_cfg: stats.StatsConfig, segment_cfg: segment.SegmentConfig, run_di
 
     folder.begin()
     size, cities = cache.images.shape[1], cams.index["city"].to_numpy(str)
-    result = stats.run(stats_cfg, stats.upsampled(cams.masks, size, gradcam.upsample), label_maps,
+    result = stats.run(stats_cfg, stats.upsampled(cams.masks, size, saliency.upsample), label_maps,
                        cities, run_dir, progress=progress)
     recovery, scores = pd.DataFrame(), {}
     if planted:   # the ranks, and the best a map of this size allows: missed vs. could not show
         recovery, scores = cues.recovery(result.table, planted)
         grid = tuple(cams.masks.shape[1:])
-        ideal, best = cues.ceiling(label_maps, cities, planted, grid, gradcam.upsample, stats_cfg)
+        ideal, best = cues.ceiling(label_maps, cities, planted, grid, saliency.upsample, stats_cfg)
         recovery = recovery.merge(ideal[["city", "object", "rank"]].rename(
             columns={"rank": "ceiling_rank"}), on=["city", "object"], how="left")
         if stats_cfg.bootstrap > 0:   # whole test spots resampled within each city

@@ -137,8 +137,3 @@ def load_all(files: list[Path]) -> list[RunConfig]:
                 + ", ".join(sorted(seen.values()))
             )
     return configs
-
-
-def replace(cfg: RunConfig, **changes) -> RunConfig:
-    """A copy of ``cfg`` with top-level fields changed (e.g. a different seed)."""
-    return dataclasses.replace(cfg, **changes)

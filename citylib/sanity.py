@@ -61,7 +61,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from citylib import gradcam, intervals, train
+from citylib import intervals, saliency, train
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FILL = "0 in normalised input space (mid-grey, 127.5 per channel)"
@@ -92,9 +92,9 @@ def cascade_steps(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
 
 
 def explainer(method: str = "gradcam", batch_size: int = 32) -> Explainer:
-    """The default explanation: ``gradcam.masks_for``'s masks (N, h, w) of ``method``."""
+    """The default explanation: ``saliency.masks_for``'s masks (N, h, w) of ``method``."""
     def explain(model: nn.Module, images: np.ndarray, target: np.ndarray) -> np.ndarray:
-        return gradcam.masks_for(model, images, method, target, batch_size).masks
+        return saliency.masks_for(model, images, method, target, batch_size).masks
     explain.__name__ = method
     return explain
 
@@ -169,7 +169,7 @@ def deletion(model: nn.Module, images: np.ndarray, target: np.ndarray, method: s
     target = np.asarray(target, dtype=np.int64)
     n, S = len(images), images.shape[1]
     native = _masks(explain, model, images, target)                  # (n, h, w)
-    masks = gradcam.upsample(native, S).reshape(n, S * S)
+    masks = saliency.upsample(native, S).reshape(n, S * S)
     rng = np.random.default_rng(seed)
     salient = np.lexsort((rng.random((n, S * S)), -masks), axis=-1)   # most salient first
     pixels = rng.permuted(np.tile(np.arange(S * S), (n, 1)), axis=1)
@@ -262,7 +262,7 @@ def _target_prob(model: nn.Module, x: torch.Tensor, target: np.ndarray, batch_si
     try:
         with torch.no_grad():
             for b in range(0, len(x), batch_size):
-                # channels-last: oneDNN's faster CPU convolutions, as in gradcam.BaseCAM
+                # channels-last: oneDNN's faster CPU convolutions, as in saliency.BaseCAM
                 xb = x[b:b + batch_size].contiguous(memory_format=torch.channels_last)
                 probs.append(torch.softmax(model(xb).float(), 1))      # (B, C)
     finally:

@@ -156,12 +156,6 @@ def _prefetch(files: Sequence[str], ahead: int = 2):
             yield x
 
 
-def ade20k_labels(files: Sequence[str], size: int, model_path: str | None = None, threads: int = 2,
-                  progress: bool = True) -> np.ndarray:
-    """Segment image files with the ADE20K model: (len(files), size, size) uint8 label maps."""
-    return Ade20k(model_path, threads)(list(files), size, progress)
-
-
 # ---------------------------------------------------------------- the stage
 
 

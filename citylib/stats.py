@@ -99,7 +99,7 @@ class StatsResult:
 def upsampled(masks: np.ndarray, size: int, upsample: Callable, batch: int = BATCH) -> Callable:
     """Masks at the network's resolution (N, h, w) as ``build``/``run`` take them: a callable
     yielding ``upsample(masks[a:b], size)`` batches, (b, S, S) float32, one batch in memory at a
-    time (e.g. ``upsampled(cam.masks, S, gradcam.upsample)``)."""
+    time (e.g. ``upsampled(cam.masks, S, saliency.upsample)``)."""
     return lambda: (upsample(masks[s:s + batch], size) for s in range(0, len(masks), batch))
 
 

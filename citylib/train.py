@@ -107,7 +107,6 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
     ``keep_checkpoints=k`` keeps only the last k epoch checkpoints (all by default).
     """
     out = Path(out)
-    ckpt_dir = out / "checkpoints"
     idx = {s: np.asarray(cache.split_indices(s), dtype=np.int64) for s in SPLITS}
     for s in SPLITS:
         if len(idx[s]) == 0:
@@ -125,69 +124,106 @@ def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
     images = cache.images                                    # (N, S, S, 3) uint8
     y = torch.tensor(np.asarray(cache.y), dtype=torch.int64)   # (N,), a copy: the cache is read-only
     with _deterministic(cfg.threads):
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
-        model = models.build(arch, len(cache.cities), config["image_size"])
-        # fused: one kernel over all parameters; the per-tensor loop took half of VGG11's step on CPU
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-        gen = torch.Generator().manual_seed(seed)            # data order and augmentation
-        history: list[dict] = []
-        best = {"epoch": 0, "val_acc": -1.0}
-        start = 0
-        if last is not None:                                 # resume where the checkpoint ends
-            ck = torch.load(last, weights_only=True)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            _set_rng_state(ck["rng"], gen)
-            history, best, start = ck["history"], ck["best"], ck["epoch"]
-
+        t = _begin(arch, seed, cfg, len(cache.cities), config["image_size"], last)
         writer = _Writer()
-        best_weights = None                                  # in memory once an epoch beats it
         try:
-            for epoch in range(start + 1, cfg.epochs + 1):
-                t0 = time.perf_counter()
-                lr = opt.param_groups[0]["lr"]
-                desc = f"{name} {epoch}/{cfg.epochs}"
-                train_loss, train_acc = train_one_epoch(model, opt, images, y, idx["train"], cfg, gen,
-                                                        desc=desc, progress=progress)
-                val_loss, val_acc = evaluate(model, images, y, idx["val"], cfg.batch_size)
-                sched.step()
-                history.append(dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
-                                    val_loss=val_loss, val_acc=val_acc,
-                                    seconds=time.perf_counter() - t0))
+            for epoch in range(t.start + 1, cfg.epochs + 1):
+                row = _epoch(t, epoch, cfg, images, y, idx, name, progress)
                 writer.wait()                                # the previous epoch's files are on disk
-                weights = _snapshot(model.state_dict())
-                if val_acc > best["val_acc"]:                # strict: ties keep the earlier
-                    best, best_weights = {"epoch": epoch, "val_acc": val_acc}, weights
-                    writer.submit(_save, {"model": weights, "epoch": epoch, "config": config,
-                                          "key": chash, "val_acc": val_acc}, out / "best.pt")
-                writer.submit(_save_checkpoint, {
-                    "model": weights, "optimizer": _snapshot(opt.state_dict()),
-                    "scheduler": sched.state_dict(), "epoch": epoch, "history": list(history),
-                    "best": dict(best), "config": config, "key": chash,
-                    "rng": _get_rng_state(gen)}, ckpt_dir, epoch, keep_checkpoints)
-                write_csv(out / "history.csv", pd.DataFrame(history))
+                _store(t, row, writer, out, config, chash, keep_checkpoints)
                 if progress:
-                    tqdm.write(f"{desc}: lr {lr:.2g}  train loss {train_loss:.3f} acc {train_acc:.3f}"
-                               f"  val loss {val_loss:.3f} acc {val_acc:.3f}")
+                    tqdm.write(f"{name} {epoch}/{cfg.epochs}: lr {row['lr']:.2g}  train loss "
+                               f"{row['train_loss']:.3f} acc {row['train_acc']:.3f}  val loss "
+                               f"{row['val_loss']:.3f} acc {row['val_acc']:.3f}")
                 if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
-                    return TrainResult(out, config, chash, pd.DataFrame(history), {}, False, False,
-                                       start)
+                    return TrainResult(out, config, chash, pd.DataFrame(t.history), {}, False, False,
+                                       t.start)
         finally:
             writer.close()                                   # every file on disk before going on
-
-        # test the best epoch's weights
-        if best_weights is None:                             # best epoch came before a resume
-            best_weights = torch.load(out / "best.pt", weights_only=True)["model"]
-        model.load_state_dict(best_weights)
-        probs = predict(model, images[idx["test"]], cfg.batch_size)   # (n_test, C)
-    metrics = _write_test_results(out, cache, idx, probs, config, chash, best, name)
+        probs = _test(t, out, images[idx["test"]], cfg.batch_size)   # (n_test, C)
+    metrics = _write_test_results(out, cache, idx, probs, config, chash, t.best, name)
     folder.commit(OUTPUT_FILES, arch=arch, seed=int(seed), data_key=config["data_key"],
                   test_accuracy=metrics["test_accuracy"], config=config)
-    return TrainResult(out, config, chash, pd.DataFrame(history), metrics, True, False, start)
+    return TrainResult(out, config, chash, pd.DataFrame(t.history), metrics, True, False, t.start)
+
+
+@dataclass
+class _Training:
+    """What the epoch loop works on: the model, its optimiser and schedule, the generator of
+    data order and augmentation, the history so far, the best epoch (and, once an epoch of
+    this process beats it, its weights) and the epoch it started after (0: fresh)."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator
+    history: list[dict]
+    best: dict
+    start: int
+    best_weights: dict | None = None
+
+
+def _begin(arch: str, seed: int, cfg: TrainConfig, n_classes: int, image_size: int,
+           last: Path | None) -> _Training:
+    """The seeded model and optimiser, or their state where the checkpoint ``last`` ends."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    model = models.build(arch, n_classes, image_size)
+    # fused: one kernel over all parameters; the per-tensor loop took half of VGG11's step on CPU
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    gen = torch.Generator().manual_seed(seed)                # data order and augmentation
+    t = _Training(model, opt, sched, gen, [], {"epoch": 0, "val_acc": -1.0}, 0)
+    if last is not None:                                     # resume where the checkpoint ends
+        ck = torch.load(last, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"], gen)
+        t.history, t.best, t.start = ck["history"], ck["best"], ck["epoch"]
+    return t
+
+
+def _epoch(t: _Training, epoch: int, cfg: TrainConfig, images: np.ndarray, y: torch.Tensor,
+           idx: dict, name: str, progress: bool) -> dict:
+    """One epoch of training, its validation and the schedule's step: the history row."""
+    t0 = time.perf_counter()
+    lr = t.opt.param_groups[0]["lr"]
+    train_loss, train_acc = train_one_epoch(t.model, t.opt, images, y, idx["train"], cfg, t.gen,
+                                            desc=f"{name} {epoch}/{cfg.epochs}", progress=progress)
+    val_loss, val_acc = evaluate(t.model, images, y, idx["val"], cfg.batch_size)
+    t.sched.step()
+    row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
+               val_loss=val_loss, val_acc=val_acc, seconds=time.perf_counter() - t0)
+    t.history.append(row)
+    return row
+
+
+def _store(t: _Training, row: dict, writer: "_Writer", out: Path, config: dict, chash: str,
+           keep_checkpoints: int | None) -> None:
+    """The epoch's files, written in the background: ``best.pt`` when the epoch beats the best
+    (strictly: ties keep the earlier), its checkpoint, and ``history.csv``."""
+    epoch, val_acc = row["epoch"], row["val_acc"]
+    weights = _snapshot(t.model.state_dict())
+    if val_acc > t.best["val_acc"]:
+        t.best, t.best_weights = {"epoch": epoch, "val_acc": val_acc}, weights
+        writer.submit(_save, {"model": weights, "epoch": epoch, "config": config,
+                              "key": chash, "val_acc": val_acc}, out / "best.pt")
+    writer.submit(_save_checkpoint, {
+        "model": weights, "optimizer": _snapshot(t.opt.state_dict()),
+        "scheduler": t.sched.state_dict(), "epoch": epoch, "history": list(t.history),
+        "best": dict(t.best), "config": config, "key": chash,
+        "rng": _get_rng_state(t.gen)}, out / "checkpoints", epoch, keep_checkpoints)
+    write_csv(out / "history.csv", pd.DataFrame(t.history))
+
+
+def _test(t: _Training, out: Path, test_images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities (n_test, C) of the test images with the best epoch's weights."""
+    if t.best_weights is None:                               # best epoch came before a resume
+        t.best_weights = torch.load(out / "best.pt", weights_only=True)["model"]
+    t.model.load_state_dict(t.best_weights)
+    return predict(t.model, test_images, batch_size)
 
 
 def key(arch: str, seed: int, cfg: TrainConfig, data_key: str) -> str:

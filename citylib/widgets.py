@@ -1,7 +1,7 @@
 """Interactive panels for JupyterLab (ipywidgets); each redraws its figure when a control moves.
 
-Reads the stage results it is given (Grad-CAM masks, the statistics histograms) and, for
-Grad-CAM++ on demand, the run's best checkpoint. Writes nothing. Each panel keeps what it
+Reads the stage results it is given (Grad-CAM masks, the statistics histograms, the run's
+maps) and, for Grad-CAM++ on demand, the run's best checkpoint. Writes nothing. Each panel keeps what it
 computed inside its own closure, never at module level. Figures go to the panel as PNG bytes
 in an Image widget, not through an Output widget: a headless run (papermill, nbval) then only
 records widget state, and no output is captured and synced back to the kernel mid-cell (with
@@ -10,12 +10,15 @@ headlessly the panels draw once and show their widget repr.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import ipywidgets as w
+import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
-from citylib import gradcam, gradcam_plots, plots, stats, stats_plots, train
+from citylib import embed, gallery, gradcam, gradcam_plots, plots, saliency, stats, stats_plots, train
 
 
 def _figure_view(make_figure, controls: dict[str, w.ValueWidget], width: str) -> w.Image:
@@ -52,7 +55,7 @@ def explanation_panel(result: gradcam.GradCAMResult, cache, run_dir: str | Path)
             cities = list(result.meta["cities"])
             target = cities.index(index["target"].iloc[pos])
             image = np.asarray(cache.images[int(index["index"].iloc[pos])])[None]
-            held[(pos, method)] = gradcam.masks_for(held["model"], image, method, target=target).masks[0]
+            held[(pos, method)] = saliency.masks_for(held["model"], image, method, target=target).masks[0]
         return held[(pos, method)]
 
     def figure(pos: int, method: str, threshold: float):
@@ -63,7 +66,7 @@ def explanation_panel(result: gradcam.GradCAMResult, cache, run_dir: str | Path)
 
     controls = {
         "pos": w.Dropdown(options=options, value=0, description="image"),
-        "method": w.ToggleButtons(options=list(gradcam.METHODS), value=stored, description="method"),
+        "method": w.ToggleButtons(options=list(saliency.METHODS), value=stored, description="method"),
         "threshold": w.FloatSlider(value=result.threshold, min=0.0, max=1.0, step=0.05,
                                    description="threshold", continuous_update=False),
     }
@@ -89,3 +92,104 @@ def threshold_panel(histograms: stats.Histograms, planted: dict | None = None) -
     }
     view = _figure_view(figure, controls, "900px")
     return w.VBox([w.HBox([controls["k"], controls["view"]]), view])
+
+
+class Explorer:
+    """Notebook panel: a map (method and descriptor chosen) and the image behind one point.
+
+    Maps are read where ``embed.run`` stored them, else computed in memory on first use, and
+    kept in ``self.maps`` keyed by (method, descriptor), so switching back costs nothing.
+    Display the object itself (or ``.widget``): controls for method, descriptor and colouring,
+    a slider choosing the point. Its pictures are PNG images inside the widgets, so it runs
+    headless (papermill, nbval) without a display; ``map_figure`` and ``point_figure`` give the
+    same pictures as static figures, which an executed notebook keeps.
+    """
+
+    def __init__(self, run_dir: str | Path, cache, cfg: embed.EmbedConfig | None = None):
+        self.run_dir, self.cache = Path(run_dir), cache
+        self.cfg = cfg or embed.EmbedConfig()
+        self.result = gradcam.load(self.run_dir)
+        self.rows = embed.image_rows(cache, self.result)
+        self.colours = gallery.city_colours(list(self.result.meta["cities"]))
+        self.maps: dict[tuple[str, str], embed.EmbedResult] = {}
+        self._widget = None
+
+    def map(self, method: str | None = None, descriptor: str | None = None) -> embed.EmbedResult:
+        """The map for ``method`` and ``descriptor`` (the config's by default)."""
+        cfg = dataclasses.replace(self.cfg, method=method or self.cfg.method,
+                                  descriptor=descriptor or self.cfg.descriptor)
+        if (cfg.method, cfg.descriptor) not in self.maps:
+            self.maps[cfg.method, cfg.descriptor] = (
+                embed.stored(cfg, self.run_dir, self.result)
+                or embed.compute(cfg, self.result, self.cache))
+        return self.maps[cfg.method, cfg.descriptor]
+
+    def map_figure(self, method: str | None = None, descriptor: str | None = None,
+                   point: int | None = None, hue: str = "city") -> Figure:
+        """The map, with ``point`` (a row) marked."""
+        emb = self.map(method, descriptor)
+        return gallery.map_figure(emb.frame, hue, self.colours, gallery.title(emb), point)
+
+    def point_figure(self, point: int) -> Figure:
+        """Image, weighted mask and visual explanation of one row, side by side."""
+        info = self.result.index.iloc[int(point)]
+        image = np.asarray(self.cache.images[self.rows[int(point)]])         # (S, S, 3)
+        up = saliency.upsample(np.asarray(self.result.masks[[int(point)]]), image.shape[0])[0]
+        fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
+        panels = (("image", image), ("weighted mask", up),
+                  (f"explanation (≥ {self.result.threshold:g})",
+                   saliency.explanation(image, up, self.result.threshold)))
+        for ax, (head, p) in zip(axes, panels):
+            ax.imshow(p, **({"cmap": "jet", "vmin": 0, "vmax": 1} if p.ndim == 2 else {}))
+            ax.set(xticks=[], yticks=[], title=head)
+        prob = info.get(f"prob_{info['predicted']}", float("nan"))
+        fig.suptitle(f"row {point}: {info['city']} → {info['predicted']} (p = {prob:.2f})   "
+                     f"{Path(str(info['path'])).name}", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+    @property
+    def widget(self):
+        """The ipywidgets panel (built on first use)."""
+        if self._widget is None:
+            self._widget = self._build()
+        return self._widget
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _build(self):
+        method = w.Dropdown(options=[("t-SNE", "tsne"), ("UMAP", "umap")],
+                            value=self.cfg.method, description="method")
+        descriptor = w.Dropdown(options=[("weighted mask", "mask"),
+                                         ("visual explanation", "explanation")],
+                                value=self.cfg.descriptor, description="descriptor")
+        hue = w.ToggleButtons(options=[("city", "city"), ("correct?", "correct")], value="city")
+        point = w.IntSlider(0, 0, max(len(self.result.index) - 1, 0), description="point",
+                            continuous_update=False)
+        status = w.Label()
+        # PNG bytes in Image widgets rather than figures in Output widgets: no dependence on
+        # the kernel's matplotlib backend or on output capture, and the state saves with it
+        map_img = w.Image(format="png", layout=w.Layout(max_width="640px"))
+        point_img = w.Image(format="png", layout=w.Layout(max_width="760px"))
+
+        def redraw_map(_=None):
+            status.value = f"computing {method.label} of {descriptor.label}s …"
+            map_img.value = plots.png(self.map_figure(method.value, descriptor.value, point.value,
+                                                      hue.value))
+            status.value = gallery.title(self.map(method.value, descriptor.value))
+
+        def redraw_point(_=None):
+            point_img.value = plots.png(self.point_figure(point.value))
+            redraw_map()
+
+        for control in (method, descriptor, hue):
+            control.observe(redraw_map, names="value")
+        point.observe(redraw_point, names="value")
+        redraw_point()
+        return w.VBox([w.HBox([method, descriptor, hue]), point, status, map_img, point_img])
+
+
+def explorer(run_dir: str | Path, cache, cfg: embed.EmbedConfig | None = None) -> Explorer:
+    """The notebook panel for a run (see ``Explorer``)."""
+    return Explorer(run_dir, cache, cfg)

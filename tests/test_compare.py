@@ -13,7 +13,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from citylib import compare, compare_plots, gradcam, models  # noqa: E402
+from citylib import compare, compare_plots, gradcam, models, saliency # noqa: E402
 from citylib.artifacts import read_json, write_csv, write_json  # noqa: E402
 from citylib.compare import CompareConfig  # noqa: E402
 from citylib.config import ConfigError, from_dict  # noqa: E402
@@ -25,7 +25,7 @@ def smooth(n: int, side: int, seed: int) -> np.ndarray:
     """(n, side, side) float16 masks in [0, 1] (min 0, max 1 per mask)."""
     g = torch.from_numpy(np.random.default_rng(seed).random((n, 1, 3, 3), dtype=np.float32))
     up = torch.nn.functional.interpolate(g, size=(side, side), mode="bilinear")[:, 0]
-    return gradcam.normalise(up).numpy().astype(np.float16)
+    return saliency.normalise(up).numpy().astype(np.float16)
 
 
 def fake_run(root, name: str, arch: str, seed: int, masks: np.ndarray, rows, size: int,
@@ -50,7 +50,7 @@ def fake_run(root, name: str, arch: str, seed: int, masks: np.ndarray, rows, siz
 
 def naive(ma, mb, size):
     """All at once, in numpy: upsample every mask, mean |a - b| per image."""
-    return np.abs(gradcam.upsample(ma, size) - gradcam.upsample(mb, size)).mean((1, 2))
+    return np.abs(saliency.upsample(ma, size) - saliency.upsample(mb, size)).mean((1, 2))
 
 
 def test_ar_by_hand_self_and_symmetry():
@@ -73,7 +73,7 @@ def test_different_native_sizes_compared_at_image_size():
     # the same map stored at 4 x 4 and at 8 x 8 (its upsampling): AR ~ 0 at S = 8 (float16
     # rounding only), although the native arrays cannot even be subtracted
     a = smooth(6, 4, 1)
-    b = gradcam.upsample(a, 8).astype(np.float16)
+    b = saliency.upsample(a, 8).astype(np.float16)
     assert compare.average_residual(range(6), a, range(6), b, 8)[0] < 1e-3
     c = smooth(6, 8, 2)
     mean, _, ar = compare.average_residual(range(6), a, range(6), c, 16)
@@ -174,7 +174,7 @@ def grid(tmp_path, n=40, size=16):
         shared = smooth(n, side, 100 + base).astype(np.float32)
         for seed in (0, 1):
             noise = smooth(n, side, 200 + 10 * base + seed).astype(np.float32)
-            m = gradcam.normalise(torch.from_numpy(0.8 * shared + 0.2 * noise)).numpy()
+            m = saliency.normalise(torch.from_numpy(0.8 * shared + 0.2 * noise)).numpy()
             runs.append(fake_run(tmp_path, f"{arch}_seed{seed}", arch, seed, m, np.arange(n) * 2,
                                  size))
     return runs
@@ -251,7 +251,7 @@ def test_randomised_reference(tmp_path):
     for seed in (0, 1):
         torch.manual_seed(seed)
         model = models.build("simple", 3, size).eval()
-        res = gradcam.masks_for(model, cache.images[rows])
+        res = saliency.masks_for(model, cache.images[rows])
         d = fake_run(tmp_path, f"simple_seed{seed}", "simple", seed, res.masks, rows, size,
                      [CITIES[t] for t in res.target])
         torch.save({"model": model.state_dict(), "config": {
@@ -356,7 +356,7 @@ def four_archs(tmp_path, own_view: bool, n: int = 48, size: int = 16):
         u = underlying() if own_view else common
         for seed in (0, 1):
             noisy = compare.pool(u, (side, side)) + 0.03 * rng.random((n, side, side), dtype=np.float32)
-            m = gradcam.normalise(torch.from_numpy(noisy)).numpy()
+            m = saliency.normalise(torch.from_numpy(noisy)).numpy()
             runs.append(fake_run(tmp_path, f"{arch}_seed{seed}", arch, seed, m, np.arange(n), size))
     return runs
 

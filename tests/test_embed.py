@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib import embed, gallery, gradcam
+from citylib import embed, gallery, gradcam, saliency, widgets
 from citylib.artifacts import read_json, write_csv, write_json
 from citylib.config import ConfigError, from_dict
 
@@ -90,7 +90,7 @@ def test_descriptors():
     assert embed.descriptors(masks).shape == (6, 64)
     images = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
     d = embed.descriptors(masks[:3], "explanation", images, 0.5, px=4, rows=[8, 0, 3])
-    shown = gradcam.explanation(images[[8, 0, 3]], gradcam.upsample(masks[:3], 32), 0.5)
+    shown = saliency.explanation(images[[8, 0, 3]], saliency.upsample(masks[:3], 32), 0.5)
     want = shown.reshape(3, 4, 8, 4, 8, 3).mean((2, 4)) / 255.0          # 8 x 8 pixel blocks
     assert d.shape == (3, 48) and shown.any() and not shown.all()
     np.testing.assert_allclose(d, want.reshape(3, -1), atol=1e-6)
@@ -195,7 +195,7 @@ def test_explorer_panel(tmp_path):
     run_dir, cache = fake_run(tmp_path, n=60)
     cfg = embed.EmbedConfig(permutations=5, tile_px=16)
     first = embed.run(cfg, run_dir, cache, progress=False)
-    ex = gallery.explorer(run_dir, cache, cfg)
+    ex = widgets.explorer(run_dir, cache, cfg)
     panel = ex.widget
     assert isinstance(panel, ipywidgets.VBox)
     assert ex.maps[("tsne", "mask")].reused         # read from disk, not recomputed

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from citylib import gradcam, models, train
+from citylib import artifacts, gradcam, models, saliency, train
 
 SIZE = 64
 CITIES = ["amsterdam", "berlin", "cairo"]
@@ -54,15 +54,15 @@ def test_matches_pytorch_grad_cam(arch, trained):
 
     model, x = _model(arch, trained), _x()
     layer = models.gradcam_layer(model)
-    for ours, theirs in ((gradcam.GradCAM, GradCAM), (gradcam.GradCAMPlusPlus, GradCAMPlusPlus),
-                         (gradcam.HiResCAM, HiResCAM), (gradcam.LayerCAM, LayerCAM)):
+    for ours, theirs in ((saliency.GradCAM, GradCAM), (saliency.GradCAMPlusPlus, GradCAMPlusPlus),
+                         (saliency.HiResCAM, HiResCAM), (saliency.LayerCAM, LayerCAM)):
         with ours(model) as cam:
             res = cam(x)
         # pytorch-grad-cam: ReLU -> min-max (eps 1e-7) -> cv2 bilinear resize -> min-max again;
         # ``upsample`` is the same resize + renormalisation applied to our normalised masks.
         with theirs(model, [layer]) as cam:
             ref = cam(x, None)                                       # (B, S, S), argmax target
-        np.testing.assert_allclose(gradcam.upsample(res.masks, SIZE), ref, atol=1e-4)
+        np.testing.assert_allclose(saliency.upsample(res.masks, SIZE), ref, atol=1e-4)
         assert np.array_equal(res.target, res.logits.argmax(1))
 
 
@@ -74,8 +74,8 @@ def test_inplace_relu_gives_the_same_masks(arch):
         if isinstance(m, nn.ReLU):
             m.inplace = False
     assert any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules()) or arch == "vgg_s"
-    for method in gradcam.METHODS:
-        with gradcam.make(method, model) as a, gradcam.make(method, plain) as b:
+    for method in saliency.METHODS:
+        with saliency.make(method, model) as a, saliency.make(method, plain) as b:
             ra, rb = a(x), b(x)
         np.testing.assert_allclose(ra.masks, rb.masks, atol=1e-6)
         np.testing.assert_allclose(ra.logits, rb.logits, atol=1e-5)
@@ -109,7 +109,7 @@ def test_hand_computed_cam():
     # class 0: (2*A0 - A1)/4 = [[2, -.5], [.5, -.25]] -> ReLU [[2, 0], [.5, 0]] -> /2
     # class 1: (-A0 + A1)/4 = [[-1, .5], [0, .25]] -> ReLU [[0, .5], [0, .25]] -> /0.5
     expected = {0: [[1.0, 0.0], [0.25, 0.0]], 1: [[0.0, 1.0], [0.0, 0.5]]}
-    with gradcam.GradCAM(Tiny()) as cam:
+    with saliency.GradCAM(Tiny()) as cam:
         for c, want in expected.items():
             res = cam(x, target=c)
             np.testing.assert_allclose(res.masks[0], want, atol=1e-6)
@@ -121,7 +121,7 @@ def test_hand_computed_cam():
 
 def test_edge_cases_batch_of_one_constant_image_sizes():
     model = _model("resnet18")
-    with gradcam.GradCAM(model) as cam:
+    with saliency.GradCAM(model) as cam:
         one = cam(_x(1))
         assert one.masks.shape == (1, 2, 2) and one.probs.shape == (1, 3)
         const = cam(torch.full((2, 3, SIZE, SIZE), 0.3))
@@ -139,19 +139,19 @@ def test_all_zero_layer_gives_zero_masks():
     with torch.no_grad():
         last_conv.weight.zero_()
         last_conv.bias.fill_(-1.0)                                   # ReLU output all zero
-    for method in gradcam.METHODS:
-        with gradcam.make(method, model) as cam:
+    for method in saliency.METHODS:
+        with saliency.make(method, model) as cam:
             res = cam(_x(3))
         assert not np.isnan(res.masks).any() and (res.masks == 0).all()
     # and the normalisation alone: zero and constant maps stay zero
     maps = torch.stack([torch.zeros(3, 3), torch.full((3, 3), 7.0), torch.arange(9.).view(3, 3)])
-    out = gradcam.normalise(maps)
+    out = saliency.normalise(maps)
     assert (out[:2] == 0).all() and out[2].min() == 0 and out[2].max() == 1
 
 
 def test_targets_predicted_true_explicit_and_out_of_range():
     model, x = _model("simple", trained=True), _x(4)
-    with gradcam.GradCAM(model) as cam:
+    with saliency.GradCAM(model) as cam:
         pred = cam(x)
         assert np.array_equal(cam(x, "predicted").masks, pred.masks)
         true = np.array([2, 0, 1, 2])                                # e.g. cache.y of the batch
@@ -174,7 +174,7 @@ def test_targets_predicted_true_explicit_and_out_of_range():
 def test_hooks_removed_and_state_restored():
     model = _model("vgg11").train()
     with pytest.raises(KeyError):
-        with gradcam.GradCAM(model) as cam:
+        with saliency.GradCAM(model) as cam:
             assert not _no_hooks(model)
             cam(_x(2))
             raise KeyError("inside the with block")
@@ -182,7 +182,7 @@ def test_hooks_removed_and_state_restored():
     assert model.training                                            # mode restored
     assert all(p.grad is None for p in model.parameters())           # no parameter gradients
     assert torch.is_grad_enabled()
-    with gradcam.GradCAMPlusPlus(model) as cam:
+    with saliency.GradCAMPlusPlus(model) as cam:
         with pytest.raises(ValueError):
             cam(_x(2), target=9)                                     # fails inside the call
         assert torch.is_grad_enabled() and model.training
@@ -191,7 +191,7 @@ def test_hooks_removed_and_state_restored():
         cam(_x(2))
     # the caller's grad mode does not matter, and is left as it was
     model.eval()
-    with gradcam.GradCAM(model) as cam:
+    with saliency.GradCAM(model) as cam:
         x = _x(2)
         want = cam(x).masks
         with torch.no_grad():
@@ -200,7 +200,7 @@ def test_hooks_removed_and_state_restored():
         with torch.inference_mode():
             np.testing.assert_array_equal(cam(x).masks, want)
     # outside a call the hook leaves the model alone
-    with gradcam.GradCAM(model.eval()) as cam, torch.no_grad():
+    with saliency.GradCAM(model.eval()) as cam, torch.no_grad():
         model(_x(1))
         assert not torch.is_grad_enabled()
 
@@ -213,9 +213,9 @@ def test_hand_computed_hirescam_and_layercam():
     red = torch.tensor([[4.0, 0.0], [2.0, -3.0]])
     green = torch.tensor([[0.0, 2.0], [2.0, 1.0]])
     x = torch.stack([red, green, torch.zeros(2, 2)])[None]
-    with gradcam.HiResCAM(Tiny()) as cam:
+    with saliency.HiResCAM(Tiny()) as cam:
         np.testing.assert_allclose(cam(x, target=0).masks[0], [[1.0, 0.0], [0.25, 0.0]], atol=1e-6)
-    with gradcam.LayerCAM(Tiny()) as cam:
+    with saliency.LayerCAM(Tiny()) as cam:
         np.testing.assert_allclose(cam(x, target=0).masks[0], [[1.0, 0.0], [0.5, 0.0]], atol=1e-6)
         np.testing.assert_allclose(cam(x, target=1).masks[0], [[0.0, 1.0], [1.0, 0.5]], atol=1e-6)
 
@@ -224,7 +224,7 @@ def test_position_weighted_methods_differ_from_gradcam_where_gradients_vary():
     model, x = _model("simple", trained=True), _x(4)
     found = {}
     for method in ("gradcam", "hirescam", "layercam"):
-        with gradcam.make(method, model) as cam:
+        with saliency.make(method, model) as cam:
             found[method] = cam(x).masks
     assert np.abs(found["gradcam"] - found["hirescam"]).max() > 1e-3
     assert np.abs(found["hirescam"] - found["layercam"]).max() > 1e-3
@@ -232,28 +232,28 @@ def test_position_weighted_methods_differ_from_gradcam_where_gradients_vary():
 
 def test_gradcam_plus_plus_differs_and_registry():
     model, x = _model("resnet18", trained=True), _x(4)
-    with gradcam.make("gradcam", model) as a, gradcam.make("gradcam++", model) as b:
+    with saliency.make("gradcam", model) as a, saliency.make("gradcam++", model) as b:
         ra, rb = a(x), b(x)
     assert ra.masks.shape == rb.masks.shape
     assert np.abs(ra.masks - rb.masks).max() > 1e-3
-    assert set(gradcam.METHODS) == {"gradcam", "gradcam++", "hirescam", "layercam"}
+    assert set(saliency.METHODS) == {"gradcam", "gradcam++", "hirescam", "layercam"}
     with pytest.raises(ValueError, match="unknown CAM method"):
-        gradcam.make("scorecam", model)
+        saliency.make("scorecam", model)
 
 
 def test_upsample_explanation_overlay():
     masks = np.array([[[0.0, 1.0], [0.5, 0.25]], [[0.0, 0.0], [0.0, 0.0]]], np.float16)
-    up = gradcam.upsample(masks, 8)
+    up = saliency.upsample(masks, 8)
     assert up.shape == (2, 8, 8) and up.dtype == np.float32
     assert up[0].min() == 0 and up[0].max() == 1 and (up[1] == 0).all()
     image = np.full((8, 8, 3), 200, np.uint8)
-    exp = gradcam.explanation(image, up[0], 0.5)
+    exp = saliency.explanation(image, up[0], 0.5)
     assert exp.dtype == np.uint8
     assert (exp[up[0] < 0.5] == 0).all() and (exp[up[0] >= 0.5] == 200).all()
-    assert (gradcam.explanation(np.stack([image] * 2), up, 0.5)[1] == 0).all()
+    assert (saliency.explanation(np.stack([image] * 2), up, 0.5)[1] == 0).all()
     with pytest.raises(ValueError, match="upsample"):
-        gradcam.explanation(image, masks[0].astype(np.float32))
-    over = gradcam.heatmap_overlay(image, up[0], alpha=0.4)
+        saliency.explanation(image, masks[0].astype(np.float32))
+    over = saliency.heatmap_overlay(image, up[0], alpha=0.4)
     assert over.shape == image.shape and over.dtype == np.uint8
 
 
@@ -314,7 +314,7 @@ def test_run_load_reuse(trained_run):
     assert res.meta["layer"] == "features.10" and res.meta["map_size"] == [8, 8]
     # the stored masks are the CAMs of the best model, to float16 precision
     model, _, _ = train.load_model(run_dir)
-    direct = gradcam.masks_for(model, cache.images[test])
+    direct = saliency.masks_for(model, cache.images[test])
     np.testing.assert_allclose(res.masks, direct.masks, atol=1e-3)
     training_key = torch.load(run_dir / "best.pt", weights_only=True)["key"]
     assert res.meta["key"] == gradcam.key(cfg, training_key)
@@ -349,12 +349,12 @@ def test_config_checks(trained_run):
         from_dict(gradcam.GradCAMConfig, {"treshold": 0.4})
     run_dir, cache = trained_run
     other = SimpleNamespace(**{**cache.__dict__, "cities": ["x", "y", "z"]})
-    with pytest.raises(gradcam.StaleError, match="train again"):
+    with pytest.raises(artifacts.StaleError, match="train again"):
         gradcam.run(gradcam.GradCAMConfig(), run_dir, other, progress=False)
     moved = SimpleNamespace(**{**cache.__dict__, "index": cache.index.assign(
         split=np.roll(cache.index["split"].to_numpy(), 1))})
     moved.split_indices = lambda s: np.flatnonzero(moved.index["split"].to_numpy() == s)
-    with pytest.raises(gradcam.StaleError, match="trained on data snapshot"):   # another split
+    with pytest.raises(artifacts.StaleError, match="trained on data snapshot"):   # another split
         gradcam.run(gradcam.GradCAMConfig(), run_dir, moved, progress=False)
     with pytest.raises(FileNotFoundError, match="gradcam.run"):
         gradcam.load(run_dir.parent / "nothing")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from citylib import gradcam, methods, models, stats, train
+from citylib import methods, models, saliency, stats, train
 
 TREE, FENCE, BUILDING, ROAD, CAR = 5, 33, 2, 7, 21
 
@@ -17,20 +17,20 @@ def test_sweep_matches_the_cam_objects_and_fuses_on_the_finest_grid():
     model = models.build("simple", 3, 64).eval()
     images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     layers = models.sweep_layers(model)
-    masks = methods.sweep(model, images, None, layers, tuple(gradcam.METHODS), batch_size=2)
+    masks = methods.sweep(model, images, None, layers, tuple(saliency.METHODS), batch_size=2)
     assert [masks["gradcam", n].shape[1:] for n in layers] == [(32, 32), (16, 16), (8, 8)]
     assert masks["layercam", methods.FUSION].shape == (5, 32, 32)
     for (method, layer), m in masks.items():
         assert m.min() >= 0 and m.max() <= 1, (method, layer)
     x = train.to_tensor(images)
-    for method in gradcam.METHODS:               # one pass per layer serves every method
+    for method in saliency.METHODS:               # one pass per layer serves every method
         for layer in layers:
-            with gradcam.make(method, model, model.get_submodule(layer)) as cam:
+            with saliency.make(method, model, model.get_submodule(layer)) as cam:
                 np.testing.assert_allclose(masks[method, layer], cam(x).masks, atol=1e-5)  # batch rounding
     # fusion: the mean of the layers' masks on the finest grid, normalised again
-    up = np.mean([gradcam.upsample(masks["gradcam", n], (32, 32)) for n in layers], 0)
+    up = np.mean([saliency.upsample(masks["gradcam", n], (32, 32)) for n in layers], 0)
     np.testing.assert_allclose(masks["gradcam", methods.FUSION],
-                               gradcam.normalise(torch.from_numpy(up)).numpy(), atol=1e-6)
+                               saliency.normalise(torch.from_numpy(up)).numpy(), atol=1e-6)
 
 
 def _scene(n: int = 6, size: int = 32):
@@ -79,7 +79,7 @@ def _resampled_reference(masks, labels, cities, images, weights, planted, stats_
     from citylib import cues
 
     take = np.repeat(np.arange(len(labels)), weights.astype(int))
-    hist = stats.Histograms.build(stats.upsampled(masks[take], labels.shape[-1], gradcam.upsample),
+    hist = stats.Histograms.build(stats.upsampled(masks[take], labels.shape[-1], saliency.upsample),
                                   labels[take], cities[take], stats_cfg, progress=False)
     rec, _ = cues.recovery(hist.table(ci=False), planted, 3)
     effect = {}
@@ -108,7 +108,7 @@ def test_rho_interval_resamples_spots_as_a_recount_would():
     images = pd.DataFrame(recs)
     cfg = stats.StatsConfig(bootstrap=0)
     boot = methods._resampling(images, rows, cities, n_boot=20, seed=0)
-    hist = stats.Histograms.build(stats.upsampled(masks, 32, gradcam.upsample), labels, cities, cfg, progress=False)
+    hist = stats.Histograms.build(stats.upsampled(masks, 32, saliency.upsample), labels, cities, cfg, progress=False)
     cue_list = [("a", "tree"), ("a", "fence"), ("b", "car"), ("b", "road")]
     rho = methods.rho_resamples(hist, cue_list, boot)
     # each image's weight is its spot's draw count, spots drawn within their city
@@ -152,7 +152,7 @@ def test_mrr_interval_resamples_spots_as_a_recount_would():
     group = np.array([f"s{r // 2}" for r in range(12)])                 # two views per spot
     planted = {"a": ("tree", "fence"), "b": ("car", "road")}
     cfg = stats.StatsConfig(bootstrap=0)
-    hist = stats.Histograms.build(stats.upsampled(masks, 32, gradcam.upsample), labels, cities, cfg, progress=False)
+    hist = stats.Histograms.build(stats.upsampled(masks, 32, saliency.upsample), labels, cities, cfg, progress=False)
     weights = intervals.spot_weights(group, cities, 30, seed=0)
     assert (weights[:, 0] == weights[:, 1]).all() and (weights[:, np.asarray(cities) == "a"].sum(1) == 6).all()
     mrr = cues.mrr_resamples(hist, planted, weights)
@@ -161,7 +161,7 @@ def test_mrr_interval_resamples_spots_as_a_recount_would():
     assert cues.mrr_resamples(hist, planted, np.ones((1, 12)))[0] == pytest.approx(full["planted_mrr"])
     for b in range(10):       # the slow way: images repeated as drawn, counted and ranked again
         take = np.repeat(np.arange(12), weights[b].astype(int))
-        again = stats.Histograms.build(stats.upsampled(masks[take], 32, gradcam.upsample), labels[take],
+        again = stats.Histograms.build(stats.upsampled(masks[take], 32, saliency.upsample), labels[take],
                                        np.asarray(cities)[take], cfg, progress=False)
         ref = cues.recovery(again.table(ci=False), planted)[1]["planted_mrr"]
         assert mrr[b] == pytest.approx(ref, abs=1e-12), b

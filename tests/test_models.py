@@ -103,7 +103,7 @@ def test_vgg_s_structure():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="known: simple, simpler, vgg11"):
+    with pytest.raises(ValueError, match="known: vgg11, resnet18, simple, simpler, alexnet, vgg_s"):
         models.build("vgg99", 2, 64)
     with pytest.raises(ValueError, match="image_size"):
         models.build("simple", 2, 32)

@@ -35,3 +35,66 @@ def test_notebooks_are_committed_without_outputs():
         assert all(not c.get("outputs") for c in cells if c["cell_type"] == "code"), nb.name
         tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{nb.name} needs exactly one cell tagged 'parameters'"
+
+
+def imports_inside(package) -> dict[str, set[str]]:
+    """{module: the citylib modules it imports}, read from the source: every import statement,
+    at module level or inside a function, except those under ``if TYPE_CHECKING:`` (annotations
+    only, never executed)."""
+    import ast
+
+    names = {p.stem for p in package.glob("*.py")}
+    graph = {}
+    for name in names:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                   for n in ast.walk(node)}
+        deps = set()
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module == "citylib":
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("citylib."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("citylib.")}
+        graph[name] = (deps & names) - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle: a path from a module back to itself, each cycle once."""
+    found = set()
+
+    def walk(path):
+        for nxt in sorted(graph[path[-1]]):
+            if nxt == path[0]:
+                found.add(tuple(path))
+            elif nxt not in path and nxt > path[0]:        # each cycle from its smallest name
+                walk(path + [nxt])
+
+    for start in sorted(graph):
+        walk([start])
+    return [list(c) for c in sorted(found)]
+
+
+def test_no_import_cycles_inside_citylib():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    found = cycles(imports_inside(paths.ROOT / "citylib"))
+    assert not found, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in found)
+
+
+def test_no_function_in_citylib_is_longer_than_80_lines():
+    import ast
+
+    long = []
+    for path in sorted((paths.ROOT / "citylib").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions over 80 lines: " + ", ".join(long)

@@ -2,7 +2,11 @@
 ADE20K TFLite model, and every notebook (data -> training -> Grad-CAM -> map and gallery ->
 statistics -> comparison) through the batch runner, in smoke size. Fails, not skips, when
 the shared folder is missing."""
+import contextlib
+import io
 import json
+import re
+import shutil
 
 import pandas as pd
 import pytest
@@ -20,14 +24,29 @@ def chain(tmp_path_factory):
         if not needed.exists():
             pytest.fail(f"{needed} is missing: the real-photo chain needs the shared sample photos "
                         "and ADE20K model (set CITYLIB_SHARED or CITYLIB_ADE20K)")
-    out = tmp_path_factory.mktemp("streetview") / "outputs"
-    return out, runner.run(params=GRID, outputs=out)
+    # the sample photos with two files no one can use beside them, as a real collection has
+    root = tmp_path_factory.mktemp("streetview")
+    photos, params = root / "photos", root / "params"
+    shutil.copytree(paths.shared() / "samples" / "streetview", photos)
+    (photos / "london_uk" / "notes.txt").write_text("not a photo")
+    some = sorted((photos / "london_on").glob("*.jpg"))[0]     # its pano id, cut off at a third
+    (photos / "london_on" / f"{some.stem}_cut_off.jpg").write_bytes(some.read_bytes()[: some.stat().st_size // 3])
+    params.mkdir()
+    for file in GRID.glob("*.yaml"):
+        (params / file.name).write_text(re.sub(r"source: \S+", f"source: {photos}", file.read_text()))
+    out = root / "outputs"
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        result = runner.run(params=params, outputs=out)
+    print(console.getvalue())
+    return out, result, console.getvalue()
 
 
 def test_every_notebook_runs_on_real_photos(chain):
-    out, result = chain
+    out, result, _ = chain
     assert result.ok, result.failed
     manifest = pd.read_csv(out / "data" / "manifest.csv")
+    assert len(manifest) == 40                               # every sample photo, nothing else
     assert set(manifest["city"]) == {"london_on", "london_uk"}
     # pano ids parsed from the names: every group is one panorama, in one split only
     assert manifest.groupby("group")["split"].nunique().max() == 1
@@ -41,8 +60,18 @@ def test_every_notebook_runs_on_real_photos(chain):
     assert "architecture" in set(ar["kind"]) and ar["ar"].between(0, 1).all()
 
 
+def test_unusable_files_are_listed_and_counted_on_the_console(chain):
+    out, _, console = chain
+    rejected = pd.read_csv(out / "data" / "rejected.csv")
+    why = {row.path.rsplit("/", 1)[1]: row.reason for row in rejected.itertuples()}
+    cut = next(name for name in why if name.endswith("_cut_off.jpg"))
+    assert set(why) == {"notes.txt", cut}
+    assert why[cut].startswith("truncated"), why
+    assert f"2 file(s) of the dataset rejected, each with its reason: {out / 'data' / 'rejected.csv'}" in console
+
+
 def test_r_table_names_real_ade20k_classes(chain):
-    out, _ = chain
+    out, _, _ = chain
     run = out / "runs" / "simple_seed0"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["objects"]["segmenter"] == "ade20k"

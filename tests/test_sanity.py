@@ -11,7 +11,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from citylib import gradcam, gradcam_plots, models, sanity, train
+from citylib import gradcam_plots, models, saliency, sanity, train
 
 SIZE = 64
 CLASSES = 3
@@ -115,7 +115,7 @@ def test_deletion_mechanics(simple, images):
     assert pix[0] == pytest.approx(rnd[0]) and pix[-1] == pytest.approx(rnd[-1])
     assert out["auc_difference_pixels"] == pytest.approx(
         (per_sal - np.array(out["auc_random_pixels_per_image"])).mean())
-    assert out["map_size"] == list(gradcam.masks_for(simple, images, "gradcam", target).masks.shape[1:])
+    assert out["map_size"] == list(saliency.masks_for(simple, images, "gradcam", target).masks.shape[1:])
     assert sanity.deletion(simple, images, target, steps=4, batch_size=8, seed=0, n_boot=200) == out
 
 
@@ -233,7 +233,7 @@ def _input_edges(model, x, target):
     grey = x.astype(np.float32).mean(-1)                                  # (N, S, S)
     mag = np.hypot(*np.gradient(grey, axis=(1, 2)))
     pooled = F.adaptive_avg_pool2d(torch.from_numpy(mag)[:, None], MAP)[:, 0]   # (N, h, w)
-    return gradcam.normalise(pooled).numpy()
+    return saliency.normalise(pooled).numpy()
 
 
 def _centre_blob(model, x, target):
@@ -262,7 +262,7 @@ def test_untrained_network_masks_fail_both_checks(trained):
     untrained = _net(1).eval()
 
     def untrained_masks(model, x, target):   # Grad-CAM of the untrained net, whatever `model` is
-        return gradcam.masks_for(untrained, x, "gradcam", target).masks
+        return saliency.masks_for(untrained, x, "gradcam", target).masks
 
     v = _verdict(trained, untrained_masks)
     # the masks do not follow the model given: unchanged by randomisation, the cascade fails

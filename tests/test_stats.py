@@ -290,17 +290,17 @@ def test_ceiling_tells_a_cue_finer_than_the_map():
     upsampling (half-pixel centres) gives 1, 1, 0.875, 0.625 along rows/cols 0-3 and <= 0.375
     beyond, so at t = 0.5 every building pixel is explained (R 1) but the tree's (3, 3) pixel
     is not (0.625 * 0.625 < 0.5): tree R 3/4 < building's -> rank 2, out of the top 1."""
-    from citylib import gradcam
+    from citylib import saliency
 
     S = labels.STREET
     lab = np.full((2, 8, 8), S["road"], np.uint8)
     lab[:, :4, :4] = S["building"]
     lab[:, 2:4, 2:4] = S["tree"]
     cues = {"a": ["tree"]}
-    fine, best = cues_.ceiling(lab, ["a", "a"], cues, (8, 8), gradcam.upsample, NO_FILTER, top=1, names=NAMES)
+    fine, best = cues_.ceiling(lab, ["a", "a"], cues, (8, 8), saliency.upsample, NO_FILTER, top=1, names=NAMES)
     assert fine["rank"].tolist() == [1] and fine["R"].tolist() == [1.0]
     assert best["planted_all_in_top"] == {"a": True} and best["planted_mrr"] == 1.0
-    coarse, worst = cues_.ceiling(lab, ["a", "a"], cues, (2, 2), gradcam.upsample, NO_FILTER, top=1, names=NAMES)
+    coarse, worst = cues_.ceiling(lab, ["a", "a"], cues, (2, 2), saliency.upsample, NO_FILTER, top=1, names=NAMES)
     assert coarse["rank"].tolist() == [2] and coarse["R"].tolist() == [0.75]
     assert worst["planted_all_in_top"] == {"a": False} and worst["planted_mrr"] == 0.5
 
