@@ -91,7 +91,7 @@ def make_masks(folder: Path, runs: int, n: int, sides: list[int]) -> list[Path]:
     """runs x (n, side, side) float16 .npy files, written in chunks."""
     import torch
 
-    from citylib import gradcam
+    from citylib import saliency
 
     files = []
     for k in range(runs):
@@ -101,7 +101,7 @@ def make_masks(folder: Path, runs: int, n: int, sides: list[int]) -> list[Path]:
         for s in range(0, n, 2048):
             g = torch.rand(min(2048, n - s), 1, 3, 3, generator=gen)
             up = torch.nn.functional.interpolate(g, size=(side, side), mode="bilinear")[:, 0]
-            out[s:s + len(g)] = gradcam.normalise(up).numpy()
+            out[s:s + len(g)] = saliency.normalise(up).numpy()
         out.flush()
         files.append(path)
     return files
@@ -112,13 +112,13 @@ def measure(what: str, files: list[str], n: int, size: int, batch: int, args, qu
     file MB) on ``queue``."""
     import torch
 
-    from citylib import compare, gradcam
+    from citylib import compare, saliency
 
     torch.set_num_threads(os.cpu_count() or 1)
     masks = [np.load(f, mmap_mode="r")[:n] for f in files]
     rows = np.arange(n)
     # torch's lazy start-up (thread pool, kernels) happens here, not inside the measurement
-    compare.residual(gradcam.upsample(masks[0][:2], size), gradcam.upsample(masks[1][:2], size))
+    compare.residual(saliency.upsample(masks[0][:2], size), saliency.upsample(masks[1][:2], size))
     base = status_mb()["RssAnon"]
     t0, c0 = time.perf_counter(), time.process_time()
     with PeakSampler() as peak:
@@ -129,13 +129,13 @@ def measure(what: str, files: list[str], n: int, size: int, batch: int, args, qu
 
 def step(what: str, masks: list, rows: np.ndarray, size: int, batch: int, args) -> None:
     """The timed work."""
-    from citylib import compare, gradcam
+    from citylib import compare, saliency
 
     n = len(rows)
     if what == "streamed":
         compare.pairwise_ar([(rows, m) for m in masks], size, batch)
     elif what == "all at once":
-        ups = [gradcam.upsample(m, size) for m in masks]                 # runs x (n, S, S)
+        ups = [saliency.upsample(m, size) for m in masks]                 # runs x (n, S, S)
         [compare.residual(ups[a], ups[b]) for a, b in combinations(range(len(ups)), 2)]
     else:                                    # bootstrap CIs and both tests on per-image values
         rng = np.random.default_rng(0)

@@ -7,8 +7,8 @@ the methods interleaved in each round so that a change in machine load hits all 
   scores to the layer's output; no CAM arithmetic. What any Grad-CAM has to pay.
 - floor-cl: the same with the batch in channels-last layout, as citylib passes it on CPU
   (oneDNN's faster convolutions); the ratio to it shows what citylib's own mechanics cost.
-- citylib: ``gradcam.GradCAM`` (masks at the layer's resolution), and the same followed by
-  ``gradcam.upsample`` to S x S (what the other two return; the ratios use this one).
+- citylib: ``saliency.GradCAM`` (masks at the layer's resolution), and the same followed by
+  ``saliency.upsample`` to S x S (what the other two return; the ratios use this one).
 - pytorch-grad-cam: ``GradCAM(model, [layer])(x, None)`` (S x S, normalised).
 - captum: ``LayerGradCam(model, layer).attribute(x, target, relu_attributions=True)`` and
   ``LayerAttribution.interpolate(..., (S, S), "bilinear")``; given the predicted classes,
@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from citylib import gradcam, models
+from citylib import models, saliency
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def methods(model, layer, x, target):
         pred = logits.detach().argmax(1)
         torch.autograd.grad(logits.gather(1, pred[:, None]).sum(), seen.pop("a"))
 
-    ours = gradcam.GradCAM(model)
+    ours = saliency.GradCAM(model)
     pgc = GradCAM(model, [layer])
     cap = LayerGradCam(model, layer)
 
@@ -68,7 +68,7 @@ def methods(model, layer, x, target):
         return LayerAttribution.interpolate(attr, size, "bilinear")      # (B, 1, S, S)
 
     fns = {"floor": lambda: floor(x), "floor-cl": lambda: floor(x_cl), "citylib": lambda: ours(x),
-           "citylib+upsample": lambda: gradcam.upsample(ours(x).masks, size),
+           "citylib+upsample": lambda: saliency.upsample(ours(x).masks, size),
            "pytorch-grad-cam": lambda: pgc(x, None), "captum": lambda: captum(x),
            "captum-cl": lambda: captum(x_cl)}
     return fns, (hook, ours, pgc)
