@@ -168,25 +168,16 @@ class Explorer:
         point = w.IntSlider(0, 0, max(len(self.result.index) - 1, 0), description="point",
                             continuous_update=False)
         status = w.Label()
-        # PNG bytes in Image widgets rather than figures in Output widgets: no dependence on
-        # the kernel's matplotlib backend or on output capture, and the state saves with it
-        map_img = w.Image(format="png", layout=w.Layout(max_width="640px"))
-        point_img = w.Image(format="png", layout=w.Layout(max_width="760px"))
 
-        def redraw_map(_=None):
+        def draw_map(method_value, descriptor_value, point_value, hue_value):
             status.value = f"computing {method.label} of {descriptor.label}s …"
-            map_img.value = plots.png(self.map_figure(method.value, descriptor.value, point.value,
-                                                      hue.value))
-            status.value = gallery.title(self.map(method.value, descriptor.value))
+            fig = self.map_figure(method_value, descriptor_value, point_value, hue_value)
+            status.value = gallery.title(self.map(method_value, descriptor_value))
+            return fig
 
-        def redraw_point(_=None):
-            point_img.value = plots.png(self.point_figure(point.value))
-            redraw_map()
-
-        for control in (method, descriptor, hue):
-            control.observe(redraw_map, names="value")
-        point.observe(redraw_point, names="value")
-        redraw_point()
+        point_img = _figure_view(self.point_figure, {"point": point}, "760px")
+        map_img = _figure_view(draw_map, {"method_value": method, "descriptor_value": descriptor,
+                                          "point_value": point, "hue_value": hue}, "640px")
         return w.VBox([w.HBox([method, descriptor, hue]), point, status, map_img, point_img])
 
 
