@@ -42,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _config(run: str, spots: int, epochs: int) -> params.RunConfig:
     cfg = params.load(PARAMETERS / f"{run}.yaml")
     world = dataclasses.replace(cfg.data.world, spots_per_city=spots)
-    return params.replace(cfg, name=f"{run}_e{epochs}", data=dataclasses.replace(cfg.data, world=world),
+    return dataclasses.replace(cfg, name=f"{run}_e{epochs}", data=dataclasses.replace(cfg.data, world=world),
                           train=dataclasses.replace(cfg.train, epochs=epochs))
 
 

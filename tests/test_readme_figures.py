@@ -1,6 +1,7 @@
 """benchmarks/readme_figures.py on a tiny hand-made outputs folder."""
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -47,3 +48,16 @@ def test_reliance_ranges_and_missing_sections(tmp_path):
     assert "| signtown | fence     | 2    | -0.02      | +0.03      | -0.12         | +0.13           | 0/2" in text
     assert text.index("fence") < text.index("cue-free")
     assert figures.table2(out) == figures.MISSING and figures.sanity(out) == figures.MISSING
+
+
+def test_sanity_reads_the_stored_verdict(tmp_path):
+    out = _outputs(tmp_path)
+    verdict = {"deletion": {"passed": True, "auc_difference": -0.085, "auc_difference_low": -0.143,
+                            "auc_difference_high": -0.025, "n_images": 32},
+               "cascade": {"passed": False, "spearman_mean": 0.1, "spearman_low": -0.2, "spearman_high": 0.6,
+                           "n_defined": 10, "n_images": 32}}
+    (out / "runs" / "vgg11_seed0" / "metrics.json").write_text(json.dumps({"sanity_verdict": verdict}))
+    text = re.sub(" +", " ", figures.sanity(out))     # cells are padded to their column's width
+    assert "| vgg11_seed0 | -0.085 [-0.143, -0.025] | passed | — " in text
+    assert "| 0.10 [-0.20, 0.60] | failed | 32 | 10 " in text
+    assert "deletion: passed by 1 of 1 runs (vgg11_seed0)\ncascade: passed by 0 of 1 runs" in text
