@@ -5,6 +5,7 @@ removes afterwards; prints a small table. Target: the default world in <= 60 s w
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -39,4 +40,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     main()
