@@ -59,11 +59,10 @@ def plot_deletion(deletion: dict) -> plt.Figure:
     f = deletion["fractions"]
     ax.plot(f, deletion["curve_salient"], marker="o", ms=3,
             label=f"{deletion['method']} order (AUC {deletion['auc_salient']:.3f})")
-    cells = "x".join(map(str, deletion.get("map_size", []))) or "?"
-    blocks = "random cells" if "curve_random_pixels" in deletion else "random"
+    cells = "x".join(map(str, deletion.get("map_size", [])))
+    baseline = f"random cells of the {cells} map" if cells else "random order"   # older results: pixels
     ax.plot(f, deletion["curve_random"], marker="o", ms=3, ls="--",
-            label=f"{blocks} of the {cells} map (AUC {deletion['auc_random']:.3f})"
-            if "curve_random_pixels" in deletion else f"random order (AUC {deletion['auc_random']:.3f})")
+            label=f"{baseline} (AUC {deletion['auc_random']:.3f})")
     if "curve_random_pixels" in deletion:
         ax.plot(f, deletion["curve_random_pixels"], marker=".", ms=3, ls=":",
                 label=f"random pixels (AUC {deletion['auc_random_pixels']:.3f})")

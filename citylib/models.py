@@ -53,11 +53,6 @@ REGISTRY = {a.name: a for a in (
 )}
 ARCHS = tuple(REGISTRY)
 
-
-def display_name(arch: str) -> str:
-    """How tables and figures name ``arch`` (an unknown one as given)."""
-    return REGISTRY[arch].display if arch in REGISTRY else arch
-
 # Table 1 of the paper: (kernel, channels) per conv; each conv is followed by ReLU and a 2x2 max
 # pool. Tuples, so nothing here can be changed by a caller.
 SIMPLE_CONVS = ((5, 20), (7, 64), (5, 96), (7, 128))
