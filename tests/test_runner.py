@@ -193,11 +193,20 @@ def _long_grid(tmp_path) -> Path:
     return params
 
 
+def _as_a_terminal_job() -> None:
+    """In the child before exec: Ctrl-C at its default, as for a command typed at a terminal.
+    A shell without job control starts a background command (``make test &`` in a script) with
+    SIGINT ignored, and the ignored state is inherited through exec, so that a runner started
+    from such a test process would rightly never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(tmp_path, params: Path) -> tuple[subprocess.Popen, set[int]]:
     """``citylib run`` in a session of its own, once a training has written an epoch; the
     processes below it then."""
     proc = subprocess.Popen([sys.executable, "-m", "citylib", "run", "--params", str(params),
                              "--outputs", str(tmp_path / "out")], start_new_session=True,
+                            preexec_fn=_as_a_terminal_job,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen: set[int] = set()
     deadline = time.monotonic() + 300
