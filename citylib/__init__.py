@@ -5,8 +5,10 @@ and measure which objects each city's network attends to. The notebooks under
 ``notebooks/`` call into this package; all logic lives here.
 
 The stages, in the order a job runs them, and the notebook that shows each. A stage is a
-module whose entry point (``run``; ``build`` for the counterfactuals) takes its settings
-first; its result is keyed by what made it (``artifacts``).
+module whose entry point is ``run(cfg, out, *inputs, **options)`` (``build`` for the
+counterfactuals): its settings, the folder it writes (its result's ``folder``), what it reads,
+then keyword-only options such as ``progress``; its result is keyed by what made it
+(``artifacts``).
 
   synth         a generated world of cities, every pixel labelled            (before 01)
   counterfactual  its test scenes re-rendered with one planted cue reset      (01)
@@ -26,7 +28,7 @@ first; its result is keyed by what made it (``artifacts``).
 Helpers (no I/O of their own unless named): saliency (the CAM methods and the mask maths),
 sanity (cascade and deletion checks), stats (histograms behind R and lift), cues (planted-cue
 recovery), intervals (Wilson and bootstrap intervals), models (the architecture registry),
-scene (drawing primitives), splits, cache, labels (ADE20K's classes), config and params (strict
+scene (drawing primitives), splits, cache, ade20k (ADE20K's classes), config and params (strict
 settings), artifacts (atomic writes, result keys), paths, streetview and streetview_api,
 geosample (collecting real images), predict.
 

@@ -34,7 +34,7 @@ import torch
 
 from citylib import intervals, train
 from citylib.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
-from citylib.config import config_hash
+from citylib.config import check, config_hash
 from citylib.counterfactual import CUE_FREE
 
 NAME = "causal"
@@ -52,12 +52,7 @@ class CausalConfig:
     seed: int = 0             # of the bootstrap
 
     def __post_init__(self):
-        if not 100 <= self.n_boot <= 1_000_000:
-            raise ValueError(f"'n_boot' = {self.n_boot} must be in [100, 1000000]")
-        if not 0.5 <= self.level < 1:
-            raise ValueError(f"'level' = {self.level} must be in [0.5, 1)")
-        if self.batch_size < 1:
-            raise ValueError(f"'batch_size' must be >= 1, got {self.batch_size}")
+        check(self, n_boot="in [100, 1000000]", level="in [0.5, 1)", batch_size=">= 1")
 
 
 @dataclass(frozen=True)
@@ -67,6 +62,7 @@ class CausalResult:
     summary: dict             # causal.json
     cue_free: pd.DataFrame    # causal_cue_free.csv
     key: str                  # what made it: the settings, training, counterfactuals and code
+    folder: Path              # the run folder, where these files are
     reused: bool = False
 
 
@@ -74,8 +70,9 @@ def key(cfg: CausalConfig, training_key: str, counterfactual_key: str) -> str:
     return config_hash(NAME, code_key(__name__), cfg, training_key, counterfactual_key)
 
 
-def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, progress: bool = True) -> CausalResult:
-    """Measure every cue's causal effect on the run's network (reused when the key matches)."""
+def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progress: bool = True) -> CausalResult:
+    """Measure every cue's causal effect on the run's network, written into ``run_dir`` (reused
+    when the key matches)."""
     run_dir = Path(run_dir)
     model, cities, config = train.load_model(run_dir)
     train.check_data(run_dir, config, cache)
@@ -97,7 +94,7 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, progress
     write_json(run_dir / "causal.json", summary)
     folder.commit(["causal.csv", "causal_images.csv", "causal_cue_free.csv", "causal.json"],
                   training_key=trained["key"])
-    return CausalResult(table, images, summary, free, folder.key)
+    return CausalResult(table, images, summary, free, folder.key, run_dir)
 
 
 def effects(model: torch.nn.Module, cache, counterfactuals, cities: list[str],
@@ -190,10 +187,19 @@ def _permutation(free: pd.DataFrame, n_cities: int, cfg: CausalConfig) -> dict:
             "at_chance": bool(lo <= acc <= hi)}
 
 
+def cue_free_text(free: dict) -> str:
+    """``cue_free``'s result (``causal.json``'s ``cue_free``) in words, one line for all the
+    cue-free images and one per sample of them."""
+    return "\n".join(
+        f"cue-free accuracy ({name}: {c['n']} images of {c['spots']} spots) {c['accuracy']:.3f}; a city-blind "
+        f"network: [{c['interval'][0]:.3f}, {c['interval'][1]:.3f}] (p = {c['p']:.3f}), chance {c['chance']:.3f}: "
+        f"at chance = {c['at_chance']}" for name, c in {"all": free, **free.get("samples", {})}.items())
+
+
 def _load(run_dir: Path, key: str) -> CausalResult:
     return CausalResult(pd.read_csv(run_dir / "causal.csv", dtype={"city": str, "object": str}),
                         pd.read_csv(run_dir / "causal_images.csv", dtype={"city": str, "object": str, "group": str}),
                         read_json(run_dir / "causal.json"),
                         pd.read_csv(run_dir / "causal_cue_free.csv", dtype={"city": str, "group": str,
                                                                             "predicted": str}),
-                        key, reused=True)
+                        key, run_dir, reused=True)

@@ -45,7 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the notebooks for every parameter file (papermill)")
     r.add_argument("--params", default=None, type=_here, help="a parameter file or folder (default: parameters/)")
     r.add_argument("--only", action="append", default=None, metavar="RUN", help="run only this run (repeatable)")
-    r.add_argument("--force", action="store_true", help="redo runs even if identical results exist")
+    r.add_argument("--force", action="store_true", help="retrain the runs and execute every notebook again, even where identical results "
+                        "exist (the other stages' results are reused where their keys match)")
     r.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="runs analysed (notebooks 03-05) side by side, cores / N each (default: cores)")
     r.add_argument("--outputs", default=None, type=_here, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")

@@ -72,7 +72,7 @@ from tqdm.auto import tqdm
 from citylib import gradcam, models, paths, saliency, sanity, train
 from citylib.artifacts import (ResultFolder, StaleError, atomic_path, code_key, read_json, write_csv,
                                write_json)
-from citylib.config import config_hash, to_dict
+from citylib.config import check, config_hash, to_dict
 
 # Bump when the numbers computed here change: it is part of the folder's hash.
 NAME = "comparison"
@@ -119,13 +119,8 @@ class CompareConfig:
     fig6_per_city: int = 2       # Fig. 6 test images per city
 
     def __post_init__(self):
-        ok = {"batch_size": self.batch_size >= 1, "bootstrap": self.bootstrap >= 1,
-              "permutations": self.permutations >= 1, "seed": self.seed >= 0,
-              "fig6_per_city": self.fig6_per_city >= 0}
-        bad = [f"'{k}' = {getattr(self, k)!r}" for k, good in ok.items() if not good]
-        if bad:
-            raise ValueError(f"out of range: {', '.join(bad)} (batch_size, bootstrap, "
-                             "permutations >= 1; seed, fig6_per_city >= 0)")
+        check(self, batch_size=">= 1", bootstrap=">= 1", permutations=">= 1", seed=">= 0",
+              fig6_per_city=">= 0")
 
 
 @dataclass(frozen=True)
@@ -142,6 +137,7 @@ class CompareResult:
     fig6_rows: list                  # cache rows of the Fig. 6 images
     reused: bool = False
     per_view: dict = dataclasses.field(default_factory=dict)   # view -> per_image of that view
+    figures: dict = dataclasses.field(default_factory=dict)    # name -> PNG path (``pipeline``)
 
 
 # ---------------------------------------------------------------- AR (Eq. 2), streamed
@@ -655,9 +651,10 @@ def fig6_rows(indexes: Sequence[pd.DataFrame], per_city: int, seed: int = 0) -> 
 # ---------------------------------------------------------------- the stage
 
 
-def run(cfg: CompareConfig, run_dirs: Sequence[str | Path], cache=None,
-        out_dir: str | Path | None = None, progress: bool = True) -> CompareResult:
-    """AR of every pair of runs, tests, Table 2 and lift correlations; reuse if unchanged."""
+def run(cfg: CompareConfig, out: str | Path | None, run_dirs: Sequence[str | Path], cache=None, *,
+        progress: bool = True) -> CompareResult:
+    """AR of every pair of runs, tests, Table 2 and lift correlations, written into ``out``
+    (default ``outputs/comparison``); reused if unchanged."""
     run_dirs = [Path(d) for d in run_dirs]
     infos = {i["name"]: i for i in map(describe, run_dirs)}
     if len(infos) != len(run_dirs):
@@ -672,7 +669,7 @@ def run(cfg: CompareConfig, run_dirs: Sequence[str | Path], cache=None,
         raise ValueError("randomised=True needs the data cache (the test images)")
     S, names = sizes.pop(), list(infos)
     check_one_snapshot(infos, cams, cache)
-    out = Path(out_dir) if out_dir is not None else paths.outputs() / "comparison"
+    out = Path(out) if out is not None else paths.outputs() / "comparison"
     entries = [entry(i, c.meta["key"], objects_key(d)) for i, c, d in zip(infos.values(), cams, run_dirs)]
     folder = ResultFolder(out, NAME, key(cfg, entries, cache.key if cfg.randomised else ""))
     if folder.done() is not None:

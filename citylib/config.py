@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -105,6 +106,34 @@ def from_dict(cls: type[T], data: dict | None, where: str = "settings", prefix: 
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # __post_init__ range checks
         raise ConfigError(f"{where}: {e}") from None
+
+
+_RULE = re.compile(r"(>=|>) (\S+)|in ([\[(])(\S+), (\S+)([\])])")
+
+
+def check(cfg: Any, **rules: str | typing.Collection) -> None:
+    """The range checks of a settings dataclass, one rule per field: ``">= 1"``, ``"> 0"``, an
+    interval ``"in [0, 1]"`` / ``"in (0, 1]"`` / ``"in [0.5, 1)"``, or the collection of allowed
+    values. Raises one ValueError naming every field that breaks its rule."""
+    bad = []
+    for name, rule in rules.items():
+        value = getattr(cfg, name)
+        if isinstance(rule, str):
+            m = _RULE.fullmatch(rule)
+            if m is None:
+                raise ValueError(f"bad rule {rule!r} for '{name}'")
+            if m[1]:
+                ok = value >= float(m[2]) if m[1] == ">=" else value > float(m[2])
+            else:
+                lo, hi = float(m[4]), float(m[5])
+                ok = (lo <= value if m[3] == "[" else lo < value) and (value <= hi if m[6] == "]" else value < hi)
+            want = rule
+        else:
+            ok, want = value in rule, f"one of {list(rule)}"
+        if not ok:
+            bad.append(f"'{name}' = {value!r} must be {want}")
+    if bad:
+        raise ValueError(f"out of range: {'; '.join(bad)}")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,7 +1,7 @@
 """Planted cues of a generated world: were they found, and could they have been?
 
 Reads an ``r_scores.csv`` table (``stats.TABLE_COLUMNS``), ground-truth label maps (N, S, S)
-uint8 with each image's true city, or per-city pixel shares (``labels.pixel_share``), and the
+uint8 with each image's true city, or per-city pixel shares (``ade20k.pixel_share``), and the
 world's planted cues (city -> ADE20K object names); writes nothing (``objects.run`` stores
 the scores in the run's ``objects.json`` and ``planted_recovery.csv``).
 
@@ -21,8 +21,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from citylib import labels as ade
-from citylib import stats
+from citylib import ade20k, stats
 
 
 def _names(objects: Iterable) -> list[str]:
@@ -108,7 +107,7 @@ def ideal_masks(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], gr
 
     from citylib import saliency   # it loads torch and the models: only when needed
 
-    index = {name: i for i, name in (names if names is not None else ade.names()).items()}
+    index = {name: i for i, name in (names if names is not None else ade20k.names()).items()}
     cities = np.asarray(cities).astype(str)
     own = np.zeros(label_maps.shape, np.float32)                         # (N, S, S) 1 = a cue pixel
     for city, objects in cues.items():
@@ -138,7 +137,7 @@ def differences(share: pd.DataFrame, cues: Mapping[str, Iterable] | None = None,
                 floor: float = 0.001) -> pd.DataFrame:
     """Which objects the cities' images differ in, and whether those are declared cues.
 
-    ``share`` is ``labels.pixel_share``'s long table (city, object, share, ...). Returns one row
+    ``share`` is ``ade20k.pixel_share``'s long table (city, object, share, ...). Returns one row
     per object: its mean pixel share in each city (one column per city), ``ratio`` = largest /
     smallest share with shares below ``floor`` counted as ``floor`` (an object a city lacks
     gives a large, finite ratio), and ``planted`` = the cities that declare it a cue (empty if

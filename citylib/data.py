@@ -33,7 +33,7 @@ from tqdm import tqdm
 from citylib import counterfactual, paths, synth
 from citylib.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
 from citylib.cache import Cache, build_cache, file_stats, load_cache, open_rgb, read_label
-from citylib.config import config_hash, to_dict
+from citylib.config import check, config_hash, to_dict
 from citylib.splits import SplitError, split_groups
 from citylib.synth import SynthConfig
 
@@ -70,14 +70,11 @@ class DataConfig:
     def __post_init__(self):
         if not self.source.strip():
             raise ValueError("'source' must be 'world', a folder or a CSV file")
-        if not 8 <= self.image_size <= 4096:
-            raise ValueError(f"'image_size' must be in 8..4096, got {self.image_size}")
+        check(self, image_size="in [8, 4096]", split_seed=">= 0")
         split = tuple(float(r) for r in self.split)
         if len(split) != 3 or not all(math.isfinite(r) and r > 0 for r in split):
             raise ValueError(f"'split' must be three positive ratios (train, val, test), got {self.split}")
         object.__setattr__(self, "split", split)  # 4 and 4.0 must hash alike
-        if self.split_seed < 0:
-            raise ValueError(f"'split_seed' must be >= 0, got {self.split_seed}")
         if self.group_pattern in GROUP_PATTERNS:
             object.__setattr__(self, "group_pattern", GROUP_PATTERNS[self.group_pattern])
         if self.group_pattern is not None:
@@ -331,7 +328,7 @@ def validate(records: pd.DataFrame, max_pixels: int = DataConfig.max_pixels, wor
 NAME = "data"   # the stage's result marker in its folder
 
 
-def run(cfg: DataConfig, out: str | os.PathLike | None = None, progress: bool = True) -> DataResult:
+def run(cfg: DataConfig, out: str | os.PathLike | None = None, *, progress: bool = True) -> DataResult:
     """Find, check, split and cache the dataset of ``cfg`` into ``out`` (reusing a finished run)."""
     out = paths.resolve(out) if out is not None else paths.outputs() / "data"
     source, records, rejected, listing = _scan(cfg, out)

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from citylib import gradcam, intervals, saliency
 from citylib.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
-from citylib.config import config_hash, to_dict
+from citylib.config import check, config_hash, to_dict
 
 FOLDER = "embedding"
 METHODS = ("tsne", "umap")
@@ -88,21 +88,9 @@ class EmbedConfig:
     gallery_fill: float = 2.0     # grid cells per tile: room for tiles to stay near their points
 
     def __post_init__(self):
-        ok = {"method": self.method in METHODS, "descriptor": self.descriptor in DESCRIPTORS,
-              "pca_dims": self.pca_dims >= 2, "perplexity": self.perplexity > 0,
-              "umap_neighbors": self.umap_neighbors >= 2,
-              "umap_min_dist": 0 <= self.umap_min_dist <= 1,
-              "explanation_px": self.explanation_px >= 1, "seed": self.seed >= 0,
-              "knn": self.knn >= 1, "permutations": self.permutations >= 0,
-              "gallery_tiles": self.gallery_tiles >= 1, "tile_px": self.tile_px >= 8,
-              "gallery_fill": self.gallery_fill >= 1}
-        bad = [f"'{k}' = {getattr(self, k)!r}" for k, good in ok.items() if not good]
-        if bad:
-            raise ValueError(f"out of range: {', '.join(bad)} (method in {list(METHODS)}; "
-                             f"descriptor in {list(DESCRIPTORS)}; pca_dims >= 2; perplexity > 0;"
-                             " umap_neighbors >= 2; 0 <= umap_min_dist <= 1; explanation_px, "
-                             "knn, gallery_tiles >= 1; tile_px >= 8; gallery_fill >= 1; seed, "
-                             "permutations >= 0)")
+        check(self, method=METHODS, descriptor=DESCRIPTORS, pca_dims=">= 2", perplexity="> 0",
+              umap_neighbors=">= 2", umap_min_dist="in [0, 1]", explanation_px=">= 1", seed=">= 0",
+              knn=">= 1", permutations=">= 0", gallery_tiles=">= 1", tile_px=">= 8", gallery_fill=">= 1")
 
     @property
     def tag(self) -> str:
@@ -265,7 +253,7 @@ def key(cfg: EmbedConfig, gradcam_key: str) -> str:
     return config_hash("embed", code_key(__name__), cfg, gradcam_key)
 
 
-def run(cfg: EmbedConfig, run_dir: str | Path, cache, progress: bool = True) -> EmbedResult:
+def run(cfg: EmbedConfig, run_dir: str | Path, cache, *, progress: bool = True) -> EmbedResult:
     """Map, figures and agreement of a run's test images; reuse if the key matches."""
     from citylib import gallery     # drawing: matplotlib and PIL only when figures are made
 

@@ -16,6 +16,8 @@ to a notebook are pyplot figures, like ``citylib.plots``'; those saved here are 
 """
 from __future__ import annotations
 
+import base64
+import html
 import math
 import re
 from pathlib import Path
@@ -221,6 +223,18 @@ def figures(emb: embed.EmbedResult, result: gradcam.GradCAMResult, images: np.nd
                                                     np.stack([colours[c] for c in present]))])
         out[name] = save_png(art, folder / f"{name}.png")
     return out
+
+
+def city_galleries(emb: embed.EmbedResult, width: int = 600):
+    """The per-city galleries that ``figures`` wrote, one under another, each under its city's
+    name: one notebook output (an HTML block with the PNGs inside, so a saved notebook keeps them)."""
+    from IPython.display import HTML
+
+    parts = [f"<figure><figcaption>{html.escape(name.removeprefix('gallery_'))}</figcaption>"
+             f"<img width='{width}' src='data:image/png;base64,"
+             f"{base64.b64encode(Path(path).read_bytes()).decode()}'></figure>"
+             for name, path in sorted(emb.figures.items()) if name.startswith("gallery_")]
+    return HTML("".join(parts) or "<p>no per-city gallery</p>")
 
 
 def _slug(name: str) -> str:

@@ -31,7 +31,7 @@ import torch
 
 from citylib import saliency, sanity, train
 from citylib.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
-from citylib.config import config_hash, to_dict
+from citylib.config import check, config_hash, to_dict
 
 FOLDER = NAME = "gradcam"   # the run's sub-folder, and its result marker's name
 
@@ -49,15 +49,8 @@ class GradCAMConfig:
     seed: int = 0                # sanity images, re-initialisation, random deletion order
 
     def __post_init__(self):
-        ok = {"method": self.method in saliency.METHODS, "target": self.target in ("predicted", "true"),
-              "batch_size": self.batch_size >= 1, "threshold": 0 <= self.threshold <= 1,
-              "sanity_images": self.sanity_images >= 0, "deletion_steps": self.deletion_steps >= 1,
-              "seed": self.seed >= 0}
-        bad = [f"'{k}' = {getattr(self, k)!r}" for k, good in ok.items() if not good]
-        if bad:
-            raise ValueError(f"out of range: {', '.join(bad)} (method in {list(saliency.METHODS)}; target "
-                             "'predicted' or 'true'; batch_size, deletion_steps >= 1; "
-                             "0 <= threshold <= 1; sanity_images, seed >= 0)")
+        check(self, method=saliency.METHODS, target=("predicted", "true"), batch_size=">= 1",
+              threshold="in [0, 1]", sanity_images=">= 0", deletion_steps=">= 1", seed=">= 0")
 
 
 @dataclass(frozen=True)
@@ -76,7 +69,7 @@ class GradCAMResult:
         return float(self.meta["config"]["threshold"])
 
 
-def run(cfg: GradCAMConfig, run_dir: str | Path, cache, progress: bool = True) -> GradCAMResult:
+def run(cfg: GradCAMConfig, run_dir: str | Path, cache, *, progress: bool = True) -> GradCAMResult:
     """Masks for every test image of ``cache`` with the run's best model; reuse if unchanged."""
     run_dir = Path(run_dir)
     out = run_dir / FOLDER

@@ -33,9 +33,9 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 
-from citylib import cues, intervals, models, saliency, stats, train
+from citylib import cues, intervals, models, saliency, segment, stats, train
 from citylib.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
-from citylib.config import config_hash
+from citylib.config import check, config_hash
 from citylib.counterfactual import CUE_FREE
 
 NAME = "methods"
@@ -60,17 +60,14 @@ class MethodsConfig:
         if bad or not self.methods:
             raise ValueError(f"'methods' = {list(self.methods)}: each must be one of {list(saliency.METHODS)}")
         object.__setattr__(self, "methods", tuple(self.methods))
-        for name, lo in (("layers", 1), ("top", 1), ("batch_size", 1), ("n_boot", 0)):
-            if getattr(self, name) < lo:
-                raise ValueError(f"'{name}' must be >= {lo}, got {getattr(self, name)}")
-        if not 0.5 <= self.level < 1:
-            raise ValueError(f"'level' = {self.level} must be in [0.5, 1)")
+        check(self, layers=">= 1", top=">= 1", batch_size=">= 1", n_boot=">= 0", level="in [0.5, 1)")
 
 
 @dataclass(frozen=True)
 class MethodsResult:
     table: pd.DataFrame      # methods.csv
     summary: dict            # methods.json
+    folder: Path             # the run folder, where these files are
     reused: bool = False
 
 
@@ -211,18 +208,25 @@ def rho_resamples(hist: stats.Histograms, cue_list: list[tuple[str, str]], boot:
     return rho
 
 
-def run(cfg: MethodsConfig, stats_cfg: stats.StatsConfig, run_dir: str | Path, cache, label_maps: np.ndarray,
-        rows: np.ndarray, labels_key: str, planted: Mapping[str, tuple], causal_result, target: str = "predicted",
+def run(cfg: MethodsConfig, run_dir: str | Path, cache, planted: Mapping[str, tuple], causal_result, *,
+        stats_cfg: stats.StatsConfig, segment_cfg: segment.SegmentConfig,
+        segment_dir: str | Path | None = None, target: str = "predicted",
         progress: bool = True) -> MethodsResult:
-    """Sweep and score every method at every layer on the run's test images ``rows`` (with
-    their ``label_maps``); ``causal_result`` is the run's ``causal.run`` result."""
+    """Sweep and score every method at every layer on the run's test images (labelled as the
+    objects stage labels them), written into ``run_dir``; ``causal_result`` is the run's
+    ``causal.run`` result."""
     run_dir = Path(run_dir)
+    rows = cache.split_indices("test")
+    labels_key = segment.key(segment_cfg, cache, rows)
+    seg = segment.run(segment_cfg, segment_dir, cache, rows=rows, progress=progress)
+    label_maps = np.asarray(seg.labels[rows])                     # (n, S, S) uint8
     model, cities, config = train.load_model(run_dir)
     train.check_data(run_dir, config, cache)
     trained = ResultFolder(run_dir, train.NAME).finished()
     folder = ResultFolder(run_dir, NAME, key(cfg, stats_cfg, trained["key"], labels_key, causal_result.key, target))
     if folder.done() is not None:
-        return MethodsResult(pd.read_csv(run_dir / "methods.csv"), read_json(run_dir / "methods.json"), True)
+        return MethodsResult(pd.read_csv(run_dir / "methods.csv"), read_json(run_dir / "methods.json"),
+                             run_dir, True)
     folder.begin()
     y = np.asarray(cache.y, np.int64)[rows]
     layers = models.sweep_layers(model, cfg.layers)
@@ -234,7 +238,7 @@ def run(cfg: MethodsConfig, stats_cfg: stats.StatsConfig, run_dir: str | Path, c
     write_csv(run_dir / "methods.csv", table)
     write_json(run_dir / "methods.json", summary)
     folder.commit(["methods.csv", "methods.json"])
-    return MethodsResult(table, summary)
+    return MethodsResult(table, summary, run_dir)
 
 
 # ------------------------------------------------------------------ tables and the verdict

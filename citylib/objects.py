@@ -42,6 +42,7 @@ class ObjectsResult:
     recovery: pd.DataFrame         # rank of each planted cue by lift, and the ideal detector's
                                    # rank on a map of the same size (empty without cues)
     summary: dict                  # objects.json
+    folder: Path                   # the run folder, where these files are
     reused: bool = False
 
 
@@ -52,25 +53,26 @@ def key(stats_cfg: stats.StatsConfig, labels_key: str, gradcam_key: str,
                        {c: list(v) for c, v in planted.items()})
 
 
-def run(stats_cfg: stats.StatsConfig, segment_cfg: segment.SegmentConfig, run_dir: str | Path,
-        cache, planted: Mapping[str, tuple], segment_dir: str | Path | None = None,
+def run(stats_cfg: stats.StatsConfig, run_dir: str | Path, cache, planted: Mapping[str, tuple], *,
+        segment_cfg: segment.SegmentConfig, segment_dir: str | Path | None = None,
         progress: bool = True) -> ObjectsResult:
-    """Label the run's test images, then R, coverage and lift per city and object (reused when
-    the key matches); ``planted``: city -> cue names of a generated world, else empty."""
+    """Label the run's test images (label maps kept under ``segment_dir``), then R, coverage and
+    lift per city and object, written into ``run_dir`` (reused when the key matches);
+    ``planted``: city -> cue names of a generated world, else empty."""
     run_dir = Path(run_dir)
     cams = gradcam.load(run_dir)
     rows = cams.index["index"].to_numpy(np.int64)                      # cache rows of the masks
     labels_key = segment.key(segment_cfg, cache, rows)
     folder = ResultFolder(run_dir, NAME, key(stats_cfg, labels_key, cams.meta["key"], planted))
-    seg = segment.run(segment_cfg, cache, segment_dir, rows=rows, progress=progress)
+    seg = segment.run(segment_cfg, segment_dir, cache, rows=rows, progress=progress)
     label_maps = np.asarray(seg.labels[rows])                         # (n, S, S) uint8
     if folder.done() is not None:
         return _load(run_dir, stats_cfg, seg.segmenter, rows, label_maps, planted)
 
     folder.begin()
     size, cities = cache.images.shape[1], cams.index["city"].to_numpy(str)
-    result = stats.run(stats_cfg, stats.upsampled(cams.masks, size, saliency.upsample), label_maps,
-                       cities, run_dir, progress=progress)
+    result = stats.run(stats_cfg, run_dir, stats.upsampled(cams.masks, size, saliency.upsample),
+                       label_maps, cities, progress=progress)
     recovery, scores = pd.DataFrame(), {}
     if planted:   # the ranks, and the best a map of this size allows: missed vs. could not show
         recovery, scores = cues.recovery(result.table, planted)
@@ -92,12 +94,12 @@ def run(stats_cfg: stats.StatsConfig, segment_cfg: segment.SegmentConfig, run_di
         plots.save(fig, run_dir / f"{name}.png")
         plt.close(fig)
     summary = {"segmenter": seg.segmenter, "threshold": stats_cfg.threshold,
-               "r_scores": str(result.path.relative_to(run_dir)), **scores}
+               "r_scores": "r_scores.csv", **scores}
     write_json(run_dir / "objects.json", summary)
     folder.commit(["r_scores.csv", "r_scores.json", "histograms.npz", "planted_recovery.csv",
                    "objects.json", *(f"{n}.png" for n in FIGURES)], gradcam_key=cams.meta["key"])
     return ObjectsResult(result.table, result.histograms, seg.segmenter, rows, label_maps,
-                         dict(planted), recovery, summary)
+                         dict(planted), recovery, summary, run_dir)
 
 
 def _load(run_dir: Path, stats_cfg, segmenter: str, rows, label_maps, planted) -> ObjectsResult:
@@ -110,4 +112,4 @@ def _load(run_dir: Path, stats_cfg, segmenter: str, rows, label_maps, planted) -
         recovery = pd.DataFrame()
     return ObjectsResult(table, stats.Histograms.load(run_dir / "histograms.npz", stats_cfg),
                          segmenter, rows, label_maps, dict(planted), recovery,
-                         read_json(run_dir / "objects.json"), reused=True)
+                         read_json(run_dir / "objects.json"), run_dir, reused=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from citylib import paths
-from citylib.config import ConfigError, config_hash, from_dict, load_yaml, to_dict
+from citylib.config import ConfigError, check, config_hash, from_dict, load_yaml, to_dict
 from citylib.causal import CausalConfig
 from citylib.compare import CompareConfig
 from citylib.data import DataConfig
@@ -44,10 +44,7 @@ class RunConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)  # grid-wide: equal in every file
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"'arch' = {self.arch!r} is not one of {', '.join(ARCHS)}")
-        if self.seed < 0:
-            raise ValueError(f"'seed' must be >= 0, got {self.seed}")
+        check(self, arch=ARCHS, seed=">= 0")
         if self.data.image_size < MIN_IMAGE_SIZE:   # else the data stage runs and training fails
             raise ValueError(f"'data.image_size' = {self.data.image_size}: the networks need >= {MIN_IMAGE_SIZE}")
 

@@ -10,11 +10,11 @@ batch runner and the tests all call these, so the chain is written once.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from citylib import (artifacts, causal, compare, compare_plots, cues, data, embed, gradcam, methods, objects,
@@ -70,7 +70,7 @@ def run_training(run: Run, force: bool = False, progress: bool = True) -> train.
         cache = load_cache(run)
     except StaleError:
         cache = data.load_cache(run_data(run, progress).cache_dir)
-    result = train.run(cfg.arch, cfg.seed, cfg.train, cache, run.dir, name=cfg.name,
+    result = train.run(cfg.train, run.dir, cache, arch=cfg.arch, seed=cfg.seed, name=cfg.name,
                        extra_config=cfg.to_dict(), force=force, progress=progress,
                        keep_checkpoints=1)
     write_metrics(run)
@@ -88,8 +88,8 @@ def run_objects(run: Run, progress: bool = True) -> ObjectsResult:
     """Label every test image (once per dataset), then R, coverage and lift per city and object
     (``citylib.objects``)."""
     cache = _explained(run)
-    result = objects.run(run.cfg.stats, run.cfg.segment, run.dir, cache, planted_cues(run),
-                         run.data_dir / "segment", progress=progress)
+    result = objects.run(run.cfg.stats, run.dir, cache, planted_cues(run), segment_cfg=run.cfg.segment,
+                         segment_dir=run.data_dir / "segment", progress=progress)
     write_metrics(run)
     return result
 
@@ -110,17 +110,12 @@ def run_methods(run: Run, reliance: causal.CausalResult | None = None,
     """Every CAM method at every layer of the sweep, scored by planted-cue recovery and by
     agreement with the causal ranking (``citylib.methods``; ``reliance``: the run's
     ``run_causal`` result, measured or reused here when not given); None for other data."""
-    if reliance is None:
-        cf = data.load_counterfactuals(run.cfg.data, run.data_dir)
-        if cf is None:
-            return None
-        reliance = causal.run(run.cfg.causal, run.dir, load_cache(run), cf, progress=progress)
-    cfg, cache = run.cfg, load_cache(run)
-    rows = cache.split_indices("test")
-    seg = segment.run(cfg.segment, cache, run.data_dir / "segment", rows=rows, progress=progress)
-    result = methods.run(cfg.methods, cfg.stats, run.dir, cache, np.asarray(seg.labels[rows]), rows,
-                         segment.key(cfg.segment, cache, rows), planted_cues(run), reliance,
-                         cfg.gradcam.target, progress=progress)
+    if reliance is None and (reliance := run_causal(run, progress)) is None:
+        return None
+    cfg = run.cfg
+    result = methods.run(cfg.methods, run.dir, load_cache(run), planted_cues(run), reliance,
+                         stats_cfg=cfg.stats, segment_cfg=cfg.segment, segment_dir=run.data_dir / "segment",
+                         target=cfg.gradcam.target, progress=progress)
     write_metrics(run)
     return result
 
@@ -232,17 +227,18 @@ def run_comparison(grid: Grid, progress: bool = True) -> compare.CompareResult:
     """AR of every pair of runs (and against re-initialised models), tests and Table 2."""
     first, dirs = grid.runs[0], [r.dir for r in grid.runs]
     cache = load_cache(first)   # the runs must all have been trained on this snapshot
-    result = compare.run(first.cfg.compare, dirs, cache, grid.dir, progress=progress)
+    result = compare.run(first.cfg.compare, grid.dir, dirs, cache, progress=progress)
     scores = compare.lift_scores(dirs)
     figures = {"ar_heatmap": lambda: compare_plots.plot_ar_heatmap(result.ar),
                "fig6": lambda: compare_plots.plot_fig6(cache, dirs, result.fig6_rows),
                "lift_comparison": (lambda: compare_plots.plot_lift_comparison(scores)) if scores else None}
-    for name, draw in figures.items():       # the figures again as files, for the report
+    saved = {}
+    for name, draw in figures.items():       # for the notebook and the report
         if draw is not None:
             fig = draw()
-            plots.save(fig, grid.dir / f"{name}.png")
+            saved[name] = plots.save(fig, grid.dir / f"{name}.png")
             plt.close(fig)
-    return result
+    return dataclasses.replace(result, figures=saved)
 
 
 def grid_key(runs: list[Run]) -> str:

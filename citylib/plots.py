@@ -66,7 +66,7 @@ def class_balance(manifest: pd.DataFrame):
 
 
 def object_share(share: pd.DataFrame, top: int = 15):
-    """Mean pixel share of the most common objects, per city (from ``labels.pixel_share``)."""
+    """Mean pixel share of the most common objects, per city (from ``ade20k.pixel_share``)."""
     import seaborn as sns
     order = share.groupby("object")["share"].max().sort_values(ascending=False).index[:top]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -147,9 +147,9 @@ def label_overlays(cache, objects, n: int = 8, seed: int = 0):
 
     ``objects``: ``pipeline.ObjectsResult`` (label maps and the cache rows they belong to).
     """
-    from citylib import labels
+    from citylib import ade20k
 
-    name_of = labels.names()
+    name_of = ade20k.names()
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(objects.labels), min(n, len(objects.labels)), replace=False))
     fig, axes = plt.subplots(1, len(pick), figsize=(2.2 * len(pick), 2.8), squeeze=False)

@@ -75,6 +75,54 @@ class RunnerResult:
         return not self.failed
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every notebook of one ``citylib run`` shares."""
+
+    out: Path            # the outputs folder
+    notebooks: Path      # the folder of the suite's notebooks
+    force: bool          # execute even the notebooks whose key matches
+
+
+class _Progress:
+    """What has happened so far (a ``RunnerResult``) and the progress bar that shows it: the
+    scheduling code says what happened, this keeps the counts."""
+
+    def __init__(self, result: RunnerResult, bar):
+        self.result, self.bar = result, bar
+
+    def begin(self, label: str) -> None:
+        self.bar.set_postfix_str(label)
+
+    def skipped(self, label: str) -> None:
+        self.result.skipped.append(label)
+        self.bar.update(1)
+
+    def executed(self, label: str, seconds: float) -> None:
+        self.result.executed.append(label)
+        self.result.seconds[label] = seconds
+        self.bar.update(1)
+
+    def failed(self, label: str, reason: str, line: str) -> None:
+        """``reason`` goes to the summary, ``line`` to the console."""
+        self.result.failed[label] = reason
+        tqdm.write(f"FAILED {label}: {line}")
+        self.bar.update(1)
+
+    def never(self, notebooks: int) -> None:
+        """Notebooks that will not run: something they need failed."""
+        self.bar.update(notebooks)
+
+    def merge(self, part: RunnerResult, label: str, notebooks: int) -> None:
+        """A worker's ``part`` of the result, for its task ``label`` of ``notebooks`` notebooks."""
+        self.result.executed += part.executed
+        self.result.seconds.update(part.seconds)
+        self.result.skipped += part.skipped
+        self.result.failed.update(part.failed)
+        self.bar.set_postfix_str(f"{label} done")
+        self.bar.update(notebooks)
+
+
 def run(
     params: str | Path | None = None,
     only: list[str] | None = None,
@@ -102,7 +150,7 @@ def run(
         by_name = {n: v for n, v in by_name.items() if n in only}
 
     with _kernel_env(KERNEL_ENV), _lock(out), _terminate_as_interrupt():
-        return _run(by_name, everything, out, nb_dir, force, jobs, cores)
+        return _run(by_name, everything, _Job(out, nb_dir, force), jobs, cores)
 
 
 class Busy(ValueError):
@@ -184,11 +232,10 @@ def _kernel_env(env: dict[str, str]):
             os.environ.pop(k, None)
 
 
-def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool, jobs: int,
-         cores: int) -> RunnerResult:
-    result = RunnerResult()
+def _run(by_name: dict, everything: dict, job: _Job, jobs: int, cores: int) -> RunnerResult:
+    out, result = job.out, RunnerResult()
     total = len(DATA_NOTEBOOKS) + len(RUN_NOTEBOOKS) * len(by_name) + len(GRID_NOTEBOOKS)
-    bar = tqdm(total=total, desc="citylib run", unit="notebook")
+    progress = _Progress(result, tqdm(total=total, desc="citylib run", unit="notebook"))
     first_cfg, first_file = next(iter(by_name.values()))
     data_ok = True
     try:
@@ -201,7 +248,7 @@ def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool, 
         data_key = f"unreadable: {type(e).__name__}: {e}"
     try:
         for nb in DATA_NOTEBOOKS:
-            data_ok &= _execute(nb_dir / nb, out / "data", f"data/{nb}", first_file, out, data_key, force, result, bar)
+            data_ok &= _execute(job, nb, out / "data", f"data/{nb}", first_file, data_key, progress)
         rejected = out / "data" / "rejected.csv"
         if data_ok and rejected.is_file() and (n := len(pd.read_csv(rejected))):
             tqdm.write(f"{n} file(s) of the dataset rejected, each with its reason: {rejected}")
@@ -216,33 +263,38 @@ def _run(by_name: dict, everything: dict, out: Path, nb_dir: Path, force: bool, 
         for name, (cfg, file) in by_name.items():
             if name not in keys:
                 result.failed.setdefault(name, "skipped: the data stage failed")
-                bar.update(len(RUN_NOTEBOOKS))
+                progress.never(len(RUN_NOTEBOOKS))
                 continue
             _write_config(out / "runs" / name / "config.json", cfg)
             runs[name] = (cfg, file, keys[name])
-        finished = _schedule(runs, out, nb_dir, force, cores, max(1, cores // jobs), result, bar)
+        finished = _schedule(runs, job, cores, max(1, cores // jobs), progress)
         # the grid compares every finished run of these files, also those left out by --only
         finished += [n for n in everything if n not in by_name and n in keys
-                     and _is_done(out / "runs" / n, keys[n], nb_dir)]
+                     and _is_done(out / "runs" / n, keys[n], job.notebooks)]
         result.finished[:] = [n for n in everything if n in finished]
-        grid = [str(everything[n][1]) for n in everything if n in finished]   # file order
-        for nb in GRID_NOTEBOOKS:
-            if not grid:
-                result.failed[f"comparison/{nb}"] = "skipped: no run finished"
-                bar.update(1)
-                continue
-            try:
-                key = _grid_key([everything[n][0] for n in everything if n in finished], out)
-            except Exception as e:   # e.g. runs of different data snapshots: the notebook says so
-                key = f"unreadable: {type(e).__name__}: {e}"
-            _execute(nb_dir / nb, out / "comparison", f"comparison/{nb}", grid, out, key, force, result, bar)
+        _compare(job, everything, [n for n in everything if n in finished], progress)
     except KeyboardInterrupt:          # the summary says what finished, then the caller says why
         result.interrupted = True
         raise
     finally:
-        bar.close()
+        progress.bar.close()
         result.summary = write_summary(out, [c for c, _ in everything.values()], result)
     return result
+
+
+def _compare(job: _Job, everything: dict, finished: list[str], progress: _Progress) -> None:
+    """The grid notebooks over the ``finished`` runs (in parameter-file order)."""
+    grid = [str(everything[n][1]) for n in finished]
+    for nb in GRID_NOTEBOOKS:
+        if not grid:
+            progress.result.failed[f"comparison/{nb}"] = "skipped: no run finished"
+            progress.never(1)
+            continue
+        try:
+            key = _grid_key([everything[n][0] for n in finished], job.out)
+        except Exception as e:   # e.g. runs of different data snapshots: the notebook says so
+            key = f"unreadable: {type(e).__name__}: {e}"
+        _execute(job, nb, job.out / "comparison", f"comparison/{nb}", grid, key, progress)
 
 
 def _keys(cfg: RunConfig, out: Path) -> dict[str, str]:
@@ -259,14 +311,13 @@ def _grid_key(configs: list[RunConfig], out: Path) -> str:
     return pipeline.grid_key([pipeline.Run(c, out) for c in configs])
 
 
-def _notebooks(names: tuple[str, ...], name: str, file: Path, keys: dict[str, str], out: Path,
-               nb_dir: Path, force: bool, result: RunnerResult, bar) -> bool:
+def _notebooks(job: _Job, names: tuple[str, ...], name: str, file: Path, keys: dict[str, str],
+               progress: _Progress) -> bool:
     """``names`` of one run in order; True if all are done (a failure skips the rest)."""
-    result.started.append(name)
+    progress.result.started.append(name)
     for i, nb in enumerate(names):
-        if not _execute(nb_dir / nb, out / "runs" / name, f"{name}/{nb}", file, out, keys[nb], force,
-                        result, bar):
-            bar.update(len(names) - i - 1)   # later notebooks need the earlier ones
+        if not _execute(job, nb, job.out / "runs" / name, f"{name}/{nb}", file, keys[nb], progress):
+            progress.never(len(names) - i - 1)   # later notebooks need the earlier ones
             return False
     return True
 
@@ -284,8 +335,7 @@ class _Task:
         return self.notebooks == RUN_NOTEBOOKS[:1]
 
 
-def _schedule(runs: dict, out: Path, nb_dir: Path, force: bool, cores: int, analysis_cores: int,
-              result: RunnerResult, bar) -> list[str]:
+def _schedule(runs: dict, job: _Job, cores: int, analysis_cores: int, progress: _Progress) -> list[str]:
     """Notebooks 02-05 of ``runs``; returns those that finished, in parameter-file order.
 
     A run's training (notebook 02) takes ``train.threads`` cores, its analysis (03-05)
@@ -300,26 +350,24 @@ def _schedule(runs: dict, out: Path, nb_dir: Path, force: bool, cores: int, anal
     trainings.sort(key=lambda t: -t.cores)   # the widest first; at the end analyses fill the gaps
     analyses = [_Task(n, RUN_NOTEBOOKS[1:], analysis_cores) for n in runs]
     if 2 * min((t.cores for t in trainings + analyses), default=cores) > cores:
-        trained = [t.run for t in trainings if _run_task(t, runs, out, nb_dir, force, result, bar)]
+        trained = [t.run for t in trainings if _run_task(t, runs, job, progress)]
         for t in analyses:
-            if t.run in trained and _run_task(t, runs, out, nb_dir, force, result, bar):
-                result.finished.append(t.run)
-        return [n for n in runs if n in result.finished]
-    return _schedule_in_workers(trainings, analyses, runs, out, nb_dir, force, cores, result, bar)
+            if t.run in trained and _run_task(t, runs, job, progress):
+                progress.result.finished.append(t.run)
+        return [n for n in runs if n in progress.result.finished]
+    return _schedule_in_workers(trainings, analyses, runs, job, cores, progress)
 
 
-def _run_task(task: _Task, runs: dict, out: Path, nb_dir: Path, force: bool, result: RunnerResult,
-              bar) -> bool:
+def _run_task(task: _Task, runs: dict, job: _Job, progress: _Progress) -> bool:
     _, file, keys = runs[task.run]
-    ok = _notebooks(task.notebooks, task.run, file, keys, out, nb_dir, force, result, bar)
+    ok = _notebooks(job, task.notebooks, task.run, file, keys, progress)
     if not ok and task.training:
-        bar.update(len(RUN_NOTEBOOKS) - len(task.notebooks))   # its analysis never starts
+        progress.never(len(RUN_NOTEBOOKS) - len(task.notebooks))   # its analysis never starts
     return ok
 
 
-def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: dict, out: Path,
-                         nb_dir: Path, force: bool, cores: int, result: RunnerResult,
-                         bar) -> list[str]:
+def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: dict, job: _Job,
+                         cores: int, progress: _Progress) -> list[str]:
     """The worker-process side of ``_schedule``: papermill changes the process's working
     directory for each notebook, which notebooks running side by side in threads of one process
     would share; and each kernel inherits its worker's thread settings."""
@@ -338,11 +386,10 @@ def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: di
                 _, file, keys = runs[task.run]
                 env = {k: str(task.cores) for k in THREAD_VARS if k not in user_set}
                 with _sigint_ignored():          # a worker it starts inherits that: Ctrl-C is ours
-                    future = pool.submit(_task_worker, task.run, task.notebooks, file, keys, out,
-                                         nb_dir, force, env)
+                    future = pool.submit(_task_worker, job, task.run, task.notebooks, file, keys, env)
                 running[future] = task
                 free -= task.cores
-                result.started.append(task.run)
+                progress.result.started.append(task.run)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 task = running.pop(future)
@@ -353,20 +400,15 @@ def _schedule_in_workers(trainings: list[_Task], analyses: list[_Task], runs: di
                 except Exception as e:   # the worker process itself died
                     part, ok = RunnerResult(failed={label: f"{type(e).__name__}: {e}"}), False
                     tqdm.write(f"FAILED {label}: {type(e).__name__}: {e}")
-                result.executed += part.executed
-                result.seconds.update(part.seconds)
-                result.skipped += part.skipped
-                result.failed.update(part.failed)
-                bar.set_postfix_str(f"{label} done")
-                bar.update(len(task.notebooks))
+                progress.merge(part, label, len(task.notebooks))
                 if task.training and ok:
                     trained.add(task.run)
                 elif task.training:
                     lost.add(task.run)
-                    bar.update(len(RUN_NOTEBOOKS) - 1)
+                    progress.never(len(RUN_NOTEBOOKS) - 1)
                 elif ok:
                     finished.add(task.run)
-                    result.finished.append(task.run)
+                    progress.result.finished.append(task.run)
     return [n for n in runs if n in finished]
 
 
@@ -474,14 +516,14 @@ def _end_descendants(grace: float = 3.0) -> None:
             left = _descendants(os.getpid())
 
 
-def _task_worker(name: str, notebooks: tuple[str, ...], file: Path, keys: dict[str, str], out: Path,
-                 nb_dir: Path, force: bool, env: dict[str, str]) -> tuple[RunnerResult, bool]:
+def _task_worker(job: _Job, name: str, notebooks: tuple[str, ...], file: Path, keys: dict[str, str],
+                 env: dict[str, str]) -> tuple[RunnerResult, bool]:
     """In a worker process: some notebooks of one run, with a silent progress bar; ``env`` (the
     thread settings) goes to the kernels it starts."""
     os.environ.update(env)
     result = RunnerResult()
     with tqdm(total=len(notebooks), disable=True) as bar:
-        ok = _notebooks(notebooks, name, file, keys, out, nb_dir, force, result, bar)
+        ok = _notebooks(job, notebooks, name, file, keys, _Progress(result, bar))
     return result, ok
 
 
@@ -497,46 +539,42 @@ def _marker(notebook: Path, out_dir: Path, key: str) -> ResultFolder:
     return ResultFolder(out_dir, notebook.stem, config_hash(key, source))
 
 
-def _execute(notebook: Path, out_dir: Path, label: str, params_file: Path | list[str], outputs: Path,
-             key: str, force: bool, result: RunnerResult, bar) -> bool:
-    """Run one notebook with papermill unless its marker matches; True if it is done."""
+def _execute(job: _Job, name: str, out_dir: Path, label: str, params_file: Path | list[str], key: str,
+             progress: _Progress) -> bool:
+    """Run the notebook ``name`` with papermill unless its marker matches; True if it is done."""
     import papermill as pm  # heavy import, only when notebooks run
 
+    notebook = job.notebooks / name
     marker = _marker(notebook, out_dir, key)
     target = out_dir / notebook.name
-    if not force and marker.done() is not None:
+    if not job.force and marker.done() is not None:
         with contextlib.suppress(OSError):   # an earlier failure's copy, now outdated
             (out_dir / f"{notebook.stem}.failed.ipynb").unlink(missing_ok=True)
-        result.skipped.append(label)
-        bar.update(1)
+        progress.skipped(label)
         return True
     marker.begin()
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f".{notebook.stem}.partial.ipynb"
-    bar.set_postfix_str(label)
+    progress.begin(label)
+    parameters = {"params_file": params_file if isinstance(params_file, list) else str(params_file),
+                  "outputs": str(job.out)}
+    if "force" in pm.inspect_notebook(str(notebook)):     # the training notebook's: retrain
+        parameters["force"] = job.force
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(
-            str(notebook), str(partial),
-            parameters={"params_file": params_file if isinstance(params_file, list) else str(params_file),
-                        "outputs": str(outputs), "force": force},
-            kernel_name="python3", progress_bar=False, cwd=str(notebook.parent),
-        )
+        pm.execute_notebook(str(notebook), str(partial), parameters=parameters, kernel_name="python3",
+                            progress_bar=False, cwd=str(notebook.parent))
     except Exception as e:  # papermill wraps the cell's exception; keep going with other runs
         failed = out_dir / f"{notebook.stem}.failed.ipynb"
         if partial.exists():
             os.replace(partial, failed)
-        result.failed[label] = f"{type(e).__name__}: {_last_line(e)} (see {failed})"
-        tqdm.write(f"FAILED {label}: {_last_line(e)}")
-        bar.update(1)
+        progress.failed(label, f"{type(e).__name__}: {_last_line(e)} (see {failed})", _last_line(e))
         return False
     os.replace(partial, target)
     (out_dir / f"{notebook.stem}.failed.ipynb").unlink(missing_ok=True)
     seconds = round(time.perf_counter() - t0, 1)
     marker.commit([notebook.name], seconds=seconds)
-    result.executed.append(label)
-    result.seconds[label] = seconds
-    bar.update(1)
+    progress.executed(label, seconds)
     return True
 
 

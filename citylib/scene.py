@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .labels import STREET as VOCAB  # ADE20K name -> index of the street vocabulary
+from .ade20k import STREET as VOCAB  # ADE20K name -> index of the street vocabulary
 
 
 

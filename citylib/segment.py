@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from citylib import paths
 from citylib.artifacts import atomic_dir, atomic_path, code_key, read_json, write_json
 from citylib.cache import Cache, prepare
-from citylib.config import config_hash
+from citylib.config import check, config_hash
 
 MODEL_FILE = "deeplabv3_mobilenetv2_ade20k.tflite"
 MODEL_SIZE = 513  # the model's fixed input side
@@ -60,10 +60,7 @@ class SegmentConfig:
     threads: int = 2  # CPU threads of the model (speed only; not in the cache key)
 
     def __post_init__(self):
-        if self.segmenter not in ("auto", "ground_truth", "ade20k"):
-            raise ValueError(f"'segmenter' = {self.segmenter!r} must be 'auto', 'ground_truth' or 'ade20k'")
-        if self.threads < 1:
-            raise ValueError(f"'threads' must be >= 1, got {self.threads}")
+        check(self, segmenter=("auto", "ground_truth", "ade20k"), threads=">= 1")
 
 
 @dataclass(frozen=True)
@@ -166,9 +163,10 @@ def choose(cfg: SegmentConfig, cache: Cache, rows: np.ndarray) -> str:
     return "ground_truth" if bool(_has_labels(cache)[rows].all()) else "ade20k"
 
 
-def run(cfg: SegmentConfig, cache: Cache, out: str | os.PathLike | None = None,
+def run(cfg: SegmentConfig, out: str | os.PathLike | None, cache: Cache, *,
         rows: Sequence[int] | np.ndarray | None = None, progress: bool = True) -> SegmentResult:
-    """Label maps for ``rows`` of ``cache`` (default: every row), reusing earlier work."""
+    """Label maps for ``rows`` of ``cache`` (default: every row), reusing earlier work, in a
+    folder under ``out`` (default ``outputs/data/segment``; ground truth needs none)."""
     n, size = len(cache), int(cache.labels.shape[1])
     rows = np.arange(n) if rows is None else np.unique(np.asarray(rows, dtype=np.intp))
     if rows.size and (rows[0] < 0 or rows[-1] >= n):

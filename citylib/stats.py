@@ -42,12 +42,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from citylib import labels as ade
+from citylib import ade20k
 from citylib.artifacts import atomic_path, write_csv, write_json
-from citylib.config import config_hash, to_dict
+from citylib.config import check, config_hash, to_dict
 
 TABLE_COLUMNS = ["city", "object", "pixels", "R", "coverage", "lift", "lift_ci_low", "lift_ci_high"]
-CLASSES = ade.NUM_CLASSES + 1  # label values 0..150
+CLASSES = ade20k.NUM_CLASSES + 1  # label values 0..150
 BATCH = 256  # images per step when masks come as one array
 TOLERANCE = 1e-3  # mask values this far outside [0, 1] are clipped (interpolation rounding)
 
@@ -63,13 +63,9 @@ class StatsConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not 1 <= self.bins <= 1000:
-            raise ValueError(f"'bins' must be in 1..1000, got {self.bins}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"'threshold' must be in [0, 1], got {self.threshold}")
+        check(self, bins="in [1, 1000]", threshold="in [0, 1]", min_pixels_224=">= 0", bootstrap=">= 0",
+              seed=">= 0")
         edge(self.threshold, self.bins)
-        if self.min_pixels_224 < 0 or self.bootstrap < 0 or self.seed < 0:
-            raise ValueError("'min_pixels_224', 'bootstrap' and 'seed' must be >= 0")
 
 
 def edge(threshold: float, bins: int) -> int:
@@ -90,7 +86,7 @@ def min_pixels(cfg: StatsConfig, size: int) -> float:
 class StatsResult:
     table: pd.DataFrame  # TABLE_COLUMNS, at cfg.threshold
     histograms: "Histograms"
-    path: Path  # r_scores.csv
+    folder: Path  # where r_scores.csv, r_scores.json and histograms.npz are
 
 
 # ---------------------------------------------------------------- counting, once
@@ -220,7 +216,7 @@ class Histograms:
             raise ValueError(f"got masks for {start} images but {n} label maps")
         return cls(names_, city, np.concatenate(img), np.concatenate(obj),
                    np.concatenate(above) if above else np.zeros((0, cfg.bins + 1), np.int32),
-                   size, cfg, dict(names if names is not None else ade.names()))
+                   size, cfg, dict(names if names is not None else ade20k.names()))
 
     # ------------------------------------------------------------ queries
 
@@ -357,17 +353,18 @@ class Histograms:
 # ---------------------------------------------------------------- the stage
 
 
-def run(cfg: StatsConfig, masks, label_maps: np.ndarray, cities, out_dir: str | Path,
+def run(cfg: StatsConfig, out: str | Path, masks, label_maps: np.ndarray, cities, *,
         names: Mapping[int, str] | None = None, progress: bool = True) -> StatsResult:
-    """Count, tabulate at ``cfg.threshold`` and write ``r_scores.csv`` (see the module docstring)."""
-    out_dir = Path(out_dir)
+    """Count, tabulate at ``cfg.threshold`` and write ``r_scores.csv`` into ``out`` (see the
+    module docstring)."""
+    out_dir = Path(out)
     hist = Histograms.build(masks, label_maps, cities, cfg, names, progress)
     table = hist.table()
-    path = write_csv(out_dir / "r_scores.csv", table)
+    write_csv(out_dir / "r_scores.csv", table)
     hist.save(out_dir / "histograms.npz")
     write_json(out_dir / "r_scores.json", {
         "config": to_dict(cfg), "hash": config_hash(cfg), "image_size": hist.size,
         "min_pixels": min_pixels(cfg, hist.size),
         "images": dict(zip(hist.cities, hist.images.tolist())),
         "coverage": dict(zip(hist.cities, hist.coverage(cfg.threshold).tolist()))})
-    return StatsResult(table, hist, path)
+    return StatsResult(table, hist, out_dir)

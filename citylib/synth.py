@@ -27,7 +27,7 @@ from PIL import Image
 
 from . import scene
 from .artifacts import ResultFolder, atomic_path, code_key, write_csv, write_json
-from .config import ConfigError, config_hash, from_dict, load_yaml, to_dict
+from .config import ConfigError, check, config_hash, from_dict, load_yaml, to_dict
 from .paths import WORLDS
 from .scene import VOCAB
 
@@ -45,10 +45,7 @@ class SynthConfig:
     #                              reset to the base style in every city that plants them
 
     def __post_init__(self):
-        for name, lo, hi in (("spots_per_city", 1, 100_000), ("views", 1, 36), ("size", 16, 2048),
-                             ("seed", 0, 2**63 - 1)):
-            if not lo <= getattr(self, name) <= hi:
-                raise ValueError(f"'{name}' = {getattr(self, name)} must be in [{lo}, {hi}]")
+        check(self, spots_per_city="in [1, 100000]", views="in [1, 36]", size="in [16, 2048]", seed=">= 0")
         if not self.world:
             raise ValueError("'world' must name a world")
         object.__setattr__(self, "reset", tuple(self.reset))

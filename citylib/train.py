@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from citylib import models
 from citylib.artifacts import (ResultFolder, StaleError, atomic_path, code_key, read_json, remove_leftovers,
                                write_csv, write_json)
-from citylib.config import config_hash, to_dict
+from citylib.config import check, config_hash, to_dict
 
 # Inputs are mapped from [0, 255] to [-1, 1]: (x / 255 - MEAN) / STD. Fixed constants rather
 # than dataset statistics, so a checkpoint needs nothing else to be used on new images.
@@ -71,22 +71,15 @@ class TrainConfig:
     threads: int = 2           # torch CPU threads; results are bit-identical only at equal count
 
     def __post_init__(self):
-        ok = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
-              "lr": self.lr > 0, "lr_step": self.lr_step >= 1, "lr_gamma": 0 < self.lr_gamma <= 1,
-              "weight_decay": self.weight_decay >= 0, "crop_jitter": 0 <= self.crop_jitter <= 32,
-              "threads": self.threads >= 1}
-        bad = [f"'{k}' = {getattr(self, k)!r}" for k, good in ok.items() if not good]
-        if bad:
-            raise ValueError(f"out of range: {', '.join(bad)} (epochs, batch_size, lr_step, "
-                             "threads >= 1; lr > 0; 0 < lr_gamma <= 1; weight_decay >= 0; "
-                             "0 <= crop_jitter <= 32)")
+        check(self, epochs=">= 1", batch_size=">= 1", lr="> 0", lr_step=">= 1", lr_gamma="in (0, 1]",
+              weight_decay=">= 0", crop_jitter="in [0, 32]", threads=">= 1")
 
 
 @dataclass(frozen=True)
 class TrainResult:
     """What ``run`` did: the run folder, its config and key, history and test metrics."""
 
-    out: Path
+    folder: Path           # the run folder
     config: dict
     key: str
     history: pd.DataFrame
@@ -96,8 +89,8 @@ class TrainResult:
     resumed_from: int      # last epoch found in checkpoints/ (0: started fresh)
 
 
-def run(arch: str, seed: int, cfg: TrainConfig, cache, out: Path, name: str,
-        extra_config: dict | None = None, *, progress: bool = True, stop_after: int | None = None,
+def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name: str,
+        extra_config: dict | None = None, progress: bool = True, stop_after: int | None = None,
         force: bool = False, keep_checkpoints: int | None = None) -> TrainResult:
     """Train ``arch`` with ``seed`` on ``cache``, writing into ``out``; reuse or resume if possible.
 

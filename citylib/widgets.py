@@ -132,10 +132,25 @@ class Explorer:
 
     def point_figure(self, point: int) -> Figure:
         """Image, weighted mask and visual explanation of one row, side by side."""
-        info = self.result.index.iloc[int(point)]
-        image = np.asarray(self.cache.images[self.rows[int(point)]])         # (S, S, 3)
-        up = saliency.upsample(np.asarray(self.result.masks[[int(point)]]), image.shape[0])[0]
         fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
+        fig.suptitle(self._panels(axes, int(point)), fontsize=9)
+        fig.tight_layout()
+        return fig
+
+    def examples(self) -> Figure:
+        """``point_figure``'s panels for the first test image of each city, one row each."""
+        points = self.result.index.reset_index(drop=True).groupby("city", sort=False).head(1).index
+        fig, axes = plt.subplots(len(points), 3, figsize=(7.5, 2.8 * len(points)), squeeze=False)
+        for row, point in zip(axes, points):
+            row[0].set_ylabel(self._panels(row, int(point)).replace("   ", "\n"), fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    def _panels(self, axes, point: int) -> str:
+        """Draw row ``point``'s image, weighted mask and explanation on three ``axes``; its caption."""
+        info = self.result.index.iloc[point]
+        image = np.asarray(self.cache.images[self.rows[point]])              # (S, S, 3)
+        up = saliency.upsample(np.asarray(self.result.masks[[point]]), image.shape[0])[0]
         panels = (("image", image), ("weighted mask", up),
                   (f"explanation (≥ {self.result.threshold:g})",
                    saliency.explanation(image, up, self.result.threshold)))
@@ -143,10 +158,8 @@ class Explorer:
             ax.imshow(p, **({"cmap": "jet", "vmin": 0, "vmax": 1} if p.ndim == 2 else {}))
             ax.set(xticks=[], yticks=[], title=head)
         prob = info.get(f"prob_{info['predicted']}", float("nan"))
-        fig.suptitle(f"row {point}: {info['city']} → {info['predicted']} (p = {prob:.2f})   "
-                     f"{Path(str(info['path'])).name}", fontsize=9)
-        fig.tight_layout()
-        return fig
+        return (f"row {point}: {info['city']} → {info['predicted']} (p = {prob:.2f})   "
+                f"{Path(str(info['path'])).name}")
 
     @property
     def widget(self):

@@ -23,8 +23,7 @@ def main(argv: list[str]) -> int:
     for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         target = work / nb.name
         pm.execute_notebook(str(nb), str(target), prepare_only=True, kernel_name="python3",
-                            parameters={"params_file": str(params_file), "outputs": str(work / "outputs"),
-                                        "force": False})
+                            parameters={"params_file": str(params_file), "outputs": str(work / "outputs")})
         prepared.append(str(target))
     print(f"nbval on {len(prepared)} notebooks in {work}", flush=True)
     return pytest.main(["-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env",

@@ -17,6 +17,7 @@ from citylib import compare, compare_plots, gradcam, models, saliency # noqa: E4
 from citylib.artifacts import read_json, write_csv, write_json  # noqa: E402
 from citylib.compare import CompareConfig  # noqa: E402
 from citylib.config import ConfigError, from_dict  # noqa: E402
+from conftest import gradcam_folder  # noqa: E402
 
 CITIES = ["amsterdam", "berlin", "cairo"]
 
@@ -36,15 +37,8 @@ def fake_run(root, name: str, arch: str, seed: int, masks: np.ndarray, rows, siz
     cities = cities if cities is not None else [CITIES[r % 3] for r in rows]
     write_json(d / "config.json", {"config": {"name": name, "arch": arch, "seed": seed},
                                    "config_hash": name})
-    (d / "gradcam").mkdir(parents=True)
-    np.save(d / "gradcam" / "masks.npy", np.asarray(masks, np.float16))
-    write_csv(d / "gradcam" / "index.csv", pd.DataFrame({
-        "index": rows, "path": [f"img/{r}.png" for r in rows], "city": cities,
-        "target": cities, "predicted": cities, "correct": True}))
-    write_json(d / "gradcam" / "sanity.json", {})
-    write_json(d / "gradcam" / "meta.json", {
-        "method": "gradcam", "map_size": list(masks.shape[1:]), "image_size": size,
-        "cities": CITIES, "config": {"batch_size": 4}, "key": f"h-{name}", "data_key": data_key})
+    gradcam_folder(d, masks, rows, [f"img/{r}.png" for r in rows], cities, cities,
+                   {"image_size": size, "config": {"batch_size": 4}, "key": f"h-{name}", "data_key": data_key})
     return d
 
 
@@ -188,7 +182,7 @@ def test_stage_on_fake_runs_and_reuse(tmp_path):
             "lift": [1.0 + shift, 2, 3, 4], "lift_ci_low": 0, "lift_ci_high": 5}))
     cfg = CompareConfig(batch_size=7, bootstrap=200, permutations=2000, randomised=False)
     out = tmp_path / "comparison"
-    res = compare.run(cfg, runs, None, out, progress=False)
+    res = compare.run(cfg, out, runs, None, progress=False)
     frame = pd.read_csv(out / "ar.csv")
     assert list(frame.columns)[:6] == ["run_a", "run_b", "kind", "ar", "ci_low", "ci_high"]
     assert sorted(frame["kind"]) == ["architecture"] * 4 + ["seed"] * 2
@@ -209,13 +203,13 @@ def test_stage_on_fake_runs_and_reuse(tmp_path):
     assert len(res.fig6_rows) == 3 * cfg.fig6_per_city
     # the stored per-image values are the ones returned, and a rerun reuses the folder
     mtime = (out / "ar.csv").stat().st_mtime_ns
-    again = compare.run(cfg, runs, None, out, progress=False)
+    again = compare.run(cfg, out, runs, None, progress=False)
     assert again.reused and (out / "ar.csv").stat().st_mtime_ns == mtime
     pd.testing.assert_frame_equal(again.ar, res.ar)
     for k, (rows, ar) in res.per_image.items():
         assert np.array_equal(again.per_image[k][1], ar) and np.array_equal(again.per_image[k][0], rows)
     other = compare.run(CompareConfig(batch_size=7, bootstrap=100, permutations=2000,
-                                      randomised=False), runs, None, out, progress=False)
+                                      randomised=False), out, runs, None, progress=False)
     assert not other.reused
     for fig in (compare_plots.plot_ar_heatmap(res.ar), compare_plots.plot_lift_comparison(
             compare.lift_scores(runs)), compare_plots.plot_fig6(
@@ -233,13 +227,13 @@ def test_runs_of_different_data_snapshots_are_not_compared(tmp_path):
                  data_key="other")
     cfg = CompareConfig(bootstrap=10, permutations=10, randomised=False)
     with pytest.raises(compare.StaleError, match="different data snapshots.*simple_seed1: other"):
-        compare.run(cfg, [a, b], None, tmp_path / "out", progress=False)
+        compare.run(cfg, tmp_path / "out", [a, b], None, progress=False)
     assert not (tmp_path / "out" / "ar.csv").exists()
     cache = SimpleNamespace(key="newer")      # both on one snapshot, but not the current one
     c = fake_run(tmp_path / "c", "simple_seed1", "simple", 1, smooth(12, 4, 2), rows, 8)
     with pytest.raises(compare.StaleError, match="current snapshot: newer"):
-        compare.run(cfg, [a, c], cache, tmp_path / "out", progress=False)
-    assert compare.run(cfg, [a, c], None, tmp_path / "out", progress=False).ar.shape[0] == 1
+        compare.run(cfg, tmp_path / "out", [a, c], cache, progress=False)
+    assert compare.run(cfg, tmp_path / "out", [a, c], None, progress=False).ar.shape[0] == 1
 
 
 def test_randomised_reference(tmp_path):
@@ -266,7 +260,7 @@ def test_randomised_reference(tmp_path):
     r1, a1 = compare.randomised_ar(runs[0], cache, cfg)
     assert r1.tolist() == rows.tolist() and ((a1 >= 0) & (a1 <= 1)).all()
     assert np.array_equal(compare.randomised_ar(runs[0], cache, cfg)[1], a1)    # seeded
-    res = compare.run(cfg, runs, cache, tmp_path / "cmp", progress=False)
+    res = compare.run(cfg, tmp_path / "cmp", runs, cache, progress=False)
     assert sorted(res.ar["kind"]) == ["randomised", "randomised", "seed"]
     assert res.tests["pair_permutation"]["p_value"] is None                  # no arch pairs
     assert "simple_seed0 (randomised)" in set(res.ar["run_b"])
@@ -366,7 +360,7 @@ def test_resolution_controls_catch_a_difference_made_by_map_size(tmp_path):
     # every network looks at the same map: at image resolution the architecture pairs still
     # differ more than the seed pairs (the coarse maps cannot show the texture the fine ones
     # do), but on one grid for all runs the difference is gone
-    same = compare.run(cfg, four_archs(tmp_path / "same", own_view=False), None, tmp_path / "c1", progress=False)
+    same = compare.run(cfg, tmp_path / "c1", four_archs(tmp_path / "same", own_view=False), None, progress=False)
     holds = same.tests["conclusion"]["holds"]
     assert holds["image"] is True and holds["shared_grid"] is False
     assert same.tests["conclusion"]["survives"] is False
@@ -382,7 +376,7 @@ def test_resolution_controls_catch_a_difference_made_by_map_size(tmp_path):
     # the null of unrelated masks is far above any pair of related ones, in every view
     assert (same.ar["rel_image"] < 1).all() and (same.ar["rel_shared_grid"] < 1).all()
     # each architecture looks at its own map: the difference survives every control
-    own = compare.run(cfg, four_archs(tmp_path / "own", own_view=True), None, tmp_path / "c2", progress=False)
+    own = compare.run(cfg, tmp_path / "c2", four_archs(tmp_path / "own", own_view=True), None, progress=False)
     assert own.tests["conclusion"]["survives"] is True
     assert all(own.tests["conclusion"]["holds"].values())
     assert "survives every resolution control" in own.tests["conclusion"]["text"]
@@ -402,7 +396,7 @@ def test_conclusion_says_when_a_test_cannot_reach_alpha_and_dead_masks_do_not_cr
     # 2 archs x 2 seeds: 1 architecture row against 2 retrained rows, so the group test's
     # smallest p is 1/3: the conclusion rests on the sign flips and says why
     cfg = CompareConfig(batch_size=7, bootstrap=50, permutations=500, randomised=False)
-    res = compare.run(cfg, grid(tmp_path / "runs"), None, tmp_path / "c", progress=False)
+    res = compare.run(cfg, tmp_path / "c", grid(tmp_path / "runs"), None, progress=False)
     c = res.tests["conclusion"]
     assert "cannot reach it with these runs" in c["text"] and "0.333" in c["text"]
     assert c["holds"]["image"] is True                  # by the sign flips (p = 1/501)
@@ -412,6 +406,6 @@ def test_conclusion_says_when_a_test_cannot_reach_alpha_and_dead_masks_do_not_cr
     # two runs whose masks are all zero: the null is 0, AR / null undefined, nothing raises
     zero = [fake_run(tmp_path / "z", f"simple_seed{s}", "simple", s, np.zeros((6, 4, 4)), np.arange(6), 8)
             for s in (0, 1)]
-    dead = compare.run(cfg, zero, None, tmp_path / "cz", progress=False)
+    dead = compare.run(cfg, tmp_path / "cz", zero, None, progress=False)
     assert dead.ar["null_image"].iloc[0] == 0 and np.isnan(dead.ar["rel_image"].iloc[0])
     assert compare.ar_frame({}, {}, cfg).empty

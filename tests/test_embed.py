@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from citylib import embed, gallery, gradcam, saliency, widgets
-from citylib.artifacts import read_json, write_csv, write_json
+from citylib.artifacts import read_json
 from citylib.config import ConfigError, from_dict
+from conftest import gradcam_folder
 
 CITIES = ("amsterdam", "berlin", "cairo")
 
@@ -47,19 +48,10 @@ def fake_run(tmp_path, n: int = 200, size: int = 32, seed: int = 0):
     truth = y[rows]
     masks, _ = _masks(n, seed=seed, city=truth)      # the blob's place follows the true city
     pred = np.where(rng.random(n) < 0.8, truth, (truth + 1) % 3)
-    out = tmp_path / "run" / gradcam.FOLDER
-    out.mkdir(parents=True)
-    np.save(out / "masks.npy", masks.astype(np.float16))
-    probs = np.eye(3)[pred] * 0.7 + 0.1
-    write_csv(out / "index.csv", pd.DataFrame({
-        "index": rows, "path": cache.index["path"].to_numpy()[rows],
-        "city": [CITIES[k] for k in truth], "target": [CITIES[k] for k in pred],
-        "predicted": [CITIES[k] for k in pred], "correct": pred == truth,
-        **{f"prob_{c}": probs[:, k] for k, c in enumerate(CITIES)}}))
-    write_json(out / "sanity.json", {})
-    write_json(out / "meta.json", {"method": "gradcam", "map_size": [8, 8], "image_size": size,
-                                   "n": n, "cities": list(CITIES),
-                                   "config": {"threshold": 0.5}, "key": f"gc{seed}"})
+    gradcam_folder(tmp_path / "run", masks, rows, cache.index["path"].to_numpy()[rows],
+                   [CITIES[k] for k in truth], [CITIES[k] for k in pred],
+                   {"image_size": size, "n": n, "config": {"threshold": 0.5}, "key": f"gc{seed}"},
+                   probs=np.eye(3)[pred] * 0.7 + 0.1)
     return tmp_path / "run", cache
 
 

@@ -277,27 +277,12 @@ def test_mask_storage_size():
                     "resnet18": (7, 7), "alexnet": (13, 13), "vgg_s": (18, 18)}
 
 
-def make_cache(size: int = SIZE, seed: int = 0) -> SimpleNamespace:
-    """8 noise images per city with a bright square in a city-specific colour; 4/2/2 split."""
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(len(CITIES)), 8).astype(np.int64)
-    images = rng.integers(0, 96, (len(y), size, size, 3), dtype=np.uint8)
-    for i, k in enumerate(y):
-        images[i, 8:28, 8:28, k] = 255
-    split = np.tile(["train"] * 4 + ["val"] * 2 + ["test"] * 2, len(CITIES))
-    index = pd.DataFrame({"path": [f"img/{i:03d}.png" for i in range(len(y))],
-                          "city": [CITIES[k] for k in y], "group": [f"spot{i // 2}" for i in range(len(y))],
-                          "split": split})
-    return SimpleNamespace(images=images, index=index, cities=list(CITIES), y=y,
-                           split_indices=lambda s: np.flatnonzero(split == s))
-
-
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    cache = make_cache()
+def trained_run(tmp_path_factory, make_cache):
+    cache = make_cache(per_city=8, split=(4, 2, 2), size=SIZE)
     out = tmp_path_factory.mktemp("runs") / "simple_seed0"
-    train.run("simple", 0, train.TrainConfig(epochs=1, batch_size=6), cache, out, "simple_seed0",
-              progress=False)
+    train.run(train.TrainConfig(epochs=1, batch_size=6), out, cache, arch="simple", seed=0,
+              name="simple_seed0", progress=False)
     return out, cache
 
 

@@ -98,3 +98,36 @@ def test_no_function_in_citylib_is_longer_than_80_lines():
                 if lines > 80:
                     long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "functions over 80 lines: " + ", ".join(long)
+
+
+def notebook_leaks(notebook: dict) -> list[str]:
+    """What a notebook does that belongs in the package: a loop, a function or class defined in
+    a cell; or a parameter of its ``parameters`` cell that no other cell reads."""
+    import ast
+
+    found, params, read = [], set(), set()
+    for i, cell in enumerate(c for c in notebook["cells"] if c["cell_type"] == "code"):
+        lines = "".join(cell["source"]).splitlines()
+        tree = ast.parse("\n".join(ln for ln in lines if not ln.lstrip().startswith(("%", "!"))))
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            params |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets}
+            continue
+        found += [f"code cell {i}: a {type(n).__name__}" for n in ast.walk(tree)
+                  if isinstance(n, (ast.For, ast.While, ast.FunctionDef, ast.ClassDef))]
+        read |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return found + [f"parameter '{p}' is never read" for p in sorted(params - read)]
+
+
+def test_notebook_cells_only_call_into_the_package():
+    import json
+
+    for nb in sorted(paths.NOTEBOOKS.glob("*.ipynb")):
+        assert notebook_leaks(json.loads(nb.read_text())) == [], nb.name
+
+
+def test_notebook_leaks_are_found():
+    cell = lambda src, tags=(): {"cell_type": "code", "source": src, "metadata": {"tags": list(tags)}}  # noqa: E731
+    notebook = {"cells": [cell("params_file = 'x'\nforce = False\n", ["parameters"]),
+                          cell("%matplotlib inline\nrun = open(params_file)\n"),
+                          cell("for row in run:\n    print(row)")]}
+    assert notebook_leaks(notebook) == ["code cell 2: a For", "parameter 'force' is never read"]

@@ -69,7 +69,7 @@ def test_ground_truth_is_the_cache_labels(tmp_path):
     cache = fake_cache(tmp_path / "c1", [f"/x/{i}.jpg" for i in range(4)], ["a", "a", "b", "b"],
                        labels=labels)
     for name in ("auto", "ground_truth"):
-        result = segment.run(SegmentConfig(segmenter=name), cache, tmp_path / "seg")
+        result = segment.run(SegmentConfig(segmenter=name), tmp_path / "seg", cache)
         assert result.segmenter == "ground_truth" and result.labels is labels
         assert result.done.all() and result.folder == cache.folder
     assert not (tmp_path / "seg").exists()  # nothing to write for ground truth
@@ -79,7 +79,7 @@ def test_ground_truth_names_images_without_labels(tmp_path):
     cache = fake_cache(tmp_path / "c2", ["/data/a/one.jpg", "/data/b/two.jpg"], ["a", "b"])
     with pytest.raises(SegmentError, match=r"2 image\(s\) have no label map: /data/a/one.jpg, "
                                            r"/data/b/two.jpg.*'ade20k'"):
-        segment.run(SegmentConfig(segmenter="ground_truth"), cache, tmp_path / "seg")
+        segment.run(SegmentConfig(segmenter="ground_truth"), tmp_path / "seg", cache)
     # auto falls back to the model when any requested row lacks a label map
     assert segment.choose(SegmentConfig(), cache, np.arange(2)) == "ade20k"
 
@@ -88,12 +88,12 @@ def test_missing_model_says_where_and_how(tmp_path, monkeypatch):
     cache = fake_cache(tmp_path / "c3", ["/data/a/one.jpg", "/data/b/two.jpg"], ["a", "b"])
     monkeypatch.setenv("CITYLIB_ADE20K", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError) as err:
-        segment.run(SegmentConfig(), cache, tmp_path / "seg")
+        segment.run(SegmentConfig(), tmp_path / "seg", cache)
     message = str(err.value)
     assert str(tmp_path / "nowhere" / segment.MODEL_FILE) in message
     assert "$CITYLIB_ADE20K" in message and "model_path" in message
     with pytest.raises(FileNotFoundError, match="missing.tflite.*'model_path' setting"):
-        segment.run(SegmentConfig(model_path=str(tmp_path / "missing.tflite")), cache, tmp_path / "seg")
+        segment.run(SegmentConfig(model_path=str(tmp_path / "missing.tflite")), tmp_path / "seg", cache)
 
 
 def test_nearest_index_is_pil_nearest():
@@ -109,14 +109,14 @@ def test_cache_key_covers_the_model_file(tmp_path):
     shutil.copyfile(model, copy)
     cache = fake_cache(tmp_path / "c4", ["/x/1.jpg", "/x/2.jpg"], ["a", "b"])
     cfg = SegmentConfig(segmenter="ade20k", model_path=str(copy))
-    first = segment.run(cfg, cache, tmp_path / "seg", rows=[])  # no rows: makes the folder only
+    first = segment.run(cfg, tmp_path / "seg", cache, rows=[])  # no rows: makes the folder only
     assert first.folder.parent == tmp_path / "seg" and first.folder.name.startswith("ade20k_")
     assert not first.done.any() and first.labels.shape == (2, 32, 32)
-    assert segment.run(cfg, cache, tmp_path / "seg", rows=[]).folder == first.folder
+    assert segment.run(cfg, tmp_path / "seg", cache, rows=[]).folder == first.folder
     os.utime(copy, ns=(0, 0))  # a touched (or replaced) model file: a new folder
-    assert segment.run(cfg, cache, tmp_path / "seg", rows=[]).folder != first.folder
+    assert segment.run(cfg, tmp_path / "seg", cache, rows=[]).folder != first.folder
     other = fake_cache(tmp_path / "c5", ["/x/1.jpg", "/x/2.jpg"], ["a", "b"])  # another dataset
-    assert segment.run(cfg, other, tmp_path / "seg", rows=[]).folder != first.folder
+    assert segment.run(cfg, tmp_path / "seg", other, rows=[]).folder != first.folder
 
 
 # ---------------------------------------------------------------- the real model (~7 images)
@@ -135,14 +135,14 @@ def test_ade20k_on_real_photos_with_reuse(tmp_path, monkeypatch):
 
     monkeypatch.setattr(segment.Ade20k, "__call__", spy)
     out = tmp_path / "seg"
-    part = segment.run(SegmentConfig(), cache, out, rows=[0, 3, 4], progress=False)
+    part = segment.run(SegmentConfig(), out, cache, rows=[0, 3, 4], progress=False)
     assert part.segmenter == "ade20k" and calls == [[files[0], files[3], files[4]]]
     assert part.done.tolist() == [True, False, False, True, True, False]
-    full = segment.run(SegmentConfig(), cache, out, progress=False)  # only the other three run
+    full = segment.run(SegmentConfig(), out, cache, progress=False)  # only the other three run
     assert calls[1] == [files[1], files[2], files[5]] and full.folder == part.folder
     assert full.done.all() and not full.reused
     assert (full.labels[[0, 3, 4]] == part.labels[[0, 3, 4]]).all()
-    again = segment.run(SegmentConfig(), cache, out, progress=False)
+    again = segment.run(SegmentConfig(), out, cache, progress=False)
     assert again.reused and len(calls) == 2 and (again.labels == full.labels).all()
 
     labels = np.asarray(full.labels)

@@ -11,11 +11,11 @@ import pytest
 matplotlib.use("Agg")
 
 from citylib import cues as cues_  # noqa: E402
-from citylib import labels, stats, stats_plots  # noqa: E402
+from citylib import ade20k, stats, stats_plots  # noqa: E402
 from citylib.stats import Histograms, StatsConfig  # noqa: E402
 
 SKY, ROAD, TREE, BUILDING, CAR = 3, 7, 5, 2, 21
-NAMES = {i: n for n, i in labels.STREET.items()}
+NAMES = {i: n for n, i in ade20k.STREET.items()}
 NO_FILTER = StatsConfig(min_pixels_224=0.0, bootstrap=200)
 
 
@@ -266,7 +266,7 @@ def test_planted_recovery_ranks_and_mrr():
 
 
 def test_ideal_masks_pool_each_citys_own_cues_by_hand():
-    S = labels.STREET
+    S = ade20k.STREET
     lab = np.full((3, 4, 4), S["road"], np.uint8)
     lab[0, :2, :2] = S["tree"]         # city a: its cue fills the top-left cell ...
     lab[0, 0, 2] = S["tree"]           # ... and 1 of the top-right cell's 4 pixels
@@ -292,7 +292,7 @@ def test_ceiling_tells_a_cue_finer_than_the_map():
     is not (0.625 * 0.625 < 0.5): tree R 3/4 < building's -> rank 2, out of the top 1."""
     from citylib import saliency
 
-    S = labels.STREET
+    S = ade20k.STREET
     lab = np.full((2, 8, 8), S["road"], np.uint8)
     lab[:, :4, :4] = S["building"]
     lab[:, 2:4, 2:4] = S["tree"]
@@ -308,12 +308,12 @@ def test_ceiling_tells_a_cue_finer_than_the_map():
 def test_planted_cues_of_the_default_world():
     cues = cues_.planted("default")
     assert len(cues) >= 2 and all(cues.values())
-    assert all(o in labels.STREET for objects in cues.values() for o in objects)
+    assert all(o in ade20k.STREET for objects in cues.values() for o in objects)
 
 
 def test_run_writes_table_and_reloads(tmp_path):
     m, lab, cities = hand_made()
-    result = stats.run(NO_FILTER, m, lab, cities, tmp_path, names=NAMES, progress=False)
+    result = stats.run(NO_FILTER, tmp_path, m, lab, cities, names=NAMES, progress=False)
     saved = pd.read_csv(tmp_path / "r_scores.csv")
     assert list(saved.columns) == stats.TABLE_COLUMNS and len(saved) == len(result.table) == 4
     again = Histograms.load(tmp_path / "histograms.npz")

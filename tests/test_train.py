@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -17,33 +16,12 @@ CITIES = ["amsterdam", "berlin", "cairo"]
 SIZE = 64
 
 
-def make_cache(size: int = SIZE, seed: int = 0) -> SimpleNamespace:
-    """20 images per class: noise with a bright square whose colour and quadrant give the class."""
-    rng = np.random.default_rng(seed)
-    C = len(CITIES)
-    y = np.repeat(np.arange(C), 20).astype(np.int64)            # (N,)
-    images = rng.integers(0, 96, (len(y), size, size, 3), dtype=np.uint8)  # (N, S, S, 3)
-    q = size // 2
-    for i, k in enumerate(y):
-        oy, ox = (k // 2) * q + rng.integers(4, q - 20), (k % 2) * q + rng.integers(4, q - 20)
-        images[i, oy:oy + 16, ox:ox + 16] = 60
-        images[i, oy:oy + 16, ox:ox + 16, k] = 255
-    split = np.tile(["train"] * 12 + ["val"] * 4 + ["test"] * 4, C)     # per class 12/4/4
-    index = pd.DataFrame({
-        "path": [f"img/{i:04d}.png" for i in range(len(y))], "city": [CITIES[k] for k in y],
-        "group": np.arange(len(y)) // 2, "view": 0, "label_path": "", "split": split,
-    })
-    return SimpleNamespace(images=images, labels=np.zeros((len(y), size, size), np.uint8),
-                           index=index, cities=list(CITIES), y=y,
-                           split_indices=lambda s: np.flatnonzero(index["split"].to_numpy() == s))
-
-
 FAST = train.TrainConfig(epochs=2, batch_size=12, lr=1e-4, threads=2)
 
 
 @pytest.fixture(scope="module")
-def cache():
-    return make_cache()
+def cache(make_cache):
+    return make_cache()                     # 20 images per city, 12/4/4
 
 
 def _weights(run_dir, which="last"):
@@ -65,7 +43,7 @@ def test_config_checks():
 
 def test_learns_above_chance(cache, tmp_path):
     cfg = dataclasses.replace(FAST, epochs=4, batch_size=6, lr=5e-4)
-    res = train.run("simple", 0, cfg, cache, tmp_path / "r", "r", progress=False)
+    res = train.run(cfg, tmp_path / "r", cache, arch="simple", seed=0, name="r", progress=False)
     assert res.finished and not res.reused
     assert res.history["train_loss"].iloc[-1] < res.history["train_loss"].iloc[0]
     # chance is 1/3; 8 of 12 right by chance has probability < 2%
@@ -73,58 +51,58 @@ def test_learns_above_chance(cache, tmp_path):
 
 
 def test_same_seed_bit_identical_other_seed_differs(cache, tmp_path):
-    a = train.run("simple", 1, FAST, cache, tmp_path / "a", "a", progress=False)
-    b = train.run("simple", 1, FAST, cache, tmp_path / "b", "b", progress=False)
-    c = train.run("simple", 2, FAST, cache, tmp_path / "c", "c", progress=False)
+    a = train.run(FAST, tmp_path / "a", cache, arch="simple", seed=1, name="a", progress=False)
+    b = train.run(FAST, tmp_path / "b", cache, arch="simple", seed=1, name="b", progress=False)
+    c = train.run(FAST, tmp_path / "c", cache, arch="simple", seed=2, name="c", progress=False)
     assert a.key == b.key != c.key
-    assert _same(_weights(a.out), _weights(b.out))
-    assert not _same(_weights(a.out), _weights(c.out))
+    assert _same(_weights(a.folder), _weights(b.folder))
+    assert not _same(_weights(a.folder), _weights(c.folder))
     cols = ["train_loss", "train_acc", "val_loss", "val_acc"]
     pd.testing.assert_frame_equal(a.history[cols], b.history[cols])
 
 
 def test_resume_equals_uninterrupted(cache, tmp_path):
     cfg = dataclasses.replace(FAST, epochs=3)
-    full = train.run("simple", 3, cfg, cache, tmp_path / "full", "x", progress=False)
-    part = train.run("simple", 3, cfg, cache, tmp_path / "part", "x", progress=False, stop_after=1)
+    full = train.run(cfg, tmp_path / "full", cache, arch="simple", seed=3, name="x", progress=False)
+    part = train.run(cfg, tmp_path / "part", cache, arch="simple", seed=3, name="x", progress=False, stop_after=1)
     assert not part.finished and not (tmp_path / "part" / "training.json").exists()
     assert [p.name for p in sorted((tmp_path / "part" / "checkpoints").iterdir())] == ["epoch_001.pt"]
     # a kill during a checkpoint write leaves its temporary file: the next run removes it
     (tmp_path / "part" / "checkpoints" / ".epoch_002.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / "part" / ".history.csv.k1ll3d.tmp").write_text("epoch\n")
-    resumed = train.run("simple", 3, cfg, cache, tmp_path / "part", "x", progress=False)
+    resumed = train.run(cfg, tmp_path / "part", cache, arch="simple", seed=3, name="x", progress=False)
     assert resumed.finished and resumed.resumed_from == 1
     assert not list((tmp_path / "part").rglob("*.tmp"))
-    assert _same(_weights(full.out), _weights(resumed.out))
-    assert _same(_weights(full.out, "best"), _weights(resumed.out, "best"))
+    assert _same(_weights(full.folder), _weights(resumed.folder))
+    assert _same(_weights(full.folder, "best"), _weights(resumed.folder, "best"))
     assert full.metrics["test_accuracy"] == resumed.metrics["test_accuracy"]
-    assert len(pd.read_csv(resumed.out / "history.csv")) == 3
+    assert len(pd.read_csv(resumed.folder / "history.csv")) == 3
 
 
-def test_finished_run_is_reused_and_stale_results_replaced(cache, tmp_path):
+def test_finished_run_is_reused_and_stale_results_replaced(cache, tmp_path, make_cache):
     out = tmp_path / "run"
-    first = train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 1}, progress=False)
+    first = train.run(FAST, out, cache, arch="simple", seed=0, name="run", extra_config={"k": 1}, progress=False)
     mtime = (out / "best.pt").stat().st_mtime_ns
     # the full config is stored, not keyed: another later-stage setting reuses the training
-    again = train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 2}, progress=False)
+    again = train.run(FAST, out, cache, arch="simple", seed=0, name="run", extra_config={"k": 2}, progress=False)
     assert again.reused and again.metrics == first.metrics
     assert (out / "best.pt").stat().st_mtime_ns == mtime
-    redo = train.run("simple", 0, FAST, cache, out, "run", extra_config={"k": 1}, progress=False,
+    redo = train.run(FAST, out, cache, arch="simple", seed=0, name="run", extra_config={"k": 1}, progress=False,
                      force=True)   # force trains again, from the start, to the same weights
     assert not redo.reused and redo.resumed_from == 0 and redo.metrics == first.metrics
     assert (out / "best.pt").stat().st_mtime_ns != mtime
     # other training settings: the old results are stale, replaced by a fresh training
-    other = train.run("simple", 0, dataclasses.replace(FAST, lr=2e-4), cache, out, "run",
+    other = train.run(dataclasses.replace(FAST, lr=2e-4), out, cache, arch="simple", seed=0, name="run",
                       progress=False)
     assert not other.reused and other.resumed_from == 0 and other.key != first.key
     assert torch.load(out / "best.pt", weights_only=True)["key"] == other.key
     # an interrupted run of another seed is not resumed by this one
     part = tmp_path / "part"
-    train.run("simple", 0, FAST, cache, part, "p", progress=False, stop_after=1)
-    fresh = train.run("simple", 1, FAST, cache, part, "p", progress=False)
+    train.run(FAST, part, cache, arch="simple", seed=0, name="p", progress=False, stop_after=1)
+    fresh = train.run(FAST, part, cache, arch="simple", seed=1, name="p", progress=False)
     assert fresh.finished and fresh.resumed_from == 0
-    assert _same(_weights(part), _weights(train.run("simple", 1, FAST, cache, tmp_path / "q", "q",
-                                                    progress=False).out))
+    assert _same(_weights(part), _weights(train.run(FAST, tmp_path / "q", cache, arch="simple", seed=1, name="q",
+                                                    progress=False).folder))
     # the key follows the data: another split of the same images is another training
     moved = make_cache()
     moved.index.loc[0, "split"], moved.index.loc[12, "split"] = "val", "train"
@@ -134,9 +112,9 @@ def test_finished_run_is_reused_and_stale_results_replaced(cache, tmp_path):
 
 def test_artifacts(cache, tmp_path):
     cfg = dataclasses.replace(FAST, lr_step=1, lr_gamma=0.5)
-    res = train.run("simple", 0, cfg, cache, tmp_path / "r", "r", extra_config={"note": "x"},
+    res = train.run(cfg, tmp_path / "r", cache, arch="simple", seed=0, name="r", extra_config={"note": "x"},
                     progress=False)
-    out = res.out
+    out = res.folder
     ck = torch.load(out / "checkpoints" / "epoch_002.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "epoch", "config", "key", "rng"} <= set(ck)
     assert set(ck["rng"]) == {"torch", "numpy", "python", "generator"}
@@ -174,7 +152,7 @@ def test_keep_checkpoints_and_caller_rng_untouched(cache, tmp_path):
     before = torch.get_rng_state()
     threads = torch.get_num_threads()
     cfg = dataclasses.replace(FAST, epochs=3)
-    train.run("simple", 0, cfg, cache, tmp_path / "r", "r", progress=False, keep_checkpoints=1)
+    train.run(cfg, tmp_path / "r", cache, arch="simple", seed=0, name="r", progress=False, keep_checkpoints=1)
     assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["epoch_003.pt"]
     assert torch.equal(torch.get_rng_state(), before) and torch.get_num_threads() == threads
 
