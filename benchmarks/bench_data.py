@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from citylib import cache, data
+from citylib import data, imagecache
 
 CITIES = ("amsterdam", "berlin", "cairo")
 
@@ -64,7 +64,7 @@ def decode_epoch(paths: list[str], size: int, batch: int, rng) -> int:
     for b in range(0, len(order), batch):
         arrays = []
         for i in order[b:b + batch]:
-            im = cache.open_rgb(paths[i])
+            im = imagecache.open_rgb(paths[i])
             arrays.append(np.asarray(im.resize((size, size), Image.Resampling.BICUBIC,
                                                box=cache._square_box(*im.size))))
         to_float(np.stack(arrays))  # (B, 3, S, S)
@@ -104,10 +104,10 @@ def main(args) -> None:
         folder = args.work / f"build{workers}"
         shutil.rmtree(folder, ignore_errors=True)
         t = time.perf_counter()
-        cache.build_cache(result.manifest, args.size, folder, workers=workers, progress=False)
+        imagecache.build_cache(result.manifest, args.size, folder, workers=workers, progress=False)
         builds[workers] = args.images / (time.perf_counter() - t)
 
-    c = cache.load_cache(result.cache_dir)
+    c = imagecache.load_cache(result.cache_dir)
     paths = list(c.index["path"])
     rng = np.random.default_rng(0)
     decode = best_rate(lambda: decode_epoch(paths, args.size, args.batch, rng), args.epochs)

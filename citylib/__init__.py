@@ -22,15 +22,18 @@ then keyword-only options such as ``progress``; its result is keyed by what made
   methods       which CAM method, at which layer, shows that reliance          (05)
   compare       architectures vs initialisations: AR (Eq. 2), Table 2          (06)
 
+  streetview    real images: collect (the stage, ``citylib streetview``), static_api (the
+                key, rate limit, retries, budget), geosample (seeded points in a city's area)
+
   pipeline      one run's stages chained as the notebooks call them
   runner        papermill over the notebooks for every parameter file; cli, report
 
 Helpers (no I/O of their own unless named): saliency (the CAM methods and the mask maths),
 sanity (cascade and deletion checks), stats (histograms behind R and lift), cues (planted-cue
 recovery), intervals (Wilson and bootstrap intervals), models (the architecture registry),
-scene (drawing primitives), splits, cache, ade20k (ADE20K's classes), config and params (strict
-settings), artifacts (atomic writes, result keys), paths, streetview and streetview_api,
-geosample (collecting real images), predict.
+scene (drawing primitives), splits, imagecache (decoded, resized images on disk), ade20k
+(ADE20K's classes), config and params (strict settings), artifacts (atomic writes, result keys),
+paths, predict.
 
 Presentation: plots, gradcam_plots, stats_plots, compare_plots, gallery (figures, each
 function returns or saves a figure) and widgets (the JupyterLab panels).

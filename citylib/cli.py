@@ -148,7 +148,7 @@ def _report(args) -> int:
 
 
 def _streetview(args) -> int:
-    from citylib import streetview
+    from citylib.streetview import collect
     from citylib.config import from_dict
 
     bbox = None
@@ -169,11 +169,11 @@ def _streetview(args) -> int:
              "radius": args.radius, "min_spacing": args.min_spacing, "max_requests": args.max_requests,
              "rps": args.rps, "max_retries": args.max_retries, "backoff": args.backoff, "key_file": args.key_file and str(args.key_file),
              "base_url": args.base_url, "seed": args.seed, "random_offset": args.random_offset or None}
-    cfg = from_dict(streetview.StreetViewConfig, {k: v for k, v in given.items() if v is not None},
+    cfg = from_dict(collect.StreetViewConfig, {k: v for k, v in given.items() if v is not None},
                     where="citylib streetview")
     try:
-        result = streetview.run(cfg, args.out, progress=not args.quiet)
-    except streetview.StreetViewError as e:  # the key refused (nothing more can succeed)
+        result = collect.run(cfg, args.out, progress=not args.quiet)
+    except collect.StreetViewError as e:  # the key refused (nothing more can succeed)
         print(f"citylib streetview: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

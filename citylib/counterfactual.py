@@ -4,7 +4,7 @@ city's planted cues reset to the base style, and cue-free (every element reset a
 Everything else about a counterfactual view is drawn identically (``synth.render_spot`` with
 ``reset``: layout, the other objects, camera, lighting, haze, noise, JPEG quality), and it goes
 through the same JPEG encoding, decoding and resizing as the cached original
-(``cache.prepare``). The data stage builds this once per data snapshot, never per run.
+(``imagecache.prepare``). The data stage builds this once per data snapshot, never per run.
 
 For the cue-free check (``causal.cue_free``) the test spots are a small sample, shared by every
 run; ``fresh`` more spots per city, numbered after the world's own (``spots_per_city`` on, so no
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from citylib import synth
 from citylib.artifacts import atomic_dir, code_key, write_csv, write_json
-from citylib.cache import prepare
+from citylib.imagecache import prepare
 from citylib.config import config_hash
 
 CUE_FREE = synth.CUE_FREE
@@ -138,7 +138,7 @@ def cached_views(world: synth.World, cfg: synth.SynthConfig, size: int, city: st
                  views: list[int], reset=()) -> list[np.ndarray]:
     """Views of a spot as the cache holds them, (S, S, 3) uint8 each: rendered (with ``reset``),
     JPEG-encoded at the view's quality as ``synth`` saves it, decoded and resized by
-    ``cache.prepare``. With no reset, exactly the cached original's pixels."""
+    ``imagecache.prepare``. With no reset, exactly the cached original's pixels."""
     rendered = synth.render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed, reset=reset)
     out = []
     for view in views:

@@ -4,7 +4,7 @@ Reads a generated world (``source: world``; made by ``citylib.synth`` under
 ``<outputs>/world/<hash>/``), a folder with one sub-folder per city, or a manifest CSV
 (columns path, city; optional group, view, label_path). Writes into ``out``
 (default ``<outputs>/data``): ``manifest.csv`` (path, city, group, view, label_path, split),
-``rejected.csv`` (path, reason), ``snapshot.json``, ``cache/<key>/`` (see ``citylib.cache``) and,
+``rejected.csv`` (path, reason), ``snapshot.json``, ``cache/<key>/`` (see ``citylib.imagecache``) and,
 for a generated world, ``counterfactual/<key>/`` (see ``citylib.counterfactual``).
 
 Together they are the dataset's *snapshot*: the accepted files with each one's size and mtime,
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from citylib import counterfactual, paths, synth
 from citylib.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
-from citylib.cache import Cache, build_cache, file_stats, load_cache, open_rgb, read_label
+from citylib.imagecache import Cache, build_cache, file_stats, load_cache, open_rgb, read_label
 from citylib.config import check, config_hash, to_dict
 from citylib.splits import SplitError, split_groups
 from citylib.synth import SynthConfig

@@ -41,14 +41,16 @@ class Arch:
     display: str               # tables and figures: "VGG11", "ResNet18", ...
     make: str                  # "table:<convs>", "vgg_s" or "torchvision"
     gradcam_target: str | None = None   # torchvision models: the Grad-CAM layer's module name
+    fc1_init: str | None = None   # torchvision models with avgpool + classifier, refitted to small
+                                  # maps: "normal" (vgg: N(0, 0.01), bias 0) or "default" (PyTorch's)
 
 
 REGISTRY = {a.name: a for a in (
-    Arch("vgg11", "VGG11", "torchvision", "features.19"),     # ReLU after conv5_2 (features.20: last max pool)
-    Arch("resnet18", "ResNet18", "torchvision", "layer4"),    # the last BasicBlock, ending in its ReLU
+    Arch("vgg11", "VGG11", "torchvision", "features.19", "normal"),      # ReLU after conv5_2 (features.20: last max pool)
+    Arch("resnet18", "ResNet18", "torchvision", "layer4"),                # the last BasicBlock, ending in its ReLU
     Arch("simple", "Simple", "table:simple"),
     Arch("simpler", "Simpler", "table:simpler"),
-    Arch("alexnet", "AlexNet", "torchvision", "features.11"),  # ReLU after conv5 (features.12: last max pool)
+    Arch("alexnet", "AlexNet", "torchvision", "features.11", "default"),  # ReLU after conv5 (features.12: last max pool)
     Arch("vgg_s", "VGG-S", "vgg_s"),
 )}
 ARCHS = tuple(REGISTRY)
@@ -147,7 +149,8 @@ def build(arch: str, num_classes: int, image_size: int) -> nn.Module:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
-    how = REGISTRY[arch].make
+    spec = REGISTRY[arch]
+    how = spec.make
     if how.startswith("table:"):
         return TableNet(TABLE_CONVS[how.removeprefix("table:")], num_classes, image_size)
     if how == "vgg_s":
@@ -158,18 +161,19 @@ def build(arch: str, num_classes: int, image_size: int) -> nn.Module:
     from torchvision import models as tvm     # here: importing it costs a second or more
 
     model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
-    if hasattr(model, "avgpool") and hasattr(model, "classifier"):   # vgg11, alexnet
-        _fit_classifier(model, arch, image_size)
-    model.gradcam_target = REGISTRY[arch].gradcam_target
+    if spec.fc1_init is not None:
+        _fit_classifier(model, spec.fc1_init, image_size)
+    model.gradcam_target = spec.gradcam_target
     return model
 
 
-def _fit_classifier(model: nn.Module, arch: str, image_size: int) -> None:
+def _fit_classifier(model: nn.Module, fc1_init: str, image_size: int) -> None:
     """Size torchvision's avgpool + fc1 to the feature map where the pool would only copy values.
 
     torchvision's pool output is P x P (vgg 7, alexnet 6). For a map of side s < P the pool
     becomes s x s (an identity) and fc1 takes C * s * s inputs; fc1 is initialised as
-    torchvision does for that model (vgg: normal(0, 0.01), bias 0; alexnet: PyTorch's default).
+    torchvision does for that model (``fc1_init`` "normal": N(0, 0.01), bias 0, as for vgg;
+    "default": PyTorch's, as for alexnet).
     """
     pool = model.avgpool.output_size
     pool = pool if isinstance(pool, int) else pool[0]
@@ -178,7 +182,7 @@ def _fit_classifier(model: nn.Module, arch: str, image_size: int) -> None:
         return
     i, old = next((i, m) for i, m in enumerate(model.classifier) if isinstance(m, nn.Linear))
     fc1 = nn.Linear(old.in_features // (pool * pool) * side * side, old.out_features)
-    if arch == "vgg11":
+    if fc1_init == "normal":
         nn.init.normal_(fc1.weight, 0, 0.01)
         nn.init.constant_(fc1.bias, 0)
     model.avgpool = nn.AdaptiveAvgPool2d(side)

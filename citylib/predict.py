@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from citylib import cache, data, train
+from citylib import data, imagecache, train
 
 
 def run(run_dir: str | Path, images: list[str | Path]) -> pd.DataFrame:
@@ -23,7 +23,7 @@ def run(run_dir: str | Path, images: list[str | Path]) -> pd.DataFrame:
     for path in map(str, images):
         reason = data.check_file(path)
         if reason is None:
-            img, _, _ = cache.prepare(path, "", size)  # (S, S, 3) uint8
+            img, _, _ = imagecache.prepare(path, "", size)  # (S, S, 3) uint8
             where.append(len(rows))
             batch.append(img)
         rows.append({"image": path, "predicted": "", **{c: np.nan for c in cities}, "error": reason or ""})

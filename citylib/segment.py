@@ -7,7 +7,7 @@ otherwise). Segmenters:
 
 - ``ground_truth``: the dataset's own label maps (the cache's ``labels``); nothing is written.
 - ``ade20k``: each original file is decoded at 513 px with the cache's centred-square geometry
-  (``cache.prepare(path, "", 513)``), segmented by the model (argmax over its 151 scores), and
+  (``imagecache.prepare(path, "", 513)``), segmented by the model (argmax over its 151 scores), and
   the label map sampled to the cache's size S by nearest neighbour (as PIL's NEAREST resize).
 - ``auto``: ground truth when every requested image has a label map, else the model.
 
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from citylib import paths
 from citylib.artifacts import atomic_dir, atomic_path, code_key, read_json, write_json
-from citylib.cache import Cache, prepare
+from citylib.imagecache import Cache, prepare
 from citylib.config import check, config_hash
 
 MODEL_FILE = "deeplabv3_mobilenetv2_ade20k.tflite"

@@ -19,7 +19,7 @@ def square_cache(per_city: int = 20, split: tuple[int, int, int] = (12, 4, 4), s
                  seed: int = 0) -> SimpleNamespace:
     """``per_city`` noise images per city, each with a bright 16 px square whose colour and
     quadrant give the city; ``split`` images per city for train, val and test. What a stage
-    reads of a ``cache.Cache``: images, labels (all 0), index, cities, y, split_indices."""
+    reads of an ``imagecache.Cache``: images, labels (all 0), index, cities, y, split_indices."""
     assert sum(split) == per_city
     rng = np.random.default_rng(seed)
     C = len(CITIES)

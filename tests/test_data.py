@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib import cache, data, paths
+from citylib import data, imagecache, paths
 from citylib.config import ConfigError, config_hash, from_dict
 from citylib.splits import leakage_report
 
@@ -106,7 +106,7 @@ def test_modes_are_converted_to_rgb(tmp_path, make, expected, fmt):
     path = tmp_path / f"x.{fmt.lower()}"
     make().save(path, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
     assert data.check_file(str(path)) is None
-    rgb = np.asarray(cache.open_rgb(path))
+    rgb = np.asarray(imagecache.open_rgb(path))
     assert rgb.shape == (10, 20, 3) and rgb.dtype == np.uint8
     assert np.abs(rgb.astype(int) - expected).max() <= 1, (Image.open(path).mode, rgb[0, 0])
 
@@ -115,7 +115,7 @@ def test_sixteen_bit_gradient_scales_to_eight_bit(tmp_path):
     values = np.arange(256, dtype=np.uint16) * 257  # 0 .. 65535
     Image.fromarray(np.tile(values, (4, 1))).save(tmp_path / "g.png")
     assert Image.open(tmp_path / "g.png").mode.startswith("I")
-    assert np.array_equal(np.asarray(cache.open_rgb(tmp_path / "g.png"))[0, :, 0], np.arange(256))
+    assert np.array_equal(np.asarray(imagecache.open_rgb(tmp_path / "g.png"))[0, :, 0], np.arange(256))
 
 
 def test_palette_and_cmyk_jpeg(tmp_path):
@@ -124,9 +124,9 @@ def test_palette_and_cmyk_jpeg(tmp_path):
     p.save(tmp_path / "p.png")
     p.save(tmp_path / "pt.png", transparency=1)  # the palette entry is fully transparent
     Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=100)
-    assert tuple(np.asarray(cache.open_rgb(tmp_path / "p.png"))[0, 0]) == (10, 220, 30)
-    assert tuple(np.asarray(cache.open_rgb(tmp_path / "pt.png"))[0, 0]) == (0, 0, 0)
-    assert np.abs(np.asarray(cache.open_rgb(tmp_path / "c.jpg"))[8, 8].astype(int) - (255, 0, 0)).max() <= 8
+    assert tuple(np.asarray(imagecache.open_rgb(tmp_path / "p.png"))[0, 0]) == (10, 220, 30)
+    assert tuple(np.asarray(imagecache.open_rgb(tmp_path / "pt.png"))[0, 0]) == (0, 0, 0)
+    assert np.abs(np.asarray(imagecache.open_rgb(tmp_path / "c.jpg"))[8, 8].astype(int) - (255, 0, 0)).max() <= 8
 
 
 def test_exif_orientation_is_applied_in_the_cache(tmp_path):
@@ -138,7 +138,7 @@ def test_exif_orientation_is_applied_in_the_cache(tmp_path):
     Image.fromarray(a).save(tmp_path / "r.jpg", exif=exif, quality=95)
     records = pd.DataFrame({"path": [str(tmp_path / "r.jpg")], "city": "a", "group": "g", "view": 0,
                             "label_path": "", "split": "train"})
-    c = cache.load_cache(cache.build_cache(records, 16, tmp_path / "cache", progress=False))
+    c = imagecache.load_cache(imagecache.build_cache(records, 16, tmp_path / "cache", progress=False))
     img = c.images[0]
     assert img.shape == (16, 16, 3) and tuple(c.index.loc[0, ["width", "height"]]) == (32, 64)
     assert img[2, 8, 0] > 200 and img[2, 8, 2] < 50  # top red
@@ -223,7 +223,7 @@ def test_manifest_csv_with_relative_paths_groups_and_labels(tmp_path):
     assert len(ok) == 4
 
     ok["split"] = "train"
-    c = cache.load_cache(cache.build_cache(ok, 10, tmp_path / "cache", progress=False))
+    c = imagecache.load_cache(imagecache.build_cache(ok, 10, tmp_path / "cache", progress=False))
     assert list(c.index["has_labels"]) == [True, False, False, False]  # a0 first: sorted by city, path
     lab = c.labels[0]  # the image is 30x20: the centre 20x20 holds label columns 5..24
     assert set(np.unique(lab[:, :4])) == {0} and set(np.unique(lab[:, 6:])) == {7}  # nearest: no blend
@@ -312,7 +312,7 @@ def test_run_writes_manifest_and_cache_and_reuses(tmp_path):
     assert bigger.cache_dir != res.cache_dir
     reseeded = data.run(dataclasses.replace(cfg, split_seed=5), out, progress=False)
     assert reseeded.cache_dir != res.cache_dir  # its index differs; the pixels are shared
-    assert np.array_equal(cache.load_cache(reseeded.cache_dir).images, c.images)
+    assert np.array_equal(imagecache.load_cache(reseeded.cache_dir).images, c.images)
 
     f = root / "amsterdam" / "img0.jpg"
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
@@ -362,8 +362,8 @@ def test_parallel_cache_matches_serial(tmp_path):
     root = city_tree(tmp_path / "ds", n=6, size=(50, 37))
     records, _ = data.load_records(root)
     records["split"] = "train"
-    one = cache.load_cache(cache.build_cache(records, 12, tmp_path / "c1", workers=1, progress=False))
-    many = cache.load_cache(cache.build_cache(records, 12, tmp_path / "c2", workers=4, progress=False))
+    one = imagecache.load_cache(imagecache.build_cache(records, 12, tmp_path / "c1", workers=1, progress=False))
+    many = imagecache.load_cache(imagecache.build_cache(records, 12, tmp_path / "c2", workers=4, progress=False))
     assert np.array_equal(one.images, many.images) and one.folder.name == many.folder.name
 
 

@@ -27,6 +27,13 @@ def test_layout_exists():
         assert (paths.ROOT / rel).exists(), rel
 
 
+def test_every_sub_package_is_installed():
+    """A wheel holds only the packages pyproject names; an editable install would hide one left out."""
+    listed = set(tomllib.loads((paths.ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(paths.ROOT).parts) for p in (paths.ROOT / "citylib").rglob("__init__.py")}
+    assert found == listed
+
+
 def test_notebooks_are_committed_without_outputs():
     import json
 
@@ -38,15 +45,25 @@ def test_notebooks_are_committed_without_outputs():
 
 
 def imports_inside(package) -> dict[str, set[str]]:
-    """{module: the citylib modules it imports}, read from the source: every import statement,
-    at module level or inside a function, except those under ``if TYPE_CHECKING:`` (annotations
-    only, never executed)."""
+    """{module: the citylib modules it imports}, read from the source of every module of the
+    package and its sub-packages (dotted names below citylib: ``train``, ``streetview.collect``):
+    every import statement, at module level or inside a function, except those under
+    ``if TYPE_CHECKING:`` (annotations only, never executed)."""
     import ast
 
-    names = {p.stem for p in package.glob("*.py")}
+    files = {".".join(p.relative_to(package).with_suffix("").parts).removesuffix(".__init__")
+             .removesuffix("__init__"): p for p in package.rglob("*.py")}
+    names = set(files) - {""}
+
+    def module(dotted):  # "citylib.a.b" or "a.b" -> the deepest module of citylib it names
+        parts = dotted.removeprefix("citylib").strip(".").split(".")
+        while parts and ".".join(parts) not in names:
+            parts.pop()
+        return ".".join(parts)
+
     graph = {}
     for name in names:
-        tree = ast.parse((package / f"{name}.py").read_text())
+        tree = ast.parse(files[name].read_text())
         skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
                    and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
                    for n in ast.walk(node)}
@@ -54,12 +71,10 @@ def imports_inside(package) -> dict[str, set[str]]:
         for node in ast.walk(tree):
             if id(node) in skipped:
                 continue
-            if isinstance(node, ast.ImportFrom) and node.module == "citylib":
-                deps |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("citylib."):
-                deps.add(node.module.split(".")[1])
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "citylib":
+                deps |= {module(f"{node.module}.{a.name}") for a in node.names}
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("citylib.")}
+                deps |= {module(a.name) for a in node.names if a.name.split(".")[0] == "citylib"}
         graph[name] = (deps & names) - {name}
     return graph
 
@@ -83,7 +98,10 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles_inside_citylib():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
-    found = cycles(imports_inside(paths.ROOT / "citylib"))
+    graph = imports_inside(paths.ROOT / "citylib")
+    assert {"train", "streetview.collect", "streetview.static_api"} <= set(graph)
+    assert graph["streetview.collect"] >= {"streetview.geosample", "streetview.static_api", "data"}
+    found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in found)
 
 
@@ -91,12 +109,12 @@ def test_no_function_in_citylib_is_longer_than_80_lines():
     import ast
 
     long = []
-    for path in sorted((paths.ROOT / "citylib").glob("*.py")):
+    for path in sorted((paths.ROOT / "citylib").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > 80:
-                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+                    long.append(f"{path.relative_to(paths.ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "functions over 80 lines: " + ", ".join(long)
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from citylib import paths, segment
-from citylib.cache import Cache
+from citylib.imagecache import Cache
 from citylib.config import ConfigError, from_dict
 from citylib.segment import SegmentConfig, SegmentError
 

@@ -24,9 +24,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib import cli, data, geosample, streetview, streetview_api
+from citylib import cli, data
+from citylib.streetview import collect, geosample, static_api
 from citylib.config import ConfigError, from_dict
-from citylib.streetview import StreetViewConfig
+from citylib.streetview.collect import StreetViewConfig
 
 # '+' and '/' must be URL-quoted in a query: the redaction must catch the quoted form too.
 KEY = "AIzaFAKE-key_for+tests/4711"
@@ -138,8 +139,8 @@ def config(api: MockAPI, **kw) -> StreetViewConfig:
     return StreetViewConfig(**{**settings, **kw})
 
 
-def collect(api, root, **kw) -> streetview.StreetViewResult:
-    return streetview.run(config(api, **kw), root, progress=False)
+def gather(api, root, **kw) -> collect.StreetViewResult:
+    return collect.run(config(api, **kw), root, progress=False)
 
 
 def whole(path: Path) -> bool:
@@ -150,11 +151,11 @@ def whole(path: Path) -> bool:
 
 
 def test_collects_every_view_of_every_panorama(api, tmp_path):
-    r = collect(api, tmp_path)
+    r = gather(api, tmp_path)
     assert (r.points, r.panoramas, r.downloaded, r.present, r.failed, r.stopped) == (4, 4, 8, 0, (), None)
     assert r.complete and r.requests == len(api.log) == 4 + 8
     m = pd.read_csv(tmp_path / "manifest.csv", dtype=str, keep_default_na=False)
-    assert list(m.columns) == streetview.MANIFEST_COLUMNS and len(m) == 8
+    assert list(m.columns) == collect.MANIFEST_COLUMNS and len(m) == 8
     assert set(m["city"]) == {"amsterdam"} and m["group"].nunique() == 4
     for row in m.itertuples():
         path = tmp_path / row.path
@@ -171,8 +172,8 @@ def test_collects_every_view_of_every_panorama(api, tmp_path):
 
 def test_manifest_is_a_data_stage_manifest(api, tmp_path):
     root = tmp_path / "sv"
-    collect(api, root, points=5)
-    collect(api, root, city="berlin", bbox=(52.50, 13.37, 52.53, 13.42), points=5)
+    gather(api, root, points=5)
+    gather(api, root, city="berlin", bbox=(52.50, 13.37, 52.53, 13.42), points=5)
     records, rejected = data.load_records(root / "manifest.csv")
     assert rejected.empty and sorted(records["city"].unique()) == ["amsterdam", "berlin"]
     assert len(records) == 20 and records["group"].nunique() == 10
@@ -186,7 +187,7 @@ def test_manifest_is_a_data_stage_manifest(api, tmp_path):
 def test_points_without_imagery_are_skipped(api, tmp_path):
     answers = iter([True, False, True, False])
     api.metadata = lambda q: api.ok_metadata(q) if next(answers) else status("ZERO_RESULTS")
-    r = collect(api, tmp_path)
+    r = gather(api, tmp_path)
     assert (r.panoramas, r.no_imagery, r.downloaded) == (2, 2, 4) and r.complete
     assert api.count("image") == 4
 
@@ -194,7 +195,7 @@ def test_points_without_imagery_are_skipped(api, tmp_path):
 def test_a_panorama_met_twice_is_fetched_once(api, tmp_path):
     panos = iter(["same-pano_A", "same-pano_B", "same-pano_A", "same-pano_A", "same-pano_B"] * 2)
     api.metadata = lambda q: status("OK", pano_id=next(panos), location={"lat": 52.37, "lng": 4.89})
-    r = collect(api, tmp_path, points=8)
+    r = gather(api, tmp_path, points=8)
     assert (r.panoramas, r.duplicates, r.downloaded) == (2, 6, 4) and r.complete
     assert sorted((q["pano"], q["heading"]) for e, q in api.log if e == "image") == [
         ("same-pano_A", "0"), ("same-pano_A", "180"), ("same-pano_B", "0"), ("same-pano_B", "180")]
@@ -209,7 +210,7 @@ def test_a_panorama_met_twice_is_fetched_once(api, tmp_path):
 def test_throttling_and_server_errors_are_retried(api, tmp_path, endpoint, first, caplog):
     api.queue[endpoint].append(first)
     with caplog.at_level(logging.INFO, logger="citylib"):
-        r = collect(api, tmp_path)
+        r = gather(api, tmp_path)
     assert r.complete and r.downloaded == 8 and r.requests == 13
     assert api.count(endpoint) == (4 if endpoint == "metadata" else 8) + 1
     assert any("retrying" in rec.getMessage() for rec in caplog.records)
@@ -218,7 +219,7 @@ def test_throttling_and_server_errors_are_retried(api, tmp_path, endpoint, first
 def test_backoff_doubles_from_its_base(api):
     api.queue["metadata"].extend([Reply(500, b"oops"), Reply(429, b"slow"), status("OVER_QUERY_LIMIT")])
     slept = []
-    client = streetview_api.Client(KEY, api.base_url, rps=1e6, max_retries=3, backoff=0.25,
+    client = static_api.Client(KEY, api.base_url, rps=1e6, max_retries=3, backoff=0.25,
                                    sleep=slept.append)
     assert client.metadata(52.37, 4.89, 50, "outdoor")["status"] == "OK"
     assert [s for s in slept if s >= 0.01] == [0.25, 0.5, 1.0] and client.requests == 4
@@ -232,7 +233,7 @@ def test_server_errors_until_retries_run_out_fail_one_request(api, tmp_path):
         return Reply(500, b"internal error", "text/plain") if q["pano"] == broken["pano"] and q["heading"] == "0" \
             else api.ok_image(q)
     api.image = image
-    r = collect(api, tmp_path)
+    r = gather(api, tmp_path)
     assert len(r.failed) == 1 and "HTTP 500 after 3 attempt(s)" in r.failed[0] and broken["pano"] in r.failed[0]
     assert api.count("image", pano=broken["pano"], heading="0") == 3  # 1 + max_retries
     assert r.downloaded == 7 and not r.complete and r.stopped is None
@@ -242,25 +243,25 @@ def test_server_errors_until_retries_run_out_fail_one_request(api, tmp_path):
 
 def test_many_failures_in_a_row_stop_the_run(api, tmp_path):
     api.image = lambda q: Reply(502, b"bad gateway", "text/plain")
-    r = collect(api, tmp_path, points=8, max_retries=0)
-    assert len(r.failed) == streetview.FAILURES_IN_A_ROW and "in a row" in r.stopped
+    r = gather(api, tmp_path, points=8, max_retries=0)
+    assert len(r.failed) == collect.FAILURES_IN_A_ROW and "in a row" in r.stopped
     assert api.count("image") == 10 and api.count("metadata") == 5 and len(r.manifest) == 0
-    gone = collect(api, tmp_path / "nowhere", base_url="http://127.0.0.1:9/maps/api", max_retries=0)
+    gone = gather(api, tmp_path / "nowhere", base_url="http://127.0.0.1:9/maps/api", max_retries=0)
     assert len(gone.failed) == 4 and "Connection refused" in gone.failed[0] and gone.stopped is None
 
 
 def test_request_denied_stops_the_whole_run(api, tmp_path):
     api.queue["metadata"].append(status("REQUEST_DENIED", error_message="API not enabled"))
-    with pytest.raises(streetview.AccessDenied, match="REQUEST_DENIED.*API not enabled"):
-        collect(api, tmp_path)
+    with pytest.raises(collect.AccessDenied, match="REQUEST_DENIED.*API not enabled"):
+        gather(api, tmp_path)
     assert len(api.log) == 1
     assert pd.read_csv(tmp_path / "manifest.csv").empty  # written, and loadable
 
 
 def test_http_403_on_an_image_stops_the_run_and_keeps_what_was_fetched(api, tmp_path):
     api.queue["image"].extend([None, None, Reply(403, b"forbidden", "text/plain")])
-    with pytest.raises(streetview.AccessDenied, match="HTTP 403") as denied:
-        collect(api, tmp_path)
+    with pytest.raises(collect.AccessDenied, match="HTTP 403") as denied:
+        gather(api, tmp_path)
     assert not leaks(chain(denied.value), KEY)  # urllib's HTTPError holds the URL: not reachable
     m = pd.read_csv(tmp_path / "manifest.csv")
     assert len(m) == 2 and all(whole(tmp_path / p) for p in m["path"])
@@ -273,10 +274,10 @@ def test_a_truncated_image_is_never_kept(api, tmp_path, cut):
         half = body[: len(body) // 2]
         return Reply(body=half, ctype="image/jpeg", length=len(body) if cut == "cut-transfer" else None)
     api.queue["image"].append(truncated({"pano": "x", "heading": "0", "size": "32x24"}))
-    r = collect(api, tmp_path)
+    r = gather(api, tmp_path)
     assert r.complete and r.downloaded == 8 and api.count("image") == 9  # retried once
     api.image = truncated
-    r = collect(api, tmp_path / "again", max_retries=1)
+    r = gather(api, tmp_path / "again", max_retries=1)
     assert r.downloaded == 0 and len(r.failed) == 8 and not r.manifest.shape[0]
     why = "does not decode" if cut == "short-body" else "IncompleteRead"
     assert all(f"{why}" in f and "after 2 attempt(s)" in f for f in r.failed), r.failed[0]
@@ -284,27 +285,27 @@ def test_a_truncated_image_is_never_kept(api, tmp_path, cut):
 
 
 def test_budget_stops_cleanly_and_a_rerun_finishes_without_refetching(api, tmp_path):
-    first = collect(api, tmp_path, max_requests=5)  # meta, img, img, meta, img | stop
+    first = gather(api, tmp_path, max_requests=5)  # meta, img, img, meta, img | stop
     assert first.requests == len(api.log) == 5 and "budget of 5" in first.stopped and not first.complete
     m = pd.read_csv(tmp_path / "manifest.csv")
     assert len(m) == 3 and all(whole(tmp_path / p) for p in m["path"])
-    second = collect(api, tmp_path)
+    second = gather(api, tmp_path)
     assert second.complete and (second.present, second.downloaded) == (3, 5)
     assert second.requests == 2 + 5  # two points never asked about, five images; no metadata again
     fetched = [(q["pano"], q["heading"]) for e, q in api.log if e == "image"]
     assert len(fetched) == len(set(fetched)) == 8
     assert api.count("metadata") == 4
     assert len(pd.read_csv(tmp_path / "manifest.csv")) == 8
-    third = collect(api, tmp_path)
+    third = gather(api, tmp_path)
     assert (third.requests, third.present) == (0, 8)
 
 
 def test_a_truncated_file_on_disk_is_fetched_again(api, tmp_path):
-    collect(api, tmp_path)
+    gather(api, tmp_path)
     victim = tmp_path / pd.read_csv(tmp_path / "manifest.csv")["path"][0]
     victim.write_bytes(victim.read_bytes()[:300])
     api.log.clear()
-    r = collect(api, tmp_path)
+    r = gather(api, tmp_path)
     assert (r.downloaded, r.present, r.requests) == (1, 7, 1) and whole(victim)
     m = pd.read_csv(tmp_path / "manifest.csv")
     assert len(m) == 8 and not m["path"].duplicated().any()
@@ -312,25 +313,25 @@ def test_a_truncated_file_on_disk_is_fetched_again(api, tmp_path):
 
 def test_rate_limit_spaces_requests(api, tmp_path):
     start = time.monotonic()
-    r = collect(api, tmp_path, points=2, headings=(0.0,), rps=20.0)
+    r = gather(api, tmp_path, points=2, headings=(0.0,), rps=20.0)
     assert r.requests == 4 and time.monotonic() - start >= 3 / 20
 
 
 def test_an_unsafe_pano_id_names_no_file(api, tmp_path):
     api.metadata = lambda q: status("OK", pano_id="../../escape", location={"lat": 1, "lng": 2})
-    r = collect(api, tmp_path / "root", points=1)
+    r = gather(api, tmp_path / "root", points=1)
     assert len(r.failed) == 1 and "unusable pano id" in r.failed[0]
     assert api.count("image") == 0 and not list(tmp_path.rglob("*.jpg"))
 
 
 def test_random_offset_is_seeded_per_panorama(api, tmp_path):
     cfg = config(api, random_offset=True, headings=(0.0, 90.0, 180.0, 270.0))
-    a = streetview.headings_for(cfg, "panoA")
-    assert a == streetview.headings_for(cfg, "panoA") and 0 <= a[0] < 90
+    a = collect.headings_for(cfg, "panoA")
+    assert a == collect.headings_for(cfg, "panoA") and 0 <= a[0] < 90
     assert np.allclose(np.diff(a) % 360, 90)
-    r = streetview.run(cfg, tmp_path, progress=False)
+    r = collect.run(cfg, tmp_path, progress=False)
     m = pd.read_csv(tmp_path / "manifest.csv", dtype=str)
-    assert r.downloaded == 16 and all(h in map(lambda v: f"{v:g}", streetview.headings_for(cfg, g))
+    assert r.downloaded == 16 and all(h in map(lambda v: f"{v:g}", collect.headings_for(cfg, g))
                                       for h, g in zip(m["heading"], m["group"]))
 
 
@@ -349,18 +350,18 @@ def test_the_key_is_never_written_logged_or_shown(api, tmp_path, capsys, caplog,
         return Reply(429, b"slow") if failing["n"] % 5 == 0 else api.ok_image(q)
     api.image = flaky
     with caplog.at_level(logging.DEBUG):
-        r1 = collect(api, root, max_retries=1)  # the key from the environment
+        r1 = gather(api, root, max_retries=1)  # the key from the environment
         messages += [*r1.failed, repr(r1), r1.stopped or ""]
         key_file = tmp_path / "secret" / "key.txt"
         key_file.parent.mkdir()
         key_file.write_text(FILE_KEY + "\n")
         api.key = FILE_KEY
-        r2 = collect(api, root, city="berlin", bbox=(52.50, 13.37, 52.53, 13.42), key_file=str(key_file), max_requests=6)
+        r2 = gather(api, root, city="berlin", bbox=(52.50, 13.37, 52.53, 13.42), key_file=str(key_file), max_requests=6)
         messages += [*r2.failed, repr(r2), r2.stopped or "", repr(config(api, key_file=str(key_file)))]
         for wrong in ({"key_file": str(key_file)}, {}):  # the server now expects another key
             api.key = "something-else"
-            with pytest.raises(streetview.AccessDenied) as denied:
-                collect(api, root, city="cairo", bbox=(30.03, 31.22, 30.06, 31.26), **wrong)
+            with pytest.raises(collect.AccessDenied) as denied:
+                gather(api, root, city="cairo", bbox=(30.03, 31.22, 30.06, 31.26), **wrong)
             messages += chain(denied.value)
         assert cli.main(["streetview", "--city", "delft", "--bbox", "52.0,4.35,52.02,4.37", "--out", str(root),
                          "--points", "2", "--base-url", api.base_url, "--key-file", str(key_file)]) == 2
@@ -377,7 +378,7 @@ def test_the_key_is_never_written_logged_or_shown(api, tmp_path, capsys, caplog,
     for key in (KEY, FILE_KEY):
         assert not leaks(texts, key)
         assert not leaks([p.read_bytes() for p in files], key)
-    assert streetview_api.REDACTED in " ".join(messages)
+    assert static_api.REDACTED in " ".join(messages)
 
 
 def leaks(texts: list, key: str) -> list:
@@ -398,15 +399,15 @@ def chain(error: BaseException) -> list[str]:
 def test_a_missing_key_is_a_clear_config_error(api, tmp_path, monkeypatch):
     monkeypatch.delenv("CITYLIB_STREETVIEW_KEY")
     with pytest.raises(ConfigError, match="CITYLIB_STREETVIEW_KEY"):
-        collect(api, tmp_path)
+        gather(api, tmp_path)
     with pytest.raises(ConfigError, match="not found"):
-        collect(api, tmp_path, key_file=str(tmp_path / "nope.txt"))
+        gather(api, tmp_path, key_file=str(tmp_path / "nope.txt"))
     assert not api.log and "key" not in {f for f in StreetViewConfig.__dataclass_fields__ if f != "key_env"} - {"key_file"}
 
 
 def test_redact_hides_plain_and_quoted_keys():
     text = f"a {KEY} b {urllib.parse.quote(KEY, safe='')} c {urllib.parse.quote_plus(KEY)}"
-    assert streetview_api.redact(text, KEY) == "a REDACTED b REDACTED c REDACTED"
+    assert static_api.redact(text, KEY) == "a REDACTED b REDACTED c REDACTED"
 
 
 # ---------------------------------------------------------------- settings and the CLI
@@ -507,7 +508,7 @@ def test_polygon_files_that_cannot_be_used_say_why(tmp_path):
 
 
 def test_collecting_inside_a_polygon(api, tmp_path):
-    r = collect(api, tmp_path / "out", bbox=None, polygon=str(polygon_file(tmp_path)), points=6)
+    r = gather(api, tmp_path / "out", bbox=None, polygon=str(polygon_file(tmp_path)), points=6)
     assert r.complete and r.points == 6
     area = geosample.load_polygon(polygon_file(tmp_path))
     asked = np.array([[float(v) for v in q["location"].split(",")] for e, q in api.log if e == "metadata"])

@@ -2,7 +2,7 @@
 
 Reads a GeoJSON file (a Polygon or MultiPolygon geometry, a Feature or a FeatureCollection of
 them; coordinates are ``[lon, lat]``) or takes a bounding box (south, west, north, east).
-Writes nothing. Used by ``citylib.streetview`` to choose the places it asks Street View about.
+Writes nothing. Used by ``citylib.streetview.collect`` to choose the places it asks Street View about.
 
 Points are drawn uniformly by area (uniform in longitude and in sin(latitude)) inside the
 bounding box and kept when they fall inside the polygon and are at least ``min_spacing`` metres

@@ -2,7 +2,7 @@
 
 Reads the API key from an environment variable or a file (never from an argument or a
 parameter file) and the two endpoints ``{base_url}/streetview/metadata`` and
-``{base_url}/streetview``. Writes nothing; ``citylib.streetview`` saves what it returns.
+``{base_url}/streetview``. Writes nothing; ``citylib.streetview.collect`` saves what it returns.
 
 The key is sent only in request URLs. It is kept out of every message this module makes
 (``redact``), out of ``repr`` and out of exception chains (errors are raised outside urllib's
@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from citylib.cache import open_rgb
+from citylib.imagecache import open_rgb
 from citylib.config import ConfigError
 
 DEFAULT_BASE_URL = "https://maps.googleapis.com/maps/api"

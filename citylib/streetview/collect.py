@@ -1,8 +1,8 @@
 """Stage `streetview`: collect Street View images of one city with the Street View Static API.
 
 Reads a city's area (a bounding box or a GeoJSON polygon file), the API key (environment
-variable ``key_env`` or ``key_file``; see ``citylib.streetview_api``) and what an earlier run
-left in ``out``. Writes into ``out``:
+variable ``key_env`` or ``key_file``; see ``citylib.streetview.static_api``) and what an
+earlier run left in ``out``. Writes into ``out``:
   <city>/<pano>_<heading>.jpg   one view per panorama and heading (e.g. ``Xy3..._90.jpg``)
   manifest.csv                  path (relative to ``out``), city, group (= pano id), view
                                 (heading index), heading, lat, lon (the panorama's), date
@@ -11,8 +11,8 @@ left in ``out``. Writes into ``out``:
   streetview.json               per city: the settings and counts of its last run
 ``manifest.csv`` is a data-stage manifest: ``data: {source: <out>/manifest.csv}``.
 
-Seeded points (``citylib.geosample``) are looked up one by one; a point without imagery is
-skipped, a panorama seen before (this run, or in another city's rows) is not fetched again.
+Seeded points (``citylib.streetview.geosample``) are looked up one by one; a point without
+imagery is skipped, a panorama seen before (this run, or in another city's rows) is not fetched again.
 Views are compass headings; ``random_offset`` turns each panorama's set by a seeded offset
 (integer degrees in [0, 360 / len(headings))) drawn from (seed, pano id), so file names are the
 same on every rerun. Every file is written atomically. A rerun skips images already on disk
@@ -42,9 +42,10 @@ from tqdm import tqdm
 from citylib.artifacts import atomic_path, merge_json, write_csv
 from citylib.config import to_dict
 from citylib.data import check_file
-from citylib.geosample import Area, bbox_area, load_polygon, sample_points
-from citylib.streetview_api import (DEFAULT_BASE_URL, DEFAULT_KEY_ENV, AccessDenied, BudgetExhausted,
-                                    Client, RequestFailed, StreetViewError, read_key)
+from citylib.streetview.geosample import Area, bbox_area, load_polygon, sample_points
+from citylib.streetview.static_api import (DEFAULT_BASE_URL, DEFAULT_KEY_ENV, AccessDenied,
+                                           BudgetExhausted, Client, RequestFailed, StreetViewError,
+                                           read_key)
 
 __all__ = ["StreetViewConfig", "StreetViewResult", "run", "area_of", "headings_for",
            "AccessDenied", "StreetViewError", "MANIFEST_COLUMNS"]
