@@ -1,6 +1,7 @@
 """Figures of the comparison stage (notebook 06): the AR heat-map, lift side by side, Fig. 6.
 
-Reads a comparison's ``ar.csv`` frame, runs' ``r_scores.csv`` and Grad-CAM masks; writes nothing.
+Reads a comparison's ``ar.csv`` frame, runs' ``r_scores.csv`` and Grad-CAM masks, and for Fig. 6
+the image files behind the cache; writes nothing.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from citylib import compare, gradcam, saliency
+from citylib import compare, gradcam, imagecache, saliency
 
 
 def _run_order(frame: pd.DataFrame) -> list[str]:
@@ -77,9 +78,9 @@ def plot_lift_comparison(scores: Mapping[str, pd.DataFrame], top: int = 10) -> p
 
 
 def plot_fig6(cache, runs: Sequence[str | Path], rows: Sequence[int]) -> plt.Figure:
-    """The paper's Fig. 6: each test image (cache rows ``rows``) and every run's weighted mask
-    for it, upsampled to the image size; columns: image, then one per run."""
-    S = cache.images.shape[1]
+    """The paper's Fig. 6: each test image (cache rows ``rows``) as every run sees it. Per image
+    two rows: each run's weighted mask over the image, then its visual explanation at the run's
+    threshold; the image is drawn at its file's resolution (``imagecache.full_view``)."""
     cols = []
     for d in runs:
         cam = gradcam.load(d)
@@ -89,14 +90,21 @@ def plot_fig6(cache, runs: Sequence[str | Path], rows: Sequence[int]) -> plt.Fig
             raise ValueError(f"{d}: no mask for cache rows {missing[:5]}")
         info = compare.describe(d)
         cols.append((f"{compare.NAMES.get(info['arch'], info['arch'])} s{info['seed']}",
-                     saliency.upsample(cam.masks[where.loc[list(rows)].to_numpy()], S)))  # (n, S, S)
+                     np.asarray(cam.masks[where.loc[list(rows)].to_numpy()], np.float32), cam.threshold))
     n = len(rows)
-    fig, axes = plt.subplots(n, 1 + len(cols), figsize=(1.8 * (1 + len(cols)), 1.9 * n), squeeze=False)
+    fig, axes = plt.subplots(2 * n, 1 + len(cols), figsize=(1.8 * (1 + len(cols)), 3.6 * n), squeeze=False)
     for i, r in enumerate(rows):
-        axes[i, 0].imshow(cache.images[r])
-        axes[i, 0].set_ylabel(str(cache.index["city"].iloc[r]), fontsize=8)
-        for j, (_, up) in enumerate(cols, 1):
-            axes[i, j].imshow(up[i], cmap="jet", vmin=0, vmax=1)
+        image = imagecache.full_view(cache, int(r))                               # (S', S', 3)
+        axes[2 * i, 0].imshow(image)
+        axes[2 * i, 0].set_ylabel(f"{cache.index['city'].iloc[r]}\nmask", fontsize=8)
+        axes[2 * i + 1, 0].axis("off")
+        axes[2 * i + 1, 0].text(0.95, 0.5, "explanation\n(mask ≥ threshold)", ha="right", va="center",
+                                fontsize=8, transform=axes[2 * i + 1, 0].transAxes)
+        for j, (_, masks, threshold) in enumerate(cols, 1):
+            up = saliency.upsample(masks[i][None], image.shape[0])[0]
+            axes[2 * i, j].imshow(saliency.heatmap_overlay(image, up))
+            axes[2 * i + 1, j].imshow(saliency.explanation(image, up, threshold))
+            axes[2 * i + 1, j].set_xlabel(f"≥ {threshold:g}", fontsize=7)
     for j, title in enumerate(["image"] + [c[0] for c in cols]):
         axes[0, j].set_title(title, fontsize=9)
     for ax in axes.ravel():

@@ -1,15 +1,15 @@
 """Figures of the Grad-CAM stage; every function returns a matplotlib Figure.
 
 Reads the results it is given (``gradcam.GradCAMResult``, the "cascade"/"deletion" dicts of
-``citylib.sanity`` or of ``metrics.json``) and, for example images, the data stage's cache.
-Writes nothing.
+``citylib.sanity`` or of ``metrics.json``) and, for example images, the data stage's cache and
+the image files behind it (drawn at their own resolution). Writes nothing.
 """
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from citylib import gradcam, saliency
+from citylib import gradcam, imagecache, saliency
 
 
 def plot_cascade(cascade: dict) -> plt.Figure:
@@ -79,19 +79,21 @@ def plot_deletion(deletion: dict) -> plt.Figure:
     return fig
 
 
-def plot_fig2(images: np.ndarray, masks: np.ndarray, threshold: float = 0.5,
+def plot_fig2(images, masks: np.ndarray, threshold: float = 0.5,
               titles: list[str] | None = None) -> plt.Figure:
     """The paper's Fig. 2 per image: original, weighted mask, overlay, visual explanation.
 
-    images (n, S, S, 3) uint8; masks (n, h, w) at any resolution (upsampled here).
+    images: n uint8 images (S_i, S_i, 3), an array (n, S, S, 3) or a list of any sizes (e.g.
+    ``imagecache.full_view``); masks (n, h, w) at any resolution, upsampled to each image.
     """
-    n, S = len(images), images.shape[1]
-    up = saliency.upsample(np.asarray(masks), S)                     # (n, S, S)
+    n = len(images)
     fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
     heads = ["image", "weighted mask", "overlay", f"explanation (mask ≥ {threshold:g})"]
     for i in range(n):
-        panels = [images[i], up[i], saliency.heatmap_overlay(images[i], up[i]),
-                  saliency.explanation(images[i], up[i], threshold)]
+        image = np.asarray(images[i])
+        up = saliency.upsample(np.asarray(masks[i])[None], image.shape[0])[0]      # (S_i, S_i)
+        panels = [image, up, saliency.heatmap_overlay(image, up),
+                  saliency.explanation(image, up, threshold)]
         for j, (ax, p) in enumerate(zip(axes[i], panels)):
             ax.imshow(p, cmap="jet" if j == 1 else None, vmin=0, vmax=1 if j == 1 else None)
             ax.set_xticks([])
@@ -117,6 +119,7 @@ def plot_city_examples(result: "gradcam.GradCAMResult", cache, seed: int = 0,
                 picks.append(int(rng.choice(rows)))
                 r = result.index.iloc[picks[-1]]
                 titles.append(f"{r['city']} → {r['predicted']} ({'right' if correct else 'wrong'})")
-    return plot_fig2(np.asarray(cache.images[result.index["index"].to_numpy()[picks]]),
+    rows = result.index["index"].to_numpy()[picks]
+    return plot_fig2([imagecache.full_view(cache, int(r)) for r in rows],
                      np.asarray(result.masks[picks], dtype=np.float32),
                      result.threshold if threshold is None else threshold, titles)

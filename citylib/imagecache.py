@@ -127,6 +127,21 @@ def prepare(path: str, label_path: str, size: int):
     return img, lab, (w, h)
 
 
+def full_view(cache: Cache, row: int, largest: int = 512) -> np.ndarray:
+    """Cache row ``row``'s image at the resolution of its file: the cache's square crop, with
+    the shorter side kept (at most ``largest`` px), (S', S', 3) uint8. The cached pixels when
+    the file cannot be read any more (moved, deleted) or is no larger than the cache."""
+    cached = np.asarray(cache.images[row])
+    try:
+        with Image.open(cache.index["path"].iloc[row]) as im:
+            side = min(im.size)
+        if side <= cached.shape[0]:
+            return cached
+        return prepare(cache.index["path"].iloc[row], "", min(side, largest))[0]
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return cached
+
+
 def file_stats(records: pd.DataFrame) -> list:
     """(path, size, mtime_ns) of every image and label file, in row order; None if missing."""
     def stat(p: str):

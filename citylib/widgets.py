@@ -11,6 +11,8 @@ headlessly the panels draw once and show their widget repr.
 from __future__ import annotations
 
 import dataclasses
+import html
+import traceback
 from pathlib import Path
 
 import ipywidgets as w
@@ -18,20 +20,40 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from citylib import embed, gallery, gradcam, gradcam_plots, plots, saliency, stats, stats_plots, train
+from citylib import embed, gallery, gradcam, gradcam_plots, imagecache, plots, saliency, stats, stats_plots, train
 
 
-def _figure_view(make_figure, controls: dict[str, w.ValueWidget], width: str) -> w.Image:
-    """An Image widget showing ``make_figure(**values of controls)``, redrawn when one moves."""
+LABELS = {"description_width": "initial"}  # a control's label at its own width, never cut short
+
+
+def figure_view(make_figure, controls: dict[str, w.ValueWidget], width: str) -> w.Widget:
+    """A picture of ``make_figure(**values of controls)``, redrawn when one of them moves.
+
+    A redraw that raises keeps the last picture and shows the traceback in the panel (an HTML
+    widget of class ``citylib-error``, empty while all is well): an exception in a widget
+    callback would otherwise reach only JupyterLab's log console, never the notebook. The first
+    drawing is not guarded: it runs in the cell, whose error the notebook shows.
+    """
     view = w.Image(format="png", layout=w.Layout(max_width=width))
+    error = w.HTML()
+    error.add_class("citylib-error")
 
-    def draw(_=None):
-        view.value = plots.png(make_figure(**{k: c.value for k, c in controls.items()}))
+    def picture() -> bytes:
+        return plots.png(make_figure(**{k: c.value for k, c in controls.items()}))
+
+    def redraw(_=None):
+        try:
+            view.value = picture()
+            error.value = ""
+        except Exception:  # shown, not lost: see above
+            plt.close("all")
+            error.value = ("<pre style='color:#b00;white-space:pre-wrap'>could not redraw:\n"
+                           f"{html.escape(traceback.format_exc())}</pre>")
 
     for control in controls.values():
-        control.observe(draw, names="value")
-    draw()
-    return view
+        control.observe(redraw, names="value")
+    view.value = picture()
+    return w.VBox([view, error])
 
 
 def explanation_panel(result: gradcam.GradCAMResult, cache, run_dir: str | Path) -> w.Widget:
@@ -59,39 +81,43 @@ def explanation_panel(result: gradcam.GradCAMResult, cache, run_dir: str | Path)
         return held[(pos, method)]
 
     def figure(pos: int, method: str, threshold: float):
-        image = np.asarray(cache.images[int(index["index"].iloc[pos])])[None]   # (1, S, S, 3)
+        image = imagecache.full_view(cache, int(index["index"].iloc[pos]))      # (S', S', 3)
         row = index.iloc[pos]
         title = f"{row['city']} → {row['predicted']} ({method})"
-        return gradcam_plots.plot_fig2(image, mask_of(pos, method)[None], threshold, [title])
+        return gradcam_plots.plot_fig2([image], mask_of(pos, method)[None], threshold, [title])
 
     controls = {
-        "pos": w.Dropdown(options=options, value=0, description="image"),
-        "method": w.ToggleButtons(options=list(saliency.METHODS), value=stored, description="method"),
+        "pos": w.Dropdown(options=options, value=0, description="image", style=LABELS),
+        "method": w.ToggleButtons(options=list(saliency.METHODS), value=stored, description="method",
+                                   style=LABELS),
         "threshold": w.FloatSlider(value=result.threshold, min=0.0, max=1.0, step=0.05,
-                                   description="threshold", continuous_update=False),
+                                   description="threshold", readout_format=".2f",
+                                   continuous_update=False, style=LABELS),
     }
-    view = _figure_view(figure, controls, "760px")
+    view = figure_view(figure, controls, "760px")
     return w.VBox([w.HBox([controls["pos"], controls["method"]]), controls["threshold"], view])
 
 
 def threshold_panel(histograms: stats.Histograms, planted: dict | None = None) -> w.Widget:
-    """A threshold slider over R (the paper's Fig. 5) or lift; each move is a histogram lookup."""
+    """A threshold slider over R (the paper's Fig. 5) or lift; each move is a histogram lookup.
+    The slider moves over the histograms' bin edges, in [0, 1] as everywhere else."""
     bins = histograms.cfg.bins
 
-    def figure(k: int, view: str):
-        table = histograms.table(k / bins, ci=False)
+    def figure(threshold: float, view: str):
+        edge = round(threshold * bins) / bins                 # the slider's value, as a bin edge
+        table = histograms.table(edge, ci=False)
         fig = (stats_plots.plot_r_histograms if view == "R" else stats_plots.plot_lift)(table, planted)
-        fig.suptitle(f"threshold {k / bins:g}", x=0.99, ha="right", fontsize=9)
+        fig.suptitle(f"threshold {edge:.2f}", x=0.99, ha="right", fontsize=9)
         return fig
 
-    start = int(round(histograms.cfg.threshold * bins))
     controls = {
-        "k": w.IntSlider(value=start, min=0, max=bins, step=1, description=f"threshold ×{bins}",
-                         continuous_update=False),
-        "view": w.ToggleButtons(options=["R", "lift"], value="R", description="show"),
+        "threshold": w.FloatSlider(value=round(histograms.cfg.threshold * bins) / bins, min=0.0,
+                                   max=1.0, step=1 / bins, description="threshold",
+                                   readout_format=".2f", continuous_update=False, style=LABELS),
+        "view": w.ToggleButtons(options=["R", "lift"], value="R", description="show", style=LABELS),
     }
-    view = _figure_view(figure, controls, "900px")
-    return w.VBox([w.HBox([controls["k"], controls["view"]]), view])
+    view = figure_view(figure, controls, "900px")
+    return w.VBox([w.HBox([controls["threshold"], controls["view"]]), view])
 
 
 class Explorer:
@@ -149,7 +175,7 @@ class Explorer:
     def _panels(self, axes, point: int) -> str:
         """Draw row ``point``'s image, weighted mask and explanation on three ``axes``; its caption."""
         info = self.result.index.iloc[point]
-        image = np.asarray(self.cache.images[self.rows[point]])              # (S, S, 3)
+        image = imagecache.full_view(self.cache, int(self.rows[point]))     # (S', S', 3)
         up = saliency.upsample(np.asarray(self.result.masks[[point]]), image.shape[0])[0]
         panels = (("image", image), ("weighted mask", up),
                   (f"explanation (≥ {self.result.threshold:g})",
@@ -173,13 +199,14 @@ class Explorer:
 
     def _build(self):
         method = w.Dropdown(options=[("t-SNE", "tsne"), ("UMAP", "umap")],
-                            value=self.cfg.method, description="method")
+                            value=self.cfg.method, description="method", style=LABELS)
         descriptor = w.Dropdown(options=[("weighted mask", "mask"),
                                          ("visual explanation", "explanation")],
-                                value=self.cfg.descriptor, description="descriptor")
+                                value=self.cfg.descriptor, description="descriptor",
+                                style=LABELS)
         hue = w.ToggleButtons(options=[("city", "city"), ("correct?", "correct")], value="city")
         point = w.IntSlider(0, 0, max(len(self.result.index) - 1, 0), description="point",
-                            continuous_update=False)
+                            continuous_update=False, style=LABELS)
         status = w.Label()
 
         def draw_map(method_value, descriptor_value, point_value, hue_value):
@@ -188,8 +215,8 @@ class Explorer:
             status.value = gallery.title(self.map(method_value, descriptor_value))
             return fig
 
-        point_img = _figure_view(self.point_figure, {"point": point}, "760px")
-        map_img = _figure_view(draw_map, {"method_value": method, "descriptor_value": descriptor,
+        point_img = figure_view(self.point_figure, {"point": point}, "760px")
+        map_img = figure_view(draw_map, {"method_value": method, "descriptor_value": descriptor,
                                           "point_value": point, "hue_value": hue}, "640px")
         return w.VBox([w.HBox([method, descriptor, hue]), point, status, map_img, point_img])
 

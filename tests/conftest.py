@@ -1,7 +1,9 @@
-"""Fixtures shared by the test files: a small learnable image cache, and a Grad-CAM folder
-written as ``gradcam.run`` leaves it (for the stages that read one without training)."""
+"""Fixtures shared by the test files: a small learnable image cache, a Grad-CAM folder
+written as ``gradcam.run`` leaves it (for the stages that read one without training), and a
+smoke job of three runs."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from citylib import gradcam
+from citylib import cli, gradcam
 from citylib.artifacts import write_csv, write_json
+from citylib.paths import PARAMETERS
 
 CITIES = ("amsterdam", "berlin", "cairo")
 
@@ -70,3 +73,21 @@ def make_cache():
 def write_gradcam():
     """The factory ``gradcam_folder``."""
     return gradcam_folder
+
+
+@pytest.fixture(scope="session")
+def smoke_grid(tmp_path_factory):
+    """(parameter folder, outputs, exit code) of ``citylib run`` on three smoke runs: ``good``
+    and ``other`` finish, ``broken`` fails (its checkpoint folder holds a file that is no
+    checkpoint of it), so the grid also shows that one failing run does not stop the others.
+    Shared by the browser's tests (first, reading only) and the runner's (one job for both)."""
+    root = tmp_path_factory.mktemp("grid")
+    params_dir, out = root / "params", root / "outputs"
+    params_dir.mkdir()
+    shutil.copy(PARAMETERS / "smoke" / "simple_seed0.yaml", params_dir / "good.yaml")
+    shutil.copy(PARAMETERS / "smoke" / "simple_seed1.yaml", params_dir / "broken.yaml")
+    shutil.copy(PARAMETERS / "smoke" / "simpler_seed0.yaml", params_dir / "other.yaml")
+    (out / "runs" / "broken" / "checkpoints").mkdir(parents=True)
+    (out / "runs" / "broken" / "checkpoints" / "epoch_001.pt").write_bytes(b"not a checkpoint")
+    code = cli.main(["run", "--params", str(params_dir), "--outputs", str(out)])
+    return params_dir, out, code

@@ -38,7 +38,7 @@ def fake_run(root, name: str, arch: str, seed: int, masks: np.ndarray, rows, siz
     write_json(d / "config.json", {"config": {"name": name, "arch": arch, "seed": seed},
                                    "config_hash": name})
     gradcam_folder(d, masks, rows, [f"img/{r}.png" for r in rows], cities, cities,
-                   {"image_size": size, "config": {"batch_size": 4}, "key": f"h-{name}", "data_key": data_key})
+                   {"image_size": size, "config": {"batch_size": 4, "threshold": 0.5}, "key": f"h-{name}", "data_key": data_key})
     return d
 
 
@@ -214,7 +214,8 @@ def test_stage_on_fake_runs_and_reuse(tmp_path):
     for fig in (compare_plots.plot_ar_heatmap(res.ar), compare_plots.plot_lift_comparison(
             compare.lift_scores(runs)), compare_plots.plot_fig6(
                 SimpleNamespace(images=np.zeros((80, 16, 16, 3), np.uint8),
-                                index=pd.DataFrame({"city": [CITIES[i % 3] for i in range(80)]})),
+                                index=pd.DataFrame({"city": [CITIES[i % 3] for i in range(80)],
+                                                    "path": [f"gone/{i}.png" for i in range(80)]})),
                 runs, res.fig6_rows)):
         assert isinstance(fig, matplotlib.figure.Figure)
         matplotlib.pyplot.close(fig)

@@ -145,6 +145,21 @@ def test_exif_orientation_is_applied_in_the_cache(tmp_path):
     assert img[13, 8, 2] > 200 and img[13, 8, 0] < 50  # bottom blue
 
 
+def test_full_view_is_the_cached_crop_at_the_files_resolution(tmp_path):
+    rng = np.random.default_rng(0)
+    wide = np.kron(rng.integers(0, 256, (12, 20, 3)), np.ones((10, 10, 1))).astype(np.uint8)  # 120 x 200
+    Image.fromarray(wide).save(tmp_path / "w.png")
+    records = pd.DataFrame({"path": [str(tmp_path / "w.png")], "city": "a", "group": "g", "view": 0,
+                            "label_path": "", "split": "train"})
+    c = imagecache.load_cache(imagecache.build_cache(records, 24, tmp_path / "cache", progress=False))
+    full = imagecache.full_view(c, 0)
+    assert full.shape == (120, 120, 3) and full.dtype == np.uint8
+    assert np.array_equal(full, wide[:, 40:160])                     # the cache's centred square
+    assert imagecache.full_view(c, 0, largest=60).shape == (60, 60, 3)
+    (tmp_path / "w.png").unlink()                                    # the file gone: the cache
+    assert np.array_equal(imagecache.full_view(c, 0), c.images[0])
+
+
 def test_max_pixels(tmp_path):
     solid(tmp_path / "a" / "big.png", size=(40, 40))
     solid(tmp_path / "a" / "small.png", size=(20, 20))

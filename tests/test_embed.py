@@ -199,8 +199,9 @@ def test_explorer_panel(tmp_path):
     panel.children[1].value = 7                       # the point slider
     assert set(ex.maps) == {("tsne", "mask"), ("umap", "mask"), ("umap", "explanation")}
     assert ex.maps[("umap", "explanation")].folder is None
-    assert bytes(panel.children[3].value[:4]) == b"\x89PNG"     # the map, as an image
-    assert bytes(panel.children[4].value[:4]) == b"\x89PNG"     # image, mask, explanation
+    assert bytes(panel.children[3].children[0].value[:4]) == b"\x89PNG"     # the map, as an image
+    assert bytes(panel.children[4].children[0].value[:4]) == b"\x89PNG"     # image, mask, explanation
+    assert panel.children[3].children[1].value == panel.children[4].children[1].value == ""   # no error
     assert "UMAP of explanations" in panel.children[2].value
     fig = ex.point_figure(7)
     assert len(fig.axes) == 3

@@ -18,20 +18,9 @@ from citylib import artifacts, cli, intervals, paths, runner
 from citylib.paths import PARAMETERS
 
 
-@pytest.fixture(scope="module")
-def grid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grid")
-    params_dir, out = root / "params", root / "outputs"
-    params_dir.mkdir()
-    shutil.copy(PARAMETERS / "smoke" / "simple_seed0.yaml", params_dir / "good.yaml")
-    shutil.copy(PARAMETERS / "smoke" / "simple_seed1.yaml", params_dir / "broken.yaml")
-    shutil.copy(PARAMETERS / "smoke" / "simpler_seed0.yaml", params_dir / "other.yaml")
-    # A run whose checkpoint folder holds a file that is no checkpoint of this run must fail
-    # loudly, and must not stop the other runs.
-    (out / "runs" / "broken" / "checkpoints").mkdir(parents=True)
-    (out / "runs" / "broken" / "checkpoints" / "epoch_001.pt").write_bytes(b"not a checkpoint")
-    code = cli.main(["run", "--params", str(params_dir), "--outputs", str(out)])
-    return params_dir, out, code
+@pytest.fixture
+def grid(smoke_grid):
+    return smoke_grid
 
 
 def test_failing_run_is_reported_with_nonzero_exit_and_others_finish(grid):

@@ -338,14 +338,39 @@ def test_threshold_panel_redraws_its_image_when_a_control_moves():
     m, lab, cities = hand_made()
     h = Histograms.build(m, lab, cities, NO_FILTER, NAMES, progress=False)
     panel = widgets.threshold_panel(h)
-    (slider, view), image = panel.children[0].children, panel.children[1]
+    (slider, view), (image, error) = panel.children[0].children, panel.children[1].children
+    assert (slider.min, slider.max, slider.value) == (0.0, 1.0, h.cfg.threshold)   # as everywhere: [0, 1]
     first = bytes(image.value)
     assert first[:4] == b"\x89PNG"
     slider.value = slider.max                      # threshold 1: only the sky pixels of image 0
     at_one = bytes(image.value)
     assert at_one[:4] == b"\x89PNG" and at_one != first
     view.value = "lift"
-    assert bytes(image.value) not in (first, at_one)
+    assert bytes(image.value) not in (first, at_one) and error.value == ""
+
+
+def test_a_redraw_that_raises_keeps_the_picture_and_shows_the_error():
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from citylib import widgets
+
+    def figure(k):
+        if k == 2:
+            raise ValueError("no figure for two")
+        fig = plt.figure(figsize=(1, 1))
+        fig.text(0.5, 0.5, str(k))
+        return fig
+
+    k = w.IntSlider(0, 0, 3)
+    image, error = widgets.figure_view(figure, {"k": k}, "100px").children
+    k.value = 1
+    one = bytes(image.value)
+    k.value = 2                                    # raises inside the callback: shown, not lost
+    assert bytes(image.value) == one and "ValueError: no figure for two" in error.value
+    assert "citylib-error" in error._dom_classes
+    k.value = 3
+    assert bytes(image.value) != one and error.value == ""
 
 
 def test_differences_ratio_floor_and_declared_cues():
