@@ -5,11 +5,12 @@ Reads a ``Cache`` (``images`` uint8 (N, S, S, 3), ``y`` int64 (N,), ``cities``, 
 folder ``out`` (``outputs/runs/<name>/``):
 
 - ``checkpoints/epoch_XXX.pt``: model, optimizer, scheduler, epoch, history, config, key and
-  every RNG state (torch, numpy, python, the data-order generator); loads with ``weights_only=True``.
+  every RNG state (torch, numpy, python, the data-order generator; on a GPU its own); every
+  tensor on the CPU, so it loads anywhere with ``weights_only=True``.
 - ``best.pt``: the weights of the epoch with the best validation accuracy (ties: earlier).
 - ``history.csv``: epoch, lr, train_loss, train_acc, val_loss, val_acc, seconds.
 - ``training.json``: test accuracy of ``best.pt``, per-city accuracy, confusion matrix (rows true,
-  cols predicted, in ``cities`` order), config and key.
+  cols predicted, in ``cities`` order), config, key and the device it trained on.
 - ``predictions.csv``: one row per test image with one probability column per city.
 - ``.results/training.json``: the marker of the finished training (``artifacts.ResultFolder``).
 
@@ -21,6 +22,10 @@ the folder are stale and replaced.
 Training follows the paper: cross-entropy, Adam, lr 1e-4 times 0.1 every 10 epochs. The seed
 fixes the initial weights and the data order/augmentation; the same config gives bit-identical
 weights on CPU, and an interrupted run resumes to the same weights as an uninterrupted one.
+``device`` (``citylib.devices``; ``auto``: a GPU when there is one) chooses where: on CUDA the
+network is channels-last, forward passes run under bf16 autocast (the loss in fp32) and batches
+go from pinned memory; deterministic kernels are asked for there too, but the numbers are not
+the CPU's.
 """
 from __future__ import annotations
 
@@ -28,10 +33,12 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from citylib import models
+from citylib import devices, models
 from citylib.artifacts import (ResultFolder, StaleError, atomic_path, code_key, read_json, remove_leftovers,
                                write_csv, write_json)
 from citylib.config import check, config_hash, to_dict
@@ -69,10 +76,13 @@ class TrainConfig:
     flip: bool = True          # random horizontal flip
     crop_jitter: int = 4       # random translation by up to this many pixels (pad and crop)
     threads: int = 2           # torch CPU threads; results are bit-identical only at equal count
+    device: str = "auto"       # auto, cpu, cuda, cuda:K or mps (citylib.devices); the key holds its kind
 
     def __post_init__(self):
         check(self, epochs=">= 1", batch_size=">= 1", lr="> 0", lr_step=">= 1", lr_gamma="in (0, 1]",
               weight_decay=">= 0", crop_jitter="in [0, 32]", threads=">= 1")
+        if (want := devices.check(self.device)) is not None:
+            raise ValueError(f"out of range: 'device' = {self.device!r} must be {want}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,7 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
     for s in SPLITS:
         if len(idx[s]) == 0:
             raise ValueError(f"{name}: the '{s}' split is empty")
+    device = devices.resolve(cfg.device)
     config = run_config(arch, seed, cfg, cache, idx, extra_config)
     chash = key(arch, seed, cfg, config["data_key"])
     folder = ResultFolder(out, NAME, chash)
@@ -116,8 +127,10 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
 
     images = cache.images                                    # (N, S, S, 3) uint8
     y = torch.tensor(np.asarray(cache.y), dtype=torch.int64)   # (N,), a copy: the cache is read-only
-    with _deterministic(cfg.threads):
-        t = _begin(arch, seed, cfg, len(cache.cities), config["image_size"], last)
+    with _deterministic(cfg.threads, device):
+        if progress:
+            tqdm.write(f"{name}: training on {devices.describe(cfg.device, device)}")
+        t = _begin(arch, seed, cfg, len(cache.cities), config["image_size"], last, device)
         writer = _Writer()
         try:
             for epoch in range(t.start + 1, cfg.epochs + 1):
@@ -134,7 +147,8 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
         finally:
             writer.close()                                   # every file on disk before going on
         probs = _test(t, out, images[idx["test"]], cfg.batch_size)   # (n_test, C)
-    metrics = _write_test_results(out, cache, idx, probs, config, chash, t.best, name)
+    metrics = _write_test_results(out, cache, idx, probs, config, chash, t.best, name,
+                                  devices.describe(cfg.device, device))
     folder.commit(OUTPUT_FILES, arch=arch, seed=int(seed), data_key=config["data_key"],
                   test_accuracy=metrics["test_accuracy"], config=config)
     return TrainResult(out, config, chash, pd.DataFrame(t.history), metrics, True, False, t.start)
@@ -157,19 +171,23 @@ class _Training:
 
 
 def _begin(arch: str, seed: int, cfg: TrainConfig, n_classes: int, image_size: int,
-           last: Path | None) -> _Training:
-    """The seeded model and optimiser, or their state where the checkpoint ``last`` ends."""
+           last: Path | None, device: torch.device) -> _Training:
+    """The seeded model (on ``device``) and optimiser, or their state where the checkpoint
+    ``last`` ends. The weights are drawn on the CPU, so a seed starts from the same network on
+    every device."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
     model = models.build(arch, n_classes, image_size)
+    if device.type != "cpu":
+        model = model.to(device, memory_format=torch.channels_last)
     # fused: one kernel over all parameters; the per-tensor loop took half of VGG11's step on CPU
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     gen = torch.Generator().manual_seed(seed)                # data order and augmentation
     t = _Training(model, opt, sched, gen, [], {"epoch": 0, "val_acc": -1.0}, 0)
     if last is not None:                                     # resume where the checkpoint ends
-        ck = torch.load(last, weights_only=True)
+        ck = torch.load(last, weights_only=True, map_location="cpu")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -220,7 +238,9 @@ def _test(t: _Training, out: Path, test_images: np.ndarray, batch_size: int) -> 
 
 
 def key(arch: str, seed: int, cfg: TrainConfig, data_key: str) -> str:
-    """What a training's weights depend on: architecture, seed, settings, data and code."""
+    """What a training's weights depend on: architecture, seed, settings (the device as the
+    kind it resolves to here: ``auto`` on a CPU-only machine keys as ``cpu``), data and code."""
+    cfg = dataclasses.replace(cfg, device=devices.kind(devices.resolve(cfg.device)))
     return config_hash(NAME, code_key(__name__), arch, int(seed), cfg, data_key)
 
 
@@ -230,6 +250,7 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.nda
                     max_steps: int | None = None) -> tuple[float, float]:
     """One pass over ``train_idx`` in an order drawn from ``gen``; returns (mean loss, accuracy)."""
     model.train()
+    device = _device_of(model)
     order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
     starts = range(0, len(order), cfg.batch_size)
     if max_steps is not None:
@@ -238,10 +259,11 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.nda
     bar = tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch")
     for b in bar:
         batch = order[b:b + cfg.batch_size]              # (B,) indices into the cache
-        x = to_tensor(augment(images[batch], cfg, gen))  # (B, 3, S, S) float
-        target = y[torch.from_numpy(batch)]              # (B,)
-        logits = model(x)                                # (B, C)
-        loss = F.cross_entropy(logits, target)
+        x = _to(to_tensor(augment(images[batch], cfg, gen)), device)  # (B, 3, S, S) float
+        target = _to(y[torch.from_numpy(batch)], device)               # (B,)
+        with devices.autocast(device):
+            logits = model(x)                                           # (B, C)
+        loss = F.cross_entropy(logits.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -298,14 +320,27 @@ def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.nd
 
 
 def _logits(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits (N, C) float32 of uint8 images, on the device the model is on."""
     was_training = model.training
     model.eval()
+    device = _device_of(model)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), devices.autocast(device):
         for b in range(0, len(images), batch_size):
-            out.append(model(to_tensor(images[b:b + batch_size])))     # (B, C)
+            out.append(model(_to(to_tensor(images[b:b + batch_size]), device)).float().cpu())  # (B, C)
     model.train(was_training)
     return torch.cat(out).numpy()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``: as it is on the CPU; from pinned memory, without waiting, elsewhere."""
+    if device.type == "cpu":
+        return x
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def load_model(run_dir: str | Path, which: str | int = "best") -> tuple[nn.Module, list[str], dict]:
@@ -400,7 +435,14 @@ def _save_checkpoint(obj: dict, ckpt_dir: Path, epoch: int, keep: int | None) ->
 
 
 def _snapshot(state: Any) -> Any:
-    """A copy of a state dict that later training steps cannot change (tensors cloned)."""
+    """A copy of a state dict that later training steps cannot change, every tensor cloned to
+    the CPU (so that a checkpoint written on a GPU loads anywhere)."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return type(state)((k, _snapshot(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(_snapshot(v) for v in state)
     return copy.deepcopy(state)
 
 
@@ -431,7 +473,7 @@ class _Writer:
 
 
 def _write_test_results(out: Path, cache, idx: dict, probs: np.ndarray, config: dict,
-                        chash: str, best: dict, name: str) -> dict:
+                        chash: str, best: dict, name: str, device: str) -> dict:
     """``predictions.csv`` and ``training.json`` (the test metrics); returns the metrics."""
     cities = list(config["cities"])
     test = idx["test"]
@@ -454,21 +496,25 @@ def _write_test_results(out: Path, cache, idx: dict, probs: np.ndarray, config: 
         "confusion_matrix": confusion.tolist(), "cities": cities, "best_epoch": best["epoch"],
         "best_val_accuracy": best["val_acc"],
         **{f"n_{s}": int(len(idx[s])) for s in SPLITS},
-        "config": config, "key": chash,
+        "config": config, "key": chash, "device": device,
     }
     write_json(out / "training.json", metrics)
     return metrics
 
 
 @contextlib.contextmanager
-def _deterministic(threads: int):
-    """Fixed thread count, deterministic kernels; the caller's torch/numpy/python RNGs restored."""
+def _deterministic(threads: int, device: torch.device = torch.device("cpu")):
+    """Fixed thread count, deterministic kernels; the caller's torch/numpy/python RNGs restored
+    (on CUDA also the GPU's generator; cuBLAS then needs a fixed workspace to be deterministic)."""
     prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
             np.random.get_state(), random.getstate())
     torch.set_num_threads(threads)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             yield
     finally:
         torch.set_num_threads(prev[0])
@@ -481,8 +527,9 @@ def _get_rng_state(gen: torch.Generator) -> dict[str, Any]:
     """Every RNG state as tensors and plain lists (loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_initialized() else {}
     return {
-        "torch": torch.get_rng_state(), "generator": gen.get_state(),
+        **cuda, "torch": torch.get_rng_state(), "generator": gen.get_state(),
         "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
@@ -491,6 +538,8 @@ def _get_rng_state(gen: torch.Generator) -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():     # dropout on the GPU draws from these
+        torch.cuda.set_rng_state_all(state["cuda"])
     gen.set_state(state["generator"])
     n = state["numpy"]
     np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],

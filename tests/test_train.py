@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from citylib import artifacts, train
+from citylib import artifacts, devices, train
 from citylib.artifacts import read_json
 
 CITIES = ["amsterdam", "berlin", "cairo"]
@@ -39,6 +39,33 @@ def test_config_checks():
         train.TrainConfig(lr_gamma=1.5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         FAST.lr = 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or devices._mps(), reason="a machine without a GPU")
+def test_auto_device_without_a_gpu_is_the_cpu_and_says_so(cache, tmp_path, capsys):
+    res = train.run(dataclasses.replace(FAST, epochs=1), tmp_path / "r", cache, arch="simpler", seed=0,
+                    name="r", progress=True)
+    assert "r: training on auto -> cpu (2 threads, no GPU found)" in capsys.readouterr().out
+    assert res.metrics["device"] == "auto -> cpu (2 threads, no GPU found)"
+    assert train.key("simpler", 0, dataclasses.replace(FAST, device="cpu"), "d") == train.key("simpler", 0, FAST, "d")
+    with pytest.raises(RuntimeError, match="device 'cuda': torch sees no CUDA GPU here"):
+        train.run(dataclasses.replace(FAST, device="cuda"), tmp_path / "gpu", cache, arch="simpler", seed=0,
+                  name="gpu", progress=False)
+    assert not (tmp_path / "gpu").exists()                                 # before any work
+
+
+def test_a_snapshot_is_a_copy_on_the_cpu():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    snap = train._snapshot({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1})
+    assert snap["epoch"] == 1 and list(snap["model"]) == ["weight", "bias"]
+    assert all(t.device.type == "cpu" for t in snap["model"].values())
+    assert torch.equal(snap["optimizer"]["state"][0]["exp_avg"], opt.state[model.weight]["exp_avg"])
+    with torch.no_grad():
+        model.weight += 1                                                  # later steps change nothing in it
+    assert not torch.equal(snap["model"]["weight"], model.weight)
 
 
 def test_learns_above_chance(cache, tmp_path):

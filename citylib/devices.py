@@ -1,0 +1,78 @@
+"""Which device a stage computes on: the ``device`` setting, resolved once and said aloud.
+
+``auto`` (the default) is the best the machine has: the first CUDA GPU, else Apple's MPS, else
+the CPU. ``cpu``, ``cuda``, ``cuda:K`` and ``mps`` ask for one; asking for a device torch cannot
+see is an error before any work. Reads and writes nothing.
+
+What a device changes in the results: the CPU path is bit-identical from run to run at a
+given thread count (``train.threads``). On CUDA the forward passes run under bf16 autocast and
+the network in channels-last layout, so its numbers differ from the CPU's in the last bits and
+beyond; a result's key therefore holds the device's kind (``kind``), never ``auto``.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+
+NAMES = "auto, cpu, cuda, cuda:K or mps"
+_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check(name: str) -> str | None:
+    """None when ``name`` is a device setting, else what it must be (for a config's error)."""
+    return None if isinstance(name, str) and _NAME.fullmatch(name) else f"one of {NAMES}"
+
+
+def resolve(name: str) -> torch.device:
+    """The device ``name`` means on this machine; RuntimeError when torch cannot use it."""
+    if check(name) is not None:
+        raise ValueError(f"device {name!r} must be {NAMES}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if _mps():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r}: torch sees no CUDA GPU here "
+                               f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                               "use device: auto or cpu")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not _mps():
+        raise RuntimeError(f"device {name!r}: torch sees no MPS device here; use device: auto or cpu")
+    return device
+
+
+def kind(device: torch.device) -> str:
+    """What a result's key holds of the device: ``cpu``, ``cuda`` or ``mps``."""
+    return torch.device(device).type
+
+
+def describe(name: str, device: torch.device) -> str:
+    """One line saying what was asked and what is used, e.g. "auto -> cpu (no GPU found)"."""
+    if device.type == "cuda":
+        what = f"{device} ({torch.cuda.get_device_name(device)})"
+    elif device.type == "cpu":
+        what = f"cpu ({torch.get_num_threads()} threads" + (", no GPU found)" if name == "auto" else ")")
+    else:
+        what = str(device)
+    return what if name == str(device) else f"{name} -> {what}"
+
+
+def autocast(device: torch.device):
+    """bf16 autocast for forward passes on CUDA; nothing elsewhere (the CPU stays in fp32)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _mps() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
