@@ -51,6 +51,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="runs analysed (notebooks 03-05) side by side, cores / N each (default: cores)")
     r.add_argument("--outputs", default=None, type=_here, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")
 
+    t = sub.add_parser("train", help="train one run's network; under torchrun --nproc_per_node N with DDP",
+                       description="The data stage (made once, by the first process) and the training "
+                                   "of one parameter file, as notebook 02 does them. Started by "
+                                   "torchrun, every process trains its share of each batch and DDP "
+                                   "averages the gradients; the first process writes the files.")
+    t.add_argument("--params", required=True, type=_here, help="the run's parameter file")
+    t.add_argument("--outputs", default=None, type=_here, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")
+    t.add_argument("--force", action="store_true", help="train again from the start, even where the result exists")
+    t.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="stop after this epoch (the same command without it resumes from there)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
     pr = sub.add_parser("predict", help="predicted city and probabilities per image")
     pr.add_argument("--run", required=True, type=_here, help="a run folder, e.g. outputs/runs/vgg11_seed0")
     pr.add_argument("images", nargs="+", type=_here)
@@ -131,6 +143,28 @@ def _run(args) -> int:
     return 0 if result.ok else 1
 
 
+def _train(args) -> int:
+    from citylib import distributed, pipeline
+
+    run = pipeline.open_run(args.params, args.outputs)
+    distributed.start(run.cfg.train.device)
+    try:
+        main = distributed.main()
+        if main:
+            pipeline.run_data(run, progress=not args.quiet)         # built once, by the first process
+        distributed.barrier()
+        result = pipeline.run_training(run, force=args.force, progress=not args.quiet,
+                                       stop_after=args.stop_after)
+    finally:
+        distributed.stop()
+    if main and result.finished:
+        print(f"{run.cfg.name}: test accuracy {result.metrics['test_accuracy']:.3f} "
+              f"({'reused' if result.reused else result.metrics['device']}); {result.folder}")
+    elif main:
+        print(f"{run.cfg.name}: stopped after epoch {len(result.history)}; the same command goes on")
+    return 0
+
+
 def _predict(args) -> int:
     from citylib import predict
 
@@ -195,7 +229,7 @@ def _streetview(args) -> int:
     return 0 if result.complete else 1
 
 
-COMMANDS = {"synth": _synth, "run": _run, "predict": _predict, "report": _report, "streetview": _streetview}
+COMMANDS = {"synth": _synth, "run": _run, "train": _train, "predict": _predict, "report": _report, "streetview": _streetview}
 
 if __name__ == "__main__":
     sys.exit(main())

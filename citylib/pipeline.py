@@ -17,8 +17,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from citylib import (artifacts, causal, compare, compare_plots, cues, data, embed, gradcam, methods, objects,
-                     paths, plots, segment, train)
+from citylib import (artifacts, causal, compare, compare_plots, cues, data, distributed, embed, gradcam,
+                     methods, objects, paths, plots, segment, train)
 from citylib.artifacts import ResultFolder, StaleError
 from citylib.objects import ObjectsResult  # noqa: F401 (the objects stage's result, as before)
 from citylib.params import RunConfig, discover, load, load_all
@@ -58,9 +58,11 @@ def load_cache(run: Run):
     return data.load(run.cfg.data, run.data_dir)
 
 
-def run_training(run: Run, force: bool = False, progress: bool = True) -> train.TrainResult:
+def run_training(run: Run, force: bool = False, progress: bool = True,
+                 stop_after: int | None = None) -> train.TrainResult:
     """Train (or reuse, or resume) the run's network on the current data snapshot (made first
-    when there is none yet).
+    when there is none yet); ``stop_after``: stop after that epoch. Under torchrun (``citylib
+    train``) every process trains and the first writes the metrics.
 
     Only the latest epoch checkpoint is kept (it is all a resume needs; a VGG11 checkpoint with
     its optimiser state is 0.4 GB at 64 px and 1.5 GB at 224 px), besides ``best.pt``.
@@ -72,8 +74,9 @@ def run_training(run: Run, force: bool = False, progress: bool = True) -> train.
         cache = data.load_cache(run_data(run, progress).cache_dir)
     result = train.run(cfg.train, run.dir, cache, arch=cfg.arch, seed=cfg.seed, name=cfg.name,
                        extra_config=cfg.to_dict(), force=force, progress=progress,
-                       keep_checkpoints=1)
-    write_metrics(run)
+                       keep_checkpoints=1, stop_after=stop_after)
+    if distributed.main():
+        write_metrics(run)
     return result
 
 

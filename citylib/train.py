@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from citylib import devices, models
+from citylib import devices, distributed, models
 from citylib.artifacts import (ResultFolder, StaleError, atomic_path, code_key, read_json, remove_leftovers,
                                write_csv, write_json)
 from citylib.config import check, config_hash, to_dict
@@ -114,29 +114,30 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
     for s in SPLITS:
         if len(idx[s]) == 0:
             raise ValueError(f"{name}: the '{s}' split is empty")
-    device = devices.resolve(cfg.device)
+    device = distributed.local_device(devices.resolve(cfg.device))
     config = run_config(arch, seed, cfg, cache, idx, extra_config)
     chash = key(arch, seed, cfg, config["data_key"])
     folder = ResultFolder(out, NAME, chash)
     if not force and folder.done() is not None:
         return TrainResult(out, config, chash, pd.read_csv(out / "history.csv"),
                            read_json(out / "training.json"), True, True, cfg.epochs)
-    folder.begin()
-    remove_leftovers(out)        # half-written files of a killed run (a checkpoint is 0.1-1.5 GB)
-    last = _resumable(out, chash, force, name)
+    last = _prepare(folder, out, chash, force, name)
 
     images = cache.images                                    # (N, S, S, 3) uint8
     y = torch.tensor(np.asarray(cache.y), dtype=torch.int64)   # (N,), a copy: the cache is read-only
     with _deterministic(cfg.threads, device):
+        main, shown = distributed.main(), devices.describe(cfg.device, device)
+        progress = progress and main
         if progress:
-            tqdm.write(f"{name}: training on {devices.describe(cfg.device, device)}")
+            tqdm.write(f"{name}: training on {shown}" + _processes())
         t = _begin(arch, seed, cfg, len(cache.cities), config["image_size"], last, device)
         writer = _Writer()
         try:
             for epoch in range(t.start + 1, cfg.epochs + 1):
                 row = _epoch(t, epoch, cfg, images, y, idx, name, progress)
-                writer.wait()                                # the previous epoch's files are on disk
-                _store(t, row, writer, out, config, chash, keep_checkpoints)
+                if main:
+                    writer.wait()                            # the previous epoch's files are on disk
+                    _store(t, row, writer, out, config, chash, keep_checkpoints)
                 if progress:
                     tqdm.write(f"{name} {epoch}/{cfg.epochs}: lr {row['lr']:.2g}  train loss "
                                f"{row['train_loss']:.3f} acc {row['train_acc']:.3f}  val loss "
@@ -146,12 +147,32 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
                                        t.start)
         finally:
             writer.close()                                   # every file on disk before going on
-        probs = _test(t, out, images[idx["test"]], cfg.batch_size)   # (n_test, C)
-    metrics = _write_test_results(out, cache, idx, probs, config, chash, t.best, name,
-                                  devices.describe(cfg.device, device))
-    folder.commit(OUTPUT_FILES, arch=arch, seed=int(seed), data_key=config["data_key"],
-                  test_accuracy=metrics["test_accuracy"], config=config)
+        if main:
+            probs = _test(t, out, images[idx["test"]], cfg.batch_size)   # (n_test, C)
+            metrics = _write_test_results(out, cache, idx, probs, config, chash, t.best, name,
+                                          shown + _processes())
+            folder.commit(OUTPUT_FILES, arch=arch, seed=int(seed), data_key=config["data_key"],
+                          test_accuracy=metrics["test_accuracy"], config=config)
+    distributed.barrier()                                    # the others wait for rank 0's files
+    metrics = metrics if main else read_json(out / "training.json")
     return TrainResult(out, config, chash, pd.DataFrame(t.history), metrics, True, False, t.start)
+
+
+def _prepare(folder: ResultFolder, out: Path, chash: str, force: bool, name: str) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), the same in every process. Rank 0
+    marks the folder as in progress and removes half-written files of a killed run (a
+    checkpoint is 0.1-1.5 GB) and results of another key; the others wait for it."""
+    last = None
+    if distributed.main():
+        folder.begin()
+        remove_leftovers(out)
+        last = _resumable(out, chash, force, name)
+    return distributed.share(last)
+
+
+def _processes() -> str:
+    size = distributed.world()[1]
+    return f", {size} processes (DDP)" if size > 1 else ""
 
 
 @dataclass
@@ -168,6 +189,7 @@ class _Training:
     best: dict
     start: int
     best_weights: dict | None = None
+    net: nn.Module | None = None     # what trains: the model, or its DDP wrapper under torchrun
 
 
 def _begin(arch: str, seed: int, cfg: TrainConfig, n_classes: int, image_size: int,
@@ -193,6 +215,10 @@ def _begin(arch: str, seed: int, cfg: TrainConfig, n_classes: int, image_size: i
         sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"], gen)
         t.history, t.best, t.start = ck["history"], ck["best"], ck["epoch"]
+    t.net = model
+    if distributed.world()[1] > 1:          # gradients averaged over the processes
+        t.net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     return t
 
 
@@ -201,7 +227,7 @@ def _epoch(t: _Training, epoch: int, cfg: TrainConfig, images: np.ndarray, y: to
     """One epoch of training, its validation and the schedule's step: the history row."""
     t0 = time.perf_counter()
     lr = t.opt.param_groups[0]["lr"]
-    train_loss, train_acc = train_one_epoch(t.model, t.opt, images, y, idx["train"], cfg, t.gen,
+    train_loss, train_acc = train_one_epoch(t.net, t.opt, images, y, idx["train"], cfg, t.gen,
                                             desc=f"{name} {epoch}/{cfg.epochs}", progress=progress)
     val_loss, val_acc = evaluate(t.model, images, y, idx["val"], cfg.batch_size)
     t.sched.step()
@@ -248,9 +274,16 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.nda
                     y: torch.Tensor, train_idx: np.ndarray, cfg: TrainConfig,
                     gen: torch.Generator, desc: str = "train", progress: bool = True,
                     max_steps: int | None = None) -> tuple[float, float]:
-    """One pass over ``train_idx`` in an order drawn from ``gen``; returns (mean loss, accuracy)."""
+    """One pass over ``train_idx`` in an order drawn from ``gen``; returns (mean loss, accuracy).
+
+    Under torchrun every process draws the same order and augmentation and trains on its share
+    of each batch (every ``size``-th image from its rank on); its loss is the sum over its share
+    times ``size`` / batch size, so that DDP's average of the gradients is the gradient of the
+    whole batch's mean loss, as in one process, however the batch divides.
+    """
     model.train()
     device = _device_of(model)
+    rank, size = distributed.world()
     order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
     starts = range(0, len(order), cfg.batch_size)
     if max_steps is not None:
@@ -259,19 +292,27 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.nda
     bar = tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch")
     for b in bar:
         batch = order[b:b + cfg.batch_size]              # (B,) indices into the cache
-        x = _to(to_tensor(augment(images[batch], cfg, gen)), device)  # (B, 3, S, S) float
-        target = _to(y[torch.from_numpy(batch)], device)               # (B,)
+        mine = slice(rank, None, size)                   # this process's share (all of it alone)
+        x = _to(to_tensor(augment(images[batch], cfg, gen)[mine]), device)  # (b, 3, S, S) float
+        target = _to(y[torch.from_numpy(batch[mine])], device)              # (b,)
         with devices.autocast(device):
-            logits = model(x)                                           # (B, C)
-        loss = F.cross_entropy(logits.float(), target)
+            logits = model(x)                                                # (b, C)
+        if size == 1:
+            loss = F.cross_entropy(logits.float(), target)
+            summed = loss.item() * len(batch)
+        else:
+            loss = F.cross_entropy(logits.float(), target, reduction="sum")
+            summed = loss.item()
+            loss = loss * (size / len(batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        n = len(batch)
-        loss_sum += loss.item() * n
+        loss_sum += summed
         correct += (logits.argmax(1) == target).sum().item()
-        seen += n
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        seen += len(target)
+        bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}",
+                        refresh=False)
+    loss_sum, correct, seen = distributed.total(loss_sum, correct, seen)
     return loss_sum / seen, correct / seen
 
 
@@ -307,11 +348,23 @@ def augment(images: np.ndarray, cfg: TrainConfig, gen: torch.Generator) -> np.nd
 
 def evaluate(model: nn.Module, images: np.ndarray, y: torch.Tensor, idx: np.ndarray,
              batch_size: int) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on ``images[idx]``."""
-    logits = torch.from_numpy(_logits(model, images[idx], batch_size))   # (n, C)
-    target = y[torch.from_numpy(idx)]                                   # (n,)
-    return (F.cross_entropy(logits, target).item(),
-            (logits.argmax(1) == target).float().mean().item())
+    """(mean cross-entropy, accuracy) of ``model`` on ``images[idx]``; under torchrun each
+    process scores every ``size``-th image and the sums are added up."""
+    rank, size = distributed.world()
+    if size == 1:
+        logits = torch.from_numpy(_logits(model, images[idx], batch_size))   # (n, C)
+        target = y[torch.from_numpy(idx)]                                   # (n,)
+        return (F.cross_entropy(logits, target).item(),
+                (logits.argmax(1) == target).float().mean().item())
+    mine = idx[rank::size]
+    loss = correct = 0.0
+    if len(mine):
+        logits = torch.from_numpy(_logits(model, images[mine], batch_size))  # (m, C)
+        target = y[torch.from_numpy(mine)]
+        loss = F.cross_entropy(logits, target, reduction="sum").item()
+        correct = (logits.argmax(1) == target).sum().item()
+    loss, correct = distributed.total(loss, correct)
+    return loss / len(idx), correct / len(idx)
 
 
 def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
