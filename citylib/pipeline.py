@@ -30,6 +30,7 @@ class Run:
 
     cfg: RunConfig
     outputs: Path
+    params_file: Path | None = None   # the file it was read from (a torchrun training reads it again)
 
     @property
     def dir(self) -> Path:
@@ -44,7 +45,7 @@ class Run:
 
 def open_run(params_file: str | Path, outputs: str | Path | None = None) -> Run:
     """Validate a parameter file and locate its outputs (``outputs`` overrides the default)."""
-    return Run(load(params_file), paths.outputs(outputs))
+    return Run(load(params_file), paths.outputs(outputs), Path(params_file).resolve())
 
 
 def run_data(run: Run, progress: bool = True) -> data.DataResult:
@@ -72,12 +73,43 @@ def run_training(run: Run, force: bool = False, progress: bool = True,
         cache = load_cache(run)
     except StaleError:
         cache = data.load_cache(run_data(run, progress).cache_dir)
+    if cfg.train.processes > 1 and distributed.world()[1] == 1:
+        return _torchrun(run, force, progress, stop_after)
     result = train.run(cfg.train, run.dir, cache, arch=cfg.arch, seed=cfg.seed, name=cfg.name,
                        extra_config=cfg.to_dict(), force=force, progress=progress,
                        keep_checkpoints=1, stop_after=stop_after)
     if distributed.main():
         write_metrics(run)
     return result
+
+
+def _torchrun(run: Run, force: bool, progress: bool, stop_after: int | None) -> train.TrainResult:
+    """``citylib train`` for this run under ``torchrun --nproc_per_node train.processes`` (its
+    output printed line by line as it comes), then the result its processes wrote."""
+    import subprocess
+    import sys
+
+    if run.params_file is None:
+        raise ValueError(f"{run.cfg.name}: train.processes > 1 needs the run's parameter file (open_run)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={run.cfg.train.processes}", "-m", "citylib.cli", "train",
+           "--params", str(run.params_file), "--outputs", str(run.outputs)]
+    cmd += ["--force"] * force + ["--quiet"] * (not progress)
+    cmd += ["--stop-after", str(stop_after)] if stop_after is not None else []
+    print(f"{run.cfg.name}: training with {run.cfg.train.processes} processes (torchrun, DDP)", flush=True)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{run.cfg.name}: the torchrun training failed (exit status {proc.returncode}); "
+                           "its output is above")
+    history = pd.read_csv(run.dir / "history.csv")
+    marker = ResultFolder(run.dir, train.NAME, "").finished()
+    if marker is None:                                   # stopped after ``stop_after``, as asked
+        return train.TrainResult(run.dir, {}, "", history, {}, False, False, 0)
+    write_metrics(run)
+    return train.TrainResult(run.dir, marker["config"], marker["key"], history,
+                             artifacts.read_json(run.dir / "training.json"), True, False, 0)
 
 
 def run_gradcam(run: Run, progress: bool = True) -> gradcam.GradCAMResult:

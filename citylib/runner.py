@@ -338,14 +338,14 @@ class _Task:
 def _schedule(runs: dict, job: _Job, cores: int, analysis_cores: int, progress: _Progress) -> list[str]:
     """Notebooks 02-05 of ``runs``; returns those that finished, in parameter-file order.
 
-    A run's training (notebook 02) takes ``train.threads`` cores, its analysis (03-05)
+    A run's training (notebook 02) takes ``train.threads`` x ``train.processes`` cores, its analysis (03-05)
     ``analysis_cores``. Tasks start in order -- every training, those on the most cores first,
     then every analysis once its run is trained -- whenever their cores are free, each in a
     worker process with that many threads: runs that train on one thread train side by side,
     and the first analyses use a core that a training has left. The first task that does not fit waits, and everything after
     it waits too, so that a training on every core is not starved by one-core tasks. When no two
     tasks can ever share the cores, everything runs here, one task after another."""
-    trainings = [_Task(n, RUN_NOTEBOOKS[:1], min(cores, cfg.train.threads))
+    trainings = [_Task(n, RUN_NOTEBOOKS[:1], min(cores, cfg.train.threads * cfg.train.processes))
                  for n, (cfg, _, _) in runs.items()]
     trainings.sort(key=lambda t: -t.cores)   # the widest first; at the end analyses fill the gaps
     analyses = [_Task(n, RUN_NOTEBOOKS[1:], analysis_cores) for n in runs]

@@ -77,10 +77,11 @@ class TrainConfig:
     crop_jitter: int = 4       # random translation by up to this many pixels (pad and crop)
     threads: int = 2           # torch CPU threads; results are bit-identical only at equal count
     device: str = "auto"       # auto, cpu, cuda, cuda:K or mps (citylib.devices); the key holds its kind
+    processes: int = 1         # > 1: trained by that many processes with DDP, launched by torchrun
 
     def __post_init__(self):
         check(self, epochs=">= 1", batch_size=">= 1", lr="> 0", lr_step=">= 1", lr_gamma="in (0, 1]",
-              weight_decay=">= 0", crop_jitter="in [0, 32]", threads=">= 1")
+              weight_decay=">= 0", crop_jitter="in [0, 32]", threads=">= 1", processes=">= 1")
         if (want := devices.check(self.device)) is not None:
             raise ValueError(f"out of range: 'device' = {self.device!r} must be {want}")
 
@@ -115,6 +116,9 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
         if len(idx[s]) == 0:
             raise ValueError(f"{name}: the '{s}' split is empty")
     device = distributed.local_device(devices.resolve(cfg.device))
+    if distributed.world()[1] != cfg.processes:
+        raise ValueError(f"{name}: train.processes is {cfg.processes} but {distributed.world()[1]} "
+                         f"process(es) run this training; set train.processes: {distributed.world()[1]}")
     config = run_config(arch, seed, cfg, cache, idx, extra_config)
     chash = key(arch, seed, cfg, config["data_key"])
     folder = ResultFolder(out, NAME, chash)
