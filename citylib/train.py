@@ -152,7 +152,7 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
         finally:
             writer.close()                                   # every file on disk before going on
         if main:
-            probs = _test(t, out, images[idx["test"]], cfg.batch_size)   # (n_test, C)
+            probs = _test(t, out, images, idx["test"], cfg.batch_size)   # (n_test, C)
             metrics = _write_test_results(out, cache, idx, probs, config, chash, t.best, name,
                                           shown + _processes())
             folder.commit(OUTPUT_FILES, arch=arch, seed=int(seed), data_key=config["data_key"],
@@ -259,12 +259,12 @@ def _store(t: _Training, row: dict, writer: "_Writer", out: Path, config: dict, 
     write_csv(out / "history.csv", pd.DataFrame(t.history))
 
 
-def _test(t: _Training, out: Path, test_images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Class probabilities (n_test, C) of the test images with the best epoch's weights."""
+def _test(t: _Training, out: Path, images: np.ndarray, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities (n_test, C) of ``images[rows]`` with the best epoch's weights."""
     if t.best_weights is None:                               # best epoch came before a resume
-        t.best_weights = torch.load(out / "best.pt", weights_only=True)["model"]
+        t.best_weights = torch.load(out / "best.pt", weights_only=True, map_location="cpu")["model"]
     t.model.load_state_dict(t.best_weights)
-    return predict(t.model, test_images, batch_size)
+    return predict(t.model, images, batch_size, rows)
 
 
 def key(arch: str, seed: int, cfg: TrainConfig, data_key: str) -> str:
@@ -356,14 +356,14 @@ def evaluate(model: nn.Module, images: np.ndarray, y: torch.Tensor, idx: np.ndar
     process scores every ``size``-th image and the sums are added up."""
     rank, size = distributed.world()
     if size == 1:
-        logits = torch.from_numpy(_logits(model, images[idx], batch_size))   # (n, C)
+        logits = torch.from_numpy(_logits(model, images, batch_size, idx))   # (n, C)
         target = y[torch.from_numpy(idx)]                                   # (n,)
         return (F.cross_entropy(logits, target).item(),
                 (logits.argmax(1) == target).float().mean().item())
     mine = idx[rank::size]
     loss = correct = 0.0
     if len(mine):
-        logits = torch.from_numpy(_logits(model, images[mine], batch_size))  # (m, C)
+        logits = torch.from_numpy(_logits(model, images, batch_size, mine))  # (m, C)
         target = y[torch.from_numpy(mine)]
         loss = F.cross_entropy(logits, target, reduction="sum").item()
         correct = (logits.argmax(1) == target).sum().item()
@@ -371,20 +371,27 @@ def evaluate(model: nn.Module, images: np.ndarray, y: torch.Tensor, idx: np.ndar
     return loss / len(idx), correct / len(idx)
 
 
-def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Class probabilities (N, C) float32 for uint8 images (N, S, S, 3); eval mode, no grad."""
-    return torch.softmax(torch.from_numpy(_logits(model, images, batch_size)), 1).numpy()
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64,
+            rows: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities (N, C) float32 for uint8 images (N, S, S, 3), or for ``images[rows]``
+    read a batch at a time (a memory-mapped cache is never loaded whole); eval mode, no grad."""
+    return torch.softmax(torch.from_numpy(_logits(model, images, batch_size, rows)), 1).numpy()
 
 
-def _logits(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Logits (N, C) float32 of uint8 images, on the device the model is on."""
+def _logits(model: nn.Module, images: np.ndarray, batch_size: int,
+            rows: np.ndarray | None = None) -> np.ndarray:
+    """Logits (n, C) float32 of the uint8 ``images[rows]`` (default: all), on the device the
+    model is on; the images are read ``batch_size`` at a time, so a memory-mapped cache is
+    never loaded whole."""
     was_training = model.training
     model.eval()
     device = _device_of(model)
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
     out = []
     with torch.no_grad(), devices.autocast(device):
-        for b in range(0, len(images), batch_size):
-            out.append(model(_to(to_tensor(images[b:b + batch_size]), device)).float().cpu())  # (B, C)
+        for b in range(0, len(rows), batch_size):
+            batch = np.asarray(images[rows[b:b + batch_size]])                          # (B, S, S, 3)
+            out.append(model(_to(to_tensor(batch), device)).float().cpu())             # (B, C)
     model.train(was_training)
     return torch.cat(out).numpy()
 

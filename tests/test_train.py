@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import numpy as np
 import pandas as pd
@@ -66,6 +67,43 @@ def test_a_snapshot_is_a_copy_on_the_cpu():
     with torch.no_grad():
         model.weight += 1                                                  # later steps change nothing in it
     assert not torch.equal(snap["model"]["weight"], model.weight)
+
+
+class Store:
+    """An image store that says how many images were ever read from it at once."""
+
+    def __init__(self, images):
+        self.images, self.most = images, 0
+
+    def __getitem__(self, rows):
+        got = self.images[rows]
+        self.most = max(self.most, len(got) if got.ndim == 4 else 1)
+        return got
+
+    def __len__(self):
+        return len(self.images)
+
+    @property
+    def shape(self):
+        return self.images.shape
+
+    @property
+    def ndim(self):
+        return self.images.ndim
+
+
+def test_a_training_reads_the_store_a_batch_at_a_time(cache, tmp_path):
+    """Training, validation and the test predictions gather one batch of images at a time, so a
+    memory-mapped store far larger than RAM is never loaded whole (validation and test sets
+    were once gathered in one piece)."""
+    store = Store(np.asarray(cache.images))
+    small = dataclasses.replace(FAST, epochs=1, batch_size=5)
+    on_store = types.SimpleNamespace(**{**vars(cache), "images": store, "key": "store"})
+    res = train.run(small, tmp_path / "r", on_store, arch="simpler", seed=0, name="r", progress=False)
+    assert res.finished and 0 < store.most <= small.batch_size
+    direct = train.run(small, tmp_path / "d", cache, arch="simpler", seed=0, name="d", progress=False)
+    assert _same(_weights(res.folder), _weights(direct.folder))            # the same training
+    assert res.metrics["test_accuracy"] == direct.metrics["test_accuracy"]
 
 
 def test_learns_above_chance(cache, tmp_path):
