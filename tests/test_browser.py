@@ -261,6 +261,17 @@ def notebook_runs_clean(page, lab, name: str, shots: Path) -> None:
     assert page.locator(".jupyter-widgets").count() > 0, f"{name}: no widget rendered"
 
 
+def threshold_and_toggle_redraw(page, panel, image, slider, value: float, button: str, shot: Path) -> None:
+    """Typing ``value`` into the threshold slider's readout, then pressing the toggle ``button``,
+    each redraw ``image``; the readout shows the value in [0, 1]; no panel reports an error."""
+    assert changes(page, image, lambda: set_readout(page, slider, value)), "the threshold slider redraws nothing"
+    assert slider.locator(".widget-readout").inner_text().strip() == f"{value:.2f}"
+    toggle = panel.locator(".widget-toggle-button").filter(has_text=button).first
+    assert changes(page, image, toggle.click), f"choosing {button} redraws nothing"
+    panel.screenshot(path=shot)
+    assert not widget_problems(page), widget_problems(page)
+
+
 # -- the tests ---------------------------------------------------------------------------
 
 def test_gradcam_panel_redraws_for_threshold_and_method(page, lab, shots):
@@ -268,12 +279,7 @@ def test_gradcam_panel_redraws_for_threshold_and_method(page, lab, shots):
     panel = page.locator(".jp-OutputArea-output .widget-vbox").filter(has=page.locator(".widget-toggle-buttons")).first
     image = panel.locator("img.widget-image").first
     slider = panel.locator(".widget-slider").first
-    assert changes(page, image, lambda: set_readout(page, slider, 0.9)), "the threshold slider redraws nothing"
-    assert slider.locator(".widget-readout").inner_text().strip() == "0.90"
-    other = panel.locator(".widget-toggle-button").filter(has_text="layercam").first
-    assert changes(page, image, other.click), "choosing another method redraws nothing"
-    panel.screenshot(path=shots / "03_gradcam_panel.png")
-    assert not widget_problems(page), widget_problems(page)
+    threshold_and_toggle_redraw(page, panel, image, slider, 0.9, "layercam", shots / "03_gradcam_panel.png")
 
 
 def test_explorer_shows_the_picked_image_and_switches_descriptor(page, lab, shots):
@@ -299,12 +305,7 @@ def test_threshold_panel_redraws_the_histograms(page, lab, shots):
     label = slider.locator(".widget-label").first
     assert label.evaluate("e => e.scrollWidth <= e.clientWidth"), "the slider's label is cut off"
     assert 0 <= float(slider.locator(".widget-readout").inner_text()) <= 1
-    assert changes(page, image, lambda: set_readout(page, slider, 0.8)), "the threshold slider redraws nothing"
-    assert slider.locator(".widget-readout").inner_text().strip() == "0.80"
-    view = panel.locator(".widget-toggle-button").filter(has_text="lift").first
-    assert changes(page, image, view.click), "switching to lift redraws nothing"
-    panel.screenshot(path=shots / "05_threshold_panel.png")
-    assert not widget_problems(page), widget_problems(page)
+    threshold_and_toggle_redraw(page, panel, image, slider, 0.8, "lift", shots / "05_threshold_panel.png")
 
 
 BROKEN = '''\
