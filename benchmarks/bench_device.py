@@ -112,10 +112,10 @@ def pipeline_alone(args, device, images) -> float:
     """Images/s of batch gather, augmentation, uint8 -> float and transfer, without a network."""
     cfg = train.TrainConfig(batch_size=args.batch)
     gen = torch.Generator().manual_seed(0)
-    order = np.arange(len(images))
+    rng = np.random.default_rng(0)
 
     def step():
-        batch = order[np.random.default_rng(0).integers(0, len(images), args.batch)]
+        batch = rng.integers(0, len(images), args.batch)                     # a new batch each step
         x = train._to(train.to_tensor(train.augment(images[batch], cfg, gen)), device)
         x.sum().item()                                    # the batch has arrived
 

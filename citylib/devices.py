@@ -7,7 +7,7 @@ see is an error before any work. Reads and writes nothing.
 What a device changes in the results: the CPU path is bit-identical from run to run at a
 given thread count (``train.threads``). On CUDA the forward passes run under bf16 autocast and
 the network in channels-last layout, so its numbers differ from the CPU's in the last bits and
-beyond; a result's key therefore holds the device's kind (``kind``), never ``auto``.
+beyond; a result's key therefore holds the device's kind (``setting_kind``), never ``auto``.
 """
 from __future__ import annotations
 
@@ -53,6 +53,15 @@ def resolve(name: str) -> torch.device:
 def kind(device: torch.device) -> str:
     """What a result's key holds of the device: ``cpu``, ``cuda`` or ``mps``."""
     return torch.device(device).type
+
+
+def setting_kind(name: str) -> str:
+    """The kind a ``device`` setting names: as written for ``cpu``, ``cuda[:K]`` and ``mps``
+    (so the key of a run trained on a GPU is the same on a machine without one, where its later
+    stages run), and for ``auto`` the kind it resolves to on this machine."""
+    if check(name) is not None:
+        raise ValueError(f"device {name!r} must be {NAMES}")
+    return kind(resolve(name)) if name == "auto" else torch.device(name).type
 
 
 def describe(name: str, device: torch.device) -> str:

@@ -12,6 +12,7 @@ Without torchrun (or with one process) every function here is the single-process
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -24,8 +25,13 @@ def start(device: str = "auto") -> bool:
         return dist.is_initialized()
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= gpus:
+            raise RuntimeError(f"process {local} of this machine has no GPU of its own ({gpus} GPU(s)); "
+                               "start at most that many processes per machine")
+        torch.cuda.set_device(local)
+    # long: the first process may be building the data stage while the others wait
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
     return True
 
 
@@ -58,6 +64,23 @@ def share(value):
     box = [value if main() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def everyone(value) -> list:
+    """Each process's ``value`` (any picklable object), in rank order, in every process."""
+    if not dist.is_initialized():
+        return [value]
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, value)
+    return found
+
+
+def same_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch norm's running statistics) in every process's ``model``: DDP
+    brings them into line only at its next forward pass, so before an evaluation they differ."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def total(*values: float) -> list[float]:

@@ -86,6 +86,7 @@ def run_training(run: Run, force: bool = False, progress: bool = True,
 def _torchrun(run: Run, force: bool, progress: bool, stop_after: int | None) -> train.TrainResult:
     """``citylib train`` for this run under ``torchrun --nproc_per_node train.processes`` (its
     output printed line by line as it comes), then the result its processes wrote."""
+    import os
     import subprocess
     import sys
 
@@ -97,9 +98,18 @@ def _torchrun(run: Run, force: bool, progress: bool, stop_after: int | None) -> 
     cmd += ["--force"] * force + ["--quiet"] * (not progress)
     cmd += ["--stop-after", str(stop_after)] if stop_after is not None else []
     print(f"{run.cfg.name}: training with {run.cfg.train.processes} processes (torchrun, DDP)", flush=True)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            print(line, end="", flush=True)
+    env = {**os.environ, "TQDM_DISABLE": "1"}   # each epoch's line, not every redraw of its bar
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        try:
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+        except BaseException:                    # interrupted here: torchrun stops its workers too
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if proc.returncode != 0:
         raise RuntimeError(f"{run.cfg.name}: the torchrun training failed (exit status {proc.returncode}); "
                            "its output is above")

@@ -7,6 +7,7 @@ Reads the executed notebooks under ``outputs/`` (``data/``, ``runs/<run>/``,
 from __future__ import annotations
 
 import html
+import urllib.parse
 from pathlib import Path
 
 import pandas as pd
@@ -117,7 +118,8 @@ def _index_html(out: Path, sections) -> str:
              "<h2 id='findings'>Findings</h2><ul class='findings'>"
              + "".join(f"<li>{f}</li>" for f in findings(frame, runs, tests)) + "</ul>",
              "<nav><h2>Contents</h2><ul>" + "".join(
-                 f"<li><a href='#{a}'>{html.escape(h)}</a></li>" for a, h, _ in body) + "</ul></nav>"]
+                 f"<li><a href='#{html.escape(urllib.parse.quote(a))}'>{html.escape(h)}</a></li>"
+                 for a, h, _ in body) + "</ul></nav>"]
     for anchor, heading, content in body:
         if anchor.startswith("run-"):
             parts.append(f"<details id='{html.escape(anchor)}'><summary>{html.escape(heading)}</summary>"

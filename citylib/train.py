@@ -139,9 +139,10 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
         try:
             for epoch in range(t.start + 1, cfg.epochs + 1):
                 row = _epoch(t, epoch, cfg, images, y, idx, name, progress)
+                rngs = distributed.everyone(_get_rng_state(t.gen, device))   # each process's own
                 if main:
                     writer.wait()                            # the previous epoch's files are on disk
-                    _store(t, row, writer, out, config, chash, keep_checkpoints)
+                    _store(t, row, writer, out, config, chash, keep_checkpoints, rngs)
                 if progress:
                     tqdm.write(f"{name} {epoch}/{cfg.epochs}: lr {row['lr']:.2g}  train loss "
                                f"{row['train_loss']:.3f} acc {row['train_acc']:.3f}  val loss "
@@ -205,6 +206,9 @@ def _begin(arch: str, seed: int, cfg: TrainConfig, n_classes: int, image_size: i
     np.random.seed(seed % 2**32)
     random.seed(seed)
     model = models.build(arch, n_classes, image_size)
+    rank, size = distributed.world()
+    if rank > 0:    # the same weights, but each process its own dropout masks
+        torch.manual_seed(int(hashlib.sha256(f"{seed}:{rank}".encode()).hexdigest()[:15], 16))
     if device.type != "cpu":
         model = model.to(device, memory_format=torch.channels_last)
     # fused: one kernel over all parameters; the per-tensor loop took half of VGG11's step on CPU
@@ -217,10 +221,10 @@ def _begin(arch: str, seed: int, cfg: TrainConfig, n_classes: int, image_size: i
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        _set_rng_state(ck["rng"], gen)
+        _set_rng_state(ck.get("rng_ranks", [ck["rng"]])[rank], gen, device)
         t.history, t.best, t.start = ck["history"], ck["best"], ck["epoch"]
     t.net = model
-    if distributed.world()[1] > 1:          # gradients averaged over the processes
+    if size > 1:                            # gradients averaged over the processes
         t.net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     return t
@@ -233,6 +237,7 @@ def _epoch(t: _Training, epoch: int, cfg: TrainConfig, images: np.ndarray, y: to
     lr = t.opt.param_groups[0]["lr"]
     train_loss, train_acc = train_one_epoch(t.net, t.opt, images, y, idx["train"], cfg, t.gen,
                                             desc=f"{name} {epoch}/{cfg.epochs}", progress=progress)
+    distributed.same_buffers(t.model)       # batch norm: rank 0's statistics, the ones it saves
     val_loss, val_acc = evaluate(t.model, images, y, idx["val"], cfg.batch_size)
     t.sched.step()
     row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
@@ -242,9 +247,10 @@ def _epoch(t: _Training, epoch: int, cfg: TrainConfig, images: np.ndarray, y: to
 
 
 def _store(t: _Training, row: dict, writer: "_Writer", out: Path, config: dict, chash: str,
-           keep_checkpoints: int | None) -> None:
+           keep_checkpoints: int | None, rngs: list[dict]) -> None:
     """The epoch's files, written in the background: ``best.pt`` when the epoch beats the best
-    (strictly: ties keep the earlier), its checkpoint, and ``history.csv``."""
+    (strictly: ties keep the earlier), its checkpoint (with ``rngs``, every process's RNG
+    states, rank 0's as ``rng``), and ``history.csv``."""
     epoch, val_acc = row["epoch"], row["val_acc"]
     weights = _snapshot(t.model.state_dict())
     if val_acc > t.best["val_acc"]:
@@ -255,7 +261,8 @@ def _store(t: _Training, row: dict, writer: "_Writer", out: Path, config: dict, 
         "model": weights, "optimizer": _snapshot(t.opt.state_dict()),
         "scheduler": t.sched.state_dict(), "epoch": epoch, "history": list(t.history),
         "best": dict(t.best), "config": config, "key": chash,
-        "rng": _get_rng_state(t.gen)}, out / "checkpoints", epoch, keep_checkpoints)
+        "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {})},
+        out / "checkpoints", epoch, keep_checkpoints)
     write_csv(out / "history.csv", pd.DataFrame(t.history))
 
 
@@ -268,9 +275,10 @@ def _test(t: _Training, out: Path, images: np.ndarray, rows: np.ndarray, batch_s
 
 
 def key(arch: str, seed: int, cfg: TrainConfig, data_key: str) -> str:
-    """What a training's weights depend on: architecture, seed, settings (the device as the
-    kind it resolves to here: ``auto`` on a CPU-only machine keys as ``cpu``), data and code."""
-    cfg = dataclasses.replace(cfg, device=devices.kind(devices.resolve(cfg.device)))
+    """What a training's weights depend on: architecture, seed, settings (the device as its
+    kind: ``cuda:1`` as ``cuda``; ``auto`` as what it finds here, ``cpu`` on a CPU-only
+    machine), data and code."""
+    cfg = dataclasses.replace(cfg, device=devices.setting_kind(cfg.device))
     return config_hash(NAME, code_key(__name__), arch, int(seed), cfg, data_key)
 
 
@@ -397,7 +405,11 @@ def _logits(model: nn.Module, images: np.ndarray, batch_size: int,
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's parameters (or buffers) are; the CPU for a model with neither."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -571,27 +583,32 @@ def _deterministic(threads: int, device: torch.device = torch.device("cpu")):
     """Fixed thread count, deterministic kernels; the caller's torch/numpy/python RNGs restored
     (on CUDA also the GPU's generator; cuBLAS then needs a fixed workspace to be deterministic)."""
     prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-            np.random.get_state(), random.getstate())
+            np.random.get_state(), random.getstate(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark)
     torch.set_num_threads(threads)
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True)
+    # CUDA has no deterministic backward for adaptive average pooling (VGG11, AlexNet) or the
+    # average pool inside local response norm (VGG-S): there it warns instead of raising
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             yield
     finally:
         torch.set_num_threads(prev[0])
-        torch.use_deterministic_algorithms(prev[1])
+        torch.use_deterministic_algorithms(prev[1], warn_only=prev[4])
+        torch.backends.cudnn.benchmark = prev[5]
         np.random.set_state(prev[2])
         random.setstate(prev[3])
 
 
-def _get_rng_state(gen: torch.Generator) -> dict[str, Any]:
-    """Every RNG state as tensors and plain lists (loadable with weights_only=True)."""
+def _get_rng_state(gen: torch.Generator, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """Every RNG state as tensors and plain lists (loadable with weights_only=True); on CUDA
+    also the generator of this process's GPU (dropout there draws from it)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
-    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_initialized() else {}
+    cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
     return {
         **cuda, "torch": torch.get_rng_state(), "generator": gen.get_state(),
         "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos),
@@ -600,10 +617,11 @@ def _get_rng_state(gen: torch.Generator) -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator,
+                   device: torch.device = torch.device("cpu")) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():     # dropout on the GPU draws from these
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     gen.set_state(state["generator"])
     n = state["numpy"]
     np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -159,16 +160,19 @@ def open_notebook(page, lab, name: str):
 
 
 def run_all(page, seconds: float = NOTEBOOK_SECONDS):
-    """Run All Cells from the menu, and wait until the kernel is idle with no cell queued."""
+    """Run All Cells from the menu, and wait until it has begun (a cell queued or every cell
+    numbered) and then ended (the kernel idle with no cell queued)."""
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
     prompts = page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt")
     deadline = time.monotonic() + seconds
-    time.sleep(1.0)
+    begun = False
     while time.monotonic() < deadline:
         texts = prompts.all_inner_texts()
         busy = page.locator(".jp-Notebook-ExecutionIndicator[data-status='busy']").count()
-        if not busy and not any("*" in t for t in texts):
+        queued = any("*" in t for t in texts)
+        begun = begun or busy or queued or all(any(c.isdigit() for c in t) for t in texts)
+        if begun and not busy and not queued:
             return
         time.sleep(0.5)
     raise AssertionError(f"Run All did not finish in {seconds:.0f} s")
@@ -347,7 +351,8 @@ def test_report_images_and_links_resolve_and_tables_fit(page, job, shots):
     assert images and all(ok for _, ok in images), [src for src, ok in images if not ok]
     links = page.evaluate("() => [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href'))")
     ids = set(page.evaluate("() => [...document.querySelectorAll('[id]')].map(e => e.id)"))
-    broken = [h for h in links if (h[1:] not in ids if h.startswith("#") else not (index.parent / h).is_file())]
+    broken = [h for h in links if (urllib.parse.unquote(h[1:]) not in ids if h.startswith("#")
+                                   else not (index.parent / h).is_file())]
     assert links and not broken, broken
     assert {"findings", "accuracy", f"run-{RUN}"} <= ids
     first = page.locator("h2").first.inner_text()
