@@ -516,7 +516,10 @@ def _snapshot(state: Any) -> Any:
     if torch.is_tensor(state):
         return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):
-        return type(state)((k, _snapshot(v)) for k, v in state.items())
+        out = type(state)((k, _snapshot(v)) for k, v in state.items())
+        if hasattr(state, "_metadata"):         # a module state dict's versions, as deepcopy keeps them
+            out._metadata = copy.deepcopy(state._metadata)
+        return out
     if isinstance(state, (list, tuple)):
         return type(state)(_snapshot(v) for v in state)
     return copy.deepcopy(state)

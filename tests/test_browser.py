@@ -337,6 +337,8 @@ def test_a_callback_that_raises_is_caught(page, lab, shots):
     assert not widget_problems(page)
     set_readout(page, page.locator(".widget-slider").first, 2)
     page.locator(".citylib-error").filter(has_text="broken on purpose").wait_for(timeout=30_000)
+    kept = page.locator("img.widget-image").first               # the failed redraw left the picture
+    assert not changes(page, kept, lambda: set_readout(page, page.locator(".widget-slider").first, 3), seconds=3)
     page.screenshot(path=shots / "broken_panel.png")
     assert any("RuntimeError: this panel is broken on purpose" in p for p in widget_problems(page))
 

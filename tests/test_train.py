@@ -62,6 +62,7 @@ def test_a_snapshot_is_a_copy_on_the_cpu():
     opt.step()
     snap = train._snapshot({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1})
     assert snap["epoch"] == 1 and list(snap["model"]) == ["weight", "bias"]
+    assert snap["model"]._metadata == model.state_dict()._metadata
     assert all(t.device.type == "cpu" for t in snap["model"].values())
     assert torch.equal(snap["optimizer"]["state"][0]["exp_avg"], opt.state[model.weight]["exp_avg"])
     with torch.no_grad():
