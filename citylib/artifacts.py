@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -198,6 +199,26 @@ class ResultFolder:
         marker = {"key": self.key, "files": names, **info}
         write_json(self.marker, marker)
         return marker
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike, what: str, quiet: bool = False) -> Iterator[None]:
+    """Hold the kernel lock (``flock``) on the file ``lock`` while building ``what``: another
+    process building the same thing waits for it (saying so once) and then finds it made. A
+    killed holder never leaves a stale lock."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if not quiet:
+                print(f"waiting for another process building {what}", file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,10 @@ with ``split``, ``has_labels``, ``width``, ``height``) and ``meta.json``. The ke
 image size, this module's code and every file's (path, size, mtime), so a changed setting, a
 changed decoder or a touched file makes a new folder instead of reusing stale pixels.
 
+The arrays are memory maps on disk, written by a pool of worker processes and read a batch at a
+time, so a store far larger than memory (152k images at 224 px are 23 GB) is built and trained
+from with little RAM. An interrupted build resumes from its last finished chunk.
+
 Image normalisation (shared with validation in ``citylib.data``): EXIF orientation is applied;
 grayscale, palette, CMYK (plain conversion, ICC profiles ignored) become RGB; alpha is
 composited onto black, so transparent pixels are black rather than whatever colour the file
@@ -15,10 +19,12 @@ with nearest-neighbour sampling so class indices are never blended.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import multiprocessing
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +32,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from citylib.artifacts import atomic_dir, code_key, read_json, write_csv, write_json
+from citylib.artifacts import code_key, exclusive, read_json, write_csv, write_json
 from citylib.config import config_hash
 
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B")
@@ -163,8 +169,15 @@ def cache_keys(records: pd.DataFrame, image_size: int) -> tuple[str, str]:
 
 
 def build_cache(records: pd.DataFrame, image_size: int, root: str | os.PathLike,
-                workers: int = 2, progress: bool = True) -> Path:
-    """Build (or reuse) the cache of ``records`` under ``root``; returns its folder."""
+                workers: int | None = None, progress: bool = True) -> Path:
+    """Build (or reuse) the cache of ``records`` under ``root``; returns its folder.
+
+    ``workers`` processes (default: one per core) decode and resize a chunk of rows each and
+    write it straight into the memory-mapped arrays, so no process ever holds more than a chunk
+    of pixels. The build goes on in ``<root>/.<key>.building/``, which records every finished
+    chunk: an interrupted build resumes where it stopped. Another process building the same
+    cache meanwhile is waited for, and its cache reused.
+    """
     missing = [c for c in INDEX_COLUMNS if c not in records.columns]
     if missing:
         raise ValueError(f"records lack column(s) {missing}")
@@ -172,51 +185,121 @@ def build_cache(records: pd.DataFrame, image_size: int, root: str | os.PathLike,
     root = Path(root)
     key, pixels = cache_keys(records, image_size)
     folder = root / key
-    with atomic_dir(folder) as tmp:   # readers see a whole cache or none
-        if tmp is None:
+    if folder.exists():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive(root / f".{key}.lock", f"the image cache {folder}"):
+        if folder.exists():                  # built by the process we waited for
             return folder
-        has, sizes = _write_arrays(records, image_size, tmp, pixels, root, workers, progress)
+        work = root / f".{key}.building"     # hidden: never taken for a finished cache
+        has, sizes = _write_arrays(records, image_size, work, pixels, root,
+                                   workers or os.cpu_count() or 1, progress)
         index = records.assign(has_labels=has, width=sizes[:, 0], height=sizes[:, 1])
-        write_csv(tmp / "index.csv", index)
-        write_json(tmp / "meta.json", {
+        write_csv(work / "index.csv", index)
+        write_json(work / "meta.json", {
             "key": key, "pixels_key": pixels, "code": code_key(__name__),
             "image_size": int(image_size), "n": len(records),
             "cities": sorted(records["city"].unique()),
             "splits": records["split"].value_counts().sort_index().to_dict(),
         })
+        for name in ("done.npy", "has.npy", "sizes.npy"):
+            (work / name).unlink(missing_ok=True)   # the build's own bookkeeping
+        os.rename(work, folder)              # readers see a whole cache or none
     return folder
 
 
-def _write_arrays(records, size, tmp, pixels, root, workers, progress):
-    """Fill images.npy / labels.npy in ``tmp``; returns (has_labels, (N, 2) upright sizes)."""
+def _write_arrays(records, size, work, pixels, root, workers, progress):
+    """Fill images.npy / labels.npy in ``work`` chunk by chunk, skipping the chunks a previous,
+    interrupted build finished; returns (has_labels, (N, 2) upright sizes)."""
     n = len(records)
     twin = _find_pixels(root, pixels)
     if twin is not None:  # same pixels, other split: link the arrays instead of decoding again
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
         for name in ("images.npy", "labels.npy"):
             try:
-                os.link(twin / name, tmp / name)
+                os.link(twin / name, work / name)
             except OSError:
-                shutil.copyfile(twin / name, tmp / name)
+                shutil.copyfile(twin / name, work / name)
         old = pd.read_csv(twin / "index.csv", usecols=["has_labels", "width", "height"])
         return old["has_labels"].to_numpy(bool), old[["width", "height"]].to_numpy(np.int64)
-    images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size, 3))
-    labels = np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, (n, size, size))
-    has = np.zeros(n, bool)
-    sizes = np.zeros((n, 2), np.int64)
-    jobs = zip(records["path"], records["label_path"], [size] * n)
-    # PIL releases the GIL while decoding and resizing, so threads use every core without
-    # the start-up and pickling cost of processes.
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        done = pool.map(lambda job: prepare(*job), jobs)
-        for i, (img, lab, wh) in enumerate(tqdm(done, total=n, desc="cache", disable=not progress)):
-            images[i] = img
-            if lab is not None:
-                labels[i], has[i] = lab, True
-            sizes[i] = wh
-    images.flush()
-    labels.flush()
-    del images, labels
+    chunk = _chunk_rows(n, workers)
+    starts = list(range(0, n, chunk))
+    done = _open_work(work, n, size, len(starts))                   # (chunks,) bool, on disk
+    todo = [s for c, s in enumerate(starts) if not done[c]]
+    jobs = [(str(work), s, list(records["path"][s:s + chunk]), list(records["label_path"][s:s + chunk]),
+             size) for s in todo]
+    bar = tqdm(total=n, initial=n - sum(min(chunk, n - s) for s in todo), desc="cache",
+               disable=not progress, unit="img")
+    with bar, _pool(workers, len(jobs)) as pool:
+        for start in (pool.map(_fill_chunk, jobs) if pool else map(_fill_chunk, jobs)):
+            done[start // chunk] = True
+            done.flush()                     # this chunk's pixels are in the arrays' files
+            bar.update(min(chunk, n - start))
+    has = np.load(work / "has.npy")
+    sizes = np.load(work / "sizes.npy")
+    del done
     return has, sizes
+
+
+def _chunk_rows(n: int, workers: int) -> int:
+    """Rows per chunk: enough chunks to share out evenly and resume finely, few enough that a
+    worker's start and the bookkeeping cost nothing; results do not depend on it."""
+    return int(min(256, max(8, -(-n // (8 * workers)))))
+
+
+def _open_work(work: Path, n: int, size: int, chunks: int) -> np.ndarray:
+    """The chunks-finished flags of the build in ``work``, made fresh (with empty arrays) unless
+    a previous build of the same key left them whole."""
+    shapes = {"images.npy": ((n, size, size, 3), np.uint8), "labels.npy": ((n, size, size), np.uint8),
+              "has.npy": ((n,), np.bool_), "sizes.npy": ((n, 2), np.int64), "done.npy": ((chunks,), np.bool_)}
+    try:
+        arrays = {name: np.load(work / name, mmap_mode="r") for name in shapes}
+        if all(a.shape == shapes[k][0] and a.dtype == shapes[k][1] for k, a in arrays.items()):
+            del arrays
+            return np.load(work / "done.npy", mmap_mode="r+")
+    except (OSError, ValueError, EOFError):
+        pass                                 # absent, or cut short while being made
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    for name, (shape, dtype) in shapes.items():
+        if name != "done.npy":               # made last: its presence says the others are whole
+            np.lib.format.open_memmap(work / name, "w+", dtype, shape).flush()
+    np.lib.format.open_memmap(work / "done.npy", "w+", np.bool_, (chunks,)).flush()
+    return np.load(work / "done.npy", mmap_mode="r+")
+
+
+@contextlib.contextmanager
+def _pool(workers: int, jobs: int):
+    """A pool of ``workers`` processes (None: work in this process). Spawned, not forked: the
+    caller may be a kernel with torch's threads running."""
+    if workers <= 1 or jobs <= 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(min(workers, jobs), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _fill_chunk(job) -> int:
+    """Decode rows ``start..`` into the build's arrays in ``work``; returns ``start``."""
+    work, start, image_paths, label_paths, size = job
+    work = Path(work)
+    images = np.load(work / "images.npy", mmap_mode="r+")     # (N, S, S, 3) uint8
+    labels = np.load(work / "labels.npy", mmap_mode="r+")     # (N, S, S) uint8
+    has = np.load(work / "has.npy", mmap_mode="r+")           # (N,) bool
+    sizes = np.load(work / "sizes.npy", mmap_mode="r+")       # (N, 2) int64
+    for i, (path, label_path) in enumerate(zip(image_paths, label_paths), start):
+        img, lab, wh = prepare(path, label_path, size)
+        images[i] = img
+        if lab is not None:
+            labels[i], has[i] = lab, True
+        sizes[i] = wh
+    for a in (images, labels, has, sizes):
+        a.flush()
+    return start
 
 
 def _find_pixels(root: Path, pixels: str) -> Path | None:
