@@ -149,25 +149,37 @@ def run(
             raise ValueError(f"--only: no parameter file for run(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
         by_name = {n: v for n, v in by_name.items() if n in only}
 
-    with _kernel_env(KERNEL_ENV), _lock(out), _terminate_as_interrupt():
+    with _kernel_env(KERNEL_ENV), _lock(out, by_name), _terminate_as_interrupt():
         return _run(by_name, everything, _Job(out, nb_dir, force), jobs, cores)
 
 
 class Busy(ValueError):
-    """Another ``citylib run`` is writing the outputs folder."""
+    """Another ``citylib run`` is running one of these runs on the same outputs folder."""
+
+
+LOCKS = ".citylib-run"   # the outputs' lock files: one per run, one per stage the runs share
 
 
 @contextlib.contextmanager
-def _lock(out: Path):
-    """Hold ``out/.citylib-run.lock`` while running: a second ``citylib run`` on the same
-    outputs stops at once and says who holds it. The lock is the kernel's (``flock``), so a
-    killed runner never leaves a stale one."""
+def _lock(out: Path, names) -> None:
+    """Hold ``out/.citylib-run/<run>.lock`` for every run asked for: a second ``citylib run`` of
+    one of them on the same outputs stops at once and says who holds it, while runs of other
+    runs (``--only``: one job per run on a cluster) go on side by side. The locks are the
+    kernel's (``flock``), so a killed runner never leaves a stale one."""
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(_hold(out, name))
+        yield
+
+
+@contextlib.contextmanager
+def _hold(out: Path, name: str):
     import fcntl
     import json
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ".citylib-run.lock"
+    path = out / LOCKS / f"{name}.lock"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -183,8 +195,8 @@ def _lock(out: Path):
                 holder = json.loads(fh.read() or "{}")
             except ValueError:
                 holder = {}
-            raise Busy(f"{out}: another citylib run is writing here (pid {holder.get('pid', '?')}, started "
-                       f"{holder.get('started', '?')}); wait for it, or give another --outputs") from None
+            raise Busy(f"{out}: another citylib run is running {name} here (pid {holder.get('pid', '?')}, "
+                       f"started {holder.get('started', '?')}); wait for it, or give another --outputs") from None
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
@@ -193,6 +205,12 @@ def _lock(out: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _shared(out: Path, stage: str):
+    """The lock of a stage the runs share (the data, the comparison): a runner that finds another
+    one making it waits, then finds it made and skips it."""
+    return artifacts.exclusive(out / LOCKS / f"{stage}.lock", f"{out / stage}")
 
 
 @contextlib.contextmanager
@@ -237,18 +255,9 @@ def _run(by_name: dict, everything: dict, job: _Job, jobs: int, cores: int) -> R
     total = len(DATA_NOTEBOOKS) + len(RUN_NOTEBOOKS) * len(by_name) + len(GRID_NOTEBOOKS)
     progress = _Progress(result, tqdm(total=total, desc="citylib run", unit="notebook"))
     first_cfg, first_file = next(iter(by_name.values()))
-    data_ok = True
     try:
-        data_key = data.key(first_cfg.data, out / "data")
-        changes = data.changes(first_cfg.data, out / "data")
-        if changes:
-            tqdm.write(f"{out / 'data'}: {changes}: a new data snapshot, and every stage that "
-                       "read the old one runs again")
-    except Exception as e:   # the data notebook reports it
-        data_key = f"unreadable: {type(e).__name__}: {e}"
-    try:
-        for nb in DATA_NOTEBOOKS:
-            data_ok &= _execute(job, nb, out / "data", f"data/{nb}", first_file, data_key, progress)
+        with _shared(out, "data"):             # made once, also by runners of other runs side by side
+            data_ok = _data(job, first_cfg, first_file, progress)
         rejected = out / "data" / "rejected.csv"
         if data_ok and rejected.is_file() and (n := len(pd.read_csv(rejected))):
             tqdm.write(f"{n} file(s) of the dataset rejected, each with its reason: {rejected}")
@@ -272,7 +281,8 @@ def _run(by_name: dict, everything: dict, job: _Job, jobs: int, cores: int) -> R
         finished += [n for n in everything if n not in by_name and n in keys
                      and _is_done(out / "runs" / n, keys[n], job.notebooks)]
         result.finished[:] = [n for n in everything if n in finished]
-        _compare(job, everything, [n for n in everything if n in finished], progress)
+        with _shared(out, "comparison"):
+            _compare(job, everything, [n for n in everything if n in finished], progress)
     except KeyboardInterrupt:          # the summary says what finished, then the caller says why
         result.interrupted = True
         raise
@@ -280,6 +290,22 @@ def _run(by_name: dict, everything: dict, job: _Job, jobs: int, cores: int) -> R
         progress.bar.close()
         result.summary = write_summary(out, [c for c, _ in everything.values()], result)
     return result
+
+
+def _data(job: _Job, cfg: RunConfig, file: Path, progress: _Progress) -> bool:
+    """The data notebook, unless its marker matches the data stage's key; True if it is done."""
+    out, ok = job.out, True
+    try:
+        data_key = data.key(cfg.data, out / "data")
+        changes = data.changes(cfg.data, out / "data")
+        if changes:
+            tqdm.write(f"{out / 'data'}: {changes}: a new data snapshot, and every stage that "
+                       "read the old one runs again")
+    except Exception as e:   # the data notebook reports it
+        data_key = f"unreadable: {type(e).__name__}: {e}"
+    for nb in DATA_NOTEBOOKS:
+        ok &= _execute(job, nb, out / "data", f"data/{nb}", file, data_key, progress)
+    return ok
 
 
 def _compare(job: _Job, everything: dict, finished: list[str], progress: _Progress) -> None:

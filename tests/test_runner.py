@@ -262,13 +262,13 @@ def test_a_second_run_on_the_same_outputs_says_who_holds_it(tmp_path, capsys):
     import json
 
     out = tmp_path / "out"
-    out.mkdir()
-    with open(out / ".citylib-run.lock", "w") as fh:               # a run in progress
+    (out / runner.LOCKS).mkdir(parents=True)
+    with open(out / runner.LOCKS / "simple_seed0.lock", "w") as fh:   # this run in progress
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fh.write(json.dumps({"pid": 4242, "started": "2026-12-02 07:00:00"}))
         fh.flush()
         code = cli.main(["run", "--params", str(PARAMETERS / "smoke" / "simple_seed0.yaml"), "--outputs", str(out)])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "another citylib run is writing here (pid 4242" in err[0]
+    assert len(err) == 1 and "another citylib run is running simple_seed0 here (pid 4242" in err[0]
     assert not (out / "data").exists()                              # nothing was started
