@@ -28,8 +28,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -57,10 +58,11 @@ class SegmentConfig:
 
     segmenter: Literal["auto", "ground_truth", "ade20k"] = "auto"
     model_path: str | None = None  # default: paths.ade20k_model_dir() / MODEL_FILE
-    threads: int = 2  # CPU threads of the model (speed only; not in the cache key)
+    threads: int = 2  # CPU threads of each interpreter (speed only; not in the cache key)
+    workers: int = 1  # processes, each with its own interpreter; 0: one per core (speed only)
 
     def __post_init__(self):
-        check(self, segmenter=("auto", "ground_truth", "ade20k"), threads=">= 1")
+        check(self, segmenter=("auto", "ground_truth", "ade20k"), threads=">= 1", workers=">= 0")
 
 
 @dataclass(frozen=True)
@@ -184,17 +186,48 @@ def run(cfg: SegmentConfig, out: str | os.PathLike | None, cache: Cache, *,
     todo = rows[~_read_done(folder, n)[rows]]
     if todo.size:
         files = cache.index["path"].to_numpy(str)
-        segmenter = Ade20k(model, cfg.threads)
-        bar = tqdm(total=todo.size, desc="segment (ade20k)", disable=not progress)
-        for start in range(0, todo.size, CHUNK):
-            part = todo[start:start + CHUNK]
-            maps = segmenter(list(files[part]), size)
-            _save(folder, part, maps)
-            bar.update(part.size)
-        bar.close()
+        workers = cfg.workers or os.cpu_count() or 1
+        # several workers: parts small enough that every worker is busy to the end
+        chunk = CHUNK if workers <= 1 else max(1, min(CHUNK, -(-todo.size // (4 * workers))))
+        parts = [todo[s:s + chunk] for s in range(0, todo.size, chunk)]
+        with tqdm(total=todo.size, desc="segment (ade20k)", disable=not progress) as bar:
+            for part, maps in _segmented(parts, files, size, model, cfg.threads, workers):
+                _save(folder, part, maps)
+                bar.update(part.size)
     done = _read_done(folder, n)  # read before the labels: a saved row is never un-done
     labels = np.load(folder / "labels.npy", mmap_mode="r")
     return SegmentResult(labels, name, folder, done, reused=not todo.size)
+
+
+def _segmented(parts: list[np.ndarray], files: np.ndarray, size: int, model: Path, threads: int,
+               workers: int):
+    """(rows, (len(rows), size, size) label maps) of every part, here or in ``workers``
+    processes (spawned: the caller may be a kernel with torch's threads running), as each ends."""
+    if workers <= 1 or len(parts) <= 1:
+        segmenter = Ade20k(model, threads)
+        for part in parts:
+            yield part, segmenter(list(files[part]), size)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(parts)), mp_context=context, initializer=_start_worker,
+                             initargs=(str(model), threads)) as pool:
+        try:
+            futures = {pool.submit(_segment_in_worker, list(files[part]), size): part for part in parts}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER: dict = {}   # a pool worker's own interpreter, made once by its initializer
+
+
+def _start_worker(model: str, threads: int) -> None:
+    _WORKER["model"] = Ade20k(model, threads)
+
+
+def _segment_in_worker(files: list[str], size: int) -> np.ndarray:
+    return _WORKER["model"](files, size)
 
 
 def key(cfg: SegmentConfig, cache: Cache, rows: np.ndarray | None = None) -> str:

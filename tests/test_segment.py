@@ -160,3 +160,15 @@ def test_ade20k_on_real_photos_with_reuse(tmp_path, monkeypatch):
     at513 = real(segment.Ade20k(), [files[0]], 513)[0]
     resized = np.asarray(Image.fromarray(at513).resize((96, 96), Image.Resampling.NEAREST))
     assert (resized == labels[0]).all()
+
+
+def test_worker_processes_label_as_one_process(tmp_path):
+    need(paths.ade20k_model_dir() / segment.MODEL_FILE)
+    files, cities = photos(3)
+    cache = fake_cache(tmp_path / "photos", files, cities, size=64)
+    one = segment.run(SegmentConfig(segmenter="ade20k"), tmp_path / "one", cache, progress=False)
+    two = segment.run(SegmentConfig(segmenter="ade20k", workers=2, threads=1), tmp_path / "two", cache,
+                      progress=False)
+    assert two.done.all() and one.folder.name == two.folder.name    # the same key: speed only
+    assert np.array_equal(np.asarray(one.labels), np.asarray(two.labels))
+    assert len(np.unique(np.asarray(two.labels))) > 3                # real maps, not zeros
