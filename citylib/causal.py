@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from citylib import intervals, train
+from citylib import devices, intervals, train
 from citylib.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
 from citylib.config import check, config_hash
 from citylib.counterfactual import CUE_FREE
@@ -50,9 +50,11 @@ class CausalConfig:
     level: float = 0.95       # interval level
     batch_size: int = 128
     seed: int = 0             # of the bootstrap
+    device: str = "auto"      # of the forward passes (citylib.devices); the key holds its kind
 
     def __post_init__(self):
         check(self, n_boot="in [100, 1000000]", level="in [0.5, 1)", batch_size=">= 1")
+        devices.validate(self)
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,14 @@ class CausalResult:
 
 
 def key(cfg: CausalConfig, training_key: str, counterfactual_key: str) -> str:
-    return config_hash(NAME, code_key(__name__), cfg, training_key, counterfactual_key)
+    return config_hash(NAME, code_key(__name__), devices.keyed(cfg), training_key, counterfactual_key)
 
 
 def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progress: bool = True) -> CausalResult:
     """Measure every cue's causal effect on the run's network, written into ``run_dir`` (reused
     when the key matches)."""
     run_dir = Path(run_dir)
-    model, cities, config = train.load_model(run_dir)
+    model, cities, config = train.load_model(run_dir, device=cfg.device)
     train.check_data(run_dir, config, cache)
     trained = ResultFolder(run_dir, train.NAME).finished()
     if trained is None:

@@ -65,6 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="predicted city and probabilities per image")
     pr.add_argument("--run", required=True, type=_here, help="a run folder, e.g. outputs/runs/vgg11_seed0")
+    pr.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:K or mps")
     pr.add_argument("images", nargs="+", type=_here)
 
     rep = sub.add_parser("report", help="HTML of executed notebooks + outputs/report/index.html")
@@ -168,7 +169,7 @@ def _train(args) -> int:
 def _predict(args) -> int:
     from citylib import predict
 
-    frame = predict.run(args.run, args.images)
+    frame = predict.run(args.run, args.images, device=args.device)
     print(frame.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     return 1 if frame["error"].astype(bool).any() else 0
 

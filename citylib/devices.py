@@ -12,11 +12,16 @@ beyond; a result's key therefore holds the device's kind (``setting_kind``), nev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 
 import torch
 
 NAMES = "auto, cpu, cuda, cuda:K or mps"
+
+
+class DeviceError(ValueError):
+    """A device setting names a device this machine does not have."""
 _NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -25,8 +30,14 @@ def check(name: str) -> str | None:
     return None if isinstance(name, str) and _NAME.fullmatch(name) else f"one of {NAMES}"
 
 
+def validate(cfg) -> None:
+    """ValueError unless a stage's settings ``cfg`` have a well-formed ``device``."""
+    if (want := check(cfg.device)) is not None:
+        raise ValueError(f"out of range: 'device' = {cfg.device!r} must be {want}")
+
+
 def resolve(name: str) -> torch.device:
-    """The device ``name`` means on this machine; RuntimeError when torch cannot use it."""
+    """The device ``name`` means on this machine; DeviceError when torch cannot use it."""
     if check(name) is not None:
         raise ValueError(f"device {name!r} must be {NAMES}")
     if name == "auto":
@@ -38,15 +49,15 @@ def resolve(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r}: torch sees no CUDA GPU here "
+            raise DeviceError(f"device {name!r}: torch sees no CUDA GPU here "
                                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
                                "use device: auto or cpu")
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+            raise DeviceError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
         return torch.device("cuda", index)
     if device.type == "mps" and not _mps():
-        raise RuntimeError(f"device {name!r}: torch sees no MPS device here; use device: auto or cpu")
+        raise DeviceError(f"device {name!r}: torch sees no MPS device here; use device: auto or cpu")
     return device
 
 
@@ -62,6 +73,18 @@ def setting_kind(name: str) -> str:
     if check(name) is not None:
         raise ValueError(f"device {name!r} must be {NAMES}")
     return kind(resolve(name)) if name == "auto" else torch.device(name).type
+
+
+def keyed(cfg):
+    """A stage's settings as its key holds them: the ``device`` setting as its kind."""
+    return dataclasses.replace(cfg, device=setting_kind(cfg.device))
+
+
+def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device``: channels-last off the CPU (cuDNN's and MPS's faster layout)."""
+    if torch.device(device).type == "cpu":
+        return model
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def describe(name: str, device: torch.device) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from citylib import saliency, sanity, train
+from citylib import devices, saliency, sanity, train
 from citylib.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.config import check, config_hash, to_dict
 
@@ -47,10 +47,12 @@ class GradCAMConfig:
     sanity_images: int = 32      # test images for randomisation and deletion checks (0: skip)
     deletion_steps: int = 8      # deletion curve: fractions 0, 1/k, ..., 1 of the pixels
     seed: int = 0                # sanity images, re-initialisation, random deletion order
+    device: str = "auto"         # of the masks and the sanity checks (citylib.devices); key: its kind
 
     def __post_init__(self):
         check(self, method=saliency.METHODS, target=("predicted", "true"), batch_size=">= 1",
               threshold="in [0, 1]", sanity_images=">= 0", deletion_steps=">= 1", seed=">= 0")
+        devices.validate(self)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def run(cfg: GradCAMConfig, run_dir: str | Path, cache, *, progress: bool = True
     """Masks for every test image of ``cache`` with the run's best model; reuse if unchanged."""
     run_dir = Path(run_dir)
     out = run_dir / FOLDER
-    model, cities, tconfig = train.load_model(run_dir)
+    model, cities, tconfig = train.load_model(run_dir, device=cfg.device)
     ckpt = torch.load(run_dir / "best.pt", weights_only=True, mmap=True)
     check_cache(run_dir, tconfig, cache)
     test = np.asarray(cache.split_indices("test"), dtype=np.int64)
@@ -120,14 +122,15 @@ def run(cfg: GradCAMConfig, run_dir: str | Path, cache, *, progress: bool = True
         "method": cfg.method, "layer": layer, "map_size": list(map_hw),
         "image_size": int(tconfig["image_size"]), "n": int(len(test)), "cities": cities,
         "mask_dtype": "float16", "training_key": ckpt["key"], "data_key": tconfig["data_key"],
-        "config": to_dict(cfg), "key": folder.key})
+        "config": to_dict(cfg), "key": folder.key,
+        "device": devices.describe(cfg.device, train._device_of(model))})
     folder.commit(["masks.npy", "index.csv", "sanity.json", "meta.json"])
     return load(run_dir)
 
 
 def key(cfg: GradCAMConfig, training_key: str) -> str:
     """What the masks depend on: these settings, the trained model (its key) and the code."""
-    return config_hash(NAME, code_key(__name__), cfg, training_key)
+    return config_hash(NAME, code_key(__name__), devices.keyed(cfg), training_key)
 
 
 def check_cache(run_dir: Path, tconfig: dict, cache) -> None:

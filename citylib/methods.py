@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 
-from citylib import cues, intervals, models, saliency, segment, stats, train
+from citylib import cues, devices, intervals, models, saliency, segment, stats, train
 from citylib.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.config import check, config_hash
 from citylib.counterfactual import CUE_FREE
@@ -54,8 +54,10 @@ class MethodsConfig:
     n_boot: int = 1000        # spot resamples for rho's interval
     level: float = 0.95
     seed: int = 0             # of the resampling
+    device: str = "auto"      # of the sweep's passes (citylib.devices); the key holds its kind
 
     def __post_init__(self):
+        devices.validate(self)
         bad = [m for m in self.methods if m not in saliency.METHODS]
         if bad or not self.methods:
             raise ValueError(f"'methods' = {list(self.methods)}: each must be one of {list(saliency.METHODS)}")
@@ -73,7 +75,8 @@ class MethodsResult:
 
 def key(cfg: MethodsConfig, stats_cfg: stats.StatsConfig, training_key: str, labels_key: str,
         causal_key: str, target: str) -> str:
-    return config_hash(NAME, code_key(__name__), cfg, stats_cfg, training_key, labels_key, causal_key, target)
+    return config_hash(NAME, code_key(__name__), devices.keyed(cfg), stats_cfg, training_key, labels_key,
+                       causal_key, target)
 
 
 def sweep(model: torch.nn.Module, images: np.ndarray, target, layers, methods, batch_size: int = 32,
@@ -89,7 +92,7 @@ def sweep(model: torch.nn.Module, images: np.ndarray, target, layers, methods, b
                 with torch.no_grad():
                     for m in methods:
                         cam = saliency.METHODS[m].cam(act, grad).clamp_min_(0)           # (B, h, w)
-                        out.setdefault((m, layer), []).append(saliency.normalise(cam).numpy())
+                        out.setdefault((m, layer), []).append(saliency.normalise(cam).cpu().numpy())
     masks = {k: np.concatenate(v) for k, v in out.items()}
     if fusion and len(layers) > 1:
         finest = max((masks[methods[0], layer].shape[1:] for layer in layers), key=lambda s: s[0] * s[1])
@@ -220,7 +223,7 @@ def run(cfg: MethodsConfig, run_dir: str | Path, cache, planted: Mapping[str, tu
     labels_key = segment.key(segment_cfg, cache, rows)
     seg = segment.run(segment_cfg, segment_dir, cache, rows=rows, progress=progress)
     label_maps = np.asarray(seg.labels[rows])                     # (n, S, S) uint8
-    model, cities, config = train.load_model(run_dir)
+    model, cities, config = train.load_model(run_dir, device=cfg.device)
     train.check_data(run_dir, config, cache)
     trained = ResultFolder(run_dir, train.NAME).finished()
     folder = ResultFolder(run_dir, NAME, key(cfg, stats_cfg, trained["key"], labels_key, causal_result.key, target))

@@ -15,9 +15,10 @@ import pandas as pd
 from citylib import data, imagecache, train
 
 
-def run(run_dir: str | Path, images: list[str | Path]) -> pd.DataFrame:
-    """One row per image: image, predicted city, one probability column per city, error."""
-    model, cities, config = train.load_model(run_dir)
+def run(run_dir: str | Path, images: list[str | Path], device: str = "auto") -> pd.DataFrame:
+    """One row per image: image, predicted city, one probability column per city, error; the
+    network runs on ``device`` (``citylib.devices``)."""
+    model, cities, config = train.load_model(run_dir, device=device)
     size = config["image_size"]
     rows, batch, where = [], [], []
     for path in map(str, images):

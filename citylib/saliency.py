@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from citylib import models, train
+from citylib import devices, models, train
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,9 @@ class BaseCAM:
         # stops here) and autograd records from here on. The network goes on with a copy, so an
         # in-place op after the layer cannot change the activation we weigh. (An in-place ReLU
         # as the layer itself is harmless: its output is the final value.)
-        self._act = output.detach().requires_grad_()          # (B, K, h, w)
+        # In fp32 also under bf16 autocast, so that the gradients reaching it, and the CAM
+        # made of both, are accumulated in fp32 (on the CPU this is the activation itself).
+        self._act = output.detach().float().requires_grad_()  # (B, K, h, w)
         torch.set_grad_enabled(True)   # undone by the no_grad block around the forward
         return self._act.clone()
 
@@ -103,8 +105,9 @@ class BaseCAM:
         act, grad, logits, target = self.forward_backward(x, target)
         with torch.no_grad():
             cam = self.cam(act, grad).clamp_min_(0)                        # (B, h, w)
-            return CamResult(normalise(cam).numpy(), logits.float().numpy(),
-                             torch.softmax(logits.float(), 1).numpy(), target.numpy())
+            logits = logits.float()
+            return CamResult(normalise(cam).cpu().numpy(), logits.cpu().numpy(),
+                             torch.softmax(logits, 1).cpu().numpy(), target.cpu().numpy())
 
     def forward_backward(self, x: torch.Tensor, target=None):
         """One forward and one backward: the layer's activations and the gradients of the
@@ -123,7 +126,7 @@ class BaseCAM:
                 x = x.contiguous(memory_format=torch.channels_last)  # (B, 3, S, S), NHWC
             # gradients are needed even if the caller runs under no_grad or inference_mode
             with torch.inference_mode(False), torch.enable_grad():
-                with torch.no_grad():
+                with torch.no_grad(), devices.autocast(x.device):   # bf16 on CUDA
                     logits = model(x)                               # (B, C)
                 act, self._act = self._act, None
                 if act is None or not logits.requires_grad:

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from citylib import intervals, saliency, train
+from citylib import devices, intervals, saliency, train
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FILL = "0 in normalised input space (mid-grey, 127.5 per channel)"
@@ -258,13 +258,14 @@ def _target_prob(model: nn.Module, x: torch.Tensor, target: np.ndarray, batch_si
     """Softmax probability of ``target`` (n,) for normalised inputs x (n, 3, S, S)."""
     was_training = model.training
     model.eval()
+    device = train._device_of(model)
     probs = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), devices.autocast(device):
             for b in range(0, len(x), batch_size):
                 # channels-last: oneDNN's faster CPU convolutions, as in saliency.BaseCAM
-                xb = x[b:b + batch_size].contiguous(memory_format=torch.channels_last)
-                probs.append(torch.softmax(model(xb).float(), 1))      # (B, C)
+                xb = x[b:b + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+                probs.append(torch.softmax(model(xb).float(), 1).cpu())   # (B, C)
     finally:
         model.train(was_training)
     if bar is not None:

@@ -82,8 +82,7 @@ class TrainConfig:
     def __post_init__(self):
         check(self, epochs=">= 1", batch_size=">= 1", lr="> 0", lr_step=">= 1", lr_gamma="in (0, 1]",
               weight_decay=">= 0", crop_jitter="in [0, 32]", threads=">= 1", processes=">= 1")
-        if (want := devices.check(self.device)) is not None:
-            raise ValueError(f"out of range: 'device' = {self.device!r} must be {want}")
+        devices.validate(self)
 
 
 @dataclass(frozen=True)
@@ -209,8 +208,7 @@ def _begin(arch: str, seed: int, cfg: TrainConfig, n_classes: int, image_size: i
     rank, size = distributed.world()
     if rank > 0:    # the same weights, but each process its own dropout masks
         torch.manual_seed(int(hashlib.sha256(f"{seed}:{rank}".encode()).hexdigest()[:15], 16))
-    if device.type != "cpu":
-        model = model.to(device, memory_format=torch.channels_last)
+    model = devices.place(model, device)
     # fused: one kernel over all parameters; the per-tensor loop took half of VGG11's step on CPU
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -278,8 +276,7 @@ def key(arch: str, seed: int, cfg: TrainConfig, data_key: str) -> str:
     """What a training's weights depend on: architecture, seed, settings (the device as its
     kind: ``cuda:1`` as ``cuda``; ``auto`` as what it finds here, ``cpu`` on a CPU-only
     machine), data and code."""
-    cfg = dataclasses.replace(cfg, device=devices.setting_kind(cfg.device))
-    return config_hash(NAME, code_key(__name__), arch, int(seed), cfg, data_key)
+    return config_hash(NAME, code_key(__name__), arch, int(seed), devices.keyed(cfg), data_key)
 
 
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.ndarray,
@@ -419,8 +416,10 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
-def load_model(run_dir: str | Path, which: str | int = "best") -> tuple[nn.Module, list[str], dict]:
-    """(model in eval mode, cities, config) from ``best.pt``, the ``"last"`` or a given epoch."""
+def load_model(run_dir: str | Path, which: str | int = "best",
+               device: str | torch.device = "cpu") -> tuple[nn.Module, list[str], dict]:
+    """(model in eval mode, cities, config) from ``best.pt``, the ``"last"`` or a given epoch,
+    on ``device`` (a ``device`` setting such as ``auto``, or a torch device)."""
     run_dir = Path(run_dir)
     if which == "best":
         path = run_dir / "best.pt"
@@ -432,14 +431,15 @@ def load_model(run_dir: str | Path, which: str | int = "best") -> tuple[nn.Modul
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        ck = torch.load(path, weights_only=True)
+        ck = torch.load(path, weights_only=True, map_location="cpu")
         config = ck["config"]
         model = models.build(config["arch"], len(config["cities"]), config["image_size"])
         model.load_state_dict(ck["model"])
     except Exception as e:   # truncated, another file, another network's weights
         raise ValueError(f"{path}: not a readable citylib checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); train the run again") from None
-    return model.eval(), list(config["cities"]), config
+    device = devices.resolve(device) if isinstance(device, str) else torch.device(device)
+    return devices.place(model, device).eval(), list(config["cities"]), config
 
 
 def run_config(arch: str, seed: int, cfg: TrainConfig, cache, idx: dict, extra: dict | None) -> dict:

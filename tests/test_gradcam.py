@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from citylib import artifacts, gradcam, models, saliency, train
+from citylib import artifacts, devices, gradcam, models, saliency, stats, train
 
 SIZE = 64
 CITIES = ["amsterdam", "berlin", "cairo"]
@@ -343,3 +345,29 @@ def test_config_checks(trained_run):
         gradcam.run(gradcam.GradCAMConfig(), run_dir, moved, progress=False)
     with pytest.raises(FileNotFoundError, match="gradcam.run"):
         gradcam.load(run_dir.parent / "nothing")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or devices._mps(), reason="a machine without a GPU")
+def test_the_analyses_device_setting_without_a_gpu(trained_run, tmp_path):
+    from citylib import causal, methods, predict
+
+    run_dir, cache = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(gradcam.FOLDER))
+    cfg = gradcam.GradCAMConfig(batch_size=4, sanity_images=0)
+    res = gradcam.run(cfg, copy, cache, progress=False)
+    assert res.meta["device"].startswith("auto -> cpu (") and res.meta["device"].endswith("no GPU found)")
+    assert gradcam.key(dataclasses.replace(cfg, device="cpu"), "t") == gradcam.key(cfg, "t")
+    assert gradcam.key(dataclasses.replace(cfg, device="cuda:1"), "t") != gradcam.key(cfg, "t")
+    assert causal.key(causal.CausalConfig(device="cpu"), "t", "c") == causal.key(causal.CausalConfig(), "t", "c")
+    methods_key = lambda c: methods.key(c, stats.StatsConfig(), "t", "l", "c", "predicted")   # noqa: E731
+    assert methods_key(methods.MethodsConfig(device="cpu")) == methods_key(methods.MethodsConfig())
+    with pytest.raises(ValueError, match="'device' = 'gpu'"):
+        gradcam.GradCAMConfig(device="gpu")
+    again = tmp_path / "again"
+    shutil.copytree(run_dir, again, ignore=shutil.ignore_patterns(gradcam.FOLDER))
+    with pytest.raises(devices.DeviceError, match="torch sees no CUDA GPU here"):
+        gradcam.run(dataclasses.replace(cfg, device="cuda"), again, cache, progress=False)
+    assert not (again / gradcam.FOLDER).exists()                          # before any work
+    with pytest.raises(devices.DeviceError, match="torch sees no CUDA GPU here"):
+        predict.run(run_dir, [], device="cuda")

@@ -49,7 +49,7 @@ def test_auto_device_without_a_gpu_is_the_cpu_and_says_so(cache, tmp_path, capsy
     assert "r: training on auto -> cpu (2 threads, no GPU found)" in capsys.readouterr().out
     assert res.metrics["device"] == "auto -> cpu (2 threads, no GPU found)"
     assert train.key("simpler", 0, dataclasses.replace(FAST, device="cpu"), "d") == train.key("simpler", 0, FAST, "d")
-    with pytest.raises(RuntimeError, match="device 'cuda': torch sees no CUDA GPU here"):
+    with pytest.raises(devices.DeviceError, match="device 'cuda': torch sees no CUDA GPU here"):
         train.run(dataclasses.replace(FAST, device="cuda"), tmp_path / "gpu", cache, arch="simpler", seed=0,
                   name="gpu", progress=False)
     assert not (tmp_path / "gpu").exists()                                 # before any work
