@@ -78,6 +78,7 @@ class TrainConfig:
     threads: int = 2           # torch CPU threads; results are bit-identical only at equal count
     device: str = "auto"       # auto, cpu, cuda, cuda:K or mps (citylib.devices); the key holds its kind
     processes: int = 1         # > 1: trained by that many processes with DDP, launched by torchrun
+    sync_batchnorm: bool = False   # with processes > 1 on CUDA: batch norm over the global batch
 
     def __post_init__(self):
         check(self, epochs=">= 1", batch_size=">= 1", lr="> 0", lr_step=">= 1", lr_gamma="in (0, 1]",
@@ -115,6 +116,9 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
         if len(idx[s]) == 0:
             raise ValueError(f"{name}: the '{s}' split is empty")
     device = distributed.local_device(devices.resolve(cfg.device))
+    if cfg.sync_batchnorm and cfg.processes > 1 and device.type != "cuda":
+        raise ValueError(f"{name}: train.sync_batchnorm needs one CUDA GPU per process (PyTorch's "
+                         f"SyncBatchNorm has no {device.type} kernels); set it to false")
     if distributed.world()[1] != cfg.processes:
         raise ValueError(f"{name}: train.processes is {cfg.processes} but {distributed.world()[1]} "
                          f"process(es) run this training; set train.processes: {distributed.world()[1]}")
@@ -223,8 +227,10 @@ def _begin(arch: str, seed: int, cfg: TrainConfig, n_classes: int, image_size: i
         t.history, t.best, t.start = ck["history"], ck["best"], ck["epoch"]
     t.net = model
     if size > 1:                            # gradients averaged over the processes
+        if cfg.sync_batchnorm:              # the same modules, parameters and buffers, synced
+            t.net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         t.net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            t.net, device_ids=[device.index] if device.type == "cuda" else None)
     return t
 
 

@@ -55,6 +55,13 @@ def test_auto_device_without_a_gpu_is_the_cpu_and_says_so(cache, tmp_path, capsy
     assert not (tmp_path / "gpu").exists()                                 # before any work
 
 
+def test_sync_batchnorm_on_the_cpu_is_refused_before_any_work(cache, tmp_path):
+    cfg = dataclasses.replace(FAST, processes=2, sync_batchnorm=True, device="cpu")
+    with pytest.raises(ValueError, match="sync_batchnorm needs one CUDA GPU per process"):
+        train.run(cfg, tmp_path / "r", cache, arch="resnet18", seed=0, name="r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_snapshot_is_a_copy_on_the_cpu():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters())
