@@ -8,10 +8,11 @@ device) in fp32, fp32 channels-last, bf16 autocast, and bf16 autocast channels-l
 augmentation, uint8 -> float, transfer, step). The data pipeline alone (gather, augmentation,
 uint8 -> float, transfer to the device, no network) shows whether it can keep the device fed:
 its images/s against the fastest step's. Ratios are against fp32 in the same run; the device
-and its name are printed first.
+and its name are printed first. Last, the ADE20K segmenter (``bench_segment.py``) with one
+worker process against one per core, on the sample Street View photos.
 
     python benchmarks/bench_device.py [--device auto] [--archs resnet18 vgg11] [--size 224]
-                                      [--batch 64] [--steps 10] [--threads 2]
+                                      [--batch 64] [--steps 10] [--threads 2] [--segment-images 40]
 """
 from __future__ import annotations
 
@@ -19,13 +20,19 @@ import argparse
 import contextlib
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from citylib import devices, models, train
+
+
+VARIANTS = (("fp32", False, False), ("fp32 channels-last", False, True),
+            ("bf16 autocast", True, False), ("bf16 autocast channels-last", True, True))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,11 +45,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS], choices=[v[0] for v in VARIANTS],
+                   help="which of the step's variants (bf16 on a CPU without bf16 units is very slow)")
+    p.add_argument("--loader-threads", nargs="+", type=int, default=[0, 4],
+                   help="the data pipeline made in turn (0) and by this many helper threads")
+    p.add_argument("--segment-images", type=int, default=40,
+                   help="sample photos for the segmenter's lines (0: leave them out)")
     return p
-
-
-VARIANTS = (("fp32", False, False), ("fp32 channels-last", False, True),
-            ("bf16 autocast", True, False), ("bf16 autocast channels-last", True, True))
 
 
 def _sync(device: torch.device) -> None:
@@ -108,18 +117,22 @@ def citylib_loop(arch, args, device, images, labels) -> float:
     return args.steps * args.batch / (time.perf_counter() - t0)   # len(images) holds --steps batches
 
 
-def pipeline_alone(args, device, images) -> float:
-    """Images/s of batch gather, augmentation, uint8 -> float and transfer, without a network."""
+def pipeline_alone(args, device, images, labels, threads: int) -> float:
+    """Images/s of ``train.batches`` (batch gather, augmentation, uint8 -> float, transfer)
+    without a network, made in turn (``threads`` 0) or by that many helper threads."""
     cfg = train.TrainConfig(batch_size=args.batch)
     gen = torch.Generator().manual_seed(0)
-    rng = np.random.default_rng(0)
-
-    def step():
-        batch = rng.integers(0, len(images), args.batch)                     # a new batch each step
-        x = train._to(train.to_tensor(train.augment(images[batch], cfg, gen)), device)
-        x.sum().item()                                    # the batch has arrived
-
-    return args.batch / _timed(step, args.steps, args.warmup, device)
+    order = np.random.default_rng(0).permutation(np.resize(np.arange(len(images)), 8 * len(images)))
+    starts = range(0, len(order) - args.batch + 1, args.batch)
+    made = train.batches(images, labels, order, starts, cfg, gen, device, threads)
+    for _ in range(args.warmup):
+        next(made)
+    _sync(device)
+    t0, n = time.perf_counter(), 0
+    for _, x, _ in made:
+        n += len(x)
+    x.sum().item()                                        # the last batch has arrived
+    return n / (time.perf_counter() - t0)
 
 
 def _cpu() -> str:
@@ -144,15 +157,25 @@ def main(args) -> None:
     best = 0.0
     for arch in args.archs:
         base = None
-        for name, bf16, cl in VARIANTS:
+        for name, bf16, cl in (v for v in VARIANTS if v[0] in args.variants):
             rate = step_alone(arch, args, device, bf16, cl)
             base = base or rate
             best = max(best, rate)
             print(f"{arch:10s} {name:30s} {rate:10.1f} {rate / base:8.2f}")
         rate = citylib_loop(arch, args, device, images, labels)
         print(f"{arch:10s} {'train_one_epoch (the run loop)':30s} {rate:10.1f} {rate / base:8.2f}")
-    feed = pipeline_alone(args, device, images)
-    print(f"{'-':10s} {'data pipeline alone':30s} {feed:10.1f}   (x fastest step: {feed / best:.2f})")
+    for threads in args.loader_threads:
+        feed = pipeline_alone(args, device, images, labels, threads)
+        what = f"data pipeline, {threads} threads" if threads else "data pipeline, in turn"
+        print(f"{'-':10s} {what:30s} {feed:10.1f}   (x fastest step: {feed / best:.2f})")
+    if args.segment_images:                  # the ADE20K segmenter (CPU), one worker against all cores
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_segment
+
+        cores = os.cpu_count() or 1
+        print(f"\nthe ADE20K segmenter (segment.run), one worker against one per core:")
+        bench_segment.main(bench_segment.get_args_parser().parse_args(
+            ["--images", str(args.segment_images), "--size", str(args.size), "--settings", "1x1", f"{cores}x1"]))
 
 
 if __name__ == "__main__":

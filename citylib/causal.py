@@ -85,9 +85,10 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progr
     if folder.done() is not None:
         return _load(run_dir, folder.key)
     folder.begin()
-    images = effects(model, cache, counterfactuals, list(cities), cfg.batch_size)
+    nets = devices.replicas(model, devices.every(cfg.device))   # one per device (cuda:all)
+    images = effects(nets, cache, counterfactuals, list(cities), cfg.batch_size)
     table = summarise(images, cfg)
-    free = cue_free_predictions(model, images, counterfactuals, list(cities), cfg.batch_size)
+    free = cue_free_predictions(nets, images, counterfactuals, list(cities), cfg.batch_size)
     summary = {"cue_free": cue_free(free, len(cities), cfg), "counterfactuals": counterfactuals.key,
                "n_boot": cfg.n_boot, "level": cfg.level}
     write_csv(run_dir / "causal.csv", table)
@@ -99,14 +100,15 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progr
     return CausalResult(table, images, summary, free, folder.key, run_dir)
 
 
-def effects(model: torch.nn.Module, cache, counterfactuals, cities: list[str],
+def effects(model: torch.nn.Module | list[torch.nn.Module], cache, counterfactuals, cities: list[str],
             batch_size: int = 128) -> pd.DataFrame:
     """Per counterfactual image: the log-probability of the true city on the original (its
-    cache row) and on the counterfactual, and whether each is classified correctly."""
+    cache row) and on the counterfactual, and whether each is classified correctly. ``model``:
+    the network, or copies of it on several devices (``train._logits``)."""
     index = counterfactuals.index
     target = np.array([cities.index(c) for c in index["city"]], np.int64)             # (M,)
     rows = np.unique(index["row"].to_numpy(np.int64))
-    orig = _log_softmax(train._logits(model, np.asarray(cache.images[rows]), batch_size))   # (R, C)
+    orig = _log_softmax(train._logits(model, cache.images, batch_size, rows))             # (R, C)
     at = np.searchsorted(rows, index["row"].to_numpy(np.int64))
     logp, correct = orig[at, target], orig[at].argmax(1) == target
     cf = _log_softmax(train._logits(model, np.asarray(counterfactuals.images), batch_size))  # (M, C)
@@ -139,7 +141,7 @@ def summarise(images: pd.DataFrame, cfg: CausalConfig = CausalConfig()) -> pd.Da
     return table[COLUMNS]
 
 
-def cue_free_predictions(model: torch.nn.Module, images: pd.DataFrame, counterfactuals, cities: list[str],
+def cue_free_predictions(model: torch.nn.Module | list[torch.nn.Module], images: pd.DataFrame, counterfactuals, cities: list[str],
                          batch_size: int = 128) -> pd.DataFrame:
     """causal_cue_free.csv: the network's decision on every cue-free rendering, the test spots'
     (from ``effects``' rows) and the fresh spots'."""

@@ -2,7 +2,10 @@
 
 ``auto`` (the default) is the best the machine has: the first CUDA GPU, else Apple's MPS, else
 the CPU. ``cpu``, ``cuda``, ``cuda:K`` and ``mps`` ask for one; asking for a device torch cannot
-see is an error before any work. Reads and writes nothing.
+see is an error before any work. ``cuda:all`` is the first GPU for training and, for the
+analyses' forward passes (Grad-CAM masks, the counterfactual passes), every GPU, a copy of the
+network on each and the batches shared out in turn (``replicas``, ``spread``). Reads and writes
+nothing.
 
 What a device changes in the results: the CPU path is bit-identical from run to run at a
 given thread count (``train.threads``). On CUDA the forward passes run under bf16 autocast and
@@ -11,18 +14,21 @@ beyond; a result's key therefore holds the device's kind (``setting_kind``), nev
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import dataclasses
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-NAMES = "auto, cpu, cuda, cuda:K or mps"
+NAMES = "auto, cpu, cuda, cuda:K, cuda:all or mps"
 
 
 class DeviceError(ValueError):
     """A device setting names a device this machine does not have."""
-_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+|:all)?")
 
 
 def check(name: str) -> str | None:
@@ -46,7 +52,7 @@ def resolve(name: str) -> torch.device:
         if _mps():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    device = torch.device("cuda" if name == "cuda:all" else name)   # cuda:all: the first leads
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"device {name!r}: torch sees no CUDA GPU here "
@@ -72,7 +78,44 @@ def setting_kind(name: str) -> str:
     stages run), and for ``auto`` the kind it resolves to on this machine."""
     if check(name) is not None:
         raise ValueError(f"device {name!r} must be {NAMES}")
-    return kind(resolve(name)) if name == "auto" else torch.device(name).type
+    return kind(resolve(name)) if name == "auto" else torch.device(name.removesuffix(":all")).type
+
+
+def every(name: str) -> list[torch.device]:
+    """The devices a stage spreads its forward passes over: every GPU for ``cuda:all``, else
+    the one ``name`` means."""
+    first = resolve(name)
+    if name != "cuda:all":
+        return [first]
+    return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+
+
+def replicas(model: torch.nn.Module, targets: list[torch.device]) -> list[torch.nn.Module]:
+    """``model`` (on ``targets[0]``) and a copy of it in eval mode on each other device."""
+    return [model] + [place(copy.deepcopy(model), d).eval() for d in targets[1:]]
+
+
+def spread(fn, workers: list, jobs):
+    """``fn(worker, job)`` for every job, job i by worker i mod K, each worker in its own thread
+    (one per device: CUDA runs them side by side), at most 2K jobs ahead; yields the results in
+    job order. One worker: here, in turn."""
+    if len(workers) == 1:
+        for job in jobs:
+            yield fn(workers[0], job)
+        return
+    pools = [ThreadPoolExecutor(1) for _ in workers]
+    pending: collections.deque = collections.deque()
+    try:
+        for i, job in enumerate(jobs):
+            k = i % len(workers)
+            pending.append(pools[k].submit(fn, workers[k], job))
+            if len(pending) >= 2 * len(workers):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def keyed(cfg):

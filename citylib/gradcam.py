@@ -20,6 +20,7 @@ The masks are computed by ``citylib.saliency`` (the CAM methods and the mask mat
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,9 +91,11 @@ def run(cfg: GradCAMConfig, run_dir: str | Path, cache, *, progress: bool = True
     folder.begin()
     target = None if cfg.target == "predicted" else y[test]
     probs, targets = np.zeros((len(test), len(cities)), np.float32), np.zeros(len(test), np.int64)
-    with saliency.make(cfg.method, model) as cam, atomic_path(out / "masks.npy") as tmp:
-        masks = None
-        for sl, res in saliency.batches(cam, cache.images, target, cfg.batch_size, progress, rows=test):
+    with contextlib.ExitStack() as hooks, atomic_path(out / "masks.npy") as tmp:
+        cams = [hooks.enter_context(saliency.make(cfg.method, m))   # one per device
+                for m in devices.replicas(model, devices.every(cfg.device))]
+        cam, masks = cams[0], None
+        for sl, res in saliency.batches(cams, cache.images, target, cfg.batch_size, progress, rows=test):
             if masks is None:                                        # (N, h, w) float16
                 masks = np.lib.format.open_memmap(tmp, "w+", np.float16,
                                                   (len(test), *res.masks.shape[1:]))

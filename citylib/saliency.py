@@ -305,13 +305,17 @@ def masks_for(model: nn.Module, images: np.ndarray, method: str = "gradcam", tar
                        for f in ("masks", "logits", "probs", "target")))
 
 
-def batches(cam: BaseCAM, images: np.ndarray, target, batch_size: int, progress: bool,
-             rows: np.ndarray | None = None):
-    """(slice, CamResult) per batch of ``images[rows]`` (all rows by default)."""
+def batches(cam: BaseCAM | list[BaseCAM], images: np.ndarray, target, batch_size: int, progress: bool,
+            rows: np.ndarray | None = None):
+    """(slice, CamResult) per batch of ``images[rows]`` (all rows by default), in order; with a
+    list of CAMs (one per copy of the network, each on its own device) the batches are shared
+    out among them in turn (``devices.spread``)."""
+    cams = cam if isinstance(cam, list) else [cam]
     rows = np.arange(len(images)) if rows is None else rows
     per_image = target is not None and not isinstance(target, str) and np.ndim(target) > 0
-    for b in tqdm(range(0, len(rows), batch_size), desc=f"{cam.name} {cam.layer_name}",
-                  disable=not progress, leave=False, unit="batch"):
-        sl = slice(b, b + batch_size)
-        x = train.to_tensor(images[rows[sl]])                        # (B, 3, S, S)
-        yield sl, cam(x, np.asarray(target)[sl] if per_image else target)
+    starts = tqdm(range(0, len(rows), batch_size), desc=f"{cams[0].name} {cams[0].layer_name}",
+                  disable=not progress, leave=False, unit="batch")
+    jobs = ((slice(b, b + batch_size), train.to_tensor(images[rows[b:b + batch_size]]))   # (B, 3, S, S)
+            for b in starts)
+    yield from devices.spread(lambda c, job: (job[0], c(job[1], np.asarray(target)[job[0]] if per_image
+                                                        else target)), cams, jobs)

@@ -29,6 +29,7 @@ the CPU's.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import hashlib
@@ -79,10 +80,12 @@ class TrainConfig:
     device: str = "auto"       # auto, cpu, cuda, cuda:K or mps (citylib.devices); the key holds its kind
     processes: int = 1         # > 1: trained by that many processes with DDP, launched by torchrun
     sync_batchnorm: bool = False   # with processes > 1 on CUDA: batch norm over the global batch
+    loader_threads: int = 4    # off the CPU: threads making the next batches (speed only, not in the key)
 
     def __post_init__(self):
         check(self, epochs=">= 1", batch_size=">= 1", lr="> 0", lr_step=">= 1", lr_gamma="in (0, 1]",
-              weight_decay=">= 0", crop_jitter="in [0, 32]", threads=">= 1", processes=">= 1")
+              weight_decay=">= 0", crop_jitter="in [0, 32]", threads=">= 1", processes=">= 1",
+              loader_threads=">= 0")
         devices.validate(self)
 
 
@@ -282,19 +285,24 @@ def key(arch: str, seed: int, cfg: TrainConfig, data_key: str) -> str:
     """What a training's weights depend on: architecture, seed, settings (the device as its
     kind: ``cuda:1`` as ``cuda``; ``auto`` as what it finds here, ``cpu`` on a CPU-only
     machine), data and code."""
-    return config_hash(NAME, code_key(__name__), arch, int(seed), devices.keyed(cfg), data_key)
+    cfg = dataclasses.replace(devices.keyed(cfg), loader_threads=0)      # speed only
+    return config_hash(NAME, code_key(__name__), arch, int(seed), cfg, data_key)
 
 
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.ndarray,
                     y: torch.Tensor, train_idx: np.ndarray, cfg: TrainConfig,
                     gen: torch.Generator, desc: str = "train", progress: bool = True,
-                    max_steps: int | None = None) -> tuple[float, float]:
+                    max_steps: int | None = None, loader_threads: int | None = None) -> tuple[float, float]:
     """One pass over ``train_idx`` in an order drawn from ``gen``; returns (mean loss, accuracy).
 
     Under torchrun every process draws the same order and augmentation and trains on its share
     of each batch (every ``size``-th image from its rank on); its loss is the sum over its share
     times ``size`` / batch size, so that DDP's average of the gradients is the gradient of the
     whole batch's mean loss, as in one process, however the batch divides.
+
+    Off the CPU ``cfg.loader_threads`` helper threads make the next batches meanwhile (on the
+    CPU none: they would take the training's cores), unless ``loader_threads`` says otherwise;
+    the results are the same.
     """
     model.train()
     device = _device_of(model)
@@ -303,32 +311,65 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.nda
     starts = range(0, len(order), cfg.batch_size)
     if max_steps is not None:
         starts = starts[:max_steps]
-    loss_sum, correct, seen = 0.0, 0, 0
+    # running sums stay on the device (float64: the same sums as Python floats), read once a
+    # second for the bar: a read per step would make the CPU wait for the GPU every step
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen, shown = 0, time.monotonic()
     bar = tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch")
-    for b in bar:
-        batch = order[b:b + cfg.batch_size]              # (B,) indices into the cache
-        mine = slice(rank, None, size)                   # this process's share (all of it alone)
-        x = _to(to_tensor(augment(images[batch], cfg, gen)[mine]), device)  # (b, 3, S, S) float
-        target = _to(y[torch.from_numpy(batch[mine])], device)              # (b,)
+    threads = (0 if device.type == "cpu" else cfg.loader_threads) if loader_threads is None else loader_threads
+    for batch, x, target in batches(images, y, order, bar, cfg, gen, device, threads):
         with devices.autocast(device):
             logits = model(x)                                                # (b, C)
         if size == 1:
             loss = F.cross_entropy(logits.float(), target)
-            summed = loss.item() * len(batch)
+            summed = loss.detach().double() * len(batch)
         else:
             loss = F.cross_entropy(logits.float(), target, reduction="sum")
-            summed = loss.item()
+            summed = loss.detach().double()
             loss = loss * (size / len(batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss_sum += summed
-        correct += (logits.argmax(1) == target).sum().item()
+        correct += (logits.argmax(1) == target).sum()
         seen += len(target)
-        bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}",
-                        refresh=False)
-    loss_sum, correct, seen = distributed.total(loss_sum, correct, seen)
+        if progress and time.monotonic() - shown > 1.0:
+            shown = time.monotonic()
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                            refresh=False)
+    loss_sum, correct, seen = distributed.total(loss_sum.item(), correct.item(), seen)
     return loss_sum / seen, correct / seen
+
+
+def batches(images: np.ndarray, y: torch.Tensor, order: np.ndarray, starts, cfg: TrainConfig,
+            gen: torch.Generator, device: torch.device, threads: int = 0):
+    """(cache rows (B,), inputs (b, 3, S, S), targets (b,)) of the batches of ``order`` that
+    begin at ``starts``, this process's share of each on ``device``: read from the store,
+    augmented, made float, copied. With ``threads`` > 0 that many helper threads make the next
+    batches while the caller trains on this one (up to 2 x threads ahead); the random draws are
+    made here, in order, so the batches are the same either way."""
+    rank, size = distributed.world()
+    jobs = ((order[b:b + cfg.batch_size], cfg.crop_jitter) for b in starts)
+    jobs = ((rows, p, _draw(len(rows), cfg, gen), images, y, slice(rank, None, size), device)
+            for rows, p in jobs)
+    if threads <= 0:
+        yield from map(_batch, jobs)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            pending.append(pool.submit(_batch, job))
+            if len(pending) > 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _batch(job) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    rows, p, draws, images, y, mine, device = job
+    x = _to(to_tensor(_augmented(images[rows], p, draws)[mine]), device)   # (b, 3, S, S) float
+    return rows, x, _to(y[torch.from_numpy(rows[mine])], device)           # (b,)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -347,12 +388,25 @@ def augment(images: np.ndarray, cfg: TrainConfig, gen: torch.Generator) -> np.nd
     Translation: reflect-pad by ``crop_jitter`` pixels, then crop S x S at a random offset
     (reflection adds no artificial edges the network could learn from).
     """
-    B, H, W, _ = images.shape
+    return _augmented(images, cfg.crop_jitter, _draw(len(images), cfg, gen))
+
+
+def _draw(n: int, cfg: TrainConfig, gen: torch.Generator) -> tuple | None:
+    """The random part of ``augment`` for a batch of ``n``: (dy, dx, flip), or None (none)."""
     p = cfg.crop_jitter
     if p == 0 and not cfg.flip:
+        return None
+    dy, dx = torch.randint(0, 2 * p + 1, (2, n), generator=gen).tolist()       # offsets in [0, 2p]
+    flip = (torch.rand(n, generator=gen) < 0.5).tolist() if cfg.flip else [False] * n
+    return dy, dx, flip
+
+
+def _augmented(images: np.ndarray, p: int, draws: tuple | None) -> np.ndarray:
+    """``augment``'s pixel work, with its random draws given."""
+    if draws is None:
         return images
-    dy, dx = torch.randint(0, 2 * p + 1, (2, B), generator=gen).tolist()       # offsets in [0, 2p]
-    flip = (torch.rand(B, generator=gen) < 0.5).tolist() if cfg.flip else [False] * B
+    B, H, W, _ = images.shape
+    dy, dx, flip = draws
     padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")  # (B, H+2p, W+2p, 3)
     out = np.empty_like(images)
     for i in range(B):
@@ -389,21 +443,26 @@ def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64,
     return torch.softmax(torch.from_numpy(_logits(model, images, batch_size, rows)), 1).numpy()
 
 
-def _logits(model: nn.Module, images: np.ndarray, batch_size: int,
+def _logits(model: nn.Module | list[nn.Module], images: np.ndarray, batch_size: int,
             rows: np.ndarray | None = None) -> np.ndarray:
     """Logits (n, C) float32 of the uint8 ``images[rows]`` (default: all), on the device the
-    model is on; the images are read ``batch_size`` at a time, so a memory-mapped cache is
-    never loaded whole."""
-    was_training = model.training
-    model.eval()
-    device = _device_of(model)
+    model is on (a list: copies of it on several devices, the batches shared out in turn); the
+    images are read ``batch_size`` at a time, so a memory-mapped cache is never loaded whole."""
+    nets = model if isinstance(model, list) else [model]
+    was_training = [m.training for m in nets]
+    for m in nets:
+        m.eval()
     rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
-    out = []
-    with torch.no_grad(), devices.autocast(device):
-        for b in range(0, len(rows), batch_size):
-            batch = np.asarray(images[rows[b:b + batch_size]])                          # (B, S, S, 3)
-            out.append(model(_to(to_tensor(batch), device)).float().cpu())             # (B, C)
-    model.train(was_training)
+    batches = (np.asarray(images[rows[b:b + batch_size]]) for b in range(0, len(rows), batch_size))
+
+    def forward(net: nn.Module, batch: np.ndarray) -> torch.Tensor:                   # (B, S, S, 3)
+        device = _device_of(net)
+        with torch.no_grad(), devices.autocast(device):
+            return net(_to(to_tensor(batch), device)).float().cpu()                    # (B, C)
+
+    out = list(devices.spread(forward, nets, batches))
+    for m, mode in zip(nets, was_training):
+        m.train(mode)
     return torch.cat(out).numpy()
 
 

@@ -371,3 +371,24 @@ def test_the_analyses_device_setting_without_a_gpu(trained_run, tmp_path):
     assert not (again / gradcam.FOLDER).exists()                          # before any work
     with pytest.raises(devices.DeviceError, match="torch sees no CUDA GPU here"):
         predict.run(run_dir, [], device="cuda")
+
+
+def test_copies_on_several_devices_give_one_device_masks(trained_run, tmp_path, monkeypatch):
+    """``cuda:all`` shares the batches out among copies of the network, one per GPU; here two
+    copies on the CPU take the same path, each in its own thread."""
+    run_dir, cache = trained_run
+    cfg = gradcam.GradCAMConfig(batch_size=2, sanity_images=0, device="cpu")
+    runs = {}
+    for copies in (1, 2):
+        monkeypatch.setattr(devices, "every", lambda name, k=copies: [torch.device("cpu")] * k)
+        where = tmp_path / f"copies{copies}"
+        shutil.copytree(run_dir, where, ignore=shutil.ignore_patterns(gradcam.FOLDER))
+        runs[copies] = gradcam.run(cfg, where, cache, progress=False)
+    assert len(runs[1].index) == 6 and len(range(0, 6, cfg.batch_size)) == 3   # 3 batches over 2 copies
+    assert np.array_equal(runs[1].masks, runs[2].masks)
+    pd.testing.assert_frame_equal(runs[1].index, runs[2].index)
+    model = train.load_model(run_dir)[0]
+    rows = cache.split_indices("test")
+    assert np.array_equal(train._logits([model, copy.deepcopy(model)], cache.images, 4, rows),
+                          train._logits(model, cache.images, 4, rows))
+    assert _no_hooks(model)

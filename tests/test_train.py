@@ -62,6 +62,25 @@ def test_sync_batchnorm_on_the_cpu_is_refused_before_any_work(cache, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_batches_made_ahead_train_as_batches_made_in_turn(cache):
+    """Batches made ahead by helper threads (``train.loader_threads``, off the CPU) give the
+    same weights, loss and accuracy as batches made in turn, and draw their augmentation in the
+    same order."""
+    got = []
+    for threads in (0, 3):
+        torch.manual_seed(0)
+        model = train.models.build("simpler", len(cache.cities), SIZE)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        gen = torch.Generator().manual_seed(0)
+        y = torch.from_numpy(np.asarray(cache.y))
+        stats = [train.train_one_epoch(model, opt, cache.images, y, cache.split_indices("train"), FAST,
+                                       gen, progress=False, loader_threads=threads) for _ in range(2)]
+        got.append((stats, model.state_dict(), gen.get_state()))
+    (stats0, w0, g0), (stats1, w1, g1) = got
+    assert stats0 == stats1 and _same(w0, w1) and torch.equal(g0, g1)
+    assert stats0[0] != stats0[1]                                          # it trained
+
+
 def test_a_snapshot_is_a_copy_on_the_cpu():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters())
