@@ -202,6 +202,15 @@ class ResultFolder:
         return marker
 
 
+class LockError(OSError):
+    """The file system of a lock file has no ``flock`` locks."""
+
+    def __init__(self, path: Path, cause: OSError):
+        super().__init__(cause.errno, f"{path}: cannot lock it ({cause.strerror}); put the outputs "
+                                      "folder on a file system with flock locks (local disk, NFSv4, "
+                                      "Lustre mounted with -o flock, GPFS)")
+
+
 @contextlib.contextmanager
 def exclusive(lock: str | os.PathLike, what: str, quiet: bool = False) -> Iterator[None]:
     """Hold the kernel lock (``flock``) on the file ``lock`` while building ``what``: another
@@ -218,11 +227,14 @@ def exclusive(lock: str | os.PathLike, what: str, quiet: bool = False) -> Iterat
         return
     with fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            if not quiet:
-                print(f"waiting for another process building {what}", file=sys.stderr, flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not quiet:
+                    print(f"waiting for another process building {what}", file=sys.stderr, flush=True)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as e:   # ENOLCK, ENOSYS: a file system without flock (Lustre's noflock)
+            raise LockError(lock, e) from None
         try:
             yield
         finally:

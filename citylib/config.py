@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import types
 import typing
@@ -20,6 +21,15 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A parameter file or a settings dict is wrong; the message names the key and the source."""
+
+
+def cores() -> int:
+    """The cores this process may use: those the scheduler gave it (a Slurm job's
+    ``--cpus-per-task``, ``taskset``), not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):       # not Linux
+        return os.cpu_count() or 1
 
 
 def _check(value: Any, tp: Any, key: str, where: str) -> Any:

@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from citylib.artifacts import code_key, exclusive, read_json, write_csv, write_json
-from citylib.config import config_hash
+from citylib.config import config_hash, cores
 
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B")
 INDEX_COLUMNS = ["path", "city", "group", "view", "label_path", "split"]
@@ -172,7 +172,7 @@ def build_cache(records: pd.DataFrame, image_size: int, root: str | os.PathLike,
                 workers: int | None = None, progress: bool = True) -> Path:
     """Build (or reuse) the cache of ``records`` under ``root``; returns its folder.
 
-    ``workers`` processes (default: one per core) decode and resize a chunk of rows each and
+    ``workers`` processes (default: one per core this process may use) decode and resize a chunk of rows each and
     write it straight into the memory-mapped arrays, so no process ever holds more than a chunk
     of pixels. The build goes on in ``<root>/.<key>.building/``, which records every finished
     chunk: an interrupted build resumes where it stopped. Another process building the same
@@ -192,8 +192,7 @@ def build_cache(records: pd.DataFrame, image_size: int, root: str | os.PathLike,
         if folder.exists():                  # built by the process we waited for
             return folder
         work = root / f".{key}.building"     # hidden: never taken for a finished cache
-        has, sizes = _write_arrays(records, image_size, work, pixels, root,
-                                   workers or os.cpu_count() or 1, progress)
+        has, sizes = _write_arrays(records, image_size, work, pixels, root, workers or cores(), progress)
         index = records.assign(has_labels=has, width=sizes[:, 0], height=sizes[:, 1])
         write_csv(work / "index.csv", index)
         write_json(work / "meta.json", {
@@ -223,7 +222,7 @@ def _write_arrays(records, size, work, pixels, root, workers, progress):
                 shutil.copyfile(twin / name, work / name)
         old = pd.read_csv(twin / "index.csv", usecols=["has_labels", "width", "height"])
         return old["has_labels"].to_numpy(bool), old[["width", "height"]].to_numpy(np.int64)
-    chunk = _chunk_rows(n, workers)
+    chunk = _chunk_rows(n)
     starts = list(range(0, n, chunk))
     done = _open_work(work, n, size, len(starts))                   # (chunks,) bool, on disk
     todo = [s for c, s in enumerate(starts) if not done[c]]
@@ -242,10 +241,12 @@ def _write_arrays(records, size, work, pixels, root, workers, progress):
     return has, sizes
 
 
-def _chunk_rows(n: int, workers: int) -> int:
-    """Rows per chunk: enough chunks to share out evenly and resume finely, few enough that a
-    worker's start and the bookkeeping cost nothing; results do not depend on it."""
-    return int(min(256, max(8, -(-n // (8 * workers)))))
+def _chunk_rows(n: int) -> int:
+    """Rows per chunk: at least 64 chunks (shared out evenly among up to 16 workers, resumed
+    finely), each of 8 to 256 rows (a worker's start and the bookkeeping cost nothing). It
+    depends on ``n`` alone, so a build resumed with other workers (another machine, another
+    ``workers``) finds its chunks where it left them."""
+    return int(min(256, max(8, -(-n // 64))))
 
 
 def _open_work(work: Path, n: int, size: int, chunks: int) -> np.ndarray:

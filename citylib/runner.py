@@ -157,12 +157,13 @@ class Busy(ValueError):
     """Another ``citylib run`` is running one of these runs on the same outputs folder."""
 
 
-LOCKS = ".citylib-run"   # the outputs' lock files: one per run, one per stage the runs share
+LOCKS = ".citylib-run"   # the outputs' lock files: runs/<run>.lock, and stages/<stage>.lock for
+#                          the stages the runs share (apart: a run may be called "data")
 
 
 @contextlib.contextmanager
 def _lock(out: Path, names) -> None:
-    """Hold ``out/.citylib-run/<run>.lock`` for every run asked for: a second ``citylib run`` of
+    """Hold ``out/.citylib-run/runs/<run>.lock`` for every run asked for: a second ``citylib run`` of
     one of them on the same outputs stops at once and says who holds it, while runs of other
     runs (``--only``: one job per run on a cluster) go on side by side. The locks are the
     kernel's (``flock``), so a killed runner never leaves a stale one."""
@@ -177,7 +178,7 @@ def _hold(out: Path, name: str):
     import fcntl
     import json
 
-    path = out / LOCKS / f"{name}.lock"
+    path = out / LOCKS / "runs" / f"{name}.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")
@@ -189,7 +190,7 @@ def _hold(out: Path, name: str):
     with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             fh.seek(0)
             try:
                 holder = json.loads(fh.read() or "{}")
@@ -197,6 +198,8 @@ def _hold(out: Path, name: str):
                 holder = {}
             raise Busy(f"{out}: another citylib run is running {name} here (pid {holder.get('pid', '?')}, "
                        f"started {holder.get('started', '?')}); wait for it, or give another --outputs") from None
+        except OSError as e:   # ENOLCK, ENOSYS: a file system without flock (Lustre's noflock)
+            raise artifacts.LockError(path, e) from None
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
@@ -210,7 +213,7 @@ def _hold(out: Path, name: str):
 def _shared(out: Path, stage: str):
     """The lock of a stage the runs share (the data, the comparison): a runner that finds another
     one making it waits, then finds it made and skips it."""
-    return artifacts.exclusive(out / LOCKS / f"{stage}.lock", f"{out / stage}")
+    return artifacts.exclusive(out / LOCKS / "stages" / f"{stage}.lock", f"{out / stage}")
 
 
 @contextlib.contextmanager
@@ -277,11 +280,13 @@ def _run(by_name: dict, everything: dict, job: _Job, jobs: int, cores: int) -> R
             _write_config(out / "runs" / name / "config.json", cfg)
             runs[name] = (cfg, file, keys[name])
         finished = _schedule(runs, job, cores, max(1, cores // jobs), progress)
-        # the grid compares every finished run of these files, also those left out by --only
-        finished += [n for n in everything if n not in by_name and n in keys
-                     and _is_done(out / "runs" / n, keys[n], job.notebooks)]
-        result.finished[:] = [n for n in everything if n in finished]
         with _shared(out, "comparison"):
+            # the grid compares every finished run of these files, also those left out by
+            # --only: found done once the lock is held, so a runner that waited for another
+            # never writes a comparison of fewer runs over the other's
+            finished += [n for n in everything if n not in by_name and n in keys
+                         and _is_done(out / "runs" / n, keys[n], job.notebooks)]
+            result.finished[:] = [n for n in everything if n in finished]
             _compare(job, everything, [n for n in everything if n in finished], progress)
     except KeyboardInterrupt:          # the summary says what finished, then the caller says why
         result.interrupted = True

@@ -133,7 +133,8 @@ def cascade(model: nn.Module, images: np.ndarray, target: np.ndarray, method: st
     rand = copy.deepcopy(model)
     boot = dict(n_boot=n_boot, level=level, seed=seed)
     rows = [_summary(0, "none (trained)", spearman_rows(base, base), **boot)]
-    with torch.random.fork_rng(devices=[]):
+    device = train._device_of(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # left as found
         steps = cascade_steps(rand)
         for k, (name, modules) in enumerate(tqdm(steps, desc="cascade", disable=not progress,
                                                  leave=False, unit="layer"), 1):

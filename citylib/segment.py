@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from citylib import paths
 from citylib.artifacts import atomic_dir, atomic_path, code_key, read_json, write_json
 from citylib.imagecache import Cache, prepare
-from citylib.config import check, config_hash
+from citylib.config import check, config_hash, cores
 
 MODEL_FILE = "deeplabv3_mobilenetv2_ade20k.tflite"
 MODEL_SIZE = 513  # the model's fixed input side
@@ -186,7 +186,7 @@ def run(cfg: SegmentConfig, out: str | os.PathLike | None, cache: Cache, *,
     todo = rows[~_read_done(folder, n)[rows]]
     if todo.size:
         files = cache.index["path"].to_numpy(str)
-        workers = cfg.workers or os.cpu_count() or 1
+        workers = cfg.workers or cores()
         # several workers: parts small enough that every worker is busy to the end
         chunk = CHUNK if workers <= 1 else max(1, min(CHUNK, -(-todo.size // (4 * workers))))
         parts = [todo[s:s + chunk] for s in range(0, todo.size, chunk)]
@@ -214,7 +214,7 @@ def _segmented(parts: list[np.ndarray], files: np.ndarray, size: int, model: Pat
         try:
             futures = {pool.submit(_segment_in_worker, list(files[part]), size): part for part in parts}
             for future in as_completed(futures):
-                yield futures[future], future.result()
+                yield futures.pop(future), future.result()   # the map is saved, then freed
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

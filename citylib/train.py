@@ -311,10 +311,12 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.nda
     starts = range(0, len(order), cfg.batch_size)
     if max_steps is not None:
         starts = starts[:max_steps]
-    # running sums stay on the device (float64: the same sums as Python floats), read once a
-    # second for the bar: a read per step would make the CPU wait for the GPU every step
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    # running sums in float64 (the same sums as Python floats), kept on a CUDA GPU and read once
+    # a second for the bar: a read per step would make the CPU wait for the GPU every step
+    # (elsewhere on the CPU: MPS has no float64)
+    sums = device if device.type == "cuda" else torch.device("cpu")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=sums)
+    correct = torch.zeros((), dtype=torch.int64, device=sums)
     seen, shown = 0, time.monotonic()
     bar = tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch")
     threads = (0 if device.type == "cpu" else cfg.loader_threads) if loader_threads is None else loader_threads
@@ -323,16 +325,16 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.nda
             logits = model(x)                                                # (b, C)
         if size == 1:
             loss = F.cross_entropy(logits.float(), target)
-            summed = loss.detach().double() * len(batch)
+            summed = loss.detach().to(sums).double() * len(batch)
         else:
             loss = F.cross_entropy(logits.float(), target, reduction="sum")
-            summed = loss.detach().double()
+            summed = loss.detach().to(sums).double()
             loss = loss * (size / len(batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss_sum += summed
-        correct += (logits.argmax(1) == target).sum()
+        correct += (logits.argmax(1) == target).sum().to(sums)
         seen += len(target)
         if progress and time.monotonic() - shown > 1.0:
             shown = time.monotonic()

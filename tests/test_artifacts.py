@@ -88,3 +88,16 @@ def test_atomic_dir_all_or_nothing(tmp_path):
     assert [p.name for p in target.iterdir()] == ["whole"]
     with artifacts.atomic_dir(target) as tmp:                      # already there: kept as is
         assert tmp is None
+
+
+def test_a_file_system_without_flock_is_a_one_line_error(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(artifacts.LockError, match=r"x\.lock: cannot lock it \(No locks available\); put the outputs"):
+        with artifacts.exclusive(tmp_path / "x.lock", "x"):
+            pass

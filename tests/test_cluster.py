@@ -3,7 +3,7 @@ folder, then one ``citylib run`` that finds every run done and writes the compar
 
 Two runners start together on a fresh outputs folder: the data stage (the generated world, the
 image store) is made by one of them while the other waits, then reused; each trains and analyses
-its own run. A runner of a run that another runner is running is refused.
+its own run. (A runner of a run that another runner is running is refused: ``test_runner``.)
 """
 from __future__ import annotations
 
@@ -58,3 +58,5 @@ def test_two_only_runs_share_one_outputs_folder(tmp_path):
     summary = pd.read_csv(out / "runs" / "summary.csv")
     assert summary["status"].tolist() == ["done", "done"]
     assert (out / "comparison" / "06_comparison.ipynb").is_file()
+    ar = pd.read_csv(out / "comparison" / "ar.csv")
+    assert set(ar["run_a"]) | set(ar["run_b"]) == {"a", "b"}                 # both compared

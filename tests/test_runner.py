@@ -262,8 +262,8 @@ def test_a_second_run_on_the_same_outputs_says_who_holds_it(tmp_path, capsys):
     import json
 
     out = tmp_path / "out"
-    (out / runner.LOCKS).mkdir(parents=True)
-    with open(out / runner.LOCKS / "simple_seed0.lock", "w") as fh:   # this run in progress
+    (out / runner.LOCKS / "runs").mkdir(parents=True)
+    with open(out / runner.LOCKS / "runs" / "simple_seed0.lock", "w") as fh:   # this run in progress
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fh.write(json.dumps({"pid": 4242, "started": "2026-12-02 07:00:00"}))
         fh.flush()

@@ -73,7 +73,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     rec = records(tmp_path / "src", 200)
     whole = imagecache.load_cache(imagecache.build_cache(rec, 16, tmp_path / "whole", workers=1,
                                                          progress=False))
-    chunk = imagecache._chunk_rows(200, 1)
+    chunk = imagecache._chunk_rows(200)
     decode, calls = imagecache.prepare, []
 
     def failing(*args):
@@ -89,12 +89,34 @@ def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert not (root / whole.key).exists()        # nothing half-made is taken for a store
     assert (root / f".{whole.key}.building").is_dir()
     calls.clear()
-    monkeypatch.setattr(imagecache, "prepare", decode)
     monkeypatch.setattr(imagecache, "prepare", lambda *a: calls.append(a[0]) or decode(*a))
     resumed = imagecache.load_cache(imagecache.build_cache(rec, 16, root, workers=1, progress=False))
     assert len(calls) == 200 - 2 * chunk          # the third chunk again, not the first two
     assert same(resumed, whole)
     assert not (root / f".{whole.key}.building").exists()
+
+
+def test_a_build_resumed_with_other_workers_finds_its_chunks(tmp_path, monkeypatch):
+    """Cut with one worker, resumed with two (another machine): the chunks are the same."""
+    # 4000 rows: as many chunks of 256 rows (1 worker) as of 250 (2) when chunks followed workers
+    rec = records(tmp_path / "src", 4000, distinct=20)
+    whole = imagecache.load_cache(imagecache.build_cache(rec, 8, tmp_path / "whole", workers=2,
+                                                         progress=False))
+    decode, calls = imagecache.prepare, []
+
+    def failing(*args):
+        calls.append(args[0])
+        if len(calls) > 1000:
+            raise Stop
+        return decode(*args)
+
+    monkeypatch.setattr(imagecache, "prepare", failing)
+    with pytest.raises(Stop):
+        imagecache.build_cache(rec, 8, tmp_path / "cut", workers=1, progress=False)
+    monkeypatch.setattr(imagecache, "prepare", decode)
+    resumed = imagecache.load_cache(imagecache.build_cache(rec, 8, tmp_path / "cut", workers=2, progress=False))
+    assert same(resumed, whole)
+    assert (resumed.index["width"] > 0).all()        # every row decoded, none left as zeros
 
 
 def test_a_build_cut_while_its_arrays_were_made_starts_again(tmp_path):
@@ -108,21 +130,29 @@ def test_a_build_cut_while_its_arrays_were_made_starts_again(tmp_path):
                                                                   progress=False)))
 
 
-def _build(args):
-    rec, size, root = args
+def _build(rec, size, root, start, results):
     calls = []
     decode = imagecache.prepare
     imagecache.prepare = lambda *a: calls.append(a[0]) or decode(*a)
+    start.wait()                                    # both ask at the same moment
     folder = imagecache.build_cache(rec, size, root, workers=1, progress=False)
-    return str(folder), len(calls)
+    results.put((str(folder), len(calls)))
 
 
-def test_two_processes_asking_at_once_build_the_store_once(tmp_path):
+def test_two_processes_asking_at_once_build_the_store_once(tmp_path, capfd):
     rec = records(tmp_path / "src", 400)
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        got = pool.map(_build, [(rec, 24, tmp_path / "c")] * 2)
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(2), context.Queue()
+    procs = [context.Process(target=_build, args=(rec, 24, tmp_path / "c", start, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
     assert got[0][0] == got[1][0]
     assert sorted(n for _, n in got) == [0, 400]   # one decoded every row, the other reused them
+    assert "waiting for another process building the image cache" in capfd.readouterr().err
 
 
 # ---------------------------------------------------------------- training with little memory
@@ -137,7 +167,7 @@ def test_training_reads_a_store_four_times_larger_than_its_memory(tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["store_bytes"] >= 4 * got["allowed_bytes"]
+    assert got["images_npy_bytes"] >= 4 * got["allowed_bytes"]    # the file, as the build wrote it
     assert got["trained"] and got["test_rows"] == LOW_RAM_ROWS // 10
     assert got["whole_load"] == "MemoryError"      # the limit holds: the store loaded whole fails
 
@@ -179,7 +209,8 @@ def _limited_training(folder: Path) -> dict:
         whole = "loaded"
     except MemoryError:
         whole = "MemoryError"
-    return {"store_bytes": store, "allowed_bytes": allowed, "private_at_start": private,
+    return {"images_npy_bytes": (cache.folder / "images.npy").stat().st_size, "allowed_bytes": allowed,
+            "private_at_start": private,
             "trained": result.finished,
             "test_rows": len(pd.read_csv(folder / "run" / "predictions.csv")), "whole_load": whole}
 
