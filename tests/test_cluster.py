@@ -59,4 +59,4 @@ def test_two_only_runs_share_one_outputs_folder(tmp_path):
     assert summary["status"].tolist() == ["done", "done"]
     assert (out / "comparison" / "06_comparison.ipynb").is_file()
     ar = pd.read_csv(out / "comparison" / "ar.csv")
-    assert set(ar["run_a"]) | set(ar["run_b"]) == {"a", "b"}                 # both compared
+    assert {"a", "b"} <= set(ar["run_a"]) | set(ar["run_b"])                  # both compared
