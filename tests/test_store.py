@@ -96,6 +96,42 @@ def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert not (root / f".{whole.key}.building").exists()
 
 
+KILLED_BUILD = """
+import os, signal, sys
+import pandas as pd
+from citylib import imagecache
+decode, calls = imagecache.prepare, []
+def dying(*args):                      # killed outright after 30 images: no cleanup runs
+    calls.append(1)
+    if len(calls) > 30:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return decode(*args)
+imagecache.prepare = dying
+imagecache.build_cache(pd.read_csv(sys.argv[1], keep_default_na=False), 16, sys.argv[2], workers=1,
+                       progress=False)
+"""
+
+
+def test_a_build_killed_outright_resumes(tmp_path, monkeypatch):
+    """SIGKILL (the out-of-memory killer, a scheduler's hard stop) in the middle of a chunk."""
+    rec = records(tmp_path / "src", 200)
+    rec.to_csv(tmp_path / "records.csv", index=False)
+    proc = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(tmp_path / "records.csv"),
+                           str(tmp_path / "cut")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    key, _ = imagecache.cache_keys(rec, 16)
+    assert (tmp_path / "cut" / f".{key}.building").is_dir() and not (tmp_path / "cut" / key).exists()
+    decode, calls = imagecache.prepare, []
+    monkeypatch.setattr(imagecache, "prepare", lambda *a: calls.append(a[0]) or decode(*a))
+    resumed = imagecache.load_cache(imagecache.build_cache(rec, 16, tmp_path / "cut", workers=1,
+                                                           progress=False))
+    chunk = imagecache._chunk_rows(200)
+    assert len(calls) == 200 - (30 // chunk) * chunk                # the finished chunks were kept
+    whole = imagecache.load_cache(imagecache.build_cache(rec, 16, tmp_path / "whole", workers=1,
+                                                         progress=False))
+    assert same(resumed, whole)
+
+
 def test_a_build_resumed_with_other_workers_finds_its_chunks(tmp_path, monkeypatch):
     """Cut with one worker, resumed with two (another machine): the chunks are the same."""
     # 4000 rows: as many chunks of 256 rows (1 worker) as of 250 (2) when chunks followed workers
