@@ -5,7 +5,7 @@ Reads nothing else; writes (or reuses) ``--images`` JPEGs of ``--src-size`` px a
 (a) decode every epoch: PIL open + RGB + shorter-side resize and centre crop per image, then
 batches to float tensors; (b) the cache: gather a shuffled batch from the memory-mapped
 ``images.npy`` into float tensors, as training does. Also times building the cache with one
-and two threads and the reuse of a finished run.
+and two worker processes and the reuse of a finished run.
 
     python benchmarks/bench_data.py [--images 600] [--src-size 128] [--size 96] [--epochs 3]
 """
@@ -66,7 +66,7 @@ def decode_epoch(paths: list[str], size: int, batch: int, rng) -> int:
         for i in order[b:b + batch]:
             im = imagecache.open_rgb(paths[i])
             arrays.append(np.asarray(im.resize((size, size), Image.Resampling.BICUBIC,
-                                               box=cache._square_box(*im.size))))
+                                               box=imagecache._square_box(*im.size))))
         to_float(np.stack(arrays))  # (B, 3, S, S)
     return len(order)
 
@@ -118,8 +118,8 @@ def main(args) -> None:
     print(f"{'loader':<34}{'images/s':>12}{'ratio':>9}")
     print(f"{'decode every epoch (PIL)':<34}{decode:>12,.0f}{1.0:>9.1f}")
     print(f"{'cache (mmap gather -> float)':<34}{cached:>12,.0f}{cached / decode:>9.1f}")
-    print(f"{'cache build, 1 thread':<34}{builds[1]:>12,.0f}")
-    print(f"{'cache build, 2 threads':<34}{builds[2]:>12,.0f}{builds[2] / builds[1]:>9.1f}")
+    print(f"{'store build, 1 worker process':<34}{builds[1]:>12,.0f}")
+    print(f"{'store build, 2 worker processes':<34}{builds[2]:>12,.0f}{builds[2] / builds[1]:>9.1f}")
     print(f"data.run first: {first:.2f} s (validate + split + cache); rerun (reused): {rerun:.3f} s")
 
 
