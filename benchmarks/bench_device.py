@@ -173,7 +173,7 @@ def main(args) -> None:
         import bench_segment
 
         cores = os.cpu_count() or 1
-        print(f"\nthe ADE20K segmenter (segment.run), one worker against one per core:")
+        print("\nthe ADE20K segmenter (segment.run), one worker against one per core:")
         bench_segment.main(bench_segment.get_args_parser().parse_args(
             ["--images", str(args.segment_images), "--size", str(args.size), "--settings", "1x1", f"{cores}x1"]))
 

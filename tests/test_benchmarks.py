@@ -36,6 +36,34 @@ def test_every_citylib_name_a_benchmark_uses_exists(script):
     assert not missing, f"{script.name} uses names citylib no longer has: {', '.join(missing)}"
 
 
+def test_no_script_uses_an_undefined_name():
+    """A name a script never defines (a module renamed away, a typo) fails only when that line
+    runs, minutes into a benchmark; pyflakes finds it without running anything."""
+    from pyflakes.api import checkPath
+    from pyflakes.reporter import Reporter
+
+    files = [*SCRIPTS, *sorted((paths.ROOT / "citylib").rglob("*.py")), *sorted((paths.ROOT / "tests").glob("*.py"))]
+    found = []
+
+    class Collect(Reporter):
+        def __init__(self):
+            pass
+
+        def flake(self, message):
+            if "undefined name" in str(message):
+                found.append(str(message))
+
+        def syntaxError(self, filename, msg, lineno, offset, text):
+            found.append(f"{filename}:{lineno}: {msg}")
+
+        def unexpectedError(self, filename, msg):
+            found.append(f"{filename}: {msg}")
+
+    for f in files:
+        checkPath(str(f), Collect())
+    assert len(files) > 60 and not found, "\n".join(found)
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_every_benchmark_parses_its_help(script):
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,

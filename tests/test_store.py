@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import os
 import resource
 import subprocess
 import sys
