@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 
 @contextlib.contextmanager
@@ -212,10 +212,12 @@ class LockError(OSError):
 
 
 @contextlib.contextmanager
-def exclusive(lock: str | os.PathLike, what: str, quiet: bool = False) -> Iterator[None]:
-    """Hold the kernel lock (``flock``) on the file ``lock`` while building ``what``: another
-    process building the same thing waits for it (saying so once) and then finds it made. A
-    killed holder never leaves a stale lock."""
+def flocked(lock: str | os.PathLike, on_busy=None) -> Iterator[IO | None]:
+    """The file ``lock`` (made if needed) open and held with the kernel's exclusive lock
+    (``flock``), so a killed holder never leaves a stale one. When another process holds it,
+    ``on_busy(file)`` is called first (it may raise to give up), then this waits. Yields None,
+    holding nothing, where the folder cannot be written; LockError where the file system has
+    no ``flock``."""
     lock = Path(lock)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -223,22 +225,33 @@ def exclusive(lock: str | os.PathLike, what: str, quiet: bool = False) -> Iterat
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        yield          # a folder this process cannot write: nothing can be built there to guard
+        yield None     # a folder this process cannot write: nothing can be built there to guard
         return
     with fh:
         try:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if not quiet:
-                    print(f"waiting for another process building {what}", file=sys.stderr, flush=True)
+                if on_busy is not None:
+                    on_busy(fh)
                 fcntl.flock(fh, fcntl.LOCK_EX)
         except OSError as e:   # ENOLCK, ENOSYS: a file system without flock (Lustre's noflock)
             raise LockError(lock, e) from None
         try:
-            yield
+            yield fh
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike, what: str, quiet: bool = False) -> Iterator[None]:
+    """Hold ``flocked(lock)`` while building ``what``: another process building the same thing
+    waits for it (saying so once, unless ``quiet``) and then finds it made."""
+    def waiting(_):
+        print(f"waiting for another process building {what}", file=sys.stderr, flush=True)
+
+    with flocked(lock, None if quiet else waiting):
+        yield
 
 
 @contextlib.contextmanager

@@ -95,11 +95,11 @@ def replicas(model: torch.nn.Module, targets: list[torch.device]) -> list[torch.
     return [model] + [place(copy.deepcopy(model), d).eval() for d in targets[1:]]
 
 
-def spread(fn, workers: list, jobs):
+def spread(fn, workers: list, jobs, alone_here: bool = True):
     """``fn(worker, job)`` for every job, job i by worker i mod K, each worker in its own thread
     (one per device: CUDA runs them side by side), at most 2K jobs ahead; yields the results in
-    job order. One worker: here, in turn."""
-    if len(workers) == 1:
+    job order. One worker: here, in turn, unless not ``alone_here``."""
+    if len(workers) == 1 and alone_here:
         for job in jobs:
             yield fn(workers[0], job)
         return

@@ -17,7 +17,6 @@ key matches is skipped; a failing run is reported at the end and the others go o
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import signal
@@ -175,39 +174,24 @@ def _lock(out: Path, names) -> None:
 
 @contextlib.contextmanager
 def _hold(out: Path, name: str):
-    import fcntl
     import json
 
-    path = out / LOCKS / "runs" / f"{name}.lock"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+")
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        yield          # a folder this process cannot write: a rerun with nothing to do still works
-        return
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            try:
-                holder = json.loads(fh.read() or "{}")
-            except ValueError:
-                holder = {}
-            raise Busy(f"{out}: another citylib run is running {name} here (pid {holder.get('pid', '?')}, "
-                       f"started {holder.get('started', '?')}); wait for it, or give another --outputs") from None
-        except OSError as e:   # ENOLCK, ENOSYS: a file system without flock (Lustre's noflock)
-            raise artifacts.LockError(path, e) from None
+    def refuse(fh):
         fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        fh.flush()
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            holder = json.loads(fh.read() or "{}")
+        except ValueError:
+            holder = {}
+        raise Busy(f"{out}: another citylib run is running {name} here (pid {holder.get('pid', '?')}, "
+                   f"started {holder.get('started', '?')}); wait for it, or give another --outputs")
+
+    with artifacts.flocked(out / LOCKS / "runs" / f"{name}.lock", refuse) as fh:
+        if fh is not None:   # None: a read-only folder, where a rerun with nothing to do still works
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            fh.flush()
+        yield
 
 
 def _shared(out: Path, stage: str):

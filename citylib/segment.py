@@ -25,8 +25,6 @@ segmented stay 0 in ``labels`` and False in ``done``.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import multiprocessing
 import os
@@ -39,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from citylib import paths
-from citylib.artifacts import atomic_dir, atomic_path, code_key, read_json, write_json
+from citylib.artifacts import atomic_dir, atomic_path, code_key, exclusive, read_json, write_json
 from citylib.imagecache import Cache, prepare
 from citylib.config import check, config_hash, cores
 
@@ -275,21 +273,10 @@ def _read_done(folder: Path, n: int) -> np.ndarray:
     return done
 
 
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """An exclusive lock on the folder, so that two processes never lose each other's rows."""
-    with open(folder / ".lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _save(folder: Path, rows: np.ndarray, maps: np.ndarray) -> None:
     """Write label maps of ``rows`` in place, then mark them done (labels first, so that a
     reader never sees a row done whose labels are missing)."""
-    with _locked(folder):
+    with exclusive(folder / ".lock", str(folder), quiet=True):   # no two processes lose each other's rows
         labels = np.load(folder / "labels.npy", mmap_mode="r+")
         labels[rows] = maps  # rows not yet done: no reader relies on them
         labels.flush()

@@ -29,7 +29,6 @@ the CPU's.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import hashlib
@@ -358,14 +357,7 @@ def batches(images: np.ndarray, y: torch.Tensor, order: np.ndarray, starts, cfg:
     if threads <= 0:
         yield from map(_batch, jobs)
         return
-    with ThreadPoolExecutor(threads) as pool:
-        pending: collections.deque = collections.deque()
-        for job in jobs:
-            pending.append(pool.submit(_batch, job))
-            if len(pending) > 2 * threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    yield from devices.spread(lambda _, job: _batch(job), [None] * threads, jobs, alone_here=False)
 
 
 def _batch(job) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
