@@ -92,7 +92,7 @@ def mrr_resamples(hist: stats.Histograms, cues: Mapping[str, Iterable], weights:
 
 
 def ideal_masks(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], grid: tuple[int, int],
-                names: Mapping[int, str] | None = None) -> np.ndarray:
+                names: Mapping[int, str] | None = None, batch: int = stats.BATCH) -> np.ndarray:
     """The masks of an ideal cue detector on a ``grid`` of map cells: (N, h, w) float32 in [0, 1].
 
     Cell value = the share of the cell's pixels that belong to one of the image's own city's
@@ -100,7 +100,8 @@ def ideal_masks(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], gr
     falls into an h x w Grad-CAM map), min-max normalised per image by ``saliency.normalise``
     as a Grad-CAM mask is (an image with no cue pixel, or nothing else, gets an all-zero mask).
     Upsampled like a network's mask and counted by ``stats.Histograms``, it gives the best
-    planted-cue ranks a map of that size allows: ``ceiling``.
+    planted-cue ranks a map of that size allows: ``ceiling``. The label maps are read ``batch``
+    at a time, so only the (N, h, w) result is held whole.
     """
     import torch
     import torch.nn.functional as F
@@ -109,13 +110,17 @@ def ideal_masks(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], gr
 
     index = {name: i for i, name in (names if names is not None else ade20k.names()).items()}
     cities = np.asarray(cities).astype(str)
-    own = np.zeros(label_maps.shape, np.float32)                         # (N, S, S) 1 = a cue pixel
-    for city, objects in cues.items():
-        ids = [index[o] for o in _names(objects)]
-        rows = np.flatnonzero(cities == city)
-        own[rows] = np.isin(label_maps[rows], ids)
-    pooled = F.adaptive_avg_pool2d(torch.from_numpy(own)[:, None], grid)[:, 0]   # (N, h, w)
-    return saliency.normalise(pooled).numpy()
+    ids = {city: [index[o] for o in _names(objects)] for city, objects in cues.items()}
+    out = np.zeros((len(label_maps), *grid), np.float32)
+    for s in range(0, len(label_maps), batch):
+        lab = np.asarray(label_maps[s:s + batch])                            # (b, S, S)
+        own = np.zeros(lab.shape, np.float32)                                # 1 = a cue pixel
+        for city, wanted in ids.items():
+            here = cities[s:s + batch] == city
+            own[here] = np.isin(lab[here], wanted)
+        pooled = F.adaptive_avg_pool2d(torch.from_numpy(own)[:, None], grid)[:, 0]   # (b, h, w)
+        out[s:s + batch] = saliency.normalise(pooled).numpy()
+    return out
 
 
 def ceiling(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], grid: tuple[int, int],

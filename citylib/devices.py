@@ -3,7 +3,7 @@
 ``auto`` (the default) is the best the machine has: the first CUDA GPU, else Apple's MPS, else
 the CPU. ``cpu``, ``cuda``, ``cuda:K`` and ``mps`` ask for one; asking for a device torch cannot
 see is an error before any work. ``cuda:all`` is the first GPU for training and, for the
-analyses' forward passes (Grad-CAM masks, the counterfactual passes), every GPU, a copy of the
+analyses' passes (Grad-CAM masks, the counterfactual passes, the method sweep), every GPU, a copy of the
 network on each and the batches shared out in turn (``replicas``, ``spread``). Reads and writes
 nothing.
 

@@ -24,6 +24,7 @@ training's, label maps' and causal result's keys and the code.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -79,20 +80,33 @@ def key(cfg: MethodsConfig, stats_cfg: stats.StatsConfig, training_key: str, lab
                        causal_key, target)
 
 
-def sweep(model: torch.nn.Module, images: np.ndarray, target, layers, methods, batch_size: int = 32,
-          fusion: bool = True) -> dict[tuple[str, str], np.ndarray]:
-    """(method, layer) -> masks (N, h, w) float32 in [0, 1] of uint8 ``images`` (N, S, S, 3);
-    ``target`` as ``BaseCAM`` takes it (None: predicted), or (N,) class indices."""
+def sweep(model: torch.nn.Module | list[torch.nn.Module], images: np.ndarray, target, layers, methods,
+          batch_size: int = 32, fusion: bool = True,
+          rows: np.ndarray | None = None) -> dict[tuple[str, str], np.ndarray]:
+    """(method, layer) -> masks (N, h, w) float32 in [0, 1] of uint8 ``images[rows]`` (N, S, S, 3;
+    all rows by default), read ``batch_size`` at a time, so a memory-mapped store is never loaded
+    whole; ``target`` as ``BaseCAM`` takes it (None: predicted), or (N,) class indices. ``model``:
+    the network, or copies of it on several devices (``devices.replicas``), the batches shared
+    out among them in turn (``devices.spread``)."""
+    nets = model if isinstance(model, list) else [model]
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows, np.int64)
+    per_image = None if target is None else np.asarray(target)
     out: dict[tuple[str, str], list] = {}
+
+    def one(probe: saliency.GradCAM, b: int) -> dict[str, np.ndarray]:        # method -> (B, h, w)
+        t = None if per_image is None else per_image[b:b + batch_size]
+        x = train.to_tensor(np.asarray(images[rows[b:b + batch_size]]))
+        act, grad, _, _ = probe.forward_backward(x, t)
+        with torch.no_grad():
+            return {m: saliency.normalise(saliency.METHODS[m].cam(act, grad).clamp_min_(0)).cpu().numpy()
+                    for m in methods}
+
     for layer in layers:
-        with saliency.GradCAM(model, model.get_submodule(layer)) as probe:
-            for b in range(0, len(images), batch_size):
-                t = None if target is None else np.asarray(target)[b:b + batch_size]
-                act, grad, _, _ = probe.forward_backward(train.to_tensor(np.asarray(images[b:b + batch_size])), t)
-                with torch.no_grad():
-                    for m in methods:
-                        cam = saliency.METHODS[m].cam(act, grad).clamp_min_(0)           # (B, h, w)
-                        out.setdefault((m, layer), []).append(saliency.normalise(cam).cpu().numpy())
+        with contextlib.ExitStack() as hooks:
+            probes = [hooks.enter_context(saliency.GradCAM(m, m.get_submodule(layer))) for m in nets]
+            for part in devices.spread(one, probes, range(0, len(rows), batch_size)):
+                for m, cam in part.items():
+                    out.setdefault((m, layer), []).append(cam)
     masks = {k: np.concatenate(v) for k, v in out.items()}
     if fusion and len(layers) > 1:
         finest = max((masks[methods[0], layer].shape[1:] for layer in layers), key=lambda s: s[0] * s[1])
@@ -233,8 +247,9 @@ def run(cfg: MethodsConfig, run_dir: str | Path, cache, planted: Mapping[str, tu
     folder.begin()
     y = np.asarray(cache.y, np.int64)[rows]
     layers = models.sweep_layers(model, cfg.layers)
-    masks = sweep(model, cache.images[rows], None if target == "predicted" else y, layers, cfg.methods,
-                  cfg.batch_size, cfg.fusion)
+    nets = devices.replicas(model, devices.every(cfg.device))     # one per device (cuda:all)
+    masks = sweep(nets, cache.images, None if target == "predicted" else y, layers, cfg.methods,
+                  cfg.batch_size, cfg.fusion, rows=rows)
     table, summary = score(masks, label_maps, np.asarray(cities)[y], planted, causal_result.table,
                            stats_cfg, cfg.top, causal_result.images, rows, cfg.n_boot, cfg.level, cfg.seed)
     summary["layers"] = list(layers) + ([FUSION] if cfg.fusion and len(layers) > 1 else [])

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from citylib import methods, models, saliency, stats, train
+from citylib import devices, methods, models, saliency, stats, train
 
 TREE, FENCE, BUILDING, ROAD, CAR = 5, 33, 2, 7, 21
 
@@ -166,3 +166,26 @@ def test_mrr_interval_resamples_spots_as_a_recount_would():
         ref = cues.recovery(again.table(ci=False), planted)[1]["planted_mrr"]
         assert mrr[b] == pytest.approx(ref, abs=1e-12), b
     assert len(set(np.round(mrr, 9))) > 1                              # the resamples differ
+
+
+def test_sweep_reads_rows_in_batches_and_spreads_over_copies_as_one_network():
+    torch.manual_seed(0)
+    model = models.build("simple", 3, 64).eval()
+    store = np.random.default_rng(1).integers(0, 256, (9, 64, 64, 3), dtype=np.uint8)
+    rows = np.array([7, 0, 4, 2, 8])
+    layers = models.sweep_layers(model)
+    alone = methods.sweep(model, store[rows], None, layers, ("gradcam", "layercam"), batch_size=2)
+    read = []
+
+    class Store(np.ndarray):                      # records what each read asks for
+        def __getitem__(self, index):
+            read.append(np.size(index))
+            return np.asarray(self.view(np.ndarray)[index])
+
+    copies = devices.replicas(model, [torch.device("cpu")] * 2)
+    spread = methods.sweep(copies, store.view(Store), None, layers, ("gradcam", "layercam"),
+                           batch_size=2, rows=rows)
+    assert max(read) <= 2                         # a batch at a time, never the whole set
+    assert alone.keys() == spread.keys()
+    for k in alone:
+        np.testing.assert_array_equal(alone[k], spread[k], err_msg=str(k))

@@ -281,6 +281,26 @@ def test_ideal_masks_pool_each_citys_own_cues_by_hand():
     assert (m[1] == 0).all() and (m[2] == 0).all()
 
 
+def test_ideal_masks_read_the_label_maps_a_batch_at_a_time_and_give_the_whole_sets_masks():
+    S = ade20k.STREET
+    rng = np.random.default_rng(0)
+    lab = rng.choice([S["road"], S["tree"], S["sky"]], (5, 8, 8)).astype(np.uint8)
+    cities, cues = ["a", "b", "a", "b", "b"], {"a": ["tree"], "b": ["sky"]}
+    whole = cues_.ideal_masks(lab, cities, cues, (4, 4), NAMES)
+    read = []
+
+    class Maps(np.ndarray):                       # records how many maps each read takes
+        def __getitem__(self, index):
+            out = np.asarray(self.view(np.ndarray)[index])
+            read.append(len(out))
+            return out
+
+    batched = cues_.ideal_masks(lab.view(Maps), cities, cues, (4, 4), NAMES, batch=2)
+    assert read and max(read) <= 2
+    np.testing.assert_array_equal(batched, whole)
+    assert not (whole == 0).all()
+
+
 def test_ceiling_tells_a_cue_finer_than_the_map():
     """8 x 8 images of city a: cue 'tree' is the 2 x 2 block at rows/cols 2-3 (inner corner of
     the top-left quadrant), 'building' the rest of that quadrant (12 px), 'road' elsewhere.
