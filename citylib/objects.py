@@ -65,7 +65,7 @@ def run(stats_cfg: stats.StatsConfig, run_dir: str | Path, cache, planted: Mappi
     labels_key = segment.key(segment_cfg, cache, rows)
     folder = ResultFolder(run_dir, NAME, key(stats_cfg, labels_key, cams.meta["key"], planted))
     seg = segment.run(segment_cfg, segment_dir, cache, rows=rows, progress=progress)
-    label_maps = np.asarray(seg.labels[rows])                         # (n, S, S) uint8
+    label_maps = seg.of(rows)                         # (n, S, S) uint8
     if folder.done() is not None:
         return _load(run_dir, stats_cfg, seg.segmenter, rows, label_maps, planted)
 

@@ -73,6 +73,30 @@ class SegmentResult:
     done: np.ndarray  # (N,) bool: rows that hold a label map
     reused: bool  # True when nothing had to be segmented
 
+    def of(self, rows) -> "Rows":
+        """The label maps of ``rows``, read from the store only as they are asked for."""
+        return Rows(self.labels, rows)
+
+
+class Rows:
+    """Rows ``rows`` of an array, e.g. a memory-mapped store, read lazily: ``view[a:b]`` and
+    ``view[i]`` read only those rows, so a large test set's label maps are never held whole;
+    ``np.asarray(view)`` reads them all."""
+
+    def __init__(self, base: np.ndarray, rows):
+        self.base, self.rows = base, np.asarray(rows, np.int64)
+        self.shape = (len(self.rows), *base.shape[1:])
+        self.ndim, self.dtype = len(self.shape), base.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self.base[self.rows[index]])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self.base[self.rows], dtype)
+
 
 # ---------------------------------------------------------------- the model
 

@@ -172,3 +172,21 @@ def test_worker_processes_label_as_one_process(tmp_path):
     assert two.done.all() and one.folder.name == two.folder.name    # the same key: speed only
     assert np.array_equal(np.asarray(one.labels), np.asarray(two.labels))
     assert len(np.unique(np.asarray(two.labels))) > 3                # real maps, not zeros
+
+
+def test_rows_view_reads_only_the_rows_asked_for():
+    base = np.arange(6 * 2 * 2, dtype=np.uint8).reshape(6, 2, 2)
+    read = []
+
+    class Store(np.ndarray):                      # records what each read asks for
+        def __getitem__(self, index):
+            read.append(np.size(index))
+            return np.asarray(self.view(np.ndarray)[index])
+
+    rows = np.array([4, 0, 5, 2])
+    view = segment.SegmentResult(base.view(Store), "ground_truth", Path("."), np.ones(6, bool), True).of(rows)
+    assert len(view) == 4 and view.shape == (4, 2, 2) and view.ndim == 3 and view.dtype == np.uint8
+    np.testing.assert_array_equal(view[1:3], base[[0, 5]])
+    np.testing.assert_array_equal(view[3], base[2])
+    assert read == [2, 1]
+    np.testing.assert_array_equal(np.asarray(view), base[rows])
