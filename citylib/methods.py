@@ -236,7 +236,7 @@ def run(cfg: MethodsConfig, run_dir: str | Path, cache, planted: Mapping[str, tu
     rows = cache.split_indices("test")
     labels_key = segment.key(segment_cfg, cache, rows)
     seg = segment.run(segment_cfg, segment_dir, cache, rows=rows, progress=progress)
-    label_maps = seg.of(rows)                     # (n, S, S) uint8
+    label_maps = seg.of(rows)                                     # (n, S, S) uint8, read lazily
     model, cities, config = train.load_model(run_dir, device=cfg.device)
     train.check_data(run_dir, config, cache)
     trained = ResultFolder(run_dir, train.NAME).finished()

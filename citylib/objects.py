@@ -37,7 +37,7 @@ class ObjectsResult:
     histograms: stats.Histograms   # for other thresholds, instantly
     segmenter: str                 # 'ground_truth' or 'ade20k'
     rows: np.ndarray               # (n_test,) cache rows of the test images, as the masks
-    labels: np.ndarray             # (n_test, S, S) uint8 label maps of those rows
+    labels: segment.Rows           # (n_test, S, S) uint8 label maps of those rows, read lazily
     planted: dict                  # city -> planted cue names (generated world), else {}
     recovery: pd.DataFrame         # rank of each planted cue by lift, and the ideal detector's
                                    # rank on a map of the same size (empty without cues)
@@ -65,7 +65,7 @@ def run(stats_cfg: stats.StatsConfig, run_dir: str | Path, cache, planted: Mappi
     labels_key = segment.key(segment_cfg, cache, rows)
     folder = ResultFolder(run_dir, NAME, key(stats_cfg, labels_key, cams.meta["key"], planted))
     seg = segment.run(segment_cfg, segment_dir, cache, rows=rows, progress=progress)
-    label_maps = seg.of(rows)                         # (n, S, S) uint8
+    label_maps = seg.of(rows)                                         # (n, S, S) uint8, read lazily
     if folder.done() is not None:
         return _load(run_dir, stats_cfg, seg.segmenter, rows, label_maps, planted)
 
