@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats as sps
+from tqdm.auto import tqdm
 
 from citylib import cues, devices, intervals, models, saliency, segment, stats, train
 from citylib.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
@@ -80,40 +81,68 @@ def key(cfg: MethodsConfig, stats_cfg: stats.StatsConfig, training_key: str, lab
                        causal_key, target)
 
 
-def sweep(model: torch.nn.Module | list[torch.nn.Module], images: np.ndarray, target, layers, methods,
-          batch_size: int = 32, fusion: bool = True,
-          rows: np.ndarray | None = None) -> dict[tuple[str, str], np.ndarray]:
-    """(method, layer) -> masks (N, h, w) float32 in [0, 1] of uint8 ``images[rows]`` (N, S, S, 3;
-    all rows by default), read ``batch_size`` at a time, so a memory-mapped store is never loaded
-    whole; ``target`` as ``BaseCAM`` takes it (None: predicted), or (N,) class indices. ``model``:
-    the network, or copies of it on several devices (``devices.replicas``), the batches shared
-    out among them in turn (``devices.spread``)."""
+def sweep_batches(model: torch.nn.Module | list[torch.nn.Module], images: np.ndarray, target, layers,
+                  methods, batch_size: int = 32, fusion: bool = True, rows: np.ndarray | None = None,
+                  progress: bool = False):
+    """(slice, {(method, layer): masks (B, h, w) float32 in [0, 1]}) per batch of uint8
+    ``images[rows]`` (N, S, S, 3; all rows by default), in order: every method at every layer,
+    then (with ``fusion`` and several layers) the fused masks; one batch in memory at a time,
+    whatever the maps' sizes. ``target`` as ``BaseCAM`` takes it (None: predicted), or (N,)
+    class indices. ``model``: the network, or copies of it on several devices
+    (``devices.replicas``), the batches shared out among them in turn (``devices.spread``)."""
     nets = model if isinstance(model, list) else [model]
     rows = np.arange(len(images)) if rows is None else np.asarray(rows, np.int64)
     per_image = None if target is None else np.asarray(target)
-    out: dict[tuple[str, str], list] = {}
+    fuse = fusion and len(layers) > 1
 
-    def one(probe: saliency.GradCAM, b: int) -> dict[str, np.ndarray]:        # method -> (B, h, w)
+    def one(probes: dict, b: int) -> tuple[slice, dict]:
         t = None if per_image is None else per_image[b:b + batch_size]
-        x = train.to_tensor(np.asarray(images[rows[b:b + batch_size]]))
-        act, grad, _, _ = probe.forward_backward(x, t)
-        with torch.no_grad():
-            return {m: saliency.normalise(saliency.METHODS[m].cam(act, grad).clamp_min_(0)).cpu().numpy()
-                    for m in methods}
+        x = train.to_tensor(np.asarray(images[rows[b:b + batch_size]]))        # (B, 3, S, S)
+        out = {}
+        for layer in layers:                     # one forward and backward serve every method
+            act, grad, _, _ = probes[layer].forward_backward(x, t)
+            with torch.no_grad():
+                for m in methods:
+                    out[m, layer] = saliency.normalise(saliency.METHODS[m].cam(act, grad).clamp_min_(0)).cpu().numpy()
+        if fuse:                                 # each layer's masks on the finest grid, averaged
+            finest = max((out[methods[0], layer].shape[1:] for layer in layers), key=lambda s: s[0] * s[1])
+            for m in methods:
+                up = [saliency.upsample(out[m, layer], finest) for layer in layers]       # (B, h, w) each
+                out[m, FUSION] = saliency.normalise(torch.from_numpy(np.mean(up, 0))).numpy()
+        return slice(b, b + len(x)), out
 
-    for layer in layers:
-        with contextlib.ExitStack() as hooks:
-            probes = [hooks.enter_context(saliency.GradCAM(m, m.get_submodule(layer))) for m in nets]
-            for part in devices.spread(one, probes, range(0, len(rows), batch_size)):
-                for m, cam in part.items():
-                    out.setdefault((m, layer), []).append(cam)
-    masks = {k: np.concatenate(v) for k, v in out.items()}
-    if fusion and len(layers) > 1:
-        finest = max((masks[methods[0], layer].shape[1:] for layer in layers), key=lambda s: s[0] * s[1])
-        for m in methods:
-            up = [saliency.upsample(masks[m, layer], finest) for layer in layers]     # (N, h, w) each
-            masks[m, FUSION] = saliency.normalise(torch.from_numpy(np.mean(up, 0))).numpy()
-    return masks
+    with contextlib.ExitStack() as hooks:
+        probes = [{layer: hooks.enter_context(saliency.GradCAM(net, net.get_submodule(layer))) for layer in layers}
+                  for net in nets]
+        starts = tqdm(range(0, len(rows), batch_size), desc="methods: sweep", disable=not progress,
+                      leave=False, unit="batch")
+        yield from devices.spread(one, probes, starts)
+
+
+def sweep(model: torch.nn.Module | list[torch.nn.Module], images: np.ndarray, target, layers, methods,
+          batch_size: int = 32, fusion: bool = True,
+          rows: np.ndarray | None = None) -> dict[tuple[str, str], np.ndarray]:
+    """``sweep_batches``' masks of all the images, (method, layer) -> (N, h, w) float32, held
+    whole (``run`` counts them batch by batch instead)."""
+    out: dict[tuple[str, str], list] = {}
+    for _, part in sweep_batches(model, images, target, layers, methods, batch_size, fusion, rows):
+        for k, m in part.items():
+            out.setdefault(k, []).append(m)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def counted(parts, label_maps: np.ndarray, cities, stats_cfg: stats.StatsConfig) -> tuple[dict, dict]:
+    """Each (method, layer)'s ``stats.Histograms`` and map size (h, w), counted batch by batch
+    from ``sweep_batches``' parts (each batch's label maps read once for all of them), so the
+    masks are never held whole."""
+    counting, map_sizes, size = {}, {}, int(label_maps.shape[-1])
+    for sl, part in parts:
+        lab = np.asarray(label_maps[sl])                                  # (B, S, S)
+        for k, m in part.items():
+            if k not in counting:
+                counting[k], map_sizes[k] = stats.Counting(label_maps, cities, stats_cfg), tuple(m.shape[1:])
+            counting[k].add(saliency.upsample(m, size), lab)
+    return {k: c.done() for k, c in counting.items()}, map_sizes
 
 
 def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tuple], causal: pd.DataFrame,
@@ -125,6 +154,18 @@ def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tup
     ``images`` (``causal_images.csv``: row, group, object, logp, logp_without) and ``rows`` (the
     cache row of each label map) give rho's interval; without them it has none."""
     size = int(label_maps.shape[-1])
+    hists = {k: stats.Histograms.build(stats.upsampled(m, size, saliency.upsample), label_maps, cities,
+                                       stats_cfg, progress=False) for k, m in masks.items()}
+    return scored(hists, {k: m.shape[1:] for k, m in masks.items()}, cities, planted, causal, stats_cfg, top,
+                  images, rows, n_boot, level, seed)
+
+
+def scored(hists: dict, map_sizes: dict, cities, planted: Mapping[str, tuple], causal: pd.DataFrame,
+           stats_cfg: stats.StatsConfig, top: int = 3, images: pd.DataFrame | None = None,
+           rows: np.ndarray | None = None, n_boot: int = 1000, level: float = 0.95,
+           seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """``score`` from the masks' histograms, (method, layer) -> ``stats.Histograms``, and their
+    map sizes (h, w)."""
     cue_rows = causal[causal["object"].isin({o for v in planted.values() for o in v})]
     effect = {(c, o): (e, r) for c, o, e, r in cue_rows[["city", "object", "effect", "rank"]].itertuples(index=False)}
     relied = set(zip(cue_rows.loc[cue_rows["ci_high"] < 0, "city"], cue_rows.loc[cue_rows["ci_high"] < 0, "object"]))
@@ -132,11 +173,10 @@ def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tup
     if images is not None and rows is not None and n_boot > 0:
         boot = _resampling(images, np.asarray(rows), np.asarray(cities).astype(str), n_boot, seed)
     rows_out, summary = [], {}
-    for (method, layer), m in masks.items():
-        hist = stats.Histograms.build(stats.upsampled(m, size, saliency.upsample), label_maps, cities,
-                                      stats_cfg, progress=False)
+    for (method, layer), hist in hists.items():
+        grid = tuple(int(v) for v in map_sizes[method, layer])
         rec, scores = cues.recovery(hist.table(ci=False), planted, top)
-        rec = rec.assign(method=method, layer=layer, map_size="x".join(map(str, m.shape[1:])),
+        rec = rec.assign(method=method, layer=layer, map_size="x".join(map(str, grid)),
                          effect=[effect.get((c, o), (np.nan, np.nan))[0] for c, o in zip(rec["city"], rec["object"])],
                          causal_rank=[effect.get((c, o), (np.nan, np.nan))[1] for c, o in zip(rec["city"], rec["object"])])
         rows_out.append(rec)
@@ -150,7 +190,7 @@ def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tup
         if boot is not None and len(ok) > 2:
             interval = rho_interval(hist, list(zip(ok["city"], ok["object"])), boot, level)
         summary.setdefault(method, {})[layer] = {
-            "map_size": list(m.shape[1:]), "planted_mrr": scores["planted_mrr"],
+            "map_size": list(grid), "planted_mrr": scores["planted_mrr"],
             "strongest_in_top": in_top, "all_strongest_in_top": bool(in_top) and all(in_top.values()),
             "spearman": rho, "spearman_ci": interval}
     table = pd.concat(rows_out, ignore_index=True).rename(columns={"rank": "lift_rank"})
@@ -248,10 +288,12 @@ def run(cfg: MethodsConfig, run_dir: str | Path, cache, planted: Mapping[str, tu
     y = np.asarray(cache.y, np.int64)[rows]
     layers = models.sweep_layers(model, cfg.layers)
     nets = devices.replicas(model, devices.every(cfg.device))     # one per device (cuda:all)
-    masks = sweep(nets, cache.images, None if target == "predicted" else y, layers, cfg.methods,
-                  cfg.batch_size, cfg.fusion, rows=rows)
-    table, summary = score(masks, label_maps, np.asarray(cities)[y], planted, causal_result.table,
-                           stats_cfg, cfg.top, causal_result.images, rows, cfg.n_boot, cfg.level, cfg.seed)
+    true_city = np.asarray(cities)[y]
+    hists, map_sizes = counted(sweep_batches(nets, cache.images, None if target == "predicted" else y, layers,
+                                             cfg.methods, cfg.batch_size, cfg.fusion, rows=rows,
+                                             progress=progress), label_maps, true_city, stats_cfg)
+    table, summary = scored(hists, map_sizes, true_city, planted, causal_result.table, stats_cfg, cfg.top,
+                            causal_result.images, rows, cfg.n_boot, cfg.level, cfg.seed)
     summary["layers"] = list(layers) + ([FUSION] if cfg.fusion and len(layers) > 1 else [])
     write_csv(run_dir / "methods.csv", table)
     write_json(run_dir / "methods.json", summary)

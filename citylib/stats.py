@@ -194,29 +194,13 @@ class Histograms:
               names: Mapping[int, str] | None = None, progress: bool = True) -> "Histograms":
         """Count every image once; ``masks`` as in the module docstring, aligned with the rows
         of ``label_maps`` (N, S, S) uint8 and ``cities`` (N,) (true city names)."""
-        cities = np.asarray(cities).astype(str)
-        n, size = len(label_maps), int(label_maps.shape[-1])
-        if len(cities) != n or label_maps.ndim != 3:
-            raise ValueError(f"need label maps (N, S, S) and N cities; got {label_maps.shape}, {len(cities)}")
-        names_ = tuple(sorted(set(cities)))
-        city = np.searchsorted(names_, cities)
-        upper = np.append(np.arange(1, cfg.bins + 1) / cfg.bins, np.inf).astype(np.float32)  # e[q + 1]
-        img, obj, above, start = [], [], [], 0
-        bar = tqdm(total=n, desc="stats: histograms", disable=not progress)
-        for m in _batches(masks, n):
-            m, lab = _checked(m, label_maps[start:start + len(m)], start)
-            hist = _count(m, lab, cfg.bins, upper, start)  # (b, 151, bins + 1)
-            i, p = np.nonzero(hist.any(axis=-1))  # the (image, object) pairs present
-            suffix = np.cumsum(hist[i, p, ::-1], axis=-1)[:, ::-1]  # pixels with mask >= k / bins
-            img.append(i + start), obj.append(p), above.append(suffix.astype(np.int32))
-            start += len(m)
+        counting = Counting(label_maps, cities, cfg, names)
+        bar = tqdm(total=counting.n, desc="stats: histograms", disable=not progress)
+        for m in _batches(masks, counting.n):
+            counting.add(m)
             bar.update(len(m))
         bar.close()
-        if start != n:
-            raise ValueError(f"got masks for {start} images but {n} label maps")
-        return cls(names_, city, np.concatenate(img), np.concatenate(obj),
-                   np.concatenate(above) if above else np.zeros((0, cfg.bins + 1), np.int32),
-                   size, cfg, dict(names if names is not None else ade20k.names()))
+        return counting.done()
 
     # ------------------------------------------------------------ queries
 
@@ -348,6 +332,42 @@ class Histograms:
             names = {int(k): v for k, v in json.loads(str(z["names"])).items()}
             return cls(tuple(z["cities"].tolist()), z["city"], z["img"], z["obj"], z["above"],
                        int(z["size"]), cfg, names)
+
+
+class Counting:
+    """``Histograms.build`` a batch at a time, for masks made batch by batch: ``add`` the masks
+    (b, S, S) of the next b images, in order (with their label maps, where the caller has read
+    them already), then ``done``. Several countings can share one pass over the images."""
+
+    def __init__(self, label_maps: np.ndarray, cities, cfg: StatsConfig = StatsConfig(),
+                 names: Mapping[int, str] | None = None):
+        cities = np.asarray(cities).astype(str)
+        self.n, self.size = len(label_maps), int(label_maps.shape[-1])
+        if len(cities) != self.n or label_maps.ndim != 3:
+            raise ValueError(f"need label maps (N, S, S) and N cities; got {label_maps.shape}, {len(cities)}")
+        self.label_maps, self.cfg = label_maps, cfg
+        self.names = dict(names if names is not None else ade20k.names())
+        self.cities = tuple(sorted(set(cities)))
+        self.city = np.searchsorted(self.cities, cities)
+        self.upper = np.append(np.arange(1, cfg.bins + 1) / cfg.bins, np.inf).astype(np.float32)  # e[q + 1]
+        self.img, self.obj, self.above, self.start = [], [], [], 0
+
+    def add(self, m, lab: np.ndarray | None = None) -> None:
+        start = self.start
+        m, lab = _checked(m, self.label_maps[start:start + len(m)] if lab is None else lab, start)
+        hist = _count(m, lab, self.cfg.bins, self.upper, start)  # (b, 151, bins + 1)
+        i, p = np.nonzero(hist.any(axis=-1))  # the (image, object) pairs present
+        suffix = np.cumsum(hist[i, p, ::-1], axis=-1)[:, ::-1]  # pixels with mask >= k / bins
+        self.img.append(i + start), self.obj.append(p), self.above.append(suffix.astype(np.int32))
+        self.start += len(m)
+
+    def done(self) -> Histograms:
+        if self.start != self.n:
+            raise ValueError(f"got masks for {self.start} images but {self.n} label maps")
+        above = np.concatenate(self.above) if self.above else np.zeros((0, self.cfg.bins + 1), np.int32)
+        return Histograms(self.cities, self.city, np.concatenate(self.img) if self.img else np.zeros(0, np.intp),
+                          np.concatenate(self.obj) if self.obj else np.zeros(0, np.intp), above,
+                          self.size, self.cfg, self.names)
 
 
 # ---------------------------------------------------------------- the stage

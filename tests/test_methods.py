@@ -2,6 +2,8 @@
 and visibility scored against a known causal ranking."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -189,3 +191,30 @@ def test_sweep_reads_rows_in_batches_and_spreads_over_copies_as_one_network():
     assert alone.keys() == spread.keys()
     for k in alone:
         np.testing.assert_array_equal(alone[k], spread[k], err_msg=str(k))
+
+
+def test_the_stage_counts_the_sweep_batch_by_batch_as_the_whole_masks_would_be():
+    torch.manual_seed(0)
+    model = models.build("simple", 3, 64).eval()
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+    labels = rng.choice([TREE, FENCE, BUILDING, ROAD, CAR], (7, 64, 64)).astype(np.uint8)
+    labels[:, :32, :32] = TREE                          # every object present in every city
+    cities = np.array(["a", "b", "a", "b", "a", "b", "a"])
+    layers, cfg = models.sweep_layers(model), stats.StatsConfig(bootstrap=0, min_pixels_224=0)
+    causal = pd.DataFrame({"city": ["a", "a", "b"], "object": ["tree", "fence", "car"],
+                           "effect": [-1.0, -0.1, -2.0], "ci_low": [-1.5, -0.2, -3.0],
+                           "ci_high": [-0.5, 0.05, -1.0], "rank": [1.0, 2.0, 1.0]})
+    planted = {"a": ("tree", "fence"), "b": ("car",)}
+    masks = methods.sweep(model, images, None, layers, ("gradcam", "hirescam"), batch_size=3)
+    whole = methods.score(masks, labels, cities, planted, causal, cfg, top=2)
+    hists, sizes = methods.counted(methods.sweep_batches(model, images, None, layers, ("gradcam", "hirescam"),
+                                                         batch_size=3), labels, cities, cfg)
+    streamed = methods.scored(hists, sizes, cities, planted, causal, cfg, top=2)
+    assert len(hists) == 2 * (len(layers) + 1) and sizes["gradcam", methods.FUSION] == (32, 32)
+    pd.testing.assert_frame_equal(whole[0], streamed[0])
+    assert json.dumps(whole[1], sort_keys=True) == json.dumps(streamed[1], sort_keys=True)   # NaN == NaN
+    for k, h in hists.items():                          # the same counts, pair by pair
+        ref = stats.Histograms.build(stats.upsampled(masks[k], 64, saliency.upsample), labels, cities, cfg,
+                                     progress=False)
+        np.testing.assert_array_equal(h.above, ref.above, err_msg=str(k))
