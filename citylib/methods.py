@@ -5,7 +5,8 @@ of the sweep (``models.sweep_layers``: the last three stages, the paper's Grad-C
 and at their fusion (each layer's masks upsampled to the finest layer's grid, normalised and
 averaged: finer maps at the same input size). One forward and one backward per batch and layer
 serve all methods. Each method's masks are counted like the objects stage's (``stats``, same
-threshold) and scored on the generated world's planted cues:
+threshold), batch by batch as they are made, so no mask is kept (``counted``), and scored on the
+generated world's planted cues:
 
 - *recovery*: the rank by lift of each planted cue among its city's objects (``cues.recovery``);
 - *visibility* (faithfulness to the causal ranking of ``citylib.causal``): whether each city's
