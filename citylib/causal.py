@@ -111,7 +111,7 @@ def effects(model: torch.nn.Module | list[torch.nn.Module], cache, counterfactua
     orig = _log_softmax(train._logits(model, cache.images, batch_size, rows))             # (R, C)
     at = np.searchsorted(rows, index["row"].to_numpy(np.int64))
     logp, correct = orig[at, target], orig[at].argmax(1) == target
-    cf = _log_softmax(train._logits(model, counterfactuals.images, batch_size))  # (M, C)
+    cf = _log_softmax(train._logits(model, np.asarray(counterfactuals.images), batch_size))  # (M, C)
     return pd.DataFrame({"row": index["row"], "city": index["city"], "group": index["group"],
                          "view": index["view"], "object": index["variant"], "logp": logp,
                          "logp_without": cf[np.arange(len(cf)), target], "correct": correct,
@@ -147,7 +147,7 @@ def cue_free_predictions(model: torch.nn.Module | list[torch.nn.Module], images:
     (from ``effects``' rows) and the fresh spots'."""
     test = images[images["object"] == CUE_FREE]
     fresh = counterfactuals.fresh_index
-    pred = (train._logits(model, counterfactuals.fresh_images, batch_size).argmax(1)
+    pred = (train._logits(model, np.asarray(counterfactuals.fresh_images), batch_size).argmax(1)
             if len(fresh) else np.zeros(0, np.int64))
     frames = [pd.DataFrame({"sample": "test", "city": test["city"], "group": test["group"], "view": test["view"],
                             "predicted": test["predicted_without"], "correct": test["correct_without"]}),

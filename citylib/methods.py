@@ -88,12 +88,14 @@ def sweep_batches(model: torch.nn.Module | list[torch.nn.Module], images: np.nda
     """(slice, {(method, layer): masks (B, h, w) float32 in [0, 1]}) per batch of uint8
     ``images[rows]`` (N, S, S, 3; all rows by default), in order: every method at every layer,
     then (with ``fusion`` and several layers) the fused masks; one batch in memory at a time,
-    whatever the maps' sizes. ``target`` as ``BaseCAM`` takes it (None: predicted), or (N,)
-    class indices. ``model``: the network, or copies of it on several devices
+    whatever the maps' sizes. ``target``: None (the predicted class) or (N,) class indices, one
+    per row of ``rows``. ``model``: the network, or copies of it on several devices
     (``devices.replicas``), the batches shared out among them in turn (``devices.spread``)."""
     nets = model if isinstance(model, list) else [model]
     rows = np.arange(len(images)) if rows is None else np.asarray(rows, np.int64)
     per_image = None if target is None else np.asarray(target)
+    if per_image is not None and len(per_image) != len(rows):
+        raise ValueError(f"{len(per_image)} targets for {len(rows)} images: give one per row of 'rows'")
     fuse = fusion and len(layers) > 1
 
     def one(probes: dict, b: int) -> tuple[slice, dict]:
@@ -126,23 +128,28 @@ def sweep(model: torch.nn.Module | list[torch.nn.Module], images: np.ndarray, ta
     """``sweep_batches``' masks of all the images, (method, layer) -> (N, h, w) float32, held
     whole (``run`` counts them batch by batch instead)."""
     out: dict[tuple[str, str], list] = {}
-    for _, part in sweep_batches(model, images, target, layers, methods, batch_size, fusion, rows):
-        for k, m in part.items():
-            out.setdefault(k, []).append(m)
+    with contextlib.closing(sweep_batches(model, images, target, layers, methods, batch_size, fusion,
+                                          rows)) as parts:
+        for _, part in parts:
+            for k, m in part.items():
+                out.setdefault(k, []).append(m)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def counted(parts, label_maps: np.ndarray, cities, stats_cfg: stats.StatsConfig) -> tuple[dict, dict]:
     """Each (method, layer)'s ``stats.Histograms`` and map size (h, w), counted batch by batch
     from ``sweep_batches``' parts (each batch's label maps read once for all of them), so the
-    masks are never held whole."""
+    masks are never held whole; counted at the threshold alone (``stats.at_threshold``), all
+    that the scores read, so that the histograms of every method and layer are small too."""
     counting, map_sizes, size = {}, {}, int(label_maps.shape[-1])
-    for sl, part in parts:
-        lab = np.asarray(label_maps[sl])                                  # (B, S, S)
-        for k, m in part.items():
-            if k not in counting:
-                counting[k], map_sizes[k] = stats.Counting(label_maps, cities, stats_cfg), tuple(m.shape[1:])
-            counting[k].add(saliency.upsample(m, size), lab)
+    coarse = stats.at_threshold(stats_cfg)
+    with contextlib.closing(iter(parts)) as parts:   # a failure here stops the sweep's passes
+        for sl, part in parts:
+            lab = np.asarray(label_maps[sl])                              # (B, S, S)
+            for k, m in part.items():
+                if k not in counting:
+                    counting[k], map_sizes[k] = stats.Counting(label_maps, cities, coarse), tuple(m.shape[1:])
+                counting[k].add(saliency.upsample(m, size), lab)
     return {k: c.done() for k, c in counting.items()}, map_sizes
 
 
@@ -154,9 +161,9 @@ def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tup
 
     ``images`` (``causal_images.csv``: row, group, object, logp, logp_without) and ``rows`` (the
     cache row of each label map) give rho's interval; without them it has none."""
-    size = int(label_maps.shape[-1])
+    size, coarse = int(label_maps.shape[-1]), stats.at_threshold(stats_cfg)
     hists = {k: stats.Histograms.build(stats.upsampled(m, size, saliency.upsample), label_maps, cities,
-                                       stats_cfg, progress=False) for k, m in masks.items()}
+                                       coarse, progress=False) for k, m in masks.items()}
     return scored(hists, {k: m.shape[1:] for k, m in masks.items()}, cities, planted, causal, stats_cfg, top,
                   images, rows, n_boot, level, seed)
 

@@ -188,7 +188,8 @@ def test_sweep_reads_rows_in_batches_and_spreads_over_copies_as_one_network():
     spread = methods.sweep(copies, store.view(Store), None, layers, ("gradcam", "layercam"),
                            batch_size=2, rows=rows)
     assert max(read) <= 2                         # a batch at a time, never the whole set
-    assert alone.keys() == spread.keys()
+    assert list(alone) == list(spread) == [(m, n) for n in layers for m in ("gradcam", "layercam")] + [
+        ("gradcam", methods.FUSION), ("layercam", methods.FUSION)]     # layer by layer, fusion last
     for k in alone:
         np.testing.assert_array_equal(alone[k], spread[k], err_msg=str(k))
 
@@ -214,7 +215,10 @@ def test_the_stage_counts_the_sweep_batch_by_batch_as_the_whole_masks_would_be()
     assert len(hists) == 2 * (len(layers) + 1) and sizes["gradcam", methods.FUSION] == (32, 32)
     pd.testing.assert_frame_equal(whole[0], streamed[0])
     assert json.dumps(whole[1], sort_keys=True) == json.dumps(streamed[1], sort_keys=True)   # NaN == NaN
-    for k, h in hists.items():                          # the same counts, pair by pair
-        ref = stats.Histograms.build(stats.upsampled(masks[k], 64, saliency.upsample), labels, cities, cfg,
-                                     progress=False)
-        np.testing.assert_array_equal(h.above, ref.above, err_msg=str(k))
+    for k, h in hists.items():     # the same counts, pair by pair; at the threshold those of all bins
+        full = stats.Histograms.build(stats.upsampled(masks[k], 64, saliency.upsample), labels, cities, cfg,
+                                      progress=False)
+        assert h.above.shape[1] == 3 and full.above.shape[1] == 101
+        np.testing.assert_array_equal(h.above[:, [0, 1]], full.above[:, [0, 50]], err_msg=str(k))
+    with pytest.raises(ValueError, match="5 targets for 7 images"):
+        methods.sweep(model, images, np.zeros(5, np.int64), layers, ("gradcam",))

@@ -146,6 +146,27 @@ def test_histograms_equal_brute_force_at_every_edge(bins):
             assert got[key].pixels == n
 
 
+@pytest.mark.parametrize("threshold, bins", [(0.5, 2), (0.37, 100), (0.25, 4), (0.0, 1), (1.0, 1)])
+def test_fewest_bins_count_as_all_bins_at_the_threshold(threshold, bins):
+    rng = np.random.default_rng(1)
+    m = rng.random((30, 16, 16), dtype=np.float32)
+    at = np.float32(threshold)
+    m[2].flat[:3] = [at, np.nextafter(at, np.float32(0)), np.nextafter(at, np.float32(1))]  # on the edge
+    m[3] = 1.0
+    lab = rng.choice([0, SKY, ROAD, TREE, BUILDING, CAR], size=(30, 16, 16)).astype(np.uint8)
+    cities = np.array(["x", "y"])[rng.integers(0, 2, 30)]
+    cfg = StatsConfig(threshold=threshold, min_pixels_224=0, bootstrap=200)
+    coarse = stats.at_threshold(cfg)
+    assert coarse.bins == bins and coarse.threshold == threshold
+    full = Histograms.build(m, lab, cities, cfg, NAMES, progress=False)
+    few = Histograms.build(m, lab, cities, coarse, NAMES, progress=False)
+    pd.testing.assert_frame_equal(few.table(), full.table())      # R, coverage, lift and their CIs
+    w = np.random.default_rng(2).integers(0, 3, (5, 30)).astype(float)
+    for c, (objects, lift) in full.resampled_lift(w).items():
+        np.testing.assert_array_equal(few.resampled_lift(w)[c][0], objects)
+        np.testing.assert_array_equal(few.resampled_lift(w)[c][1], lift)
+
+
 def test_batches_iterator_and_callable_match_array():
     rng = np.random.default_rng(0)
     m = rng.random((10, 8, 8), dtype=np.float32)
