@@ -81,7 +81,8 @@ class SegmentResult:
 class Rows:
     """Rows ``rows`` of an array, e.g. a memory-mapped store, read lazily: ``view[a:b]`` and
     ``view[i]`` read only those rows, so a large test set's label maps are never held whole;
-    ``np.asarray(view)`` reads them all."""
+    ``np.asarray(view)`` reads them all. It has ``len``, ``shape``, ``ndim`` and ``dtype`` and
+    indexing by the first axis, nothing else of an array: take ``np.asarray`` of a slice for the rest."""
 
     def __init__(self, base: np.ndarray, rows):
         self.base, self.rows = base, np.asarray(rows, np.int64)
