@@ -69,3 +69,27 @@ def test_every_benchmark_parses_its_help(script):
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
                           timeout=120, cwd=paths.ROOT)
     assert done.returncode == 0 and "usage" in done.stdout, done.stderr[-1500:]
+
+
+def test_profile_stages_extends_each_stage_along_its_line(tmp_path):
+    """Fake runner results at 50 and 100 spots: an epoch of 10 s and 20 s, notebooks of 30 s and
+    40 s. At the profile's 1,000 spots and 30 epochs: training 20 * 10 * 30 s = 1.67 h; a
+    notebook 40 + (40 - 30) / 50 * 900 = 220 s."""
+    import json
+
+    for spots, epoch, nb in ((50, 10.0, 30.0), (100, 20.0, 40.0)):
+        out = tmp_path / f"outputs_{spots}"
+        for where in ("data/.results/01_data.json", "comparison/.results/06_comparison.json",
+                      *(f"runs/{a}_seed0/.results/{n}.json" for a in ("resnet18", "simple", "simpler", "vgg11")
+                        for n in ("03_gradcam", "04_embedding", "05_objects"))):
+            (out / where).parent.mkdir(parents=True, exist_ok=True)
+            (out / where).write_text(json.dumps({"seconds": nb}))
+        for a in ("resnet18", "simple", "simpler", "vgg11"):
+            (out / f"runs/{a}_seed0/history.csv").write_text(f"epoch,seconds\n1,{epoch}\n")
+    done = subprocess.run([sys.executable, str(paths.ROOT / "benchmarks" / "profile_stages.py"), str(tmp_path),
+                           "--report-only"], capture_output=True, text=True, timeout=120, cwd=paths.ROOT)
+    assert done.returncode == 0, done.stderr[-1500:]
+    lines = {line.split(" s")[0].split(" h")[0]: line for line in done.stdout.splitlines()}
+    assert lines["training"].split()[-4:] == ["1.7"] * 4
+    assert lines["05_objects"].split()[-1] == "220" and lines["05_objects"].count("->") == 1 + 4
+    assert "01_data s, once: 30.0 (50 spots), 40.0 (100) -> 220 (full)" in done.stdout
