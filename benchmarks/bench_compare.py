@@ -91,7 +91,7 @@ def make_masks(folder: Path, runs: int, n: int, sides: list[int]) -> list[Path]:
     """runs x (n, side, side) float16 .npy files, written in chunks."""
     import torch
 
-    from citylib import saliency
+    from citylib.explain import saliency
 
     files = []
     for k in range(runs):
@@ -112,7 +112,8 @@ def measure(what: str, files: list[str], n: int, size: int, batch: int, args, qu
     file MB) on ``queue``."""
     import torch
 
-    from citylib import compare, saliency
+    from citylib.explain import saliency
+    from citylib.stages import compare
 
     torch.set_num_threads(os.cpu_count() or 1)
     masks = [np.load(f, mmap_mode="r")[:n] for f in files]
@@ -129,7 +130,8 @@ def measure(what: str, files: list[str], n: int, size: int, batch: int, args, qu
 
 def step(what: str, masks: list, rows: np.ndarray, size: int, batch: int, args) -> None:
     """The timed work."""
-    from citylib import compare, saliency
+    from citylib.explain import saliency
+    from citylib.stages import compare
 
     n = len(rows)
     if what == "streamed":

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from citylib import data, imagecache
+from citylib.data import dataset, imagecache
 
 CITIES = ("amsterdam", "berlin", "cairo")
 
@@ -90,14 +90,14 @@ def best_rate(fn, epochs: int) -> float:
 def main(args) -> None:
     torch.set_num_threads(1)
     root = make_images(args.work / "images", args.images, args.src_size)
-    cfg = data.DataConfig(source=str(root), image_size=args.size, group_pattern=r"^([a-z]+\d+)_")
+    cfg = dataset.DataConfig(source=str(root), image_size=args.size, group_pattern=r"^([a-z]+\d+)_")
     shutil.rmtree(args.work / "out", ignore_errors=True)
 
     t = time.perf_counter()
-    result = data.run(cfg, args.work / "out", progress=False)
+    result = dataset.run(cfg, args.work / "out", progress=False)
     first = time.perf_counter() - t
     t = time.perf_counter()
-    data.run(cfg, args.work / "out", progress=False)
+    dataset.run(cfg, args.work / "out", progress=False)
     rerun = time.perf_counter() - t
     builds = {}
     for workers in (1, 2):
@@ -120,7 +120,7 @@ def main(args) -> None:
     print(f"{'cache (mmap gather -> float)':<34}{cached:>12,.0f}{cached / decode:>9.1f}")
     print(f"{'store build, 1 worker process':<34}{builds[1]:>12,.0f}")
     print(f"{'store build, 2 worker processes':<34}{builds[2]:>12,.0f}{builds[2] / builds[1]:>9.1f}")
-    print(f"data.run first: {first:.2f} s (validate + split + cache); rerun (reused): {rerun:.3f} s")
+    print(f"dataset.run first: {first:.2f} s (validate + split + cache); rerun (reused): {rerun:.3f} s")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from citylib import devices, models, train
+from citylib.core import devices
+from citylib.nets import models, train
 
 
 VARIANTS = (("fp32", False, False), ("fp32 channels-last", False, True),

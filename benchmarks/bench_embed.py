@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from citylib import embed, gallery
+from citylib.figures import gallery
+from citylib.stages import embed
 
 
 def get_args_parser() -> argparse.ArgumentParser:

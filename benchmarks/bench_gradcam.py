@@ -29,7 +29,8 @@ import time
 import numpy as np
 import torch
 
-from citylib import models, saliency
+from citylib.explain import saliency
+from citylib.nets import models
 
 
 def get_args_parser() -> argparse.ArgumentParser:

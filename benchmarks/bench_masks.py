@@ -18,7 +18,8 @@ import zlib
 import numpy as np
 import torch
 
-from citylib import models, saliency
+from citylib.explain import saliency
+from citylib.nets import models
 
 
 def get_args_parser() -> argparse.ArgumentParser:

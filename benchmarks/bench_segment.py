@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from citylib import paths, segment
-from citylib.imagecache import Cache
+from citylib.core import paths
+from citylib.data import segment
+from citylib.data.imagecache import Cache
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ Reads and writes nothing. Makes ``--images`` label maps (``--size`` px, ~15 smoo
 random ADE20K classes each) and smooth Grad-CAM-like masks (a 7 x 7 random map, bilinearly
 upsampled and scaled to [0, 1]) over three cities; the masks come in batches of ``--batch``
 views of a pool of ``--pool`` masks, so the (N, S, S) float32 stack is never held at once. Prints
-a table of: building ``stats.Histograms`` (every mask value counted once); a threshold change
+a table of: building ``histograms.Histograms`` (every mask value counted once); a threshold change
 (R, coverage, lift; with and without the bootstrap CIs); the naive baseline (one pass over all
 masks and label maps per threshold), and the ratios.
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from citylib import stats
+from citylib.stats import histograms
 
 CITIES = np.array(["signtown", "towerville", "treeville"])
 CLASSES = np.array([2, 3, 5, 7, 10, 12, 13, 14, 18, 21, 33, 44, 49, 87, 88, 94, 137])
@@ -95,10 +95,10 @@ def main(args) -> None:
     cities = CITIES[city_idx]
     setup = time.perf_counter() - t0
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    cfg = stats.StatsConfig(bins=args.bins, bootstrap=args.bootstrap)
+    cfg = histograms.StatsConfig(bins=args.bins, bootstrap=args.bootstrap)
 
     t0 = time.perf_counter()
-    hist = stats.Histograms.build(mask_batches(pool, n, args.batch), labels, cities, cfg, progress=False)
+    hist = histograms.Histograms.build(mask_batches(pool, n, args.batch), labels, cities, cfg, progress=False)
     build = time.perf_counter() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pandas as pd  # noqa: E402
 
-from citylib import synth  # noqa: E402
+from citylib.world import synth  # noqa: E402
 
 TARGET_S = 60.0
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from citylib import models, train
+from citylib.nets import models, train
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from citylib import causal, counterfactual, synth, train  # noqa: E402
+from citylib.data import counterfactual  # noqa: E402
+from citylib.nets import train
+from citylib.stages import causal
+from citylib.world import synth
 
 WORLD, CFG = synth.load_world("default"), synth.SynthConfig()
 

@@ -30,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pandas as pd  # noqa: E402
 
-from citylib import artifacts, compare, intervals, methods, report  # noqa: E402
-from citylib.counterfactual import CUE_FREE  # noqa: E402
+from citylib.core import artifacts  # noqa: E402
+from citylib.run import report
+from citylib.stages import compare, methods
+from citylib.stats import intervals
+from citylib.data.counterfactual import CUE_FREE  # noqa: E402
 
 MISSING = "(not in this outputs folder)"
 

@@ -23,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from citylib import data, intervals, params, pipeline, train  # noqa: E402
+from citylib.data import dataset  # noqa: E402
+from citylib.nets import train
+from citylib.run import params, pipeline
+from citylib.stats import intervals
 
 PARAMETERS = Path(__file__).resolve().parent.parent / "parameters"
 N_BOOT = 4000
@@ -61,7 +64,7 @@ def _train(task) -> tuple:
 def main(args) -> None:
     for spots in args.spots:                 # one data stage per world size, before the trainings
         cfg = _config(args.runs[0], spots, args.epochs[0])
-        data.run(cfg.data, args.out / f"spots{spots}" / "data", progress=False)
+        dataset.run(cfg.data, args.out / f"spots{spots}" / "data", progress=False)
     tasks = [(run, spots, epochs, args.out) for spots in args.spots for run in args.runs for epochs in args.epochs]
     with get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(_train, tasks, chunksize=1)

@@ -1,5 +1,5 @@
 import sys
 
-from citylib.cli import main
+from citylib.run.cli import main
 
 sys.exit(main())

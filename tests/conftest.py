@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from citylib import cli, gradcam
-from citylib.artifacts import write_csv, write_json
-from citylib.paths import PARAMETERS
+from citylib.run import cli
+from citylib.stages import gradcam
+from citylib.core.artifacts import write_csv, write_json
+from citylib.core.paths import PARAMETERS
 
 CITIES = ("amsterdam", "berlin", "cairo")
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from citylib import artifacts
+from citylib.core import artifacts
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):

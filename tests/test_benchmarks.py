@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from citylib import paths
+from citylib.core import paths
 
 SCRIPTS = sorted((paths.ROOT / "benchmarks").glob("*.py"))
 

@@ -31,7 +31,8 @@ import nbformat
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from citylib import cli, paths
+from citylib.core import paths
+from citylib.run import cli
 
 CHROMIUM = os.environ.get("CITYLIB_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 RUN = "good"            # the run whose notebooks are opened
@@ -315,7 +316,7 @@ def test_threshold_panel_redraws_the_histograms(page, lab, shots):
 BROKEN = '''\
 import ipywidgets as w
 import matplotlib.pyplot as plt
-from citylib import widgets
+from citylib.figures import widgets
 
 def figure(k):
     if k > 0:

@@ -10,8 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from citylib import causal, counterfactual, data, intervals, synth, train
-from citylib.counterfactual import CUE_FREE
+from citylib.data import counterfactual, dataset
+from citylib.nets import train
+from citylib.stages import causal
+from citylib.stats import intervals
+from citylib.world import synth
+from citylib.data.counterfactual import CUE_FREE
 
 
 class RedNet(nn.Module):
@@ -130,11 +134,11 @@ def test_intervals_by_hand_and_against_scipy():
 
 
 def test_data_stage_renders_counterfactuals_of_the_test_spots(tmp_path):
-    cfg = data.DataConfig(world=synth.SynthConfig(spots_per_city=10, views=2, size=64), image_size=64,
+    cfg = dataset.DataConfig(world=synth.SynthConfig(spots_per_city=10, views=2, size=64), image_size=64,
                           cue_free_spots=3)
-    result = data.run(cfg, tmp_path / "data", progress=False)
-    cfs = data.load_counterfactuals(cfg, tmp_path / "data")
-    cache = data.load_cache(result.cache_dir)
+    result = dataset.run(cfg, tmp_path / "data", progress=False)
+    cfs = dataset.load_counterfactuals(cfg, tmp_path / "data")
+    cache = dataset.load_cache(result.cache_dir)
     test = cache.split_indices("test")
     world = synth.load_world("default")
     # every test image once per variant of its city (its cues, then cue-free)
@@ -158,7 +162,7 @@ def test_data_stage_renders_counterfactuals_of_the_test_spots(tmp_path):
     at = cfs.index.index[(cfs.index["row"] == r)]
     assert all(not np.array_equal(cfs.images[i], cache.images[r]) for i in at if cfs.index.loc[i, "variant"] == CUE_FREE)
     # reused by a second run; none for a folder of photos
-    assert data.run(cfg, tmp_path / "data", progress=False).reused
+    assert dataset.run(cfg, tmp_path / "data", progress=False).reused
 
 
 def test_intervals_by_hand():

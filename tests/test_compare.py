@@ -13,10 +13,13 @@ import torch
 
 matplotlib.use("Agg")
 
-from citylib import compare, compare_plots, gradcam, models, saliency # noqa: E402
-from citylib.artifacts import read_json, write_csv, write_json  # noqa: E402
-from citylib.compare import CompareConfig  # noqa: E402
-from citylib.config import ConfigError, from_dict  # noqa: E402
+from citylib.explain import saliency  # noqa: E402
+from citylib.figures import compare_plots
+from citylib.nets import models
+from citylib.stages import compare, gradcam
+from citylib.core.artifacts import read_json, write_csv, write_json  # noqa: E402
+from citylib.stages.compare import CompareConfig  # noqa: E402
+from citylib.core.config import ConfigError, from_dict  # noqa: E402
 from conftest import gradcam_folder  # noqa: E402
 
 CITIES = ["amsterdam", "berlin", "cairo"]

@@ -4,7 +4,7 @@ from typing import Literal
 
 import pytest
 
-from citylib.config import ConfigError, config_hash, from_dict
+from citylib.core.config import ConfigError, config_hash, from_dict
 
 
 @dataclass(frozen=True)

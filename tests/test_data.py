@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib import data, imagecache, paths
-from citylib.config import ConfigError, config_hash, from_dict
-from citylib.splits import leakage_report
+from citylib.core import paths
+from citylib.data import dataset, imagecache
+from citylib.core.config import ConfigError, config_hash, from_dict
+from citylib.data.splits import leakage_report
 
 COLOURS = {"amsterdam": (200, 40, 40), "berlin": (40, 200, 40), "cairo": (40, 40, 200)}
 
@@ -75,8 +76,8 @@ def test_bad_files_are_rejected_with_reasons_and_nothing_else_lost(tmp_path):
     png_header(b / "huge.png", 12_000, 9_000)  # 108 MP: over the default max_pixels
     (root / "README.md").write_text("about this dataset")
 
-    records, rejected = data.load_records(root)
-    ok, bad = data.validate(records, progress=False)
+    records, rejected = dataset.load_records(root)
+    ok, bad = dataset.validate(records, progress=False)
     why = reasons(pd.concat([rejected, bad]))
     expected = {"zero.jpg": "empty file", "text.jpg": "not an image", "cut.jpg": "truncated",
                 "cut.png": "truncated", "flipped.png": "corrupt", "notes.txt": "not an image file",
@@ -105,7 +106,7 @@ MODES = [  # (how to make it, the RGB it must become, formats that can hold it)
 def test_modes_are_converted_to_rgb(tmp_path, make, expected, fmt):
     path = tmp_path / f"x.{fmt.lower()}"
     make().save(path, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
-    assert data.check_file(str(path)) is None
+    assert dataset.check_file(str(path)) is None
     rgb = np.asarray(imagecache.open_rgb(path))
     assert rgb.shape == (10, 20, 3) and rgb.dtype == np.uint8
     assert np.abs(rgb.astype(int) - expected).max() <= 1, (Image.open(path).mode, rgb[0, 0])
@@ -165,7 +166,7 @@ def test_max_pixels(tmp_path):
     solid(tmp_path / "a" / "small.png", size=(20, 20))
     records = pd.DataFrame({"path": [str(tmp_path / "a" / n) for n in ("big.png", "small.png")],
                             "label_path": ""})
-    ok, bad = data.validate(records, max_pixels=1000, progress=False)
+    ok, bad = dataset.validate(records, max_pixels=1000, progress=False)
     assert list(ok["path"].map(lambda p: Path(p).name)) == ["small.png"]
     assert "too large" in bad["reason"][0] and "1600" in bad["reason"][0]
 
@@ -193,16 +194,16 @@ def test_unusable_sources_name_the_path(tmp_path, case):
     elif case == "one_city":
         city_tree(root, cities=("amsterdam",))
     source = bad if case == "missing" else root
-    with pytest.raises(data.DatasetError, match=re.escape(str(bad))):
-        data.load_records(source)
+    with pytest.raises(dataset.DatasetError, match=re.escape(str(bad))):
+        dataset.load_records(source)
 
 
 def test_cities_subset(tmp_path):
     root = city_tree(tmp_path, cities=("amsterdam", "berlin", "cairo"))
-    records, _ = data.load_records(root, cities=("cairo", "amsterdam"))
+    records, _ = dataset.load_records(root, cities=("cairo", "amsterdam"))
     assert sorted(records["city"].unique()) == ["amsterdam", "cairo"]
-    with pytest.raises(data.DatasetError, match="dublin"):
-        data.load_records(root, cities=("cairo", "dublin"))
+    with pytest.raises(dataset.DatasetError, match="dublin"):
+        dataset.load_records(root, cities=("cairo", "dublin"))
 
 
 def test_manifest_csv_with_relative_paths_groups_and_labels(tmp_path):
@@ -224,14 +225,14 @@ def test_manifest_csv_with_relative_paths_groups_and_labels(tmp_path):
         "view": ["0", "1", "0", "", "0", "1", "1", "0"],
         "label_path": ["../imgs/a0_lab.png", "../imgs/a1_lab.png", "../imgs/a2_lab.png", "", "", "", "", ""],
     }).to_csv(csv, index=False)
-    records, rejected = data.load_records(csv)
+    records, rejected = dataset.load_records(csv)
     assert reasons(rejected) == {"b2.png": "line 8 of list.csv: duplicate of line 7; that line is used"}
     assert records["path"].map(lambda p: Path(p).is_absolute()).all()
     row = records.set_index(records["path"].map(lambda p: Path(p).name))
     assert row.loc["a1.jpg", "group"] == "s1" and row.loc["a1.jpg", "view"] == 1
     assert row.loc["b0.png", "group"] == str(tmp_path / "imgs" / "b0.png")  # no group: its own
     assert row.loc["a0.jpg", "label_path"] == str(tmp_path / "imgs" / "a0_lab.png")
-    ok, bad = data.validate(records, progress=False)
+    ok, bad = dataset.validate(records, progress=False)
     why = reasons(bad)
     assert "differs" in why["a1.jpg"] or "30x10" in why["a1.jpg"]
     assert "label map unreadable" in why["a2.jpg"] and why["gone.jpg"] == "file not found"
@@ -248,48 +249,48 @@ def test_manifest_csv_with_relative_paths_groups_and_labels(tmp_path):
 def test_manifest_missing_column_names_file_and_column(tmp_path):
     csv = tmp_path / "m.csv"
     pd.DataFrame({"path": ["x.jpg"], "town": ["a"]}).to_csv(csv, index=False)
-    with pytest.raises(data.DatasetError, match=re.escape(str(csv)) + ".*'city'"):
-        data.load_records(csv)
+    with pytest.raises(dataset.DatasetError, match=re.escape(str(csv)) + ".*'city'"):
+        dataset.load_records(csv)
 
 
 def test_group_pattern(tmp_path):
     for city, names in {"a": ["spotA_1", "spotA_2", "spotB_1", "odd"], "b": ["spotC_1", "spotD_1"]}.items():
         for n in names:
             solid(tmp_path / city / f"{n}.jpg")
-    named, rej = data.load_records(tmp_path, group_pattern=r"^(?P<group>[^_]+)_\d+$")
-    first, _ = data.load_records(tmp_path, group_pattern=r"^([^_]+)_")
+    named, rej = dataset.load_records(tmp_path, group_pattern=r"^(?P<group>[^_]+)_\d+$")
+    first, _ = dataset.load_records(tmp_path, group_pattern=r"^([^_]+)_")
     assert list(named["group"]) == ["spotA", "spotA", "spotB", "spotC", "spotD"]
     assert list(first["group"]) == list(named["group"])
     assert list(reasons(rej)) == ["odd.jpg"] and "group_pattern" in rej["reason"][0]
-    with pytest.raises(data.DatasetError, match="city 'b'.*spotC_1"):
-        data.load_records(tmp_path, group_pattern=r"^(spot[AB])_")
+    with pytest.raises(dataset.DatasetError, match="city 'b'.*spotC_1"):
+        dataset.load_records(tmp_path, group_pattern=r"^(spot[AB])_")
 
 
 def test_streetview_samples():
     root = paths.shared() / "samples" / "streetview"
     if not root.is_dir():
         pytest.fail(f"Street View samples missing: expected two city folders of JPEGs in {root}")
-    records, rejected = data.load_records(root, group_pattern=data.STREETVIEW_PANO)
+    records, rejected = dataset.load_records(root, group_pattern=dataset.STREETVIEW_PANO)
     assert len(records) == 40 and rejected.empty
     assert sorted(records["city"].unique()) == ["london_on", "london_uk"]
     stems = records["path"].map(lambda p: Path(p).stem)
     # The last five '_' fields are lat, lon, date, season, sharpness; the rest is the pano id.
     assert list(records["group"]) == [("_".join(s.split("_")[:-5])) for s in stems]
     assert records["group"].str.len().eq(22).all() and records["group"].is_unique
-    assert data.DataConfig(group_pattern="streetview").group_pattern == data.STREETVIEW_PANO
+    assert dataset.DataConfig(group_pattern="streetview").group_pattern == dataset.STREETVIEW_PANO
 
 
 def test_config_from_dict():
-    cfg = from_dict(data.DataConfig, {"source": "x", "split": [4, 1, 1], "world": {"seed": 3},
+    cfg = from_dict(dataset.DataConfig, {"source": "x", "split": [4, 1, 1], "world": {"seed": 3},
                                       "cities": ["a", "b"]})
     assert cfg.split == (4.0, 1.0, 1.0) and cfg.world.seed == 3 and cfg.cities == ("a", "b")
-    assert config_hash(cfg) == config_hash(data.DataConfig(source="x", split=(4, 1, 1),
+    assert config_hash(cfg) == config_hash(dataset.DataConfig(source="x", split=(4, 1, 1),
                                                            world=type(cfg.world)(seed=3), cities=("a", "b")))
     for bad, key in [({"image_sise": 64}, "image_sise"), ({"split": [1, 0, 1]}, "split"),
                      ({"group_pattern": "(["}, "group_pattern"), ({"image_size": 4}, "image_size"),
                      ({"world": {"sede": 1}}, "world.sede"), ({"cities": ["a"]}, "cities")]:
         with pytest.raises(ConfigError, match=re.escape(key)):
-            from_dict(data.DataConfig, bad, where="p.yaml")
+            from_dict(dataset.DataConfig, bad, where="p.yaml")
 
 
 # ---------------------------------------------------------------- the stage and its cache
@@ -298,16 +299,16 @@ def test_config_from_dict():
 def test_run_writes_manifest_and_cache_and_reuses(tmp_path):
     root = city_tree(tmp_path / "ds", cities=("amsterdam", "berlin", "cairo"), n=5, size=(48, 32))
     (root / "berlin" / "broken.jpg").write_bytes(b"")
-    cfg = data.DataConfig(source=str(root), image_size=16)
+    cfg = dataset.DataConfig(source=str(root), image_size=16)
     out = tmp_path / "out"
-    res = data.run(cfg, out, progress=False)
+    res = dataset.run(cfg, out, progress=False)
     manifest = pd.read_csv(out / "manifest.csv")
-    assert list(manifest.columns) == data.MANIFEST_COLUMNS and len(manifest) == 15
+    assert list(manifest.columns) == dataset.MANIFEST_COLUMNS and len(manifest) == 15
     assert list(pd.read_csv(out / "rejected.csv").columns) == ["path", "reason"]
     assert leakage_report(res.manifest).empty and not res.reused
     assert (out / "snapshot.json").exists() and res.cache_dir.parent == out / "cache"
 
-    c = data.load(cfg, out)
+    c = dataset.load(cfg, out)
     assert c.images.shape == (15, 16, 16, 3) and c.images.dtype == np.uint8
     assert c.labels.shape == (15, 16, 16) and c.labels.dtype == np.uint8 and not c.labels.any()
     assert c.cities == ("amsterdam", "berlin", "cairo") and c.y.dtype == np.int64
@@ -319,19 +320,19 @@ def test_run_writes_manifest_and_cache_and_reuses(tmp_path):
         colour = COLOURS[c.cities[c.y[i]]]
         assert np.abs(c.images[i].astype(int) - colour).max() <= 3
 
-    again = data.run(cfg, out, progress=False)
+    again = dataset.run(cfg, out, progress=False)
     assert again.reused and again.cache_dir == res.cache_dir
     pd.testing.assert_frame_equal(again.manifest, res.manifest)
 
-    bigger = data.run(dataclasses.replace(cfg, image_size=24), out, progress=False)
+    bigger = dataset.run(dataclasses.replace(cfg, image_size=24), out, progress=False)
     assert bigger.cache_dir != res.cache_dir
-    reseeded = data.run(dataclasses.replace(cfg, split_seed=5), out, progress=False)
+    reseeded = dataset.run(dataclasses.replace(cfg, split_seed=5), out, progress=False)
     assert reseeded.cache_dir != res.cache_dir  # its index differs; the pixels are shared
     assert np.array_equal(imagecache.load_cache(reseeded.cache_dir).images, c.images)
 
     f = root / "amsterdam" / "img0.jpg"
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
-    touched = data.run(cfg, out, progress=False)
+    touched = dataset.run(cfg, out, progress=False)
     assert not touched.reused and touched.cache_dir != res.cache_dir
     assert touched.changes == "source changed: 0 files added, 0 removed, 1 modified"
 
@@ -340,42 +341,42 @@ def test_source_changes_are_reported_and_make_a_new_snapshot(tmp_path):
     """Files added and removed: a new snapshot whose manifest matches the folder; until the
     stage runs again, ``current`` keeps the frozen one (never rebuilt behind the user's back)."""
     root = city_tree(tmp_path / "ds", cities=("amsterdam", "berlin"), n=5, size=(32, 32))
-    cfg = data.DataConfig(source=str(root), image_size=16)
+    cfg = dataset.DataConfig(source=str(root), image_size=16)
     out = tmp_path / "out"
-    first = data.run(cfg, out, progress=False)
-    assert data.changes(cfg, out) is None and data.key(cfg, out) == data.key(cfg, out)
-    before = data.key(cfg, out)
+    first = dataset.run(cfg, out, progress=False)
+    assert dataset.changes(cfg, out) is None and dataset.key(cfg, out) == dataset.key(cfg, out)
+    before = dataset.key(cfg, out)
     for i in range(5, 8):
         solid(root / "berlin" / f"new{i}.jpg", COLOURS["berlin"])
     (root / "amsterdam" / "img0.jpg").unlink()
-    assert data.changes(cfg, out) == "source changed: 3 files added, 1 removed, 0 modified"
-    assert data.key(cfg, out) != before
-    frozen = data.current(cfg, out)
+    assert dataset.changes(cfg, out) == "source changed: 3 files added, 1 removed, 0 modified"
+    assert dataset.key(cfg, out) != before
+    frozen = dataset.current(cfg, out)
     assert frozen.key == first.key and len(frozen.manifest) == 10     # not rebuilt by reading
-    new = data.run(cfg, out, progress=False)
+    new = dataset.run(cfg, out, progress=False)
     assert not new.reused and new.key != first.key
     assert new.changes == "source changed: 3 files added, 1 removed, 0 modified"
     listed = sorted(str(p) for p in root.rglob("*.jpg"))
     assert sorted(pd.read_csv(out / "manifest.csv")["path"]) == listed
-    assert data.current(cfg, out).key == new.key and data.changes(cfg, out) is None
-    with pytest.raises(data.StaleError, match="other data settings"):
-        data.current(dataclasses.replace(cfg, image_size=24), out)
-    with pytest.raises(data.StaleError, match="no data snapshot"):
-        data.current(cfg, tmp_path / "elsewhere")
+    assert dataset.current(cfg, out).key == new.key and dataset.changes(cfg, out) is None
+    with pytest.raises(dataset.StaleError, match="other data settings"):
+        dataset.current(dataclasses.replace(cfg, image_size=24), out)
+    with pytest.raises(dataset.StaleError, match="no data snapshot"):
+        dataset.current(cfg, tmp_path / "elsewhere")
 
 
 def test_city_without_usable_images_fails_after_listing_rejects(tmp_path):
     root = city_tree(tmp_path / "ds")
     solid(root / "cairo" / "x.jpg")
     (root / "cairo" / "x.jpg").write_bytes(b"")
-    with pytest.raises(data.DatasetError, match="cairo"):
-        data.run(data.DataConfig(source=str(root), image_size=16), tmp_path / "out", progress=False)
+    with pytest.raises(dataset.DatasetError, match="cairo"):
+        dataset.run(dataset.DataConfig(source=str(root), image_size=16), tmp_path / "out", progress=False)
     assert "x.jpg" in pd.read_csv(tmp_path / "out" / "rejected.csv")["path"][0]
 
 
 def test_parallel_cache_matches_serial(tmp_path):
     root = city_tree(tmp_path / "ds", n=6, size=(50, 37))
-    records, _ = data.load_records(root)
+    records, _ = dataset.load_records(root)
     records["split"] = "train"
     one = imagecache.load_cache(imagecache.build_cache(records, 12, tmp_path / "c1", workers=1, progress=False))
     many = imagecache.load_cache(imagecache.build_cache(records, 12, tmp_path / "c2", workers=4, progress=False))
@@ -383,7 +384,7 @@ def test_parallel_cache_matches_serial(tmp_path):
 
 
 def test_world_source_goes_through_synth(tmp_path, monkeypatch):
-    from citylib import synth
+    from citylib.world import synth
     seen = {}
 
     def fake_run(cfg, out, overwrite=False):
@@ -398,8 +399,8 @@ def test_world_source_goes_through_synth(tmp_path, monkeypatch):
         return Path(out) / "manifest.csv"
 
     monkeypatch.setattr(synth, "run", fake_run, raising=False)
-    cfg = data.DataConfig(image_size=16)
-    res = data.run(cfg, tmp_path / "outputs" / "data", progress=False)
+    cfg = dataset.DataConfig(image_size=16)
+    res = dataset.run(cfg, tmp_path / "outputs" / "data", progress=False)
     assert seen["cfg"] == cfg.world
     assert seen["out"] == tmp_path / "outputs" / "world" / synth.world_hash(cfg.world)
     assert sorted(res.manifest["group"]) == ["amsterdam0", "amsterdam1", "amsterdam2",
@@ -413,7 +414,7 @@ def test_manifest_rows_that_name_one_file_for_two_cities_are_both_refused(tmp_pa
     csv = tmp_path / "m.csv"
     pd.DataFrame({"path": ["a0.jpg", "a1.jpg", "a2.jpg", "b0.jpg", "b1.jpg", "b2.jpg", "a0.jpg"],
                   "city": ["a", "a", "a", "b", "b", "b", "b"]}).to_csv(csv, index=False)
-    records, rejected = data.load_records(csv)
+    records, rejected = dataset.load_records(csv)
     assert list(rejected["reason"]) == ["line 2 of m.csv: listed for two cities: a, b",
                                         "line 8 of m.csv: listed for two cities: a, b"]
     assert str(tmp_path / "a0.jpg") not in set(records["path"])
@@ -433,9 +434,9 @@ def test_reasons_say_what_happened(tmp_path, monkeypatch):
         return real_open(path, *a, **k)
 
     monkeypatch.setattr(Image, "open", open_)
-    assert data.check_file(str(folder / "dir.jpg")) == "is a directory, not an image file"
-    assert data.check_file(str(folder / "loop.jpg")) == "cannot read: symlink loop"
-    assert data.check_file(str(denied)) == "permission denied"
+    assert dataset.check_file(str(folder / "dir.jpg")) == "is a directory, not an image file"
+    assert dataset.check_file(str(folder / "loop.jpg")) == "cannot read: symlink loop"
+    assert dataset.check_file(str(denied)) == "permission denied"
 
 
 UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]   # nobody
@@ -466,8 +467,8 @@ def test_permissions_for_real_a_file_and_a_folder_nobody_may_read():
         denied.chmod(0)
         (root / "b" / "locked").chmod(0)
         script = ("import json, sys; from citylib import data\n"
-                  "records, rejected = data.load_records(sys.argv[1])\n"
-                  "records, bad = data.validate(records, progress=False)\n"
+                  "records, rejected = dataset.load_records(sys.argv[1])\n"
+                  "records, bad = dataset.validate(records, progress=False)\n"
                   "print(json.dumps({'records': sorted(records['path']), 'rejected': {"
                   "**dict(zip(rejected['path'], rejected['reason'])), **dict(zip(bad['path'], bad['reason']))}}))")
         cmd = ([*UNPRIVILEGED] if os.geteuid() == 0 else []) + [sys.executable, "-c", script, str(root)]
@@ -497,6 +498,6 @@ def test_an_unreadable_city_sub_folder_is_listed_not_lost(tmp_path, monkeypatch)
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    records, rejected = data.load_records(tmp_path)
+    records, rejected = dataset.load_records(tmp_path)
     assert reasons(rejected) == {"locked": "folder not readable: permission denied"}
     assert len(records) == 4

@@ -18,8 +18,10 @@ import nbformat
 import pytest
 import torch
 
-from citylib import artifacts, cli, models, train
-from citylib.paths import PARAMETERS
+from citylib.core import artifacts
+from citylib.nets import models, train
+from citylib.run import cli
+from citylib.core.paths import PARAMETERS
 
 EPOCHS = 2
 
@@ -39,7 +41,7 @@ def trained(tmp_path_factory):
     def train_(name, *extra, torchrun=False):
         launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
                   if torchrun else [sys.executable])
-        cmd = launch + ["-m", "citylib.cli", "train", "--params", str(root / f"{name}.yaml"),
+        cmd = launch + ["-m", "citylib", "train", "--params", str(root / f"{name}.yaml"),
                         "--outputs", str(out), "--quiet", *extra]
         done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -94,7 +96,7 @@ def test_a_run_of_two_processes_launches_torchrun_and_completes_its_notebooks(tr
 def test_a_process_count_other_than_the_settings_is_an_error(trained):
     root, out, _ = trained
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "citylib.cli", "train", "--params", str(root / "alone.yaml"),
+                           "-m", "citylib", "train", "--params", str(root / "alone.yaml"),
                            "--outputs", str(out), "--quiet"], capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "alone: train.processes is 1 but 2 process(es) run this training" in done.stderr

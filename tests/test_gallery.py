@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from citylib import gallery
+from citylib.figures import gallery
 
 
 def _unique(cells: np.ndarray) -> bool:

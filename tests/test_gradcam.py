@@ -13,7 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from citylib import artifacts, devices, gradcam, models, saliency, stats, train
+from citylib.core import artifacts, devices
+from citylib.explain import saliency
+from citylib.nets import models, train
+from citylib.stages import gradcam
+from citylib.stats import histograms
 
 SIZE = 64
 CITIES = ["amsterdam", "berlin", "cairo"]
@@ -326,7 +330,7 @@ def test_run_load_reuse(trained_run):
 
 
 def test_config_checks(trained_run):
-    from citylib.config import ConfigError, from_dict
+    from citylib.core.config import ConfigError, from_dict
 
     with pytest.raises(ValueError, match="threshold"):
         gradcam.GradCAMConfig(threshold=1.5)
@@ -349,7 +353,8 @@ def test_config_checks(trained_run):
 
 @pytest.mark.skipif(torch.cuda.is_available() or devices._mps(), reason="a machine without a GPU")
 def test_the_analyses_device_setting_without_a_gpu(trained_run, tmp_path):
-    from citylib import causal, methods, predict
+    from citylib.run import predict
+    from citylib.stages import causal, methods
 
     run_dir, cache = trained_run
     copy = tmp_path / "run"
@@ -360,7 +365,7 @@ def test_the_analyses_device_setting_without_a_gpu(trained_run, tmp_path):
     assert gradcam.key(dataclasses.replace(cfg, device="cpu"), "t") == gradcam.key(cfg, "t")
     assert gradcam.key(dataclasses.replace(cfg, device="cuda:1"), "t") != gradcam.key(cfg, "t")
     assert causal.key(causal.CausalConfig(device="cpu"), "t", "c") == causal.key(causal.CausalConfig(), "t", "c")
-    methods_key = lambda c: methods.key(c, stats.StatsConfig(), "t", "l", "c", "predicted")   # noqa: E731
+    methods_key = lambda c: methods.key(c, histograms.StatsConfig(), "t", "l", "c", "predicted")   # noqa: E731
     assert methods_key(methods.MethodsConfig(device="cpu")) == methods_key(methods.MethodsConfig())
     with pytest.raises(ValueError, match="'device' = 'gpu'"):
         gradcam.GradCAMConfig(device="gpu")

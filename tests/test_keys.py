@@ -9,7 +9,10 @@ import pytest
 import torch
 import yaml
 
-from citylib import artifacts, cli, gradcam, pipeline, runner, synth
+from citylib.core import artifacts
+from citylib.run import cli, pipeline, runner
+from citylib.stages import gradcam
+from citylib.world import synth
 
 PARAMS = {"arch": "simple", "seed": 0, "data": {"image_size": 64},
           "train": {"epochs": 1, "batch_size": 8}}

@@ -9,7 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from citylib import devices, methods, models, saliency, stats, train
+from citylib.core import devices
+from citylib.explain import saliency
+from citylib.nets import models, train
+from citylib.stages import methods
+from citylib.stats import histograms
 
 TREE, FENCE, BUILDING, ROAD, CAR = 5, 33, 2, 7, 21
 
@@ -57,7 +61,7 @@ def test_visibility_against_a_known_causal_ranking():
                            "ci_high": [-0.5, 0.05, -1.0], "rank": [1.0, 2.0, 1.0]})
     planted = {"a": ("tree", "fence"), "b": ("car",)}
     table, summary = methods.score({("m", "good"): on_tree, ("m", "bad"): on_fence}, labels, cities,
-                                   planted, causal, stats.StatsConfig(bootstrap=0), top=1)
+                                   planted, causal, histograms.StatsConfig(bootstrap=0), top=1)
     good, bad = summary["scores"]["m"]["good"], summary["scores"]["m"]["bad"]
     assert good["strongest_in_top"] == {"a": True, "b": True} and good["all_strongest_in_top"]
     assert bad["strongest_in_top"] == {"a": False, "b": True} and not bad["all_strongest_in_top"]
@@ -67,7 +71,7 @@ def test_visibility_against_a_known_causal_ranking():
     # a city whose network relies on no cue (every interval reaches 0) is left out
     none = causal.assign(ci_high=[0.1, 0.1, -1.0])
     _, summary = methods.score({("m", "good"): on_tree}, labels, cities, planted, none,
-                               stats.StatsConfig(bootstrap=0), top=1)
+                               histograms.StatsConfig(bootstrap=0), top=1)
     assert summary["scores"]["m"]["good"]["strongest_in_top"] == {"b": True}
     # the verdict reads the numbers
     summary["layers"] = ["good"]
@@ -77,11 +81,11 @@ def test_visibility_against_a_known_causal_ranking():
 
 def _resampled_reference(masks, labels, cities, images, weights, planted, stats_cfg):
     """rho of one resample the slow way: the images repeated as often as drawn, counted again by
-    ``stats.Histograms`` and ranked by ``cues.recovery``, effects as weighted means."""
-    from citylib import cues
+    ``histograms.Histograms`` and ranked by ``cues.recovery``, effects as weighted means."""
+    from citylib.explain import cues
 
     take = np.repeat(np.arange(len(labels)), weights.astype(int))
-    hist = stats.Histograms.build(stats.upsampled(masks[take], labels.shape[-1], saliency.upsample),
+    hist = histograms.Histograms.build(histograms.upsampled(masks[take], labels.shape[-1], saliency.upsample),
                                   labels[take], cities[take], stats_cfg, progress=False)
     rec, _ = cues.recovery(hist.table(ci=False), planted, 3)
     effect = {}
@@ -108,9 +112,9 @@ def test_rho_interval_resamples_spots_as_a_recount_would():
             recs.append({"row": r, "city": cities[r], "group": group[r], "object": obj,
                          "logp": 0.0, "logp_without": float(rng.normal(-1 if obj in ("tree", "car") else 0, 0.5))})
     images = pd.DataFrame(recs)
-    cfg = stats.StatsConfig(bootstrap=0)
+    cfg = histograms.StatsConfig(bootstrap=0)
     boot = methods._resampling(images, rows, cities, n_boot=20, seed=0)
-    hist = stats.Histograms.build(stats.upsampled(masks, 32, saliency.upsample), labels, cities, cfg, progress=False)
+    hist = histograms.Histograms.build(histograms.upsampled(masks, 32, saliency.upsample), labels, cities, cfg, progress=False)
     cue_list = [("a", "tree"), ("a", "fence"), ("b", "car"), ("b", "road")]
     rho = methods.rho_resamples(hist, cue_list, boot)
     # each image's weight is its spot's draw count, spots drawn within their city
@@ -137,7 +141,7 @@ def test_rho_interval_separates_a_faithful_method_from_an_unfaithful_one():
                            "effect": [-1.0, -0.1, -2.0], "ci_low": [-1.5, -0.2, -3.0],
                            "ci_high": [-0.5, 0.05, -1.0], "rank": [1.0, 2.0, 1.0]})
     _, summary = methods.score({("m", "good"): on_tree, ("m", "bad"): on_fence}, labels, cities,
-                               {"a": ("tree", "fence"), "b": ("car",)}, causal, stats.StatsConfig(bootstrap=0),
+                               {"a": ("tree", "fence"), "b": ("car",)}, causal, histograms.StatsConfig(bootstrap=0),
                                top=1, images=images, rows=np.arange(2 * n), n_boot=200)
     good, bad = summary["scores"]["m"]["good"], summary["scores"]["m"]["bad"]
     assert good["spearman_ci"][0] <= good["spearman"] <= good["spearman_ci"][1]
@@ -145,7 +149,8 @@ def test_rho_interval_separates_a_faithful_method_from_an_unfaithful_one():
 
 
 def test_mrr_interval_resamples_spots_as_a_recount_would():
-    from citylib import cues, intervals
+    from citylib.explain import cues
+    from citylib.stats import intervals
 
     labels, cities = _scene(n=6)
     labels[[1, 7], :4] = FENCE
@@ -153,8 +158,8 @@ def test_mrr_interval_resamples_spots_as_a_recount_would():
     masks = np.random.default_rng(4).random((12, 4, 4)).astype(np.float32)
     group = np.array([f"s{r // 2}" for r in range(12)])                 # two views per spot
     planted = {"a": ("tree", "fence"), "b": ("car", "road")}
-    cfg = stats.StatsConfig(bootstrap=0)
-    hist = stats.Histograms.build(stats.upsampled(masks, 32, saliency.upsample), labels, cities, cfg, progress=False)
+    cfg = histograms.StatsConfig(bootstrap=0)
+    hist = histograms.Histograms.build(histograms.upsampled(masks, 32, saliency.upsample), labels, cities, cfg, progress=False)
     weights = intervals.spot_weights(group, cities, 30, seed=0)
     assert (weights[:, 0] == weights[:, 1]).all() and (weights[:, np.asarray(cities) == "a"].sum(1) == 6).all()
     mrr = cues.mrr_resamples(hist, planted, weights)
@@ -163,7 +168,7 @@ def test_mrr_interval_resamples_spots_as_a_recount_would():
     assert cues.mrr_resamples(hist, planted, np.ones((1, 12)))[0] == pytest.approx(full["planted_mrr"])
     for b in range(10):       # the slow way: images repeated as drawn, counted and ranked again
         take = np.repeat(np.arange(12), weights[b].astype(int))
-        again = stats.Histograms.build(stats.upsampled(masks[take], 32, saliency.upsample), labels[take],
+        again = histograms.Histograms.build(histograms.upsampled(masks[take], 32, saliency.upsample), labels[take],
                                        np.asarray(cities)[take], cfg, progress=False)
         ref = cues.recovery(again.table(ci=False), planted)[1]["planted_mrr"]
         assert mrr[b] == pytest.approx(ref, abs=1e-12), b
@@ -202,7 +207,7 @@ def test_the_stage_counts_the_sweep_batch_by_batch_as_the_whole_masks_would_be()
     labels = rng.choice([TREE, FENCE, BUILDING, ROAD, CAR], (7, 64, 64)).astype(np.uint8)
     labels[:, :32, :32] = TREE                          # every object present in every city
     cities = np.array(["a", "b", "a", "b", "a", "b", "a"])
-    layers, cfg = models.sweep_layers(model), stats.StatsConfig(bootstrap=0, min_pixels_224=0)
+    layers, cfg = models.sweep_layers(model), histograms.StatsConfig(bootstrap=0, min_pixels_224=0)
     causal = pd.DataFrame({"city": ["a", "a", "b"], "object": ["tree", "fence", "car"],
                            "effect": [-1.0, -0.1, -2.0], "ci_low": [-1.5, -0.2, -3.0],
                            "ci_high": [-0.5, 0.05, -1.0], "rank": [1.0, 2.0, 1.0]})
@@ -216,7 +221,7 @@ def test_the_stage_counts_the_sweep_batch_by_batch_as_the_whole_masks_would_be()
     pd.testing.assert_frame_equal(whole[0], streamed[0])
     assert json.dumps(whole[1], sort_keys=True) == json.dumps(streamed[1], sort_keys=True)   # NaN == NaN
     for k, h in hists.items():     # the same counts, pair by pair; at the threshold those of all bins
-        full = stats.Histograms.build(stats.upsampled(masks[k], 64, saliency.upsample), labels, cities, cfg,
+        full = histograms.Histograms.build(histograms.upsampled(masks[k], 64, saliency.upsample), labels, cities, cfg,
                                       progress=False)
         assert h.above.shape[1] == 3 and full.above.shape[1] == 101
         np.testing.assert_array_equal(h.above[:, [0, 1]], full.above[:, [0, 50]], err_msg=str(k))

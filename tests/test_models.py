@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from citylib import models
+from citylib.nets import models
 
 
 def _run_hooked(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

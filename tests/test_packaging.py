@@ -4,7 +4,7 @@ import tomllib
 
 import yaml
 
-from citylib import paths
+from citylib.core import paths
 
 
 def _name(req: str) -> str:

@@ -3,9 +3,10 @@ import textwrap
 
 import pytest
 
-from citylib import cli, params, paths
-from citylib.config import ConfigError
-from citylib.paths import PARAMETERS
+from citylib.core import paths
+from citylib.run import cli, params
+from citylib.core.config import ConfigError
+from citylib.core.paths import PARAMETERS
 
 GOOD = """
 arch: simple

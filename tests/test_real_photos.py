@@ -11,8 +11,10 @@ import shutil
 import pandas as pd
 import pytest
 
-from citylib import paths, runner, segment
-from citylib.paths import PARAMETERS
+from citylib.core import paths
+from citylib.data import segment
+from citylib.run import runner
+from citylib.core.paths import PARAMETERS
 
 GRID = PARAMETERS / "streetview"
 

@@ -14,8 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from citylib import artifacts, cli, intervals, paths, runner
-from citylib.paths import PARAMETERS
+from citylib.core import artifacts, paths
+from citylib.run import cli, runner
+from citylib.stats import intervals
+from citylib.core.paths import PARAMETERS
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from citylib import gradcam_plots, models, saliency, sanity, train
+from citylib.explain import saliency, sanity
+from citylib.figures import gradcam_plots
+from citylib.nets import models, train
 
 SIZE = 64
 CLASSES = 3

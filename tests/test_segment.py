@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib import paths, segment
-from citylib.imagecache import Cache
-from citylib.config import ConfigError, from_dict
-from citylib.segment import SegmentConfig, SegmentError
+from citylib.core import paths
+from citylib.data import segment
+from citylib.data.imagecache import Cache
+from citylib.core.config import ConfigError, from_dict
+from citylib.data.segment import SegmentConfig, SegmentError
 
 SKY, BUILDING, ROAD, TREE, CAR = 3, 2, 7, 5, 21
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import StratifiedGroupKFold
 
-from citylib.splits import SPLITS, SplitError, leakage_report, split_groups, split_table
+from citylib.data.splits import SPLITS, SplitError, leakage_report, split_groups, split_table
 
 
 def records(groups_per_city=(40, 25, 60), max_size=5, seed=0) -> pd.DataFrame:

@@ -10,9 +10,11 @@ import pytest
 
 matplotlib.use("Agg")
 
-from citylib import cues as cues_  # noqa: E402
-from citylib import ade20k, stats, stats_plots  # noqa: E402
-from citylib.stats import Histograms, StatsConfig  # noqa: E402
+from citylib.explain import cues as cues_  # noqa: E402
+from citylib.core import ade20k  # noqa: E402
+from citylib.figures import stats_plots
+from citylib.stats import histograms
+from citylib.stats.histograms import Histograms, StatsConfig  # noqa: E402
 
 SKY, ROAD, TREE, BUILDING, CAR = 3, 7, 5, 2, 21
 NAMES = {i: n for n, i in ade20k.STREET.items()}
@@ -87,7 +89,7 @@ def test_all_zero_mask_and_absent_objects():
     # (0) never has a row.
     assert ("b", "sky") not in t and ("a", "building") not in t
     assert "car" not in set(table["object"]) and "0" not in set(table["object"])
-    assert list(table.columns) == stats.TABLE_COLUMNS
+    assert list(table.columns) == histograms.TABLE_COLUMNS
 
 
 def test_threshold_must_be_a_bin_edge():
@@ -97,7 +99,7 @@ def test_threshold_must_be_a_bin_edge():
         h.table(0.505)
     with pytest.raises(ValueError, match="multiple of 1/8"):
         StatsConfig(bins=8, threshold=0.3)
-    assert stats.edge(0.25, 100) == 25 and stats.edge(0.375, 8) == 3
+    assert histograms.edge(0.25, 100) == 25 and histograms.edge(0.375, 8) == 3
 
 
 def test_value_exactly_on_an_edge():
@@ -156,7 +158,7 @@ def test_fewest_bins_count_as_all_bins_at_the_threshold(threshold, bins):
     lab = rng.choice([0, SKY, ROAD, TREE, BUILDING, CAR], size=(30, 16, 16)).astype(np.uint8)
     cities = np.array(["x", "y"])[rng.integers(0, 2, 30)]
     cfg = StatsConfig(threshold=threshold, min_pixels_224=0, bootstrap=200)
-    coarse = stats.at_threshold(cfg)
+    coarse = histograms.at_threshold(cfg)
     assert coarse.bins == bins and coarse.threshold == threshold
     full = Histograms.build(m, lab, cities, cfg, NAMES, progress=False)
     few = Histograms.build(m, lab, cities, coarse, NAMES, progress=False)
@@ -178,7 +180,7 @@ def test_batches_iterator_and_callable_match_array():
     func = Histograms.build(lambda: (m[i:i + 4] for i in range(0, 10, 4)), lab, cities, NO_FILTER,
                             NAMES, progress=False).table()
     small = np.repeat(np.repeat(m[:, ::2, ::2], 2, axis=1), 2, axis=2)  # an 8 x 8 "upsampled" 4 x 4
-    up = Histograms.build(stats.upsampled(m[:, ::2, ::2], 8, lambda b, s: np.repeat(np.repeat(b, 2, 1), 2, 2),
+    up = Histograms.build(histograms.upsampled(m[:, ::2, ::2], 8, lambda b, s: np.repeat(np.repeat(b, 2, 1), 2, 2),
                                           batch=3), lab, cities, NO_FILTER, NAMES, progress=False).table()
     pd.testing.assert_frame_equal(whole, batches)
     pd.testing.assert_frame_equal(whole, func)
@@ -216,7 +218,7 @@ def filter_case(size: int):
 def test_object_filter_scales_with_area(size):
     m, lab, cities = filter_case(size)
     h = Histograms.build(m, lab, cities, StatsConfig(bootstrap=0), NAMES, progress=False)
-    assert stats.min_pixels(h.cfg, size) == 100 * size ** 2 / 224 ** 2  # 100 at 224, 25 at 112
+    assert histograms.min_pixels(h.cfg, size) == 100 * size ** 2 / 224 ** 2  # 100 at 224, 25 at 112
     assert set(h.table()["object"]) == {"car", "road"}
 
 
@@ -265,7 +267,7 @@ def constructed_table() -> pd.DataFrame:
             ("d", "r", 2.0), ("d", "s", 2.0), ("d", "t", 1.0)]
     frame = pd.DataFrame(data, columns=["city", "object", "lift"])
     return frame.assign(R=frame.lift / 4, pixels=1000, coverage=0.25, lift_ci_low=np.nan,
-                        lift_ci_high=np.nan)[stats.TABLE_COLUMNS]
+                        lift_ci_high=np.nan)[histograms.TABLE_COLUMNS]
 
 
 def test_planted_recovery_ranks_and_mrr():
@@ -331,7 +333,7 @@ def test_ceiling_tells_a_cue_finer_than_the_map():
     upsampling (half-pixel centres) gives 1, 1, 0.875, 0.625 along rows/cols 0-3 and <= 0.375
     beyond, so at t = 0.5 every building pixel is explained (R 1) but the tree's (3, 3) pixel
     is not (0.625 * 0.625 < 0.5): tree R 3/4 < building's -> rank 2, out of the top 1."""
-    from citylib import saliency
+    from citylib.explain import saliency
 
     S = ade20k.STREET
     lab = np.full((2, 8, 8), S["road"], np.uint8)
@@ -354,9 +356,9 @@ def test_planted_cues_of_the_default_world():
 
 def test_run_writes_table_and_reloads(tmp_path):
     m, lab, cities = hand_made()
-    result = stats.run(NO_FILTER, tmp_path, m, lab, cities, names=NAMES, progress=False)
+    result = histograms.run(NO_FILTER, tmp_path, m, lab, cities, names=NAMES, progress=False)
     saved = pd.read_csv(tmp_path / "r_scores.csv")
-    assert list(saved.columns) == stats.TABLE_COLUMNS and len(saved) == len(result.table) == 4
+    assert list(saved.columns) == histograms.TABLE_COLUMNS and len(saved) == len(result.table) == 4
     again = Histograms.load(tmp_path / "histograms.npz")
     pd.testing.assert_frame_equal(again.table(0.6), result.histograms.table(0.6))
     assert (tmp_path / "r_scores.json").exists()
@@ -374,7 +376,7 @@ def test_plots_return_figures():
 
 
 def test_threshold_panel_redraws_its_image_when_a_control_moves():
-    from citylib import widgets
+    from citylib.figures import widgets
 
     m, lab, cities = hand_made()
     h = Histograms.build(m, lab, cities, NO_FILTER, NAMES, progress=False)
@@ -394,7 +396,7 @@ def test_a_redraw_that_raises_keeps_the_picture_and_shows_the_error():
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
-    from citylib import widgets
+    from citylib.figures import widgets
 
     def figure(k):
         if k == 2:

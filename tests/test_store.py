@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib import imagecache
+from citylib.data import imagecache
 
 CITIES = ("east", "west")
 
@@ -99,7 +99,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
 KILLED_BUILD = """
 import os, signal, sys
 import pandas as pd
-from citylib import imagecache
+from citylib.data import imagecache
 decode, calls = imagecache.prepare, []
 def dying(*args):                      # killed outright after 30 images: no cleanup runs
     calls.append(1)
@@ -217,7 +217,7 @@ def _limited_training(folder: Path) -> dict:
     smallest registered network's are 150 MB)."""
     import torch
 
-    from citylib import train
+    from citylib.nets import train
 
     def tiny(arch, n_classes, image_size):                 # (B, 3, S, S) -> (B, 4, S/8, S/8) -> (B, C)
         return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.ReLU(),

@@ -24,10 +24,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib import cli, data
-from citylib.streetview import collect, geosample, static_api
-from citylib.config import ConfigError, from_dict
-from citylib.streetview.collect import StreetViewConfig
+from citylib.data import dataset
+from citylib.run import cli
+from citylib.data.streetview import collect, geosample, static_api
+from citylib.core.config import ConfigError, from_dict
+from citylib.data.streetview.collect import StreetViewConfig
 
 # '+' and '/' must be URL-quoted in a query: the redaction must catch the quoted form too.
 KEY = "AIzaFAKE-key_for+tests/4711"
@@ -144,7 +145,7 @@ def gather(api, root, **kw) -> collect.StreetViewResult:
 
 
 def whole(path: Path) -> bool:
-    return data.check_file(str(path)) is None
+    return dataset.check_file(str(path)) is None
 
 
 # ---------------------------------------------------------------- collecting
@@ -174,10 +175,10 @@ def test_manifest_is_a_data_stage_manifest(api, tmp_path):
     root = tmp_path / "sv"
     gather(api, root, points=5)
     gather(api, root, city="berlin", bbox=(52.50, 13.37, 52.53, 13.42), points=5)
-    records, rejected = data.load_records(root / "manifest.csv")
+    records, rejected = dataset.load_records(root / "manifest.csv")
     assert rejected.empty and sorted(records["city"].unique()) == ["amsterdam", "berlin"]
     assert len(records) == 20 and records["group"].nunique() == 10
-    result = data.run(data.DataConfig(source=str(root / "manifest.csv"), image_size=16),
+    result = dataset.run(dataset.DataConfig(source=str(root / "manifest.csv"), image_size=16),
                       out=tmp_path / "data", progress=False)
     assert len(result.manifest) == 20 and result.rejected.empty
     assert (result.manifest.groupby("group")["split"].nunique() == 1).all()  # no place in two splits

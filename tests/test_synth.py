@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib import scene, synth
-from citylib.artifacts import read_json
-from citylib.config import ConfigError, from_dict
-from citylib.scene import LUT, VOCAB
+from citylib.world import scene, synth
+from citylib.core.artifacts import read_json
+from citylib.core.config import ConfigError, from_dict
+from citylib.world.scene import LUT, VOCAB
 
 SMALL = synth.SynthConfig(spots_per_city=3, views=4, size=48, seed=0)
 
@@ -255,7 +255,7 @@ def test_cue_free_renderings_cannot_tell_cities_apart():
     """With every cue reset the cities are one distribution: a colour-histogram classifier
     scores at chance (chance inside its Wilson 95% interval) and no object's pixel share
     differs between cities. The same checks on the real renderings do detect the cities."""
-    from citylib.intervals import wilson
+    from citylib.stats.intervals import wilson
 
     world = synth.load_world("default")
     chance = 1 / len(world.styles)

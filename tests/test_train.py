@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from citylib import artifacts, devices, train
-from citylib.artifacts import read_json
+from citylib.core import artifacts, devices
+from citylib.nets import train
+from citylib.core.artifacts import read_json
 
 CITIES = ["amsterdam", "berlin", "cairo"]
 SIZE = 64
@@ -272,7 +273,7 @@ def test_to_tensor_and_augment(cache):
 
 
 def test_a_corrupt_checkpoint_is_one_clear_line(tmp_path, capsys):
-    from citylib import cli
+    from citylib.run import cli
 
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)

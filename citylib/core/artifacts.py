@@ -1,0 +1,277 @@
+"""Writing results safely, and reusing them only when exactly the same things made them.
+
+Every file lands atomically (temp file, then rename): readers never see half-written files and
+an interrupted write leaves the old file intact. ``ResultFolder`` is the one mechanism by which
+every stage (and the batch runner) decides whether a finished result can be reused: a marker
+holding the result's key, which hashes the settings it read, the keys of its inputs and the
+source of the code that made it (``code_key``). Reads the package's own source; writes where it
+is told.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        # mkstemp makes the file private (0600); give it the mode any new file would get
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files ``atomic_path`` leaves under ``folder`` when its process is
+    killed mid-write (``.<name>.*.tmp``); only for a folder no other process writes now."""
+    gone = []
+    for tmp in Path(folder).rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def holds_json(path: str | os.PathLike, obj: Any) -> bool:
+    """Whether ``path`` already holds ``obj`` as ``write_json`` would write it."""
+    try:
+        return read_json(path) == json.loads(json.dumps(obj, default=_json_default))
+    except (OSError, ValueError):
+        return False
+
+
+def write_csv(path: str | os.PathLike, frame) -> Path:
+    """Write a pandas DataFrame as CSV (no index), atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):  # numpy arrays and scalars
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def merge_json(path: Path, updates: dict) -> dict:
+    """Read-modify-write a JSON object under a lock; the write is atomic. Returns the result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = {**(read_json(path) if path.is_file() else {}), **updates}
+        write_json(path, merged)
+    return merged
+
+
+# ---------------------------------------------------------------- results keyed by what made them
+
+PACKAGE = Path(__file__).resolve().parents[1]   # the citylib package, whose source keys results
+
+
+def code_key(module: str, root: str | os.PathLike | None = None) -> str:
+    """A hash of ``module``'s source and of every citylib module it imports, at any depth.
+
+    ``module`` is a name inside the package (``"train"`` or ``"citylib.train"``). Imports inside
+    functions count too, so a module that is imported lazily is covered. An edit to any of these
+    files, a comment included, changes the key: a result is never reused across a code change.
+    ``root`` is the package folder (default: this package).
+    """
+    root = Path(root) if root is not None else PACKAGE
+    seen, todo = {}, [module.removeprefix(f"{root.name}.")]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = root / f"{name.replace('.', '/')}.py"
+        source = path.read_bytes()
+        seen[name] = hashlib.sha256(source).hexdigest()
+        todo += [m for m in _package_imports(source, name, root) if m not in seen]
+    return hashlib.sha256(json.dumps(sorted(seen.items())).encode()).hexdigest()[:12]
+
+
+def _package_imports(source: bytes, module: str, root: Path) -> set[str]:
+    """Names of the package's modules that ``source`` imports (absolute or relative)."""
+    package, found = root.name, set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.removeprefix(f"{package}.") for a in node.names
+                      if a.name.startswith(f"{package}.")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:   # relative: from the module's own package
+                parts = [package, *module.split(".")[:-1]][:len(module.split(".")) + 1 - node.level]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base != package and not base.startswith(f"{package}."):
+                continue
+            inner = base.removeprefix(package).lstrip(".")
+            # `from citylib import train` names modules; `from citylib.train import run` a module
+            for a in node.names:
+                name = f"{inner}.{a.name}" if inner else a.name
+                if (root / f"{name.replace('.', '/')}.py").is_file():
+                    found.add(name)
+            if inner and (root / f"{inner.replace('.', '/')}.py").is_file():
+                found.add(inner)
+    return found
+
+
+class StaleError(RuntimeError):
+    """A result was made from other data, or its input does not exist yet; the message says
+    what to run."""
+
+
+class ResultFolder:
+    """One result in a folder, keyed by exactly what made it: settings, input keys and code.
+
+    A finished result has a marker, ``<folder>/.results/<name>.json``, holding its key, the files
+    it consists of (relative to the folder) and whatever the stage records about it. The stage
+    asks ``done()`` before any work: the marker if the key matches and every file is there,
+    else None. It calls ``begin()`` before writing (the folder holds no finished result of this
+    name until ``commit``), and ``commit(files, **info)`` once every file is written.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str, key: str | None = None):
+        self.folder, self.name, self.key = Path(folder), name, key
+        self.marker = self.folder / ".results" / f"{name}.json"
+
+    def read(self) -> dict | None:
+        """The marker, whatever its key; None when there is none (or it cannot be read)."""
+        try:
+            return read_json(self.marker)
+        except (OSError, ValueError):
+            return None
+
+    def finished(self) -> dict | None:
+        """The marker of a finished result of any key whose files all exist, else None."""
+        marker = self.read()
+        if marker is None or not all((self.folder / f).exists() for f in marker.get("files", ())):
+            return None
+        return marker
+
+    def done(self) -> dict | None:
+        """The marker of a finished result with this key whose files all exist, else None."""
+        marker = self.finished()
+        return marker if marker is not None and marker.get("key") == self.key else None
+
+    def begin(self) -> None:
+        """Mark the folder as holding no finished result of this name (until ``commit``)."""
+        self.marker.unlink(missing_ok=True)
+
+    def commit(self, files, **info) -> dict:
+        """Record the finished result: its key, its files (paths under the folder) and ``info``."""
+        names = [str(Path(f).relative_to(self.folder)) if Path(f).is_absolute() else str(f)
+                 for f in files]
+        marker = {"key": self.key, "files": names, **info}
+        write_json(self.marker, marker)
+        return marker
+
+
+class LockError(OSError):
+    """The file system of a lock file has no ``flock`` locks."""
+
+    def __init__(self, path: Path, cause: OSError):
+        super().__init__(cause.errno, f"{path}: cannot lock it ({cause.strerror}); put the outputs "
+                                      "folder on a file system with flock locks (local disk, NFSv4, "
+                                      "Lustre mounted with -o flock, GPFS)")
+
+
+@contextlib.contextmanager
+def flocked(lock: str | os.PathLike, on_busy=None) -> Iterator[IO | None]:
+    """The file ``lock`` (made if needed) open and held with the kernel's exclusive lock
+    (``flock``), so a killed holder never leaves a stale one. When another process holds it,
+    ``on_busy(file)`` is called first (it may raise to give up), then this waits. Yields None,
+    holding nothing, where the folder cannot be written; LockError where the file system has
+    no ``flock``."""
+    lock = Path(lock)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock, "a+")
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        yield None     # a folder this process cannot write: nothing can be built there to guard
+        return
+    with fh:
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_busy is not None:
+                    on_busy(fh)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as e:   # ENOLCK, ENOSYS: a file system without flock (Lustre's noflock)
+            raise LockError(lock, e) from None
+        try:
+            yield fh
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike, what: str, quiet: bool = False) -> Iterator[None]:
+    """Hold ``flocked(lock)`` while building ``what``: another process building the same thing
+    waits for it (saying so once, unless ``quiet``) and then finds it made."""
+    def waiting(_):
+        print(f"waiting for another process building {what}", file=sys.stderr, flush=True)
+
+    with flocked(lock, None if quiet else waiting):
+        yield
+
+
+@contextlib.contextmanager
+def atomic_dir(folder: str | os.PathLike) -> Iterator[Path | None]:
+    """Build a whole folder at once: yields a fresh hidden folder beside ``folder`` (None when
+    ``folder`` already exists); on success it is renamed onto ``folder``, so readers see all of
+    it or nothing. A folder made meanwhile by another process wins and this one is dropped."""
+    folder = Path(folder)
+    if folder.exists():
+        yield None
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; results are meant to be shared
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.exists():  # not a concurrent twin: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

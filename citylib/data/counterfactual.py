@@ -1,0 +1,159 @@
+"""Counterfactual test images of a generated world: each test spot re-rendered with one of its
+city's planted cues reset to the base style, and cue-free (every element reset at once).
+
+Everything else about a counterfactual view is drawn identically (``synth.render_spot`` with
+``reset``: layout, the other objects, camera, lighting, haze, noise, JPEG quality), and it goes
+through the same JPEG encoding, decoding and resizing as the cached original
+(``imagecache.prepare``). The data stage builds this once per data snapshot, never per run.
+
+For the cue-free check (``causal.cue_free``) the test spots are a small sample, shared by every
+run; ``fresh`` more spots per city, numbered after the world's own (``spots_per_city`` on, so no
+split holds them), are rendered cue-free only, every view.
+
+Reads the snapshot's manifest (test rows: their city, spot ``group`` and view) and the world.
+Writes ``<data>/counterfactual/<key>/``: ``images.npy`` (M, S, S, 3) uint8, ``index.csv``
+(row = the original's cache row, city, group, view, variant), ``fresh.npy`` / ``fresh.csv``
+(city, group, view: the fresh spots' cue-free views) and ``meta.json``. The key hashes the
+world's files' hash, the snapshot's key, the image size, the number of fresh spots and this code.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from citylib.world import synth
+from citylib.core.artifacts import atomic_dir, code_key, write_csv, write_json
+from citylib.data.imagecache import prepare
+from citylib.core.config import config_hash
+
+CUE_FREE = synth.CUE_FREE
+INDEX_COLUMNS = ["row", "city", "group", "view", "variant"]
+FRESH_COLUMNS = ["city", "group", "view"]
+
+
+@dataclass(frozen=True)
+class CounterfactualSet:
+    """The counterfactual test images of one snapshot; ``images`` is a read-only memory map."""
+
+    folder: Path
+    images: np.ndarray     # (M, S, S, 3) uint8
+    index: pd.DataFrame    # M rows: row (cache row of the original), city, group, view, variant
+    fresh_images: np.ndarray   # (F, S, S, 3) uint8: cue-free views of the fresh spots
+    fresh_index: pd.DataFrame  # F rows: city, group, view
+
+    @property
+    def key(self) -> str:
+        return self.folder.name
+
+    def variants(self, city: str) -> list[str]:
+        """The city's variants: its planted cues in world order, then CUE_FREE."""
+        return list(dict.fromkeys(self.index.loc[self.index["city"] == city, "variant"]))
+
+
+def variants(world: synth.World, city: str) -> list[str]:
+    """What a test image of ``city`` is re-rendered without: each planted cue, then all at once."""
+    return [o for o, _ in world.planted[city]] + [CUE_FREE]
+
+
+def spot_of(group: str) -> int:
+    """The spot number of a generated world's group id ``<city>_<spot:04d>``."""
+    return int(str(group).rsplit("_", 1)[1])
+
+
+def group_of(city: str, spot: int) -> str:
+    """The group id of a generated world's spot (``synth`` names its files so)."""
+    return f"{city}_{spot:04d}"
+
+
+def key(world_cfg: synth.SynthConfig, snapshot: str, image_size: int, fresh: int = 0) -> str:
+    return config_hash("counterfactual", code_key(__name__), synth.world_hash(world_cfg), snapshot,
+                       int(image_size), int(fresh))
+
+
+def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, image_size: int,
+          root: str | Path, fresh: int = 0, workers: int = 2, progress: bool = True) -> Path | None:
+    """Render (or reuse) the counterfactuals of the test rows of ``manifest`` (the snapshot's,
+    in cache row order) and the cue-free views of ``fresh`` new spots per city under ``root``;
+    returns the folder (None: no test row of the world's cities)."""
+    folder = Path(root) / key(world_cfg, snapshot, image_size, fresh)
+    world = synth.load_world(world_cfg.world)
+    test = manifest.reset_index(drop=True)
+    test = test[(test["split"] == "test") & test["city"].isin(list(world.planted))]
+    if test.empty:   # no test image of a city the world defines: nothing to re-render
+        return None
+    tasks = [(city, spot_of(group), sorted(zip(rows["view"].astype(int), rows.index)), None)
+             for (city, group), rows in test.groupby(["city", "group"], sort=True)]
+    first = world_cfg.spots_per_city
+    cities = sorted(set(test["city"]))
+    tasks += [(city, spot, [(v, -1) for v in range(world_cfg.views)], CUE_FREE)
+              for city in cities for spot in range(first, first + int(fresh))]
+    with atomic_dir(folder) as tmp:
+        if tmp is None:
+            return folder
+        job = partial(_render, world, world_cfg, int(image_size))
+        bar = dict(total=len(tasks), desc="counterfactuals", disable=not progress)
+        if workers > 1 and len(tasks) > 1:
+            with synth.worker_pool(workers) as pool:
+                done = list(tqdm(pool.imap(job, tasks), **bar))
+        else:
+            done = [job(t) for t in tqdm(tasks, **bar)]
+        parts = {True: ([], []), False: ([], [])}          # test spots, fresh spots: (records, images)
+        for (rows, imgs), task in zip(done, tasks):
+            records, images = parts[task[3] is None]
+            records += rows if task[3] is None else [r[1:4] for r in rows]
+            images += imgs
+        for name, csv, columns, test_part in (("images", "index.csv", INDEX_COLUMNS, True),
+                                              ("fresh", "fresh.csv", FRESH_COLUMNS, False)):
+            records, images = parts[test_part]
+            stack = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+            np.save(tmp / f"{name}.npy", stack)
+            write_csv(tmp / csv, pd.DataFrame(records, columns=columns))
+        write_json(tmp / "meta.json", {"key": folder.name, "snapshot": snapshot, "world": synth.world_hash(world_cfg),
+                                       "image_size": int(image_size), "n": len(parts[True][0]),
+                                       "fresh_spots": int(fresh), "fresh_spot_numbers": [first, first + int(fresh)],
+                                       "variants": {c: variants(world, c) for c in world.planted}})
+    return folder
+
+
+def _render(world: synth.World, cfg: synth.SynthConfig, size: int, task) -> tuple[list, list]:
+    """One spot's counterfactual views: a test spot's under every variant of its city, a fresh
+    spot's (``only`` = CUE_FREE) cue-free only."""
+    city, spot, views, only = task
+    rows, images = [], []
+    for variant in ([only] if only else variants(world, city)):
+        reset = CUE_FREE if variant == CUE_FREE else (variant,)
+        images += cached_views(world, cfg, size, city, spot, [v for v, _ in views], reset)
+        rows += [(int(row), city, group_of(city, spot), int(view), variant) for view, row in views]
+    return rows, images
+
+
+def cached_views(world: synth.World, cfg: synth.SynthConfig, size: int, city: str, spot: int,
+                 views: list[int], reset=()) -> list[np.ndarray]:
+    """Views of a spot as the cache holds them, (S, S, 3) uint8 each: rendered (with ``reset``),
+    JPEG-encoded at the view's quality as ``synth`` saves it, decoded and resized by
+    ``imagecache.prepare``. With no reset, exactly the cached original's pixels."""
+    rendered = synth.render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed, reset=reset)
+    out = []
+    for view in views:
+        v, buf = rendered[view], io.BytesIO()
+        Image.fromarray(v["image"], "RGB").save(buf, format="JPEG", quality=v["quality"])
+        buf.seek(0)
+        out.append(prepare(buf, "", size)[0])
+    return out
+
+
+def load(folder: str | Path) -> CounterfactualSet:
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        raise FileNotFoundError(f"{folder}: no counterfactual images; run the data stage")
+    index = pd.read_csv(folder / "index.csv", dtype={"city": str, "group": str, "variant": str})
+    fresh = pd.read_csv(folder / "fresh.csv", dtype={"city": str, "group": str})
+    return CounterfactualSet(folder, np.load(folder / "images.npy", mmap_mode="r"), index,
+                             np.load(folder / "fresh.npy", mmap_mode="r"), fresh)

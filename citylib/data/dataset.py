@@ -1,0 +1,469 @@
+"""Data stage: find the images, check every file, split without leakage, build the image cache.
+
+Reads a generated world (``source: world``; made by ``citylib.synth`` under
+``<outputs>/world/<hash>/``), a folder with one sub-folder per city, or a manifest CSV
+(columns path, city; optional group, view, label_path). Writes into ``out``
+(default ``<outputs>/data``): ``manifest.csv`` (path, city, group, view, label_path, split),
+``rejected.csv`` (path, reason), ``snapshot.json``, ``cache/<key>/`` (see ``citylib.imagecache``) and,
+for a generated world, ``counterfactual/<key>/`` (see ``citylib.counterfactual``).
+
+Together they are the dataset's *snapshot*: the accepted files with each one's size and mtime,
+the rejected ones and the split, frozen. Every later stage reads the current snapshot and never
+rebuilds it; the snapshot's key is its cache folder's key (the decoded pixels, the cities and the
+split), which keys a training. The stage itself is keyed by its settings, the source's file
+listing (paths, sizes, mtimes) and its code: a rerun with all of them unchanged reuses the
+snapshot; otherwise it says what changed in the source ("source changed: 12 files added,
+1 removed") and builds a new one.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import os
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from citylib.core import paths
+from citylib.data import counterfactual
+from citylib.world import synth
+from citylib.core.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
+from citylib.data.imagecache import Cache, build_cache, file_stats, load_cache, open_rgb, read_label
+from citylib.core.config import check, config_hash, to_dict
+from citylib.data.splits import SplitError, split_groups
+from citylib.world.synth import SynthConfig
+
+# Street View file names: <pano_id>_<lat>_<lon>_<yyyymm>_<season>_<sharpness>, with 'p' as the
+# decimal point. Pano ids may themselves hold '_' and '-', hence the lazy match up to lat/lon.
+STREETVIEW_PANO = r"^(?P<group>.+?)_-?\d+p\d+_-?\d+p\d+_\d{6}(?:_|$)"
+# Names a parameter file may give as ``group_pattern`` instead of spelling out the regex.
+GROUP_PATTERNS = {"streetview": STREETVIEW_PANO}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MANIFEST_COLUMNS = ["path", "city", "group", "view", "label_path", "split"]
+RECORD_COLUMNS = MANIFEST_COLUMNS[:-1]
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used as given; the message names the path at fault."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Settings of the data stage (the ``data:`` section of a parameter file)."""
+
+    source: str = "world"  # "world", a folder of city folders, or a manifest CSV
+    world: SynthConfig = field(default_factory=SynthConfig)  # used when source == "world"
+    image_size: int = 64  # side of the square cached images (the network input; paper: 224)
+    split: tuple[float, float, float] = (6.0, 2.0, 2.0)  # train:val:test (the earlier classifier: 4:1:1)
+    split_seed: int = 0
+    group_pattern: str | None = None  # regex on the file stem (or a GROUP_PATTERNS name); group
+    #                                   'group' (or the first, or the whole match) is the id
+    cities: tuple[str, ...] | None = None  # a subset of the cities, or all
+    max_pixels: int = 100_000_000  # larger images are rejected as too large
+    cue_free_spots: int = 120  # generated world: fresh spots per city rendered cue-free, for the
+    #                            cue-free check (``counterfactual``); the test spots alone are few
+
+    def __post_init__(self):
+        if not self.source.strip():
+            raise ValueError("'source' must be 'world', a folder or a CSV file")
+        check(self, image_size="in [8, 4096]", split_seed=">= 0")
+        split = tuple(float(r) for r in self.split)
+        if len(split) != 3 or not all(math.isfinite(r) and r > 0 for r in split):
+            raise ValueError(f"'split' must be three positive ratios (train, val, test), got {self.split}")
+        object.__setattr__(self, "split", split)  # 4 and 4.0 must hash alike
+        if self.group_pattern in GROUP_PATTERNS:
+            object.__setattr__(self, "group_pattern", GROUP_PATTERNS[self.group_pattern])
+        if self.group_pattern is not None:
+            try:
+                re.compile(self.group_pattern)
+            except re.error as e:
+                raise ValueError(f"'group_pattern' = {self.group_pattern!r} is not a regex: {e}") from None
+        if self.cities is not None:
+            cities = tuple(self.cities)
+            if len(cities) < 2 or len(set(cities)) != len(cities):
+                raise ValueError(f"'cities' must name at least two distinct cities, got {list(cities)}")
+            object.__setattr__(self, "cities", cities)
+        if self.max_pixels < 1:
+            raise ValueError(f"'max_pixels' must be >= 1, got {self.max_pixels}")
+        if not 0 <= self.cue_free_spots <= 100_000:
+            raise ValueError(f"'cue_free_spots' must be in 0..100000, got {self.cue_free_spots}")
+
+
+@dataclass(frozen=True)
+class DataResult:
+    """What ``run`` made: the split manifest, the rejected files and the cache folder."""
+
+    manifest: pd.DataFrame  # MANIFEST_COLUMNS, one row per accepted image
+    rejected: pd.DataFrame  # path, reason
+    cache_dir: Path
+    cities: tuple[str, ...]
+    folder: Path  # the stage's output folder
+    reused: bool  # True when a previous identical run was reused
+    changes: str | None = None  # how the source differs from the previous snapshot, if any
+
+    @property
+    def key(self) -> str:
+        """The snapshot's key: that of its cache (pixels, cities, split)."""
+        return self.cache_dir.name
+
+
+# ---------------------------------------------------------------- finding the images
+
+
+def load_records(source: str | os.PathLike, group_pattern: str | None = None,
+                 cities=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """List the images of a city-folder tree or a manifest CSV.
+
+    Returns (records, rejected): records have columns path (absolute), city, group, view,
+    label_path ('' when none), sorted by city and path; rejected has path, reason for files
+    that are not images or cannot be grouped. Raises DatasetError naming the path when the
+    source is missing, holds no images, has an empty city folder or only one city.
+    """
+    source = paths.resolve(source)
+    if not source.exists():
+        raise DatasetError(f"{source}: dataset source not found")
+    if source.is_dir():
+        rows, rejected = _scan_folder(source, cities)
+    elif source.suffix.lower() == ".csv":
+        rows, rejected = _read_manifest(source, cities)
+    else:
+        raise DatasetError(f"{source}: expected a folder of city folders or a .csv manifest")
+    if not rows:
+        raise DatasetError(f"{source}: no images found")
+    records = pd.DataFrame(rows)
+    # A manifest's group column wins; else the file name; else each image is its own group.
+    records["group"] = [
+        given or (_group_from_name(group_pattern, path) if group_pattern is not None else default)
+        for given, default, path in zip(records["group_given"], records["group"], records["path"])]
+    lost = records["group"].isna()
+    rejected += [(p, f"file name does not match group_pattern {group_pattern!r}")
+                 for p in records.loc[lost, "path"]]
+    ungrouped = sorted(set(records["city"]) - set(records.loc[~lost, "city"]))
+    if ungrouped:  # a whole city lost to a wrong pattern must not pass unnoticed
+        example = Path(records.loc[records["city"] == ungrouped[0], "path"].iloc[0]).stem
+        raise DatasetError(f"{source}: group_pattern {group_pattern!r} matches no file name of city "
+                           f"{ungrouped[0]!r} (e.g. {example!r})")
+    records = records[~lost]
+    found = sorted(records["city"].unique())
+    if len(found) < 2:
+        raise DatasetError(f"{source}: only one city ({found[0]!r}) has images; at least two are needed")
+    records = records[RECORD_COLUMNS].sort_values(["city", "path"], ignore_index=True)
+    rejected = pd.DataFrame(rejected, columns=["path", "reason"], dtype=str)
+    return records.astype({"group": str, "view": int}), rejected
+
+
+def _group_from_name(pattern: str, path: str) -> str | None:
+    """The group id in a file's stem, or None when the pattern does not match it."""
+    rx = re.compile(pattern)  # re caches compiled patterns
+    m = rx.search(Path(path).stem)
+    if m is None:
+        return None
+    g = m.group("group") if "group" in rx.groupindex else m.group(1) if rx.groups else m.group(0)
+    return g or None
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _scan_folder(root: Path, cities) -> tuple[list, list]:
+    """Rows and rejections for a tree of city folders (recursive inside each city)."""
+    rejected = [(str(p), "not inside a city folder") for p in sorted(root.iterdir())
+                if p.is_file() and not _hidden(p.name)]
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
+    if cities is not None:
+        absent = [c for c in cities if not (root / c).is_dir()]
+        if absent:
+            raise DatasetError(f"{root}: no city folder(s) {absent}; found {[p.name for p in folders]}")
+        folders = [root / c for c in cities]
+    if not folders:
+        raise DatasetError(f"{root}: no images found (expected one sub-folder per city)")
+    rows = []
+
+    def unreadable(e: OSError) -> None:   # os.walk would skip the folder without a word
+        rejected.append((str(e.filename), f"folder not readable: {_why(e)}"))
+
+    for folder in folders:
+        files = []
+        for d, subdirs, names in os.walk(folder, onerror=unreadable):
+            subdirs[:] = sorted(s for s in subdirs if not _hidden(s))
+            files += [Path(d) / n for n in sorted(names) if not _hidden(n)]
+        images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not files:
+            raise DatasetError(f"{folder}: city folder is empty")
+        if not images:
+            raise DatasetError(f"{folder}: city folder has no image files ({len(files)} other file(s))")
+        rejected += [(str(f), f"not an image file (extension '{f.suffix}')")
+                     for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
+        # Without a group id each image is its own group, named by its place in the tree.
+        rows += [{"path": os.path.abspath(f), "city": folder.name, "group": f.relative_to(root).as_posix(),
+                  "group_given": "", "view": 0, "label_path": ""} for f in images]
+    return rows, rejected
+
+
+def _read_manifest(csv: Path, cities) -> tuple[list, list]:
+    """Rows and rejections for a manifest CSV; relative paths are taken against its folder."""
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{csv}: not a readable CSV manifest: {e}") from None
+    table.columns = [c.strip() for c in table.columns]
+    for column in ("path", "city"):
+        if column not in table.columns:
+            raise DatasetError(f"{csv}: manifest has no '{column}' column (columns: {list(table.columns)})")
+    if cities is not None:
+        absent = sorted(set(cities) - set(table["city"].str.strip()))
+        if absent:
+            raise DatasetError(f"{csv}: no rows for city/cities {absent}")
+    rows, rejected, first = [], [], {}
+    resolved = [str(paths.resolve(r["path"].strip(), base=csv.parent)) if r["path"].strip() else ""
+                for r in table.to_dict("records")]
+    city_sets: dict[str, set] = {}
+    for path, city in zip(resolved, table["city"].str.strip()):
+        city_sets.setdefault(path, set()).add(city)
+    for line, (r, path) in enumerate(zip(table.to_dict("records"), resolved), start=2):   # line 1: header
+        given, city = r["path"].strip(), r["city"].strip()
+        label = r.get("label_path", "").strip()
+        if cities is not None and city not in cities:
+            continue
+        if not given or not city:
+            rejected.append((path or f"{csv} (row without a path)", "manifest row lacks a path or a city"))
+        elif Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
+            rejected.append((path, f"not an image file (extension '{Path(path).suffix}')"))
+        elif len(city_sets[path] - {""}) > 1:   # which city is it? neither row can say
+            rejected.append((path, f"line {line} of {csv.name}: listed for two cities: "
+                                   f"{', '.join(sorted(city_sets[path] - {''}))}"))
+        elif path in first:
+            rejected.append((path, f"line {line} of {csv.name}: duplicate of line {first[path]}; "
+                                   "that line is used"))
+        else:
+            first[path] = line
+            view = r.get("view", "").strip()
+            rows.append({"path": path, "city": city, "group": path,
+                         "group_given": r.get("group", "").strip(),
+                         "view": int(float(view)) if _number(view) else 0,
+                         "label_path": str(paths.resolve(label, base=csv.parent)) if label else ""})
+    return rows, rejected
+
+
+def _number(s: str) -> bool:
+    try:
+        return math.isfinite(float(s))
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------- checking every file
+
+
+def check_file(path: str, label_path: str = "", max_pixels: int = DataConfig.max_pixels) -> str | None:
+    """Why an image (and its label map) cannot be used, or None if it decodes cleanly."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as im:  # reads the header only
+            w, h = im.size
+        if w * h > max_pixels:
+            return f"too large: {w}x{h} = {w * h} pixels > max_pixels = {max_pixels}"
+        # A full decode: verify() alone passes truncated files.
+        w, h = open_rgb(path).size
+    except FileNotFoundError:
+        return "file not found"
+    except PermissionError:
+        return "permission denied"
+    except IsADirectoryError:
+        return "is a directory, not an image file"
+    except Image.DecompressionBombError as e:
+        return f"too large: {e}"
+    except UnidentifiedImageError:
+        return "not an image (unrecognised or unsupported format)"
+    except OSError as e:
+        if e.errno is not None:           # the file system's error, not the image's
+            return f"cannot read: {_why(e)}"
+        return f"truncated or corrupt image: {e}"
+    except (SyntaxError, ValueError, EOFError) as e:
+        return f"truncated or corrupt image: {e}"
+    except Exception as e:  # a strange file must not stop the whole dataset
+        return f"cannot decode image: {type(e).__name__}: {e}"
+    if label_path:
+        try:
+            label = read_label(label_path)
+        except FileNotFoundError:
+            return f"label map not found: {label_path}"
+        except Exception as e:
+            return f"label map unreadable: {type(e).__name__}: {e}"
+        if label.shape != (h, w):
+            return f"label map is {label.shape[1]}x{label.shape[0]} but the image is {w}x{h}"
+    return None
+
+
+def _why(e: OSError) -> str:
+    """An OSError in words: 'permission denied', 'symlink loop', ..."""
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    return (e.strerror or str(e)).lower()
+
+
+def validate(records: pd.DataFrame, max_pixels: int = DataConfig.max_pixels, workers: int = 4,
+             progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode every file in parallel; returns (accepted records, rejected: path, reason)."""
+    jobs = list(zip(records["path"], records["label_path"]))
+    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, workers)) as pool:
+        # Our own max_pixels limit decides what is too large; PIL's bomb warning adds nothing.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        reasons = list(tqdm(pool.map(lambda j: check_file(*j, max_pixels=max_pixels), jobs),
+                            total=len(jobs), desc="validate", disable=not progress))
+    bad = pd.Series([r is not None for r in reasons], index=records.index)
+    rejected = pd.DataFrame({"path": records.loc[bad, "path"].to_numpy(dtype=str),
+                             "reason": [r for r in reasons if r is not None]}, dtype=str)
+    return records[~bad].reset_index(drop=True), rejected
+
+
+# ---------------------------------------------------------------- the stage
+
+NAME = "data"   # the stage's result marker in its folder
+
+
+def run(cfg: DataConfig, out: str | os.PathLike | None = None, *, progress: bool = True) -> DataResult:
+    """Find, check, split and cache the dataset of ``cfg`` into ``out`` (reusing a finished run)."""
+    out = paths.resolve(out) if out is not None else paths.outputs() / "data"
+    source, records, rejected, listing = _scan(cfg, out)
+    folder = ResultFolder(out, NAME, _key(cfg, source, listing, rejected))
+    if folder.done() is not None:
+        return _result(folder, reused=True)
+    changes = describe_changes(_listing(read_snapshot(out)), listing)
+    if changes:
+        tqdm.write(f"{out}: {changes}: building a new snapshot")
+    folder.begin()
+
+    ok, bad = validate(records, cfg.max_pixels, progress=progress)
+    rejected = pd.concat([rejected, bad], ignore_index=True)
+    write_csv(out / "rejected.csv", rejected)
+    for city, n in records["city"].value_counts().sort_index().items():
+        if not (ok["city"] == city).any():
+            raise DatasetError(f"{source}: city {city!r} has no usable image ({n} rejected; "
+                               f"see {out / 'rejected.csv'})")
+    try:
+        ok["split"] = split_groups(ok, cfg.split, cfg.split_seed)
+    except SplitError as e:
+        raise DatasetError(f"{source}: {e}") from None
+    manifest = ok[MANIFEST_COLUMNS]
+    cache_dir = build_cache(manifest, cfg.image_size, out / "cache", progress=progress)
+    cf_dir = None
+    if cfg.source == "world":   # each test spot without each planted cue, once per snapshot
+        cf_dir = counterfactual.build(cfg.world, manifest, cache_dir.name, cfg.image_size,
+                                      out / "counterfactual", cfg.cue_free_spots, progress=progress)
+    write_csv(out / "manifest.csv", manifest)
+    cities = tuple(sorted(manifest["city"].unique()))
+    write_json(out / "snapshot.json", {"key": cache_dir.name, "source": str(source),
+                                       "files": listing, "config": to_dict(cfg)})
+    folder.commit(["manifest.csv", "rejected.csv", "snapshot.json", f"cache/{cache_dir.name}/meta.json",
+                   *([f"counterfactual/{cf_dir.name}/meta.json"] if cf_dir else [])],
+                  settings=config_hash(cfg), snapshot=cache_dir.name, cities=list(cities),
+                  counterfactual=cf_dir.name if cf_dir else None,
+                  changes=changes, images={"accepted": len(manifest), "rejected": len(rejected)},
+                  splits=manifest["split"].value_counts().sort_index().to_dict())
+    return _result(folder, reused=False)
+
+
+def key(cfg: DataConfig, out: str | os.PathLike | None = None) -> str:
+    """The key the data stage has for ``cfg`` now (its settings, the source's files, its code)."""
+    out = paths.resolve(out) if out is not None else paths.outputs() / "data"
+    source, _, rejected, listing = _scan(cfg, out)
+    return _key(cfg, source, listing, rejected)
+
+
+def changes(cfg: DataConfig, out: str | os.PathLike) -> str | None:
+    """How the source differs from the current snapshot ("source changed: ..."), or None."""
+    return describe_changes(_listing(read_snapshot(out)), _scan(cfg, paths.resolve(out))[3])
+
+
+def _key(cfg: DataConfig, source: Path, listing: list, rejected: pd.DataFrame) -> str:
+    return config_hash(NAME, code_key(__name__), cfg, str(source), listing,
+                       rejected.to_numpy().tolist())
+
+
+def _scan(cfg: DataConfig, out: Path) -> tuple[Path, pd.DataFrame, pd.DataFrame, list]:
+    """(source, records, files rejected unread, listing: [path, size, mtime_ns] of every file)."""
+    source = _source(cfg, out)
+    records, rejected = load_records(source, cfg.group_pattern, cfg.cities)
+    listing = [f for pair in file_stats(records) for f in pair if f is not None]
+    return source, records, rejected, listing
+
+
+def _listing(snapshot: dict | None) -> list | None:
+    return None if snapshot is None else snapshot.get("files")
+
+
+def describe_changes(old: list | None, new: list) -> str | None:
+    """"source changed: a files added, r removed, m modified" between two listings, or None."""
+    if old is None:
+        return None
+    before, after = ({p: (size, mtime) for p, size, mtime in files} for files in (old, new))
+    added, removed = len(after.keys() - before.keys()), len(before.keys() - after.keys())
+    modified = sum(before[p] != after[p] for p in after.keys() & before.keys())
+    if not (added or removed or modified):
+        return None
+    return f"source changed: {added} files added, {removed} removed, {modified} modified"
+
+
+def read_snapshot(out: str | os.PathLike) -> dict | None:
+    """The current snapshot's ``snapshot.json`` in the data folder ``out``, if it is finished."""
+    marker = ResultFolder(out, NAME).finished()
+    return None if marker is None else read_json(Path(out) / "snapshot.json")
+
+
+def current(cfg: DataConfig, out: str | os.PathLike | None = None) -> DataResult:
+    """The current snapshot of ``cfg``'s dataset, as it is: never rebuilt here, even when the
+    source changed since. StaleError when the data folder holds no snapshot of these settings."""
+    out = paths.resolve(out) if out is not None else paths.outputs() / "data"
+    return _result(ResultFolder(out, NAME, _current(cfg, out)["key"]), reused=True)
+
+
+def load(cfg: DataConfig, out: str | os.PathLike | None = None) -> Cache:
+    """The image cache of the current snapshot of ``cfg``'s dataset (see ``current``)."""
+    out = paths.resolve(out) if out is not None else paths.outputs() / "data"
+    return load_cache(out / "cache" / _current(cfg, out)["snapshot"])
+
+
+def load_counterfactuals(cfg: DataConfig, out: str | os.PathLike | None = None):
+    """The current snapshot's counterfactual test images (``counterfactual.CounterfactualSet``),
+    or None when its source is not a generated world."""
+    out = paths.resolve(out) if out is not None else paths.outputs() / "data"
+    name = _current(cfg, out).get("counterfactual")
+    return None if name is None else counterfactual.load(out / "counterfactual" / name)
+
+
+def _current(cfg: DataConfig, out: Path) -> dict:
+    """The marker of the finished snapshot in ``out`` if it has ``cfg``'s settings."""
+    marker = ResultFolder(out, NAME).finished()
+    if marker is None:
+        raise StaleError(f"{out}: no data snapshot yet; run the data stage first "
+                         "(notebook 01, or `citylib run`)")
+    if marker.get("settings") != config_hash(cfg):
+        raise StaleError(f"{out}: the data snapshot there was made with other data settings; "
+                         "run the data stage for these (notebook 01, or `citylib run`)")
+    return marker
+
+
+def _result(folder: ResultFolder, reused: bool) -> DataResult:
+    out, marker = folder.folder, folder.read()
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    rejected = pd.read_csv(out / "rejected.csv", dtype=str, keep_default_na=False)
+    return DataResult(manifest.astype({"view": int}), rejected, out / "cache" / marker["snapshot"],
+                      tuple(marker["cities"]), out, reused, marker.get("changes"))
+
+
+def _source(cfg: DataConfig, out: Path) -> Path:
+    """The folder or manifest to read; a generated world is made (or reused) beside ``out``."""
+    if cfg.source != "world":
+        return paths.resolve(cfg.source)
+    # keyed by everything the files depend on: an edited world YAML or a new generator gets
+    # its own folder instead of meeting the old files
+    return Path(synth.run(cfg.world, out.parent / "world" / synth.world_hash(cfg.world)))

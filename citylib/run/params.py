@@ -1,0 +1,136 @@
+"""Parameter files: one YAML file per run (``parameters/<arch>_seed<k>.yaml``).
+
+Reads a parameter file, validates every key and type against the stages' settings
+dataclasses, and returns a frozen ``RunConfig``. The run's name (and its output folder,
+``outputs/runs/<name>/``) is the file's stem. Nothing is written here. Validation happens
+before any work: an unknown key, an unknown architecture, a wrong type or a missing
+dataset stops with a message naming the file and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from citylib.core import paths
+from citylib.core.config import ConfigError, check, config_hash, from_dict, load_yaml, to_dict
+from citylib.stages.causal import CausalConfig
+from citylib.stages.compare import CompareConfig
+from citylib.data.dataset import DataConfig
+from citylib.stages.embed import EmbedConfig
+from citylib.stages.gradcam import GradCAMConfig
+from citylib.stages.methods import MethodsConfig
+from citylib.nets.models import ARCHS, MIN_IMAGE_SIZE
+from citylib.data.segment import SegmentConfig
+from citylib.stats.histograms import StatsConfig
+from citylib.nets.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that makes one run: architecture, seed and every stage's settings."""
+
+    name: str
+    arch: str
+    seed: int
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    causal: CausalConfig = field(default_factory=CausalConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)  # grid-wide: equal in every file
+
+    def __post_init__(self):
+        check(self, arch=ARCHS, seed=">= 0")
+        if self.data.image_size < MIN_IMAGE_SIZE:   # else the data stage runs and training fails
+            raise ValueError(f"'data.image_size' = {self.data.image_size}: the networks need >= {MIN_IMAGE_SIZE}")
+
+    @property
+    def hash(self) -> str:
+        """Cache key over the whole resolved config (every setting that made a result)."""
+        return config_hash(self)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load(path: str | Path) -> RunConfig:
+    """Read and validate one parameter file; raise ConfigError naming the file and key."""
+    path = paths.resolve(path)
+    where = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: parameter file not found")
+    raw = load_yaml(path.read_text(), where) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings at the top level")
+    if "name" in raw:
+        raise ConfigError(f"{where}: 'name' is not a setting; the run is named after the file")
+    cfg = from_dict(RunConfig, {"name": path.stem, **raw}, where=where)
+    cfg = _anchored(cfg, path.parent)
+    _check_dataset(cfg.data, where, raw.get("data") or {})
+    return cfg
+
+
+def _anchored(cfg: RunConfig, base: Path) -> RunConfig:
+    """The parameter file's own relative paths (``data.source``, a world file) taken from the
+    file's folder, wherever citylib runs from; stored absolute."""
+    data = cfg.data
+    if data.source != "world" and not Path(data.source).expanduser().is_absolute():
+        data = dataclasses.replace(data, source=str(paths.resolve(data.source, base=base)))
+    world = data.world.world
+    if world.endswith((".yaml", ".yml")) and not Path(world).expanduser().is_absolute():
+        data = dataclasses.replace(data, world=dataclasses.replace(data.world, world=str(paths.resolve(world, base=base))))
+    return dataclasses.replace(cfg, data=data) if data is not cfg.data else cfg
+
+
+def _check_dataset(data: DataConfig, where: str, given: dict) -> None:
+    """A dataset path must exist before any work starts; the message shows where it looked."""
+    if data.source == "world":
+        world = data.world.world
+        if not (paths.WORLDS / f"{world}.yaml").is_file() and not Path(world).is_file():
+            asked = (given.get("world") or {}).get("world", world) if isinstance(given.get("world"), dict) else world
+            raise ConfigError(f"{where}: 'data.world.world' = {asked!r}: no such built-in world or file"
+                              + (f" ({world})" if asked != world else ""))
+        return
+    if not Path(data.source).exists():
+        raise ConfigError(f"{where}: 'data.source' = {given.get('source', data.source)!r}: dataset not found "
+                          f"at {data.source} (a relative path is taken from the parameter file's folder)")
+
+
+def discover(params: str | Path | None = None) -> list[Path]:
+    """Parameter files to run: a file, every ``*.yaml`` in a folder, or ``parameters/``.
+
+    Files whose names start with ``_`` are not runs and are left out.
+    """
+    target = paths.resolve(params) if params else paths.PARAMETERS
+    if target.is_file():
+        return [target]
+    if not target.is_dir():
+        raise ConfigError(f"{target}: no such parameter file or folder")
+    files = sorted(p for p in target.glob("*.yaml") if not p.name.startswith("_"))
+    if not files:
+        raise ConfigError(f"{target}: holds no parameter files (*.yaml)")
+    return files
+
+
+def load_all(files: list[Path]) -> list[RunConfig]:
+    """Validate every file first; report every bad one at once, naming each."""
+    configs, errors = [], []
+    for f in files:
+        try:
+            configs.append(load(f))
+        except ConfigError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError("invalid parameter file(s):\n  " + "\n  ".join(errors))
+    for section in ("data", "compare"):
+        seen = {config_hash(getattr(c, section)): c.name for c in configs}
+        if len(seen) > 1:
+            raise ConfigError(
+                f"the runs of one grid must share the same '{section}' section; these differ: "
+                + ", ".join(sorted(seen.values()))
+            )
+    return configs

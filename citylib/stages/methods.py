@@ -1,0 +1,394 @@
+"""Methods stage: which explanation method, at which layer, shows what a run's network relies on.
+
+Every CAM method (``saliency.METHODS``: Grad-CAM, Grad-CAM++, HiResCAM, LayerCAM) at every layer
+of the sweep (``models.sweep_layers``: the last three stages, the paper's Grad-CAM layer last)
+and at their fusion (each layer's masks upsampled to the finest layer's grid, normalised and
+averaged: finer maps at the same input size). One forward and one backward per batch and layer
+serve all methods. Each method's masks are counted like the objects stage's (``stats``, same
+threshold), batch by batch as they are made, so no mask is kept (``counted``), and scored on the
+generated world's planted cues:
+
+- *recovery*: the rank by lift of each planted cue among its city's objects (``cues.recovery``);
+- *visibility* (faithfulness to the causal ranking of ``citylib.causal``): whether each city's
+  causally strongest cue is in the lift top ``top`` (cities where the network relies on no cue,
+  every interval reaching 0, are left out), and Spearman's rho between the cues' reliance
+  (-effect) and their lift rank within their city (higher = agree), over the run's cues, with a
+  percentile interval from resampling the test spots within each city (``n_boot`` times; the
+  lift ranks and the effects are recomputed on the same resampled spots, so their dependence
+  is kept).
+
+Reads the run's ``best.pt``, the cache, the test label maps and ``causal.csv``. Writes into the
+run folder ``methods.csv`` (method, layer, map_size, city, object, lift, lift_rank, effect,
+causal_rank) and ``methods.json`` (per method and layer: planted MRR, strongest cue in top
+``top`` per city, rho and its interval). ``.results/methods.json`` marks it, keyed by the settings, the
+training's, label maps' and causal result's keys and the code.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sps
+from tqdm.auto import tqdm
+
+from citylib.core import devices
+from citylib.data import segment
+from citylib.explain import cues, saliency
+from citylib.nets import models, train
+from citylib.stats import histograms, intervals
+from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
+from citylib.core.config import check, config_hash
+from citylib.data.counterfactual import CUE_FREE
+
+NAME = "methods"
+FUSION = "fusion"
+
+
+@dataclass(frozen=True)
+class MethodsConfig:
+    """Settings of the methods stage (the ``methods:`` section of a parameter file)."""
+
+    methods: tuple[str, ...] = tuple(saliency.METHODS)
+    layers: int = 3           # stages in the sweep, the paper's layer last
+    fusion: bool = True       # also the fused multi-layer maps
+    top: int = 3              # "in the top k" by lift
+    batch_size: int = 32
+    n_boot: int = 1000        # spot resamples for rho's interval
+    level: float = 0.95
+    seed: int = 0             # of the resampling
+    device: str = "auto"      # of the sweep's passes (citylib.devices); the key holds its kind
+
+    def __post_init__(self):
+        devices.validate(self)
+        bad = [m for m in self.methods if m not in saliency.METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"'methods' = {list(self.methods)}: each must be one of {list(saliency.METHODS)}")
+        object.__setattr__(self, "methods", tuple(self.methods))
+        check(self, layers=">= 1", top=">= 1", batch_size=">= 1", n_boot=">= 0", level="in [0.5, 1)")
+
+
+@dataclass(frozen=True)
+class MethodsResult:
+    table: pd.DataFrame      # methods.csv
+    summary: dict            # methods.json
+    folder: Path             # the run folder, where these files are
+    reused: bool = False
+
+
+def key(cfg: MethodsConfig, stats_cfg: histograms.StatsConfig, training_key: str, labels_key: str,
+        causal_key: str, target: str) -> str:
+    return config_hash(NAME, code_key(__name__), devices.keyed(cfg), stats_cfg, training_key, labels_key,
+                       causal_key, target)
+
+
+def sweep_batches(model: torch.nn.Module | list[torch.nn.Module], images: np.ndarray, target, layers,
+                  methods, batch_size: int = 32, fusion: bool = True, rows: np.ndarray | None = None,
+                  progress: bool = False):
+    """(slice, {(method, layer): masks (B, h, w) float32 in [0, 1]}) per batch of uint8
+    ``images[rows]`` (N, S, S, 3; all rows by default), in order: every method at every layer,
+    then (with ``fusion`` and several layers) the fused masks; one batch in memory at a time,
+    whatever the maps' sizes. ``target``: None (the predicted class) or (N,) class indices, one
+    per row of ``rows``. ``model``: the network, or copies of it on several devices
+    (``devices.replicas``), the batches shared out among them in turn (``devices.spread``)."""
+    nets = model if isinstance(model, list) else [model]
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows, np.int64)
+    per_image = None if target is None else np.asarray(target)
+    if per_image is not None and len(per_image) != len(rows):
+        raise ValueError(f"{len(per_image)} targets for {len(rows)} images: give one per row of 'rows'")
+    fuse = fusion and len(layers) > 1
+
+    def one(probes: dict, b: int) -> tuple[slice, dict]:
+        t = None if per_image is None else per_image[b:b + batch_size]
+        x = train.to_tensor(np.asarray(images[rows[b:b + batch_size]]))        # (B, 3, S, S)
+        out = {}
+        for layer in layers:                     # one forward and backward serve every method
+            act, grad, _, _ = probes[layer].forward_backward(x, t)
+            with torch.no_grad():
+                for m in methods:
+                    out[m, layer] = saliency.normalise(saliency.METHODS[m].cam(act, grad).clamp_min_(0)).cpu().numpy()
+        if fuse:                                 # each layer's masks on the finest grid, averaged
+            finest = max((out[methods[0], layer].shape[1:] for layer in layers), key=lambda s: s[0] * s[1])
+            for m in methods:
+                up = [saliency.upsample(out[m, layer], finest) for layer in layers]       # (B, h, w) each
+                out[m, FUSION] = saliency.normalise(torch.from_numpy(np.mean(up, 0))).numpy()
+        return slice(b, b + len(x)), out
+
+    with contextlib.ExitStack() as hooks:
+        probes = [{layer: hooks.enter_context(saliency.GradCAM(net, net.get_submodule(layer))) for layer in layers}
+                  for net in nets]
+        starts = tqdm(range(0, len(rows), batch_size), desc="methods: sweep", disable=not progress,
+                      leave=False, unit="batch")
+        yield from devices.spread(one, probes, starts)
+
+
+def sweep(model: torch.nn.Module | list[torch.nn.Module], images: np.ndarray, target, layers, methods,
+          batch_size: int = 32, fusion: bool = True,
+          rows: np.ndarray | None = None) -> dict[tuple[str, str], np.ndarray]:
+    """``sweep_batches``' masks of all the images, (method, layer) -> (N, h, w) float32, held
+    whole (``run`` counts them batch by batch instead)."""
+    out: dict[tuple[str, str], list] = {}
+    with contextlib.closing(sweep_batches(model, images, target, layers, methods, batch_size, fusion,
+                                          rows)) as parts:
+        for _, part in parts:
+            for k, m in part.items():
+                out.setdefault(k, []).append(m)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def counted(parts, label_maps: np.ndarray, cities, stats_cfg: histograms.StatsConfig) -> tuple[dict, dict]:
+    """Each (method, layer)'s ``histograms.Histograms`` and map size (h, w), counted batch by batch
+    from ``sweep_batches``' parts (each batch's label maps read once for all of them), so the
+    masks are never held whole; counted at the threshold alone (``histograms.at_threshold``), all
+    that the scores read, so that the histograms of every method and layer are small too."""
+    counting, map_sizes, size = {}, {}, int(label_maps.shape[-1])
+    coarse = histograms.at_threshold(stats_cfg)
+    with contextlib.closing(iter(parts)) as parts:   # a failure here stops the sweep's passes
+        for sl, part in parts:
+            lab = np.asarray(label_maps[sl])                              # (B, S, S)
+            for k, m in part.items():
+                if k not in counting:
+                    counting[k], map_sizes[k] = histograms.Counting(label_maps, cities, coarse), tuple(m.shape[1:])
+                counting[k].add(saliency.upsample(m, size), lab)
+    return {k: c.done() for k, c in counting.items()}, map_sizes
+
+
+def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tuple], causal: pd.DataFrame,
+          stats_cfg: histograms.StatsConfig, top: int = 3, images: pd.DataFrame | None = None,
+          rows: np.ndarray | None = None, n_boot: int = 1000, level: float = 0.95,
+          seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """methods.csv rows and methods.json for ``sweep``'s masks (see the module docstring).
+
+    ``images`` (``causal_images.csv``: row, group, object, logp, logp_without) and ``rows`` (the
+    cache row of each label map) give rho's interval; without them it has none."""
+    size, coarse = int(label_maps.shape[-1]), histograms.at_threshold(stats_cfg)
+    hists = {k: histograms.Histograms.build(histograms.upsampled(m, size, saliency.upsample), label_maps, cities,
+                                       coarse, progress=False) for k, m in masks.items()}
+    return scored(hists, {k: m.shape[1:] for k, m in masks.items()}, cities, planted, causal, stats_cfg, top,
+                  images, rows, n_boot, level, seed)
+
+
+def scored(hists: dict, map_sizes: dict, cities, planted: Mapping[str, tuple], causal: pd.DataFrame,
+           stats_cfg: histograms.StatsConfig, top: int = 3, images: pd.DataFrame | None = None,
+           rows: np.ndarray | None = None, n_boot: int = 1000, level: float = 0.95,
+           seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """``score`` from the masks' histograms, (method, layer) -> ``histograms.Histograms``, and their
+    map sizes (h, w)."""
+    cue_rows = causal[causal["object"].isin({o for v in planted.values() for o in v})]
+    effect = {(c, o): (e, r) for c, o, e, r in cue_rows[["city", "object", "effect", "rank"]].itertuples(index=False)}
+    relied = set(zip(cue_rows.loc[cue_rows["ci_high"] < 0, "city"], cue_rows.loc[cue_rows["ci_high"] < 0, "object"]))
+    boot = None
+    if images is not None and rows is not None and n_boot > 0:
+        boot = _resampling(images, np.asarray(rows), np.asarray(cities).astype(str), n_boot, seed)
+    rows_out, summary = [], {}
+    for (method, layer), hist in hists.items():
+        grid = tuple(int(v) for v in map_sizes[method, layer])
+        rec, scores = cues.recovery(hist.table(ci=False), planted, top)
+        rec = rec.assign(method=method, layer=layer, map_size="x".join(map(str, grid)),
+                         effect=[effect.get((c, o), (np.nan, np.nan))[0] for c, o in zip(rec["city"], rec["object"])],
+                         causal_rank=[effect.get((c, o), (np.nan, np.nan))[1] for c, o in zip(rec["city"], rec["object"])])
+        rows_out.append(rec)
+        # a city counts only where the network relies on its strongest cue (interval below 0)
+        relies = np.array([(c, o) in relied for c, o in zip(rec["city"], rec["object"])], bool)
+        strongest = rec[(rec["causal_rank"] == 1).to_numpy() & relies]
+        in_top = {c: bool(r <= top) for c, r in zip(strongest["city"], strongest["rank"])}
+        ok = rec.dropna(subset=["effect", "rank"])
+        rho = float(sps.spearmanr(-ok["effect"], -ok["rank"]).statistic) if len(ok) > 2 else float("nan")
+        interval = [float("nan"), float("nan")]
+        if boot is not None and len(ok) > 2:
+            interval = rho_interval(hist, list(zip(ok["city"], ok["object"])), boot, level)
+        summary.setdefault(method, {})[layer] = {
+            "map_size": list(grid), "planted_mrr": scores["planted_mrr"],
+            "strongest_in_top": in_top, "all_strongest_in_top": bool(in_top) and all(in_top.values()),
+            "spearman": rho, "spearman_ci": interval}
+    table = pd.concat(rows_out, ignore_index=True).rename(columns={"rank": "lift_rank"})
+    cols = ["method", "layer", "map_size", "city", "object", "lift", "lift_rank", "effect", "causal_rank"]
+    return table[cols], {"top": top, "threshold": stats_cfg.threshold, "n_boot": n_boot if boot is not None else 0,
+                         "level": level, "scores": summary}
+
+
+@dataclass(frozen=True)
+class _Resampling:
+    """Spot resamples shared by every method and layer of a run: image weights and per-image
+    effects of each cue."""
+
+    weights: np.ndarray                       # (B, N): draws of each image's spot, within its city
+    delta: dict                               # (city, object) -> (N,) delta log p (NaN elsewhere)
+
+
+def _resampling(images: pd.DataFrame, rows: np.ndarray, cities: np.ndarray, n_boot: int, seed: int) -> _Resampling:
+    at = pd.Series(np.arange(len(rows)), index=rows)
+    groups = images.groupby("row")["group"].first().reindex(rows)
+    if groups.isna().any():
+        raise ValueError(f"{int(groups.isna().sum())} label-map rows have no counterfactual images")
+    # whole spots, within each city, as causal.csv does
+    weights = intervals.spot_weights(groups.to_numpy(), cities, n_boot, seed)
+    delta = {}
+    for (city, obj), g in images[images["row"].isin(rows)].groupby(["city", "object"], sort=False):
+        d = np.full(len(rows), np.nan)
+        d[at[g["row"]].to_numpy()] = (g["logp_without"] - g["logp"]).to_numpy()
+        delta[city, obj] = d
+    return _Resampling(weights, delta)
+
+
+def rho_interval(hist: histograms.Histograms, cue_list: list[tuple[str, str]], boot: _Resampling,
+                 level: float = 0.95) -> list[float]:
+    """Percentile interval of Spearman's rho between the cues' reliance (-effect) and their lift
+    rank over the spot resamples (``rho_resamples``)."""
+    rho = rho_resamples(hist, cue_list, boot)
+    if np.isnan(rho).all():
+        return [float("nan"), float("nan")]
+    return [float(v) for v in np.nanquantile(rho, [(1 - level) / 2, (1 + level) / 2])]
+
+
+def rho_resamples(hist: histograms.Histograms, cue_list: list[tuple[str, str]], boot: _Resampling) -> np.ndarray:
+    """(B,) Spearman's rho of each spot resample: the effects and ``hist``'s lift ranks
+    recomputed on the resampled images (the objects ranked are those the object filter keeps
+    on all images); NaN where fewer than three cues are ranked or a ranking is constant."""
+    index = {name: i for i, name in hist.names.items()}
+    w = boot.weights                                                          # (B, N)
+    lifts = hist.resampled_lift(w)                                            # {c: (objects, (B, q))}
+    reliance, lift_rank = np.full((len(w), len(cue_list)), np.nan), np.full((len(w), len(cue_list)), np.nan)
+    for c, city in enumerate(hist.cities):
+        members = np.flatnonzero(hist.city == c)
+        objects, lift = lifts[c]
+        wc = w[:, members]                                                    # (B, n_c)
+        for j, (cue_city, obj) in enumerate(cue_list):
+            if cue_city != city or obj not in index or index[obj] not in objects:
+                continue
+            mine = lift[:, np.searchsorted(objects, index[obj])][:, None]
+            lift_rank[:, j] = np.where(np.isnan(mine[:, 0]), np.nan, 1 + (lift > mine).sum(1))
+            d = boot.delta[city, obj][members]
+            reliance[:, j] = -(wc @ np.nan_to_num(d)) / (wc @ np.isfinite(d))
+    rho = np.full(len(w), np.nan)
+    full = ~np.isnan(reliance).any(1) & ~np.isnan(lift_rank).any(1)
+    rx, ry = sps.rankdata(reliance[full], axis=1), sps.rankdata(-lift_rank[full], axis=1)
+    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho[full] = (rx * ry).sum(1) / np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))   # nan: a constant ranking
+    for b in np.flatnonzero(~full):          # a cue absent from a resample: rho over the others
+        ok = ~np.isnan(reliance[b]) & ~np.isnan(lift_rank[b])
+        if ok.sum() > 2:
+            rho[b] = sps.spearmanr(reliance[b, ok], -lift_rank[b, ok]).statistic
+    return rho
+
+
+def run(cfg: MethodsConfig, run_dir: str | Path, cache, planted: Mapping[str, tuple], causal_result, *,
+        stats_cfg: histograms.StatsConfig, segment_cfg: segment.SegmentConfig,
+        segment_dir: str | Path | None = None, target: str = "predicted",
+        progress: bool = True) -> MethodsResult:
+    """Sweep and score every method at every layer on the run's test images (labelled as the
+    objects stage labels them), written into ``run_dir``; ``causal_result`` is the run's
+    ``causal.run`` result."""
+    run_dir = Path(run_dir)
+    rows = cache.split_indices("test")
+    labels_key = segment.key(segment_cfg, cache, rows)
+    seg = segment.run(segment_cfg, segment_dir, cache, rows=rows, progress=progress)
+    label_maps = seg.of(rows)                                     # (n, S, S) uint8, read lazily
+    model, cities, config = train.load_model(run_dir, device=cfg.device)
+    train.check_data(run_dir, config, cache)
+    trained = ResultFolder(run_dir, train.NAME).finished()
+    folder = ResultFolder(run_dir, NAME, key(cfg, stats_cfg, trained["key"], labels_key, causal_result.key, target))
+    if folder.done() is not None:
+        return MethodsResult(pd.read_csv(run_dir / "methods.csv"), read_json(run_dir / "methods.json"),
+                             run_dir, True)
+    folder.begin()
+    y = np.asarray(cache.y, np.int64)[rows]
+    layers = models.sweep_layers(model, cfg.layers)
+    nets = devices.replicas(model, devices.every(cfg.device))     # one per device (cuda:all)
+    true_city = np.asarray(cities)[y]
+    hists, map_sizes = counted(sweep_batches(nets, cache.images, None if target == "predicted" else y, layers,
+                                             cfg.methods, cfg.batch_size, cfg.fusion, rows=rows,
+                                             progress=progress), label_maps, true_city, stats_cfg)
+    table, summary = scored(hists, map_sizes, true_city, planted, causal_result.table, stats_cfg, cfg.top,
+                            causal_result.images, rows, cfg.n_boot, cfg.level, cfg.seed)
+    summary["layers"] = list(layers) + ([FUSION] if cfg.fusion and len(layers) > 1 else [])
+    write_csv(run_dir / "methods.csv", table)
+    write_json(run_dir / "methods.json", summary)
+    folder.commit(["methods.csv", "methods.json"])
+    return MethodsResult(table, summary, run_dir)
+
+
+# ------------------------------------------------------------------ tables and the verdict
+def position(layer: str, layers: list[str]) -> str:
+    """A layer's place in the sweep, comparable across architectures: 'paper' (the paper's
+    Grad-CAM layer, the last), 'fusion', or 'paper-k' for the k-th stage before it."""
+    if layer == FUSION:
+        return FUSION
+    stages = [n for n in layers if n != FUSION]
+    k = len(stages) - 1 - stages.index(layer)
+    return "paper" if k == 0 else f"paper-{k}"
+
+
+def run_table(causal_table: pd.DataFrame, table: pd.DataFrame, layers: list[str],
+              recovery: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (city, cue): its causal effect with interval and rank, the ideal detector's
+    lift rank (``recovery``'s ceiling_rank), and each method's lift rank at the paper's layer
+    and at its best layer of the sweep."""
+    paper = [n for n in layers if n != FUSION][-1]
+    out = causal_table[causal_table["object"] != CUE_FREE][["city", "object", "effect", "ci_low", "ci_high",
+                                                            "rank"]].rename(columns={"object": "cue",
+                                                                                     "rank": "causal_rank"})
+    if recovery is not None and "ceiling_rank" in recovery:
+        out = out.merge(recovery[["city", "object", "ceiling_rank"]].rename(columns={"object": "cue"}),
+                        on=["city", "cue"], how="left")
+    for method, g in table.groupby("method", sort=False):
+        at = g[g["layer"] == paper].set_index(["city", "object"])["lift_rank"]
+        out[f"{method} (paper layer)"] = [at.get((c, o), np.nan) for c, o in zip(out["city"], out["cue"])]
+    for method, g in table.groupby("method", sort=False):
+        best = g.sort_values("lift_rank", kind="stable").groupby(["city", "object"]).first()
+        out[f"{method} (best layer)"] = [
+            f"{int(best.loc[(c, o), 'lift_rank'])} ({best.loc[(c, o), 'layer']})"
+            if (c, o) in best.index and best.loc[(c, o), "lift_rank"] == best.loc[(c, o), "lift_rank"] else "—"
+            for c, o in zip(out["city"], out["cue"])]
+    return out.reset_index(drop=True)
+
+
+def comparison(summaries: Mapping[str, dict]) -> pd.DataFrame:
+    """The methods across runs: per method and layer position, per run, how many cities have
+    their causally strongest cue in the lift top k ("2/3"), the planted MRR, and Spearman's rho
+    between reliance and lift rank with its interval."""
+    rows = {}
+    for run_name, summary in summaries.items():
+        for method, by_layer in summary["scores"].items():
+            for layer, s in by_layer.items():
+                where = (method, position(layer, summary["layers"]))
+                hits, (lo, hi) = s["strongest_in_top"], s.get("spearman_ci", [np.nan, np.nan])
+                rho = f"ρ {s['spearman']:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo == lo else "")
+                rows.setdefault(where, {})[run_name] = (f"{sum(hits.values())}/{len(hits)}"
+                                                        f" (MRR {s['planted_mrr']:.2f}, {rho})")
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["method", "layer"])
+    return frame.reset_index()
+
+
+def verdict(name: str, causal_table: pd.DataFrame, summary: dict) -> str:
+    """A few plain sentences from the numbers: which cues the network relies on (interval below
+    zero), which it does not, and which method and layer show its strongest cues."""
+    cue = causal_table[causal_table["object"] != CUE_FREE]
+    used = cue[cue["ci_high"] < 0].sort_values("effect")
+    unused = cue[cue["ci_high"] >= 0]
+    fmt = lambda r: f"{r.object} in {r.city} (Δ log p {r.effect:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}])"  # noqa: E731
+    parts = [f"{name} relies on " + (", ".join(fmt(r) for r in used.itertuples()) or "none of the planted cues") + "."]
+    if len(unused):
+        parts.append("It shows no reliance on " + ", ".join(f"{r.object} in {r.city}" for r in unused.itertuples())
+                     + " (interval includes 0).")
+    paper = [n for n in summary["layers"] if n != FUSION][-1]
+    scored = [(m, layer, s) for m, by in summary["scores"].items() for layer, s in by.items()]
+    grad = summary["scores"].get("gradcam", {}).get(paper)
+    if grad is not None:
+        hits = grad["strongest_in_top"]
+        parts.append(f"Grad-CAM at the paper's layer ({paper}, {'x'.join(map(str, grad['map_size']))}) puts the "
+                     f"strongest cue in the lift top {summary['top']} for {sum(hits.values())} of {len(hits)} cities.")
+    good = [(m, layer) for m, layer, s in scored if s["all_strongest_in_top"]]
+    if good:
+        parts.append(f"Methods that do so for every city: {', '.join(f'{m} at {layer}' for m, layer in good)}.")
+    else:
+        best = max(scored, key=lambda t: (sum(t[2]["strongest_in_top"].values()), t[2]["planted_mrr"]))
+        parts.append(f"No method does so for every city; the closest is {best[0]} at {best[1]} "
+                     f"({sum(best[2]['strongest_in_top'].values())} of {len(best[2]['strongest_in_top'])}).")
+    return " ".join(parts)
