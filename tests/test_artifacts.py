@@ -55,10 +55,31 @@ def test_code_key_follows_every_import_of_the_package(tmp_path):
 
 def test_code_key_of_the_real_stages():
     """The training's key does not depend on the statistics code, and the objects stage's does."""
-    train, objects = (artifacts._package_imports((artifacts.PACKAGE / f"{m}.py").read_bytes(), m,
-                                                 artifacts.PACKAGE) for m in ("train", "objects"))
-    assert "models" in train and "stats" not in train
-    assert {"stats", "cues", "segment", "gradcam"} <= objects
+    train, objects = (artifacts._package_imports(artifacts._source_file(artifacts.PACKAGE, m).read_bytes(), m,
+                                                 artifacts.PACKAGE) for m in ("nets.train", "stages.objects"))
+    assert "nets.models" in train and "stats.histograms" not in train
+    assert {"stats.histograms", "explain.cues", "data.segment", "stages.gradcam"} <= objects
+
+
+def test_code_key_counts_sub_packages_and_discovered_modules(tmp_path):
+    """A module in a sub-package counts that sub-package's ``__init__``; a package that imports
+    its modules by discovery counts every one of them, a file added to it too."""
+    pkg = _package(tmp_path, {"__init__.py": "", "stage.py": "from citylib.explain.cams.one import x\n"})
+    (pkg / "explain" / "cams").mkdir(parents=True)
+    (pkg / "explain" / "__init__.py").write_text("")
+    (pkg / "explain" / "cams" / "__init__.py").write_text(
+        "import importlib, pkgutil\nfor m in pkgutil.iter_modules(__path__):\n"
+        "    importlib.import_module(f'{__name__}.{m.name}')\n")
+    (pkg / "explain" / "cams" / "one.py").write_text("x = 1\n")
+    key = artifacts.code_key("stage", root=pkg)
+    for name in ("explain/__init__.py", "explain/cams/__init__.py", "explain/cams/one.py"):
+        before = (pkg / name).read_text()
+        (pkg / name).write_text(before + "# edited\n")
+        assert artifacts.code_key("stage", root=pkg) != key, name
+        (pkg / name).write_text(before)
+    assert artifacts.code_key("stage", root=pkg) == key
+    (pkg / "explain" / "cams" / "two.py").write_text("y = 2\n")      # a new method file
+    assert artifacts.code_key("stage", root=pkg) != key
 
 
 def test_result_folder_reuse_begin_commit(tmp_path):

@@ -17,7 +17,7 @@ import pandas as pd
 from citylib.run import runner
 from citylib.core.paths import PARAMETERS
 
-DRIVER = ("import json, sys; from citylib import runner; "
+DRIVER = ("import json, sys; from citylib.run import runner; "
           "r = runner.run(params=sys.argv[1], only=[a for a in sys.argv[2:3] if a] or None, outputs=sys.argv[3]); "
           "print(json.dumps({'executed': r.executed, 'skipped': r.skipped, 'failed': r.failed}))")
 

@@ -466,7 +466,7 @@ def test_permissions_for_real_a_file_and_a_folder_nobody_may_read():
             p.chmod(0o755 if p.is_dir() else 0o644)
         denied.chmod(0)
         (root / "b" / "locked").chmod(0)
-        script = ("import json, sys; from citylib import data\n"
+        script = ("import json, sys; from citylib.data import dataset\n"
                   "records, rejected = dataset.load_records(sys.argv[1])\n"
                   "records, bad = dataset.validate(records, progress=False)\n"
                   "print(json.dumps({'records': sorted(records['path']), 'rejected': {"

@@ -99,8 +99,9 @@ def test_no_import_cycles_inside_citylib():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
     graph = imports_inside(paths.ROOT / "citylib")
-    assert {"train", "streetview.collect", "streetview.static_api"} <= set(graph)
-    assert graph["streetview.collect"] >= {"streetview.geosample", "streetview.static_api", "data"}
+    assert {"nets.train", "data.streetview.collect", "data.streetview.static_api"} <= set(graph)
+    assert graph["data.streetview.collect"] >= {"data.streetview.geosample", "data.streetview.static_api",
+                                                "data.dataset"}
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in found)
 

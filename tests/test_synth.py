@@ -377,7 +377,7 @@ def test_render_workers_end_quietly_when_their_pool_ends_them():
     import sys
 
     script = ("import signal, time\n"
-              "from citylib import synth\n"
+              "from citylib.world import synth\n"
               "def stop(*_):\n    raise KeyboardInterrupt\n"
               "signal.signal(signal.SIGTERM, stop)\n"
               "for _ in range(3):\n"

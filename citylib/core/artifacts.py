@@ -107,8 +107,11 @@ PACKAGE = Path(__file__).resolve().parents[1]   # the citylib package, whose sou
 def code_key(module: str, root: str | os.PathLike | None = None) -> str:
     """A hash of ``module``'s source and of every citylib module it imports, at any depth.
 
-    ``module`` is a name inside the package (``"train"`` or ``"citylib.train"``). Imports inside
-    functions count too, so a module that is imported lazily is covered. An edit to any of these
+    ``module`` is a dotted name inside the package (``"nets.train"`` or ``"citylib.nets.train"``).
+    Imports inside functions count too, so a module that is imported lazily is covered; so does
+    the ``__init__.py`` of every sub-package a module lies in (Python runs it on import), and a
+    sub-package whose ``__init__.py`` imports its modules by discovery (``pkgutil.iter_modules``,
+    as the CAM methods do) counts with every module in its folder. An edit to any of these
     files, a comment included, changes the key: a result is never reused across a code change.
     ``root`` is the package folder (default: this package).
     """
@@ -118,37 +121,59 @@ def code_key(module: str, root: str | os.PathLike | None = None) -> str:
         name = todo.pop()
         if name in seen:
             continue
-        path = root / f"{name.replace('.', '/')}.py"
-        source = path.read_bytes()
+        source = _source_file(root, name).read_bytes()
         seen[name] = hashlib.sha256(source).hexdigest()
         todo += [m for m in _package_imports(source, name, root) if m not in seen]
     return hashlib.sha256(json.dumps(sorted(seen.items())).encode()).hexdigest()[:12]
 
 
+def _source_file(root: Path, name: str) -> Path:
+    """The file of module ``name`` (``a.b``: ``a/b.py``, or ``a/b/__init__.py`` for a package)."""
+    path = root / name.replace(".", "/")
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
+
+
+def _exists(root: Path, name: str) -> bool:
+    path = root / name.replace(".", "/")
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def _package_imports(source: bytes, module: str, root: Path) -> set[str]:
-    """Names of the package's modules that ``source`` imports (absolute or relative)."""
+    """Names of the package's modules that ``source`` (the module ``module``) depends on: those
+    it imports (absolute or relative), the sub-packages' ``__init__`` that run on the way, and,
+    for a package that discovers its modules, each of them."""
     package, found = root.name, set()
+    is_package = _source_file(root, module).name == "__init__.py" if module else False
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found |= {a.name.removeprefix(f"{package}.") for a in node.names
                       if a.name.startswith(f"{package}.")}
         elif isinstance(node, ast.ImportFrom):
             if node.level:   # relative: from the module's own package
-                parts = [package, *module.split(".")[:-1]][:len(module.split(".")) + 1 - node.level]
+                parts = [package, *module.split(".")[:-1 if not is_package else None]]
+                parts = parts[:len(parts) + 1 - node.level]
                 base = ".".join(parts + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
             if base != package and not base.startswith(f"{package}."):
                 continue
             inner = base.removeprefix(package).lstrip(".")
-            # `from citylib import train` names modules; `from citylib.train import run` a module
+            # `from citylib.nets import train` names modules; `from citylib.nets.train import run` a module
             for a in node.names:
                 name = f"{inner}.{a.name}" if inner else a.name
-                if (root / f"{name.replace('.', '/')}.py").is_file():
+                if _exists(root, name):
                     found.add(name)
-            if inner and (root / f"{inner.replace('.', '/')}.py").is_file():
+            if inner and _exists(root, inner):
                 found.add(inner)
-    return found
+        elif (isinstance(node, ast.Call) and is_package and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "iter_modules"):       # a package that imports every module
+            folder = _source_file(root, module).parent
+            found |= {f"{module}.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__"}
+    for name in list(found) + [module]:                     # the sub-packages' __init__ on the way
+        parts = name.split(".")
+        found |= {".".join(parts[:k]) for k in range(1, len(parts)) if _exists(root, ".".join(parts[:k]))}
+    found.discard(module)
+    return {m for m in found if m and _exists(root, m)}
 
 
 class StaleError(RuntimeError):
