@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from citylib.core import devices
-from citylib.nets import models, train
+from citylib.nets import loader, models, train
 
 
 VARIANTS = (("fp32", False, False), ("fp32 channels-last", False, True),
@@ -119,13 +119,13 @@ def citylib_loop(arch, args, device, images, labels) -> float:
 
 
 def pipeline_alone(args, device, images, labels, threads: int) -> float:
-    """Images/s of ``train.batches`` (batch gather, augmentation, uint8 -> float, transfer)
+    """Images/s of ``loader.batches`` (batch gather, augmentation, uint8 -> float, transfer)
     without a network, made in turn (``threads`` 0) or by that many helper threads."""
     cfg = train.TrainConfig(batch_size=args.batch)
     gen = torch.Generator().manual_seed(0)
     order = np.random.default_rng(0).permutation(np.resize(np.arange(len(images)), 8 * len(images)))
     starts = range(0, len(order) - args.batch + 1, args.batch)
-    made = train.batches(images, labels, order, starts, cfg, gen, device, threads)
+    made = loader.batches(images, labels, order, starts, cfg, gen, device, threads)
     for _ in range(args.warmup):
         next(made)
     _sync(device)

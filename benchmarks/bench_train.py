@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from citylib.nets import models, train
+from citylib.nets import infer, models, train
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def bench_arch(arch: str, args, threads: int) -> dict:
     y = torch.as_tensor(rng.integers(0, args.classes, N), dtype=torch.int64)     # (N,)
     idx = np.arange(N)
     cfg = train.TrainConfig(batch_size=args.batch, threads=threads)
-    X = train.to_tensor(images[:n])                       # (n, 3, S, S) float, built beforehand
+    X = infer.to_tensor(images[:n])                       # (n, 3, S, S) float, built beforehand
     Y = y[:n]                                             # (n,)
 
     model_a, opt_a = _fresh(arch, args.classes, args.size, cfg.lr)
@@ -100,7 +100,7 @@ def bench_arch(arch: str, args, threads: int) -> dict:
     evals = []                                            # validation throughput
     for i in range(3):
         t0 = time.perf_counter()
-        train.predict(model_a, images[i * args.batch:(i + 1) * args.batch], args.batch)
+        infer.predict(model_a, images[i * args.batch:(i + 1) * args.batch], args.batch)
         evals.append(time.perf_counter() - t0)
     eval_ips = args.batch / float(np.median(evals))
     with tempfile.TemporaryDirectory() as d:              # one epoch checkpoint

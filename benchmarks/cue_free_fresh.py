@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from citylib.data import counterfactual  # noqa: E402
-from citylib.nets import train
+from citylib.nets import checkpoint, infer
 from citylib.stages import causal
 from citylib.world import synth
 
@@ -45,8 +45,8 @@ def main(outputs: str, runs: list[str], start: int, spots: int) -> None:
     print(f"{'run':<16} {'accuracy':>8}  {'permuted 95%':<16} {'p':>6}  predicted per city")
     groups = np.repeat([f"{c}_{s}" for c, s in tasks], CFG.views)
     for run in runs:
-        model, _, _ = train.load_model(Path(outputs) / "runs" / run)
-        pred = train.predict(model, images).argmax(1)
+        model, _, _ = checkpoint.load_model(Path(outputs) / "runs" / run)
+        pred = infer.predict(model, images).argmax(1)
         frame = pd.DataFrame({"group": groups, "city": np.asarray(cities)[y],
                               "predicted": np.asarray(cities)[pred], "correct": pred == y})
         c = causal.cue_free(frame, len(cities))

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from citylib.data import dataset  # noqa: E402
-from citylib.nets import train
+from citylib.nets import checkpoint, infer
 from citylib.run import params, pipeline
 from citylib.stats import intervals
 
@@ -55,8 +55,8 @@ def _train(task) -> tuple:
     pipeline.run_training(r, progress=False)
     cache = pipeline.load_cache(r)
     rows = cache.split_indices("val")
-    model, cities, _ = train.load_model(r.dir)
-    pred = train.predict(model, np.asarray(cache.images[rows])).argmax(1)
+    model, cities, _ = checkpoint.load_model(r.dir)
+    pred = infer.predict(model, np.asarray(cache.images[rows])).argmax(1)
     correct = pred == np.asarray(cache.y)[rows]
     return run, spots, epochs, correct, cache.index["group"].to_numpy()[rows]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from citylib.data import counterfactual, dataset
-from citylib.nets import train
+from citylib.nets import infer
 from citylib.stages import causal
 from citylib.stats import intervals
 from citylib.world import synth
@@ -23,7 +23,7 @@ class RedNet(nn.Module):
     normalised red channel + MEAN / STD); class 1's is 0.05 and class 2's 0."""
 
     def forward(self, x):                                           # (B, 3, S, S)
-        red = x[:, 0].mean((1, 2)) + train.MEAN / train.STD         # (B,) 0 for black
+        red = x[:, 0].mean((1, 2)) + infer.MEAN / infer.STD         # (B,) 0 for black
 
         return torch.stack([4 * red, torch.full_like(red, 0.05), torch.zeros_like(red)], 1)
 
@@ -53,7 +53,7 @@ def _world(n_spots: int = 6, size: int = 16):
 
 
 def _logp0(model, images):
-    return torch.log_softmax(model(train.to_tensor(images)).double(), 1)[:, 0].numpy()
+    return torch.log_softmax(model(infer.to_tensor(images)).double(), 1)[:, 0].numpy()
 
 
 def test_causal_effect_of_a_cue_the_model_uses_and_one_it_ignores():

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from citylib.core import artifacts
-from citylib.nets import models, train
+from citylib.nets import checkpoint, models
 from citylib.run import cli
 from citylib.core.paths import PARAMETERS
 
@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
 
 
 def _last(run_dir) -> dict:
-    return train.load_model(run_dir, "last")[0].state_dict()
+    return checkpoint.load_model(run_dir, "last")[0].state_dict()
 
 
 def test_two_processes_train_the_weights_of_one(trained):

@@ -15,7 +15,7 @@ from torch import nn
 
 from citylib.core import artifacts, devices
 from citylib.explain import saliency
-from citylib.nets import models, train
+from citylib.nets import checkpoint, infer, models, train
 from citylib.stages import gradcam
 from citylib.stats import histograms
 
@@ -304,7 +304,7 @@ def test_run_load_reuse(trained_run):
     assert (res.index["target"] == res.index["predicted"]).all()     # target: predicted
     assert res.meta["layer"] == "features.10" and res.meta["map_size"] == [8, 8]
     # the stored masks are the CAMs of the best model, to float16 precision
-    model, _, _ = train.load_model(run_dir)
+    model, _, _ = checkpoint.load_model(run_dir)
     direct = saliency.masks_for(model, cache.images[test])
     np.testing.assert_allclose(res.masks, direct.masks, atol=1e-3)
     training_key = torch.load(run_dir / "best.pt", weights_only=True)["key"]
@@ -392,8 +392,8 @@ def test_copies_on_several_devices_give_one_device_masks(trained_run, tmp_path, 
     assert len(runs[1].index) == 6 and len(range(0, 6, cfg.batch_size)) == 3   # 3 batches over 2 copies
     assert np.array_equal(runs[1].masks, runs[2].masks)
     pd.testing.assert_frame_equal(runs[1].index, runs[2].index)
-    model = train.load_model(run_dir)[0]
+    model = checkpoint.load_model(run_dir)[0]
     rows = cache.split_indices("test")
-    assert np.array_equal(train._logits([model, copy.deepcopy(model)], cache.images, 4, rows),
-                          train._logits(model, cache.images, 4, rows))
+    assert np.array_equal(infer.logits([model, copy.deepcopy(model)], cache.images, 4, rows),
+                          infer.logits(model, cache.images, 4, rows))
     assert _no_hooks(model)

@@ -11,7 +11,7 @@ import torch
 
 from citylib.core import devices
 from citylib.explain import saliency
-from citylib.nets import models, train
+from citylib.nets import infer, models
 from citylib.stages import methods
 from citylib.stats import histograms
 
@@ -28,7 +28,7 @@ def test_sweep_matches_the_cam_objects_and_fuses_on_the_finest_grid():
     assert masks["layercam", methods.FUSION].shape == (5, 32, 32)
     for (method, layer), m in masks.items():
         assert m.min() >= 0 and m.max() <= 1, (method, layer)
-    x = train.to_tensor(images)
+    x = infer.to_tensor(images)
     for method in saliency.METHODS:               # one pass per layer serves every method
         for layer in layers:
             with saliency.make(method, model, model.get_submodule(layer)) as cam:

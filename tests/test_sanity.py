@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from citylib.explain import saliency, sanity
 from citylib.figures import gradcam_plots
-from citylib.nets import models, train
+from citylib.nets import infer, models, train
 
 SIZE = 64
 CLASSES = 3
@@ -100,7 +100,7 @@ def test_deletion_mechanics(simple, images):
     assert sal.shape == rnd.shape == (5,)
     assert sal[0] == pytest.approx(rnd[0]) and sal[-1] == pytest.approx(rnd[-1])  # same images
     with torch.no_grad():   # nothing removed: the images; everything removed: the fill (0)
-        x = train.to_tensor(images)
+        x = infer.to_tensor(images)
         whole = torch.softmax(simple(x), 1)[torch.arange(4), torch.from_numpy(target)].mean()
         blank = torch.softmax(simple(torch.zeros_like(x)), 1)[torch.arange(4), torch.from_numpy(target)].mean()
     assert sal[0] == pytest.approx(whole.item(), abs=1e-6) and sal[-1] == pytest.approx(blank.item(), abs=1e-6)
@@ -209,7 +209,7 @@ def trained():
         torch.set_num_threads(threads)
     model.eval()
     test, truth = _world(16, 1)
-    pred = train.predict(model, test).argmax(1)
+    pred = infer.predict(model, test).argmax(1)
     assert (pred == truth).mean() >= 0.9                   # it did learn the task
     return model, test, pred
 

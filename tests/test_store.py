@@ -217,7 +217,7 @@ def _limited_training(folder: Path) -> dict:
     smallest registered network's are 150 MB)."""
     import torch
 
-    from citylib.nets import train
+    from citylib.nets import infer, train
 
     def tiny(arch, n_classes, image_size):                 # (B, 3, S, S) -> (B, 4, S/8, S/8) -> (B, C)
         return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.ReLU(),
@@ -232,7 +232,7 @@ def _limited_training(folder: Path) -> dict:
     torch.set_num_threads(1)
     train.train_one_epoch(model, opt, warm, torch.zeros(64, dtype=torch.int64), np.arange(64), cfg,
                           torch.Generator().manual_seed(0), progress=False)
-    train.predict(model, warm, 16)
+    infer.predict(model, warm, 16)
     del warm, model, opt
     store = LOW_RAM_ROWS * LOW_RAM_SIZE * LOW_RAM_SIZE * 3
     allowed = store // 4

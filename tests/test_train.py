@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from citylib.core import artifacts, devices
-from citylib.nets import train
+from citylib.nets import checkpoint, infer, loader, train
 from citylib.core.artifacts import read_json
 
 CITIES = ["amsterdam", "berlin", "cairo"]
@@ -27,7 +27,7 @@ def cache(make_cache):
 
 
 def _weights(run_dir, which="last"):
-    return train.load_model(run_dir, which)[0].state_dict()
+    return checkpoint.load_model(run_dir, which)[0].state_dict()
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -87,7 +87,7 @@ def test_a_snapshot_is_a_copy_on_the_cpu():
     opt = torch.optim.Adam(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    snap = train._snapshot({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1})
+    snap = checkpoint.snapshot({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1})
     assert snap["epoch"] == 1 and list(snap["model"]) == ["weight", "bias"]
     assert snap["model"]._metadata == model.state_dict()._metadata
     assert all(t.device.type == "cpu" for t in snap["model"].values())
@@ -199,7 +199,7 @@ def test_finished_run_is_reused_and_stale_results_replaced(cache, tmp_path, make
     # the key follows the data: another split of the same images is another training
     moved = make_cache()
     moved.index.loc[0, "split"], moved.index.loc[12, "split"] = "val", "train"
-    assert train.data_key(moved, {s: moved.split_indices(s) for s in train.SPLITS}) != \
+    assert checkpoint.data_key(moved, {s: moved.split_indices(s) for s in checkpoint.SPLITS}) != \
         first.config["data_key"]
 
 
@@ -232,11 +232,11 @@ def test_artifacts(cache, tmp_path):
     probs = pred[[f"prob_{c}" for c in CITIES]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert (pred["correct"] == (pred["city"] == pred["predicted"])).all()
-    assert artifacts.ResultFolder(out, train.NAME, res.key).done()["files"] == list(train.OUTPUT_FILES)
+    assert artifacts.ResultFolder(out, train.NAME, res.key).done()["files"] == list(checkpoint.OUTPUT_FILES)
     # load_model + predict reproduce the stored test probabilities
-    model, cities, config = train.load_model(out)
+    model, cities, config = checkpoint.load_model(out)
     assert cities == CITIES and config["arch"] == "simple" and not model.training
-    p = train.predict(model, cache.images[pred["index"].to_numpy()], batch_size=5)
+    p = infer.predict(model, cache.images[pred["index"].to_numpy()], batch_size=5)
     np.testing.assert_allclose(p, probs, atol=1e-5)
 
 
@@ -251,19 +251,19 @@ def test_keep_checkpoints_and_caller_rng_untouched(cache, tmp_path):
 
 
 def test_to_tensor_and_augment(cache):
-    x = train.to_tensor(cache.images[:4])                               # (4, 3, 64, 64)
+    x = infer.to_tensor(cache.images[:4])                               # (4, 3, 64, 64)
     assert x.shape == (4, 3, SIZE, SIZE) and x.dtype == torch.float32 and x.is_contiguous()
     assert x.min() >= -1.0 and x.max() <= 1.0
-    assert torch.equal(train.to_tensor(np.array([[[[0, 255, 51]]]], np.uint8)).flatten(),
+    assert torch.equal(infer.to_tensor(np.array([[[[0, 255, 51]]]], np.uint8)).flatten(),
                        torch.tensor([-1.0, 1.0, -0.6]))
     u = cache.images[:8]                                                # (8, 64, 64, 3)
     off = dataclasses.replace(FAST, flip=False, crop_jitter=0)
-    assert train.augment(u, off, torch.Generator()) is u
+    assert loader.augment(u, off, torch.Generator()) is u
     p = 3
     cfg = dataclasses.replace(FAST, flip=True, crop_jitter=p)
-    a = train.augment(u, cfg, torch.Generator().manual_seed(0))
+    a = loader.augment(u, cfg, torch.Generator().manual_seed(0))
     assert a.shape == u.shape and a.dtype == np.uint8
-    assert np.array_equal(a, train.augment(u, cfg, torch.Generator().manual_seed(0)))
+    assert np.array_equal(a, loader.augment(u, cfg, torch.Generator().manual_seed(0)))
     # each output is a crop of the reflect-padded image, possibly mirrored
     padded = np.pad(u, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
     for i in range(len(u)):
@@ -279,7 +279,7 @@ def test_a_corrupt_checkpoint_is_one_clear_line(tmp_path, capsys):
     run.mkdir(parents=True)
     (run / "best.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
     with pytest.raises(ValueError, match="best.pt: not a readable citylib checkpoint"):
-        train.load_model(run)
+        checkpoint.load_model(run)
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     assert cli.main(["predict", "--run", str(run), str(image)]) == 2

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from citylib.core import devices
-from citylib.nets import models, train
+from citylib.nets import infer, models
 
 
 @dataclass(frozen=True)
@@ -316,7 +316,7 @@ def batches(cam: BaseCAM | list[BaseCAM], images: np.ndarray, target, batch_size
     per_image = target is not None and not isinstance(target, str) and np.ndim(target) > 0
     starts = tqdm(range(0, len(rows), batch_size), desc=f"{cams[0].name} {cams[0].layer_name}",
                   disable=not progress, leave=False, unit="batch")
-    jobs = ((slice(b, b + batch_size), train.to_tensor(images[rows[b:b + batch_size]]))   # (B, 3, S, S)
+    jobs = ((slice(b, b + batch_size), infer.to_tensor(images[rows[b:b + batch_size]]))   # (B, 3, S, S)
             for b in starts)
     yield from devices.spread(lambda c, job: (job[0], c(job[1], np.asarray(target)[job[0]] if per_image
                                                         else target)), cams, jobs)

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from citylib.core import devices
 from citylib.explain import saliency
-from citylib.nets import train
+from citylib.nets import infer
 from citylib.stats import intervals
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -136,7 +136,7 @@ def cascade(model: nn.Module, images: np.ndarray, target: np.ndarray, method: st
     rand = copy.deepcopy(model)
     boot = dict(n_boot=n_boot, level=level, seed=seed)
     rows = [_summary(0, "none (trained)", spearman_rows(base, base), **boot)]
-    device = train._device_of(model)
+    device = infer.device_of(model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # left as found
         steps = cascade_steps(rand)
         for k, (name, modules) in enumerate(tqdm(steps, desc="cascade", disable=not progress,
@@ -180,7 +180,7 @@ def deletion(model: nn.Module, images: np.ndarray, target: np.ndarray, method: s
     blocks = block_order(native.shape[1:], S, n, rng)
     fractions = np.linspace(0.0, 1.0, steps + 1)
     counts = np.round(fractions * S * S).astype(np.int64)
-    x = train.to_tensor(images)                                       # (n, 3, S, S)
+    x = infer.to_tensor(images)                                       # (n, 3, S, S)
     # nothing and everything removed are the same images in both orders: computed once
     ends = {c: _target_prob(model, x * (c == 0), target, batch_size) for c in (0, S * S)}
     probs = {}                                                        # (steps + 1, n) per order
@@ -262,7 +262,7 @@ def _target_prob(model: nn.Module, x: torch.Tensor, target: np.ndarray, batch_si
     """Softmax probability of ``target`` (n,) for normalised inputs x (n, 3, S, S)."""
     was_training = model.training
     model.eval()
-    device = train._device_of(model)
+    device = infer.device_of(model)
     probs = []
     try:
         with torch.no_grad(), devices.autocast(device):

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from citylib.data import imagecache
 from citylib.explain import saliency
 from citylib.figures import gallery, gradcam_plots, plots, stats_plots
-from citylib.nets import train
+from citylib.nets import checkpoint
 from citylib.stages import embed, gradcam
 from citylib.stats import histograms
 
@@ -78,7 +78,7 @@ def explanation_panel(result: gradcam.GradCAMResult, cache, run_dir: str | Path)
             return np.asarray(result.masks[pos], dtype=np.float32)       # (h, w)
         if (pos, method) not in held:
             if "model" not in held:
-                held["model"] = train.load_model(run_dir)[0]
+                held["model"] = checkpoint.load_model(run_dir)[0]
             cities = list(result.meta["cities"])
             target = cities.index(index["target"].iloc[pos])
             image = np.asarray(cache.images[int(index["index"].iloc[pos])])[None]

@@ -21,7 +21,7 @@ from citylib.core import artifacts, distributed, paths
 from citylib.data import dataset, segment
 from citylib.explain import cues
 from citylib.figures import compare_plots, plots
-from citylib.nets import train
+from citylib.nets import checkpoint, train
 from citylib.stages import causal, compare, embed, gradcam, methods, objects
 from citylib.core.artifacts import ResultFolder, StaleError
 from citylib.stages.objects import ObjectsResult  # noqa: F401 (the objects stage's result, as before)
@@ -187,7 +187,7 @@ def _explained(run: Run):
     """The cache, once the run's model is known to be trained on it and its Grad-CAM masks to
     be those of that model and settings (StaleError otherwise)."""
     cache = load_cache(run)
-    gradcam.check_cache(run.dir, train.load_model(run.dir)[2], cache)
+    gradcam.check_cache(run.dir, checkpoint.load_model(run.dir)[2], cache)
     if ResultFolder(run.dir / gradcam.FOLDER, gradcam.NAME, keys(run)["gradcam"]).done() is None:
         raise StaleError(f"{run.dir / gradcam.FOLDER}: no Grad-CAM masks of this training and "
                          "these settings: run Grad-CAM first (notebook 03, or `citylib run`)")

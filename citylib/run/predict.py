@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 
 from citylib.data import dataset, imagecache
-from citylib.nets import train
+from citylib.nets import checkpoint, infer
 
 
 def run(run_dir: str | Path, images: list[str | Path], device: str = "auto") -> pd.DataFrame:
     """One row per image: image, predicted city, one probability column per city, error; the
     network runs on ``device`` (``citylib.devices``)."""
-    model, cities, config = train.load_model(run_dir, device=device)
+    model, cities, config = checkpoint.load_model(run_dir, device=device)
     size = config["image_size"]
     rows, batch, where = [], [], []
     for path in map(str, images):
@@ -30,7 +30,7 @@ def run(run_dir: str | Path, images: list[str | Path], device: str = "auto") -> 
             batch.append(img)
         rows.append({"image": path, "predicted": "", **{c: np.nan for c in cities}, "error": reason or ""})
     if batch:
-        probs = train.predict(model, np.stack(batch))  # (B, C)
+        probs = infer.predict(model, np.stack(batch))  # (B, C)
         for r, p in zip(where, probs):
             rows[r].update({"predicted": cities[int(p.argmax())], **dict(zip(cities, map(float, p)))})
     return pd.DataFrame(rows)

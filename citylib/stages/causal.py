@@ -5,7 +5,7 @@ For every test image of a generated world and every planted cue of its city, the
 network's log-probability of the true city when that cue alone is reset to the base style
 (``counterfactual``), and the same for the cue-free rendering (every cue reset at once).
 
-Reads the run's ``best.pt`` (``train.load_model``), the snapshot's cache and its counterfactual
+Reads the run's ``best.pt`` (``checkpoint.load_model``), the snapshot's cache and its counterfactual
 images (``data.load_counterfactuals``). Writes into the run folder:
 
 - ``causal.csv``: city, object (a cue, or ``cue-free``), n, spots, effect (mean
@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from citylib.core import devices
-from citylib.nets import train
+from citylib.nets import checkpoint, infer, train
 from citylib.stats import intervals
 from citylib.core.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash
@@ -78,8 +78,8 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progr
     """Measure every cue's causal effect on the run's network, written into ``run_dir`` (reused
     when the key matches)."""
     run_dir = Path(run_dir)
-    model, cities, config = train.load_model(run_dir, device=cfg.device)
-    train.check_data(run_dir, config, cache)
+    model, cities, config = checkpoint.load_model(run_dir, device=cfg.device)
+    checkpoint.check_data(run_dir, config, cache)
     trained = ResultFolder(run_dir, train.NAME).finished()
     if trained is None:
         raise StaleError(f"{run_dir}: no finished training; train first (notebook 02, or `citylib run`)")
@@ -106,14 +106,14 @@ def effects(model: torch.nn.Module | list[torch.nn.Module], cache, counterfactua
             batch_size: int = 128) -> pd.DataFrame:
     """Per counterfactual image: the log-probability of the true city on the original (its
     cache row) and on the counterfactual, and whether each is classified correctly. ``model``:
-    the network, or copies of it on several devices (``train._logits``)."""
+    the network, or copies of it on several devices (``infer.logits``)."""
     index = counterfactuals.index
     target = np.array([cities.index(c) for c in index["city"]], np.int64)             # (M,)
     rows = np.unique(index["row"].to_numpy(np.int64))
-    orig = _log_softmax(train._logits(model, cache.images, batch_size, rows))             # (R, C)
+    orig = _log_softmax(infer.logits(model, cache.images, batch_size, rows))             # (R, C)
     at = np.searchsorted(rows, index["row"].to_numpy(np.int64))
     logp, correct = orig[at, target], orig[at].argmax(1) == target
-    cf = _log_softmax(train._logits(model, np.asarray(counterfactuals.images), batch_size))  # (M, C)
+    cf = _log_softmax(infer.logits(model, np.asarray(counterfactuals.images), batch_size))  # (M, C)
     return pd.DataFrame({"row": index["row"], "city": index["city"], "group": index["group"],
                          "view": index["view"], "object": index["variant"], "logp": logp,
                          "logp_without": cf[np.arange(len(cf)), target], "correct": correct,
@@ -149,7 +149,7 @@ def cue_free_predictions(model: torch.nn.Module | list[torch.nn.Module], images:
     (from ``effects``' rows) and the fresh spots'."""
     test = images[images["object"] == CUE_FREE]
     fresh = counterfactuals.fresh_index
-    pred = (train._logits(model, np.asarray(counterfactuals.fresh_images), batch_size).argmax(1)
+    pred = (infer.logits(model, np.asarray(counterfactuals.fresh_images), batch_size).argmax(1)
             if len(fresh) else np.zeros(0, np.int64))
     frames = [pd.DataFrame({"sample": "test", "city": test["city"], "group": test["group"], "view": test["view"],
                             "predicted": test["predicted_without"], "correct": test["correct_without"]}),

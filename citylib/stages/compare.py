@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 
 from citylib.core import paths
 from citylib.explain import saliency, sanity
-from citylib.nets import models, train
+from citylib.nets import checkpoint, models
 from citylib.stages import gradcam
 from citylib.core.artifacts import (ResultFolder, StaleError, atomic_path, code_key, read_json, write_csv,
                                write_json)
@@ -278,7 +278,7 @@ def randomised_masks(run_dir: str | Path, cache, cfg: CompareConfig,
     and target classes of its stored masks, stored as the run's own are (so only the weights
     differ): the "randomised" source a run is compared with."""
     cam = gradcam.load(run_dir)
-    model, _, _ = train.load_model(run_dir)
+    model, _, _ = checkpoint.load_model(run_dir)
     S = int(cam.meta["image_size"])
     if cache.images.shape[1] != S:
         raise ValueError(f"{run_dir}: masks were made at {S} px, the cache has "

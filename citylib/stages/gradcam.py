@@ -1,6 +1,6 @@
 """Grad-CAM: the weighted masks ("mask_norm") of a trained run, as in Shi et al., section 2.1.
 
-Reads a run folder's ``best.pt`` (through ``train.load_model``) and the test images of the data
+Reads a run folder's ``best.pt`` (through ``checkpoint.load_model``) and the test images of the data
 stage's ``Cache``. Writes ``<run>/gradcam/``:
 
 - ``masks.npy``: (N, h, w) float16, one min-max normalised mask per test image at the
@@ -32,7 +32,7 @@ import torch
 
 from citylib.core import devices
 from citylib.explain import saliency, sanity
-from citylib.nets import train
+from citylib.nets import checkpoint, infer
 from citylib.core.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash, to_dict
 
@@ -78,7 +78,7 @@ def run(cfg: GradCAMConfig, run_dir: str | Path, cache, *, progress: bool = True
     """Masks for every test image of ``cache`` with the run's best model; reuse if unchanged."""
     run_dir = Path(run_dir)
     out = run_dir / FOLDER
-    model, cities, tconfig = train.load_model(run_dir, device=cfg.device)
+    model, cities, tconfig = checkpoint.load_model(run_dir, device=cfg.device)
     ckpt = torch.load(run_dir / "best.pt", weights_only=True, mmap=True)
     check_cache(run_dir, tconfig, cache)
     test = np.asarray(cache.split_indices("test"), dtype=np.int64)
@@ -128,7 +128,7 @@ def run(cfg: GradCAMConfig, run_dir: str | Path, cache, *, progress: bool = True
         "image_size": int(tconfig["image_size"]), "n": int(len(test)), "cities": cities,
         "mask_dtype": "float16", "training_key": ckpt["key"], "data_key": tconfig["data_key"],
         "config": to_dict(cfg), "key": folder.key,
-        "device": devices.describe(cfg.device, train._device_of(model))})
+        "device": devices.describe(cfg.device, infer.device_of(model))})
     folder.commit(["masks.npy", "index.csv", "sanity.json", "meta.json"])
     return load(run_dir)
 
@@ -140,7 +140,7 @@ def key(cfg: GradCAMConfig, training_key: str) -> str:
 
 def check_cache(run_dir: Path, tconfig: dict, cache) -> None:
     """StaleError unless ``cache`` is the data the run's model was trained on."""
-    train.check_data(run_dir, tconfig, cache, "explaining it")
+    checkpoint.check_data(run_dir, tconfig, cache, "explaining it")
 
 
 def load(run_dir: str | Path) -> GradCAMResult:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from citylib.core import devices
 from citylib.data import segment
 from citylib.explain import cues, saliency
-from citylib.nets import models, train
+from citylib.nets import checkpoint, infer, models, train
 from citylib.stats import histograms, intervals
 from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash
@@ -104,7 +104,7 @@ def sweep_batches(model: torch.nn.Module | list[torch.nn.Module], images: np.nda
 
     def one(probes: dict, b: int) -> tuple[slice, dict]:
         t = None if per_image is None else per_image[b:b + batch_size]
-        x = train.to_tensor(np.asarray(images[rows[b:b + batch_size]]))        # (B, 3, S, S)
+        x = infer.to_tensor(np.asarray(images[rows[b:b + batch_size]]))        # (B, 3, S, S)
         out = {}
         for layer in layers:                     # one forward and backward serve every method
             act, grad, _, _ = probes[layer].forward_backward(x, t)
@@ -289,8 +289,8 @@ def run(cfg: MethodsConfig, run_dir: str | Path, cache, planted: Mapping[str, tu
     labels_key = segment.key(segment_cfg, cache, rows)
     seg = segment.run(segment_cfg, segment_dir, cache, rows=rows, progress=progress)
     label_maps = seg.of(rows)                                     # (n, S, S) uint8, read lazily
-    model, cities, config = train.load_model(run_dir, device=cfg.device)
-    train.check_data(run_dir, config, cache)
+    model, cities, config = checkpoint.load_model(run_dir, device=cfg.device)
+    checkpoint.check_data(run_dir, config, cache)
     trained = ResultFolder(run_dir, train.NAME).finished()
     folder = ResultFolder(run_dir, NAME, key(cfg, stats_cfg, trained["key"], labels_key, causal_result.key, target))
     if folder.done() is not None:

@@ -1,0 +1,74 @@
+"""Inference: a trained network's input, forward passes and probabilities, with no I/O.
+
+``to_tensor`` maps uint8 images (B, S, S, 3) to the networks' normalised input (B, 3, S, S);
+``logits`` and ``predict`` run a network (or copies of it on several devices) over images read a
+batch at a time, so a memory-mapped store is never loaded whole; ``device_of`` says where a
+network is and ``to_device`` moves a batch there. Every stage that runs a trained network goes
+through these. Reads and writes nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from citylib.core import devices
+
+# Inputs are mapped from [0, 255] to [-1, 1]: (x / 255 - MEAN) / STD. Fixed constants rather
+# than dataset statistics, so a checkpoint needs nothing else to be used on new images.
+MEAN, STD = 0.5, 0.5
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S), (x / 255 - MEAN) / STD."""
+    # numpy, single-threaded: on a shared 2-core CPU torch's threaded kernels are many times
+    # slower on tensors this small, and batch preparation would rival the training step
+    x = np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2), dtype=np.float32)
+    x /= np.float32(255 * STD)
+    x -= np.float32(MEAN / STD)
+    return torch.from_numpy(x)
+
+
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64,
+            rows: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities (N, C) float32 for uint8 images (N, S, S, 3), or for ``images[rows]``
+    read a batch at a time (a memory-mapped cache is never loaded whole); eval mode, no grad."""
+    return torch.softmax(torch.from_numpy(logits(model, images, batch_size, rows)), 1).numpy()
+
+
+def logits(model: nn.Module | list[nn.Module], images: np.ndarray, batch_size: int,
+            rows: np.ndarray | None = None) -> np.ndarray:
+    """Logits (n, C) float32 of the uint8 ``images[rows]`` (default: all), on the device the
+    model is on (a list: copies of it on several devices, the batches shared out in turn); the
+    images are read ``batch_size`` at a time, so a memory-mapped cache is never loaded whole."""
+    nets = model if isinstance(model, list) else [model]
+    was_training = [m.training for m in nets]
+    for m in nets:
+        m.eval()
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
+    batches = (np.asarray(images[rows[b:b + batch_size]]) for b in range(0, len(rows), batch_size))
+
+    def forward(net: nn.Module, batch: np.ndarray) -> torch.Tensor:                   # (B, S, S, 3)
+        device = device_of(net)
+        with torch.no_grad(), devices.autocast(device):
+            return net(to_device(to_tensor(batch), device)).float().cpu()                    # (B, C)
+
+    out = list(devices.spread(forward, nets, batches))
+    for m, mode in zip(nets, was_training):
+        m.train(mode)
+    return torch.cat(out).numpy()
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters (or buffers) are; the CPU for a model with neither."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``: as it is on the CPU; from pinned memory, without waiting, elsewhere."""
+    if device.type == "cpu":
+        return x
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
