@@ -1,9 +1,11 @@
 """Models: the registry of city-recognition CNNs, all trained from scratch.
 
-Reads and writes nothing. ``build(arch, num_classes, image_size)`` returns a fresh, randomly
-initialised network (the caller seeds torch first); ``gradcam_layer(model)`` returns the module
-whose forward output is the last convolutional feature map after its ReLU, the map Grad-CAM
-weighs.
+Reads and writes nothing. Each architecture is one ``@register`` entry: its name, its display
+name, its builder, the layer Grad-CAM explains and its layers for the method sweep (a new
+architecture is one more entry). ``build(arch, num_classes, image_size)`` returns a fresh,
+randomly initialised network (the caller seeds torch first); ``gradcam_layer(model)`` returns the
+module whose forward output is the last convolutional feature map after its ReLU, the map
+Grad-CAM weighs; ``sweep_layers(model)`` the layers of the sweep.
 
 Architectures (input: (B, 3, S, S) normalised RGB, any S >= 64; the paper uses S = 224):
 
@@ -23,7 +25,9 @@ alexnet 3/13, vgg_s 4/18 (every architecture gives at least 2x2 at 64 px).
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,33 +37,55 @@ MIN_IMAGE_SIZE = 64
 
 @dataclass(frozen=True)
 class Arch:
-    """One architecture, declared once: what a parameter file's ``arch`` names, how tables and
-    figures name it, and how it is built (``build`` checks the arguments and calls ``make``).
-    The registry's order is the paper's (Table 2), which tables follow."""
+    """One architecture, declared once (``register``): what a parameter file's ``arch`` names, how
+    tables and figures name it, its builder, the layer Grad-CAM explains (a module name: the last
+    convolutional feature map after its ReLU) and the layers of the method sweep. The registry's
+    order is the paper's (Table 2), which tables follow."""
 
     name: str                  # the parameter files' ``arch:``
     display: str               # tables and figures: "VGG11", "ResNet18", ...
-    make: str                  # "table:<convs>", "vgg_s" or "torchvision"
-    gradcam_target: str | None = None   # torchvision models: the Grad-CAM layer's module name
-    fc1_init: str | None = None   # torchvision models with avgpool + classifier, refitted to small
-                                  # maps: "normal" (vgg: N(0, 0.01), bias 0) or "default" (PyTorch's)
+    builder: Callable[[int, int], nn.Module]     # (num_classes, image_size) -> a fresh network
+    gradcam_layer: str | None                    # its Grad-CAM layer's module name (None: the
+    #                                              network's class declares ``gradcam_target``)
+    sweep: Callable[[nn.Module, int], tuple[str, ...]]   # (model, n) -> the sweep's layers
 
 
-REGISTRY = {a.name: a for a in (
-    Arch("vgg11", "VGG11", "torchvision", "features.19", "normal"),      # ReLU after conv5_2 (features.20: last max pool)
-    Arch("resnet18", "ResNet18", "torchvision", "layer4"),                # the last BasicBlock, ending in its ReLU
-    Arch("simple", "Simple", "table:simple"),
-    Arch("simpler", "Simpler", "table:simpler"),
-    Arch("alexnet", "AlexNet", "torchvision", "features.11", "default"),  # ReLU after conv5 (features.12: last max pool)
-    Arch("vgg_s", "VGG-S", "vgg_s"),
-)}
-ARCHS = tuple(REGISTRY)
+_REGISTRY: dict[str, Arch] = {}
+REGISTRY = types.MappingProxyType(_REGISTRY)   # read-only view, filled by ``register`` below
+
+
+def register(name: str, display: str, gradcam_layer: str | None = None,
+             sweep: Callable[[nn.Module, int], tuple[str, ...]] | None = None):
+    """Declare the decorated ``builder(num_classes, image_size)`` as architecture ``name``;
+    ``sweep`` defaults to the ends of the conv blocks before the Grad-CAM layer (``block_ends``)."""
+    def deco(builder):
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} is declared twice")
+        _REGISTRY[name] = Arch(name, display, builder, gradcam_layer, sweep or block_ends)
+        return builder
+    return deco
+
+
+def block_ends(model: nn.Module, n: int) -> tuple[str, ...]:
+    """The last ``n`` stages of a ``features`` stack, finest first, the Grad-CAM layer last: the
+    ReLUs that end a conv block, just before its max pool."""
+    target = model.gradcam_target
+    feats = model.get_submodule("features")
+    ends = [f"features.{i}" for i in range(len(feats) - 1)
+            if isinstance(feats[i], nn.ReLU) and isinstance(feats[i + 1], nn.MaxPool2d)]
+    ends = [e for e in ends if int(e.split(".")[1]) < int(target.split(".")[1])]
+    return tuple(ends[-(n - 1):] + [target]) if n > 1 else (target,)
+
+
+def resnet_stages(model: nn.Module, n: int) -> tuple[str, ...]:
+    """The outputs of ResNet's last ``n`` stages (``layer2``-``layer4`` for 3), finest first."""
+    return tuple(f"layer{k}" for k in range(5 - n, 5))
+
 
 # Table 1 of the paper: (kernel, channels) per conv; each conv is followed by ReLU and a 2x2 max
 # pool. Tuples, so nothing here can be changed by a caller.
 SIMPLE_CONVS = ((5, 20), (7, 64), (5, 96), (7, 128))
 SIMPLER_CONVS = ((9, 20), (9, 64), (9, 96))
-TABLE_CONVS = {"simple": SIMPLE_CONVS, "simpler": SIMPLER_CONVS}
 PAPER_FC = (4096, 100)
 
 
@@ -80,13 +106,12 @@ class TableNet(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, k, padding=k // 2), nn.ReLU(), nn.MaxPool2d(2)]
             c_in, side = c_out, side // 2
         self.features = nn.Sequential(*layers)
+        self.gradcam_target = f"features.{len(layers) - 2}"   # the ReLU after the last conv
         self.classifier = nn.Sequential(
             nn.Linear(c_in * side * side, PAPER_FC[0]), nn.ReLU(),
             nn.Linear(PAPER_FC[0], PAPER_FC[1]), nn.ReLU(),
             nn.Linear(PAPER_FC[1], num_classes),
         )
-        # the ReLU after the last conv (just before the last pool)
-        self.gradcam_target = f"features.{len(layers) - 2}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)                   # (B, C, S/2^n, S/2^n)
@@ -118,13 +143,13 @@ class VGGS(nn.Module):
             nn.Conv2d(512, 512, 3, padding=1), nn.ReLU(),   # features.13: Grad-CAM map
             nn.MaxPool2d(3, stride=3, ceil_mode=True),
         )
+        self.gradcam_target = "features.13"
         side = _feature_side(self.features, image_size)
         self.classifier = nn.Sequential(
             nn.Linear(512 * side * side, 4096), nn.ReLU(), nn.Dropout(0.5),
             nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5),
             nn.Linear(4096, num_classes),
         )
-        self.gradcam_target = "features.13"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)                   # (B, 512, s, s); s = 6 at 224 px, 2 at 64 px
@@ -136,35 +161,6 @@ def _feature_side(features: nn.Module, image_size: int) -> int:
     with torch.no_grad():
         out = features(torch.zeros(1, 3, image_size, image_size, device="meta"))
     return out.shape[-1]
-
-
-def build(arch: str, num_classes: int, image_size: int) -> nn.Module:
-    """A fresh, randomly initialised ``arch`` for ``num_classes`` cities and S x S inputs.
-
-    Seed torch before calling: the initial weights come from torch's global generator.
-    """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
-    spec = REGISTRY[arch]
-    how = spec.make
-    if how.startswith("table:"):
-        return TableNet(TABLE_CONVS[how.removeprefix("table:")], num_classes, image_size)
-    if how == "vgg_s":
-        return VGGS(num_classes, image_size)
-    # torchvision models as torchvision builds them (their ReLUs are in-place; the Grad-CAM
-    # stage deals with that when it hooks them). Their adaptive average pool before the
-    # classifier makes them accept any S >= 64; below their design size it is fitted to the map.
-    from torchvision import models as tvm     # here: importing it costs a second or more
-
-    model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
-    if spec.fc1_init is not None:
-        _fit_classifier(model, spec.fc1_init, image_size)
-    model.gradcam_target = spec.gradcam_target
-    return model
 
 
 def _fit_classifier(model: nn.Module, fc1_init: str, image_size: int) -> None:
@@ -189,6 +185,72 @@ def _fit_classifier(model: nn.Module, fc1_init: str, image_size: int) -> None:
     model.classifier[i] = fc1
 
 
+@register("vgg11", "VGG11", "features.19")          # ReLU after conv5_2 (features.20: last max pool)
+def _vgg11(num_classes: int, image_size: int) -> nn.Module:
+    return _torchvision("vgg11", num_classes, image_size, fc1_init="normal")
+
+
+@register("resnet18", "ResNet18", "layer4", resnet_stages)   # the last BasicBlock, ending in its ReLU
+def _resnet18(num_classes: int, image_size: int) -> nn.Module:
+    return _torchvision("resnet18", num_classes, image_size)
+
+
+@register("simple", "Simple")     # TableNet declares its layer: the ReLU after the last conv
+def _simple(num_classes: int, image_size: int) -> nn.Module:
+    return TableNet(SIMPLE_CONVS, num_classes, image_size)
+
+
+@register("simpler", "Simpler")
+def _simpler(num_classes: int, image_size: int) -> nn.Module:
+    return TableNet(SIMPLER_CONVS, num_classes, image_size)
+
+
+@register("alexnet", "AlexNet", "features.11")       # ReLU after conv5 (features.12: last max pool)
+def _alexnet(num_classes: int, image_size: int) -> nn.Module:
+    return _torchvision("alexnet", num_classes, image_size, fc1_init="default")
+
+
+@register("vgg_s", "VGG-S")      # VGGS declares its layer: features.13
+def _vgg_s(num_classes: int, image_size: int) -> nn.Module:
+    return VGGS(num_classes, image_size)
+
+
+ARCHS = tuple(REGISTRY)
+
+
+def build(arch: str, num_classes: int, image_size: int) -> nn.Module:
+    """A fresh, randomly initialised ``arch`` for ``num_classes`` cities and S x S inputs, which
+    knows its architecture (``model.arch``) and its Grad-CAM layer (``model.gradcam_target``).
+
+    Seed torch before calling: the initial weights come from torch's global generator.
+    """
+    if arch not in REGISTRY:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(REGISTRY)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
+    spec = REGISTRY[arch]
+    model = spec.builder(num_classes, image_size)
+    model.arch = arch
+    if spec.gradcam_layer is not None:
+        model.gradcam_target = spec.gradcam_layer
+    return model
+
+
+def _torchvision(name: str, num_classes: int, image_size: int, fc1_init: str | None = None) -> nn.Module:
+    """torchvision's ``name`` as torchvision builds it (its ReLUs are in-place; the Grad-CAM stage
+    deals with that when it hooks them). Its adaptive average pool before the classifier makes it
+    accept any S >= 64; below its design size the pool and fc1 are fitted to the map
+    (``fc1_init``: how torchvision initialises that model's fc1, see ``_fit_classifier``)."""
+    from torchvision import models as tvm     # here: importing it costs a second or more
+
+    model = getattr(tvm, name)(weights=None, num_classes=num_classes)
+    if fc1_init is not None:
+        _fit_classifier(model, fc1_init, image_size)
+    return model
+
+
 def gradcam_layer(model: nn.Module) -> nn.Module:
     """The module whose output is the last conv feature map after its ReLU, (B, C, h, w)."""
     target = getattr(model, "gradcam_target", None)
@@ -200,13 +262,7 @@ def gradcam_layer(model: nn.Module) -> nn.Module:
 
 def sweep_layers(model: nn.Module, n: int = 3) -> tuple[str, ...]:
     """Names of the layers an explanation is taken at in the layer sweep, finest first and the
-    paper's Grad-CAM layer last: the outputs of the last ``n`` stages (ResNet: layer2-4; the
-    others: the ReLUs that end a conv block, just before its max pool)."""
-    target = gradcam_layer(model) and model.gradcam_target
-    if target == "layer4":
-        return tuple(f"layer{k}" for k in range(5 - n, 5))
-    feats = model.get_submodule("features")
-    ends = [f"features.{i}" for i in range(len(feats) - 1)
-            if isinstance(feats[i], nn.ReLU) and isinstance(feats[i + 1], nn.MaxPool2d)]
-    ends = [e for e in ends if int(e.split(".")[1]) < int(target.split(".")[1])]
-    return tuple(ends[-(n - 1):] + [target]) if n > 1 else (target,)
+    paper's Grad-CAM layer last: the architecture's declared sweep (ResNet: layer2-4; the others:
+    the ReLUs that end a conv block, just before its max pool)."""
+    gradcam_layer(model)
+    return REGISTRY[model.arch].sweep(model, n)
