@@ -7,7 +7,7 @@ the methods interleaved in each round so that a change in machine load hits all 
   scores to the layer's output; no CAM arithmetic. What any Grad-CAM has to pay.
 - floor-cl: the same with the batch in channels-last layout, as citylib passes it on CPU
   (oneDNN's faster convolutions); the ratio to it shows what citylib's own mechanics cost.
-- citylib: ``saliency.GradCAM`` (masks at the layer's resolution), and the same followed by
+- citylib: ``cams.GradCAM`` (masks at the layer's resolution), and the same followed by
   ``saliency.upsample`` to S x S (what the other two return; the ratios use this one).
 - pytorch-grad-cam: ``GradCAM(model, [layer])(x, None)`` (S x S, normalised).
 - captum: ``LayerGradCam(model, layer).attribute(x, target, relu_attributions=True)`` and
@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from citylib.explain import saliency
+from citylib.explain import cams, saliency
 from citylib.nets import models
 
 
@@ -60,7 +60,7 @@ def methods(model, layer, x, target):
         pred = logits.detach().argmax(1)
         torch.autograd.grad(logits.gather(1, pred[:, None]).sum(), seen.pop("a"))
 
-    ours = saliency.GradCAM(model)
+    ours = cams.GradCAM(model)
     pgc = GradCAM(model, [layer])
     cap = LayerGradCam(model, layer)
 

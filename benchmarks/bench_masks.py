@@ -1,7 +1,7 @@
 """Benchmark: disk size of the stored Grad-CAM masks, per architecture, against their float16 size.
 
 Reads nothing; writes nothing. For each architecture (random weights, ``--classes`` cities),
-computes ``saliency.GradCAM`` masks for ``--images`` random-noise images at ``--size`` px, stored
+computes ``cams.GradCAM`` masks for ``--images`` random-noise images at ``--size`` px, stored
 as ``gradcam.run`` stores them (float16 at the layer's own resolution), and prints the bytes per
 image and the size for ``--scale`` images: as stored, and after lossless codecs on the float16
 values and on the masks quantised to 8 bits (what a smaller format would cost). The baseline of
@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 import torch
 
-from citylib.explain import saliency
+from citylib.explain import cams
 from citylib.nets import models
 
 
@@ -55,7 +55,7 @@ def main(args) -> None:
         torch.manual_seed(0)
         model = models.build(arch, args.classes, args.size).eval()
         x = torch.randn(args.images, 3, args.size, args.size)        # (n, 3, S, S)
-        with saliency.GradCAM(model) as cam:
+        with cams.GradCAM(model) as cam:
             masks = np.concatenate([cam(x[i:i + 16]).masks for i in range(0, len(x), 16)])
         sizes = codecs(masks)
         base = sizes["float16"]

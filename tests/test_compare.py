@@ -13,7 +13,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from citylib.explain import saliency  # noqa: E402
+from citylib.explain import cams, saliency  # noqa: E402
 from citylib.figures import compare_plots
 from citylib.nets import models
 from citylib.stages import compare, gradcam
@@ -249,7 +249,7 @@ def test_randomised_reference(tmp_path):
     for seed in (0, 1):
         torch.manual_seed(seed)
         model = models.build("simple", 3, size).eval()
-        res = saliency.masks_for(model, cache.images[rows])
+        res = cams.masks_for(model, cache.images[rows])
         d = fake_run(tmp_path, f"simple_seed{seed}", "simple", seed, res.masks, rows, size,
                      [CITIES[t] for t in res.target])
         torch.save({"model": model.state_dict(), "config": {
@@ -373,8 +373,8 @@ def test_resolution_controls_catch_a_difference_made_by_map_size(tmp_path):
     row = same.ar.set_index(["run_a", "run_b"]).loc[("vgg11_seed0", "resnet18_seed0")]
     assert (row.map_a, row.map_b, row.grid, row.shared_grid) == ("4x4", "2x2", "2x2", "2x2")
     # a seed pair on its own (shared) map: AR by hand, no upsampling
-    cams = {n: gradcam.load(tmp_path / "same" / n) for n in ("simpler_seed0", "simpler_seed1")}
-    hand = np.abs(cams["simpler_seed0"].masks.astype(np.float32) - cams["simpler_seed1"].masks.astype(np.float32))
+    runs = {n: gradcam.load(tmp_path / "same" / n) for n in ("simpler_seed0", "simpler_seed1")}
+    hand = np.abs(runs["simpler_seed0"].masks.astype(np.float32) - runs["simpler_seed1"].masks.astype(np.float32))
     seed_row = same.ar.set_index(["run_a", "run_b"]).loc[("simpler_seed0", "simpler_seed1")]
     assert seed_row.grid == "16x16" and seed_row.ar_pair_grid == pytest.approx(hand.mean(), abs=1e-6)
     # the null of unrelated masks is far above any pair of related ones, in every view

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from citylib.core import artifacts, devices
-from citylib.explain import saliency
+from citylib.explain import cams, saliency
 from citylib.nets import checkpoint, infer, models, train
 from citylib.stages import gradcam
 from citylib.stats import histograms
@@ -60,8 +60,8 @@ def test_matches_pytorch_grad_cam(arch, trained):
 
     model, x = _model(arch, trained), _x()
     layer = models.gradcam_layer(model)
-    for ours, theirs in ((saliency.GradCAM, GradCAM), (saliency.GradCAMPlusPlus, GradCAMPlusPlus),
-                         (saliency.HiResCAM, HiResCAM), (saliency.LayerCAM, LayerCAM)):
+    for ours, theirs in ((cams.GradCAM, GradCAM), (cams.GradCAMPlusPlus, GradCAMPlusPlus),
+                         (cams.HiResCAM, HiResCAM), (cams.LayerCAM, LayerCAM)):
         with ours(model) as cam:
             res = cam(x)
         # pytorch-grad-cam: ReLU -> min-max (eps 1e-7) -> cv2 bilinear resize -> min-max again;
@@ -80,8 +80,8 @@ def test_inplace_relu_gives_the_same_masks(arch):
         if isinstance(m, nn.ReLU):
             m.inplace = False
     assert any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules()) or arch == "vgg_s"
-    for method in saliency.METHODS:
-        with saliency.make(method, model) as a, saliency.make(method, plain) as b:
+    for method in cams.METHODS:
+        with cams.make(method, model) as a, cams.make(method, plain) as b:
             ra, rb = a(x), b(x)
         np.testing.assert_allclose(ra.masks, rb.masks, atol=1e-6)
         np.testing.assert_allclose(ra.logits, rb.logits, atol=1e-5)
@@ -115,7 +115,7 @@ def test_hand_computed_cam():
     # class 0: (2*A0 - A1)/4 = [[2, -.5], [.5, -.25]] -> ReLU [[2, 0], [.5, 0]] -> /2
     # class 1: (-A0 + A1)/4 = [[-1, .5], [0, .25]] -> ReLU [[0, .5], [0, .25]] -> /0.5
     expected = {0: [[1.0, 0.0], [0.25, 0.0]], 1: [[0.0, 1.0], [0.0, 0.5]]}
-    with saliency.GradCAM(Tiny()) as cam:
+    with cams.GradCAM(Tiny()) as cam:
         for c, want in expected.items():
             res = cam(x, target=c)
             np.testing.assert_allclose(res.masks[0], want, atol=1e-6)
@@ -127,7 +127,7 @@ def test_hand_computed_cam():
 
 def test_edge_cases_batch_of_one_constant_image_sizes():
     model = _model("resnet18")
-    with saliency.GradCAM(model) as cam:
+    with cams.GradCAM(model) as cam:
         one = cam(_x(1))
         assert one.masks.shape == (1, 2, 2) and one.probs.shape == (1, 3)
         const = cam(torch.full((2, 3, SIZE, SIZE), 0.3))
@@ -145,8 +145,8 @@ def test_all_zero_layer_gives_zero_masks():
     with torch.no_grad():
         last_conv.weight.zero_()
         last_conv.bias.fill_(-1.0)                                   # ReLU output all zero
-    for method in saliency.METHODS:
-        with saliency.make(method, model) as cam:
+    for method in cams.METHODS:
+        with cams.make(method, model) as cam:
             res = cam(_x(3))
         assert not np.isnan(res.masks).any() and (res.masks == 0).all()
     # and the normalisation alone: zero and constant maps stay zero
@@ -157,7 +157,7 @@ def test_all_zero_layer_gives_zero_masks():
 
 def test_targets_predicted_true_explicit_and_out_of_range():
     model, x = _model("simple", trained=True), _x(4)
-    with saliency.GradCAM(model) as cam:
+    with cams.GradCAM(model) as cam:
         pred = cam(x)
         assert np.array_equal(cam(x, "predicted").masks, pred.masks)
         true = np.array([2, 0, 1, 2])                                # e.g. cache.y of the batch
@@ -180,7 +180,7 @@ def test_targets_predicted_true_explicit_and_out_of_range():
 def test_hooks_removed_and_state_restored():
     model = _model("vgg11").train()
     with pytest.raises(KeyError):
-        with saliency.GradCAM(model) as cam:
+        with cams.GradCAM(model) as cam:
             assert not _no_hooks(model)
             cam(_x(2))
             raise KeyError("inside the with block")
@@ -188,7 +188,7 @@ def test_hooks_removed_and_state_restored():
     assert model.training                                            # mode restored
     assert all(p.grad is None for p in model.parameters())           # no parameter gradients
     assert torch.is_grad_enabled()
-    with saliency.GradCAMPlusPlus(model) as cam:
+    with cams.GradCAMPlusPlus(model) as cam:
         with pytest.raises(ValueError):
             cam(_x(2), target=9)                                     # fails inside the call
         assert torch.is_grad_enabled() and model.training
@@ -197,7 +197,7 @@ def test_hooks_removed_and_state_restored():
         cam(_x(2))
     # the caller's grad mode does not matter, and is left as it was
     model.eval()
-    with saliency.GradCAM(model) as cam:
+    with cams.GradCAM(model) as cam:
         x = _x(2)
         want = cam(x).masks
         with torch.no_grad():
@@ -206,7 +206,7 @@ def test_hooks_removed_and_state_restored():
         with torch.inference_mode():
             np.testing.assert_array_equal(cam(x).masks, want)
     # outside a call the hook leaves the model alone
-    with saliency.GradCAM(model.eval()) as cam, torch.no_grad():
+    with cams.GradCAM(model.eval()) as cam, torch.no_grad():
         model(_x(1))
         assert not torch.is_grad_enabled()
 
@@ -219,9 +219,9 @@ def test_hand_computed_hirescam_and_layercam():
     red = torch.tensor([[4.0, 0.0], [2.0, -3.0]])
     green = torch.tensor([[0.0, 2.0], [2.0, 1.0]])
     x = torch.stack([red, green, torch.zeros(2, 2)])[None]
-    with saliency.HiResCAM(Tiny()) as cam:
+    with cams.HiResCAM(Tiny()) as cam:
         np.testing.assert_allclose(cam(x, target=0).masks[0], [[1.0, 0.0], [0.25, 0.0]], atol=1e-6)
-    with saliency.LayerCAM(Tiny()) as cam:
+    with cams.LayerCAM(Tiny()) as cam:
         np.testing.assert_allclose(cam(x, target=0).masks[0], [[1.0, 0.0], [0.5, 0.0]], atol=1e-6)
         np.testing.assert_allclose(cam(x, target=1).masks[0], [[0.0, 1.0], [1.0, 0.5]], atol=1e-6)
 
@@ -230,7 +230,7 @@ def test_position_weighted_methods_differ_from_gradcam_where_gradients_vary():
     model, x = _model("simple", trained=True), _x(4)
     found = {}
     for method in ("gradcam", "hirescam", "layercam"):
-        with saliency.make(method, model) as cam:
+        with cams.make(method, model) as cam:
             found[method] = cam(x).masks
     assert np.abs(found["gradcam"] - found["hirescam"]).max() > 1e-3
     assert np.abs(found["hirescam"] - found["layercam"]).max() > 1e-3
@@ -238,13 +238,13 @@ def test_position_weighted_methods_differ_from_gradcam_where_gradients_vary():
 
 def test_gradcam_plus_plus_differs_and_registry():
     model, x = _model("resnet18", trained=True), _x(4)
-    with saliency.make("gradcam", model) as a, saliency.make("gradcam++", model) as b:
+    with cams.make("gradcam", model) as a, cams.make("gradcam++", model) as b:
         ra, rb = a(x), b(x)
     assert ra.masks.shape == rb.masks.shape
     assert np.abs(ra.masks - rb.masks).max() > 1e-3
-    assert set(saliency.METHODS) == {"gradcam", "gradcam++", "hirescam", "layercam"}
+    assert set(cams.METHODS) == {"gradcam", "gradcam++", "hirescam", "layercam"}
     with pytest.raises(ValueError, match="unknown CAM method"):
-        saliency.make("scorecam", model)
+        cams.make("scorecam", model)
 
 
 def test_upsample_explanation_overlay():
@@ -305,7 +305,7 @@ def test_run_load_reuse(trained_run):
     assert res.meta["layer"] == "features.10" and res.meta["map_size"] == [8, 8]
     # the stored masks are the CAMs of the best model, to float16 precision
     model, _, _ = checkpoint.load_model(run_dir)
-    direct = saliency.masks_for(model, cache.images[test])
+    direct = cams.masks_for(model, cache.images[test])
     np.testing.assert_allclose(res.masks, direct.masks, atol=1e-3)
     training_key = torch.load(run_dir / "best.pt", weights_only=True)["key"]
     assert res.meta["key"] == gradcam.key(cfg, training_key)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from citylib.core import devices
-from citylib.explain import saliency
+from citylib.explain import cams, saliency
 from citylib.nets import infer, models
 from citylib.stages import methods
 from citylib.stats import histograms
@@ -23,15 +23,15 @@ def test_sweep_matches_the_cam_objects_and_fuses_on_the_finest_grid():
     model = models.build("simple", 3, 64).eval()
     images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     layers = models.sweep_layers(model)
-    masks = methods.sweep(model, images, None, layers, tuple(saliency.METHODS), batch_size=2)
+    masks = methods.sweep(model, images, None, layers, tuple(cams.METHODS), batch_size=2)
     assert [masks["gradcam", n].shape[1:] for n in layers] == [(32, 32), (16, 16), (8, 8)]
     assert masks["layercam", methods.FUSION].shape == (5, 32, 32)
     for (method, layer), m in masks.items():
         assert m.min() >= 0 and m.max() <= 1, (method, layer)
     x = infer.to_tensor(images)
-    for method in saliency.METHODS:               # one pass per layer serves every method
+    for method in cams.METHODS:               # one pass per layer serves every method
         for layer in layers:
-            with saliency.make(method, model, model.get_submodule(layer)) as cam:
+            with cams.make(method, model, model.get_submodule(layer)) as cam:
                 np.testing.assert_allclose(masks[method, layer], cam(x).masks, atol=1e-5)  # batch rounding
     # fusion: the mean of the layers' masks on the finest grid, normalised again
     up = np.mean([saliency.upsample(masks["gradcam", n], (32, 32)) for n in layers], 0)

@@ -11,7 +11,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from citylib.explain import saliency, sanity
+from citylib.explain import cams, saliency, sanity
 from citylib.figures import gradcam_plots
 from citylib.nets import infer, models, train
 
@@ -117,7 +117,7 @@ def test_deletion_mechanics(simple, images):
     assert pix[0] == pytest.approx(rnd[0]) and pix[-1] == pytest.approx(rnd[-1])
     assert out["auc_difference_pixels"] == pytest.approx(
         (per_sal - np.array(out["auc_random_pixels_per_image"])).mean())
-    assert out["map_size"] == list(saliency.masks_for(simple, images, "gradcam", target).masks.shape[1:])
+    assert out["map_size"] == list(cams.masks_for(simple, images, "gradcam", target).masks.shape[1:])
     assert sanity.deletion(simple, images, target, steps=4, batch_size=8, seed=0, n_boot=200) == out
 
 
@@ -264,7 +264,7 @@ def test_untrained_network_masks_fail_both_checks(trained):
     untrained = _net(1).eval()
 
     def untrained_masks(model, x, target):   # Grad-CAM of the untrained net, whatever `model` is
-        return saliency.masks_for(untrained, x, "gradcam", target).masks
+        return cams.masks_for(untrained, x, "gradcam", target).masks
 
     v = _verdict(trained, untrained_masks)
     # the masks do not follow the model given: unchanged by randomisation, the cascade fails

@@ -62,7 +62,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from citylib.core import devices
-from citylib.explain import saliency
+from citylib.explain import cams, saliency
 from citylib.nets import infer
 from citylib.stats import intervals
 
@@ -95,9 +95,9 @@ def cascade_steps(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
 
 
 def explainer(method: str = "gradcam", batch_size: int = 32) -> Explainer:
-    """The default explanation: ``saliency.masks_for``'s masks (N, h, w) of ``method``."""
+    """The default explanation: ``cams.masks_for``'s masks (N, h, w) of ``method``."""
     def explain(model: nn.Module, images: np.ndarray, target: np.ndarray) -> np.ndarray:
-        return saliency.masks_for(model, images, method, target, batch_size).masks
+        return cams.masks_for(model, images, method, target, batch_size).masks
     explain.__name__ = method
     return explain
 
@@ -267,7 +267,7 @@ def _target_prob(model: nn.Module, x: torch.Tensor, target: np.ndarray, batch_si
     try:
         with torch.no_grad(), devices.autocast(device):
             for b in range(0, len(x), batch_size):
-                # channels-last: oneDNN's faster CPU convolutions, as in saliency.BaseCAM
+                # channels-last: oneDNN's faster CPU convolutions, as in cams.BaseCAM
                 xb = x[b:b + batch_size].to(device).contiguous(memory_format=torch.channels_last)
                 probs.append(torch.softmax(model(xb).float(), 1).cpu())   # (B, C)
     finally:

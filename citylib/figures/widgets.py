@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from citylib.data import imagecache
-from citylib.explain import saliency
+from citylib.explain import cams, saliency
 from citylib.figures import gallery, gradcam_plots, plots, stats_plots
 from citylib.nets import checkpoint
 from citylib.stages import embed, gradcam
@@ -82,7 +82,7 @@ def explanation_panel(result: gradcam.GradCAMResult, cache, run_dir: str | Path)
             cities = list(result.meta["cities"])
             target = cities.index(index["target"].iloc[pos])
             image = np.asarray(cache.images[int(index["index"].iloc[pos])])[None]
-            held[(pos, method)] = saliency.masks_for(held["model"], image, method, target=target).masks[0]
+            held[(pos, method)] = cams.masks_for(held["model"], image, method, target=target).masks[0]
         return held[(pos, method)]
 
     def figure(pos: int, method: str, threshold: float):
@@ -93,7 +93,7 @@ def explanation_panel(result: gradcam.GradCAMResult, cache, run_dir: str | Path)
 
     controls = {
         "pos": w.Dropdown(options=options, value=0, description="image", style=LABELS),
-        "method": w.ToggleButtons(options=list(saliency.METHODS), value=stored, description="method",
+        "method": w.ToggleButtons(options=list(cams.METHODS), value=stored, description="method",
                                    style=LABELS),
         "threshold": w.FloatSlider(value=result.threshold, min=0.0, max=1.0, step=0.05,
                                    description="threshold", readout_format=".2f",

@@ -70,7 +70,7 @@ import torch
 from tqdm.auto import tqdm
 
 from citylib.core import paths
-from citylib.explain import saliency, sanity
+from citylib.explain import cams, saliency, sanity
 from citylib.nets import checkpoint, models
 from citylib.stages import gradcam
 from citylib.core.artifacts import (ResultFolder, StaleError, atomic_path, code_key, read_json, write_csv,
@@ -292,7 +292,7 @@ def randomised_masks(run_dir: str | Path, cache, cfg: CompareConfig,
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="randomised", disable=not progress,
                   leave=False, unit="batch"):
         sl = slice(s, s + cfg.batch_size)
-        out[sl] = saliency.masks_for(rand, np.asarray(cache.images[rows[sl]]), cam.meta["method"],
+        out[sl] = cams.masks_for(rand, np.asarray(cache.images[rows[sl]]), cam.meta["method"],
                                     target[sl], cam.meta["config"].get("batch_size", 32)).masks
     return rows, out
 
@@ -664,22 +664,22 @@ def run(cfg: CompareConfig, out: str | Path | None, run_dirs: Sequence[str | Pat
         raise ValueError("two run folders have the same run name")
     if len(run_dirs) < (1 if cfg.randomised else 2):
         raise ValueError(f"{len(run_dirs)} run(s): nothing to compare")
-    cams = [gradcam.load(d) for d in run_dirs]
-    sizes = {int(c.meta["image_size"]) for c in cams}
+    results = [gradcam.load(d) for d in run_dirs]
+    sizes = {int(c.meta["image_size"]) for c in results}
     if len(sizes) != 1:
         raise ValueError(f"the runs' masks were made at different image sizes {sorted(sizes)}")
     if cfg.randomised and cache is None:
         raise ValueError("randomised=True needs the data cache (the test images)")
     S, names = sizes.pop(), list(infos)
-    check_one_snapshot(infos, cams, cache)
+    check_one_snapshot(infos, results, cache)
     out = Path(out) if out is not None else paths.outputs() / "comparison"
-    entries = [entry(i, c.meta["key"], objects_key(d)) for i, c, d in zip(infos.values(), cams, run_dirs)]
+    entries = [entry(i, c.meta["key"], objects_key(d)) for i, c, d in zip(infos.values(), results, run_dirs)]
     folder = ResultFolder(out, NAME, key(cfg, entries, cache.key if cfg.randomised else ""))
     if folder.done() is not None:
         return dataclasses.replace(load(out), reused=True)
 
     folder.begin()
-    sources = {n: (c.index["index"].to_numpy(np.int64), c.masks) for n, c in zip(names, cams)}
+    sources = {n: (c.index["index"].to_numpy(np.int64), c.masks) for n, c in zip(names, results)}
     pairs = list(combinations(names, 2))
     if cfg.randomised:
         for n, d in zip(names, run_dirs):
@@ -690,7 +690,7 @@ def run(cfg: CompareConfig, out: str | Path | None, run_dirs: Sequence[str | Pat
     frame = ar_frame(per_view, infos, cfg, nulls, grids, native)
     result = CompareResult(out, frame, all_tests(frame, per_view, nulls, cfg), table2(frame),
                            lift_correlation(lift_scores(run_dirs)), per_view["image"],
-                           fig6_rows([c.index for c in cams], cfg.fig6_per_city, cfg.seed),
+                           fig6_rows([c.index for c in results], cfg.fig6_per_city, cfg.seed),
                            per_view=per_view)
     write_csv(out / "ar.csv", result.ar)
     write_json(out / "tests.json", result.tests)
@@ -725,10 +725,10 @@ def objects_key(run_dir: str | Path) -> str | None:
     return None if marker is None else marker["key"]
 
 
-def check_one_snapshot(infos: Mapping[str, dict], cams: Sequence, cache=None) -> None:
+def check_one_snapshot(infos: Mapping[str, dict], results: Sequence, cache=None) -> None:
     """StaleError unless every run's model was trained on the same data snapshot (and, when
     given, the cache is that snapshot's)."""
-    keys = {n: c.meta.get("data_key") for n, c in zip(infos, cams)}
+    keys = {n: c.meta.get("data_key") for n, c in zip(infos, results)}
     if cache is not None:
         keys["the data stage's current snapshot"] = str(cache.key)
     if len(set(keys.values())) > 1:

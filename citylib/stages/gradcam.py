@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from citylib.core import devices
-from citylib.explain import saliency, sanity
+from citylib.explain import cams, sanity
 from citylib.nets import checkpoint, infer
 from citylib.core.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash, to_dict
@@ -43,7 +43,7 @@ FOLDER = NAME = "gradcam"   # the run's sub-folder, and its result marker's name
 class GradCAMConfig:
     """Grad-CAM stage settings; every one is part of the result folder's hash."""
 
-    method: Literal["gradcam", "gradcam++", "hirescam", "layercam"] = "gradcam"
+    method: str = "gradcam"     # a CAM method of citylib.explain.cams (one file each)
     target: Literal["predicted", "true"] = "predicted"   # which city's score is explained
     batch_size: int = 32
     threshold: float = 0.5       # visual explanation: the image where mask >= threshold
@@ -53,7 +53,7 @@ class GradCAMConfig:
     device: str = "auto"         # of the masks and the sanity checks (citylib.devices); key: its kind
 
     def __post_init__(self):
-        check(self, method=saliency.METHODS, target=("predicted", "true"), batch_size=">= 1",
+        check(self, method=cams.METHODS, target=("predicted", "true"), batch_size=">= 1",
               threshold="in [0, 1]", sanity_images=">= 0", deletion_steps=">= 1", seed=">= 0")
         devices.validate(self)
 
@@ -94,10 +94,10 @@ def run(cfg: GradCAMConfig, run_dir: str | Path, cache, *, progress: bool = True
     target = None if cfg.target == "predicted" else y[test]
     probs, targets = np.zeros((len(test), len(cities)), np.float32), np.zeros(len(test), np.int64)
     with contextlib.ExitStack() as hooks, atomic_path(out / "masks.npy") as tmp:
-        cams = [hooks.enter_context(saliency.make(cfg.method, m))   # one per device
-                for m in devices.replicas(model, devices.every(cfg.device))]
-        cam, masks = cams[0], None
-        for sl, res in saliency.batches(cams, cache.images, target, cfg.batch_size, progress, rows=test):
+        explainers = [hooks.enter_context(cams.make(cfg.method, m))   # one per device
+                      for m in devices.replicas(model, devices.every(cfg.device))]
+        cam, masks = explainers[0], None
+        for sl, res in cams.batches(explainers, cache.images, target, cfg.batch_size, progress, rows=test):
             if masks is None:                                        # (N, h, w) float16
                 masks = np.lib.format.open_memmap(tmp, "w+", np.float16,
                                                   (len(test), *res.masks.shape[1:]))

@@ -1,6 +1,6 @@
 """Methods stage: which explanation method, at which layer, shows what a run's network relies on.
 
-Every CAM method (``saliency.METHODS``: Grad-CAM, Grad-CAM++, HiResCAM, LayerCAM) at every layer
+Every CAM method (``cams.METHODS``: Grad-CAM, Grad-CAM++, HiResCAM, LayerCAM) at every layer
 of the sweep (``models.sweep_layers``: the last three stages, the paper's Grad-CAM layer last)
 and at their fusion (each layer's masks upsampled to the finest layer's grid, normalised and
 averaged: finer maps at the same input size). One forward and one backward per batch and layer
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from citylib.core import devices
 from citylib.data import segment
-from citylib.explain import cues, saliency
+from citylib.explain import cams, cues, saliency
 from citylib.nets import checkpoint, infer, models, train
 from citylib.stats import histograms, intervals
 from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
@@ -53,7 +53,7 @@ FUSION = "fusion"
 class MethodsConfig:
     """Settings of the methods stage (the ``methods:`` section of a parameter file)."""
 
-    methods: tuple[str, ...] = tuple(saliency.METHODS)
+    methods: tuple[str, ...] = tuple(cams.METHODS)
     layers: int = 3           # stages in the sweep, the paper's layer last
     fusion: bool = True       # also the fused multi-layer maps
     top: int = 3              # "in the top k" by lift
@@ -65,9 +65,9 @@ class MethodsConfig:
 
     def __post_init__(self):
         devices.validate(self)
-        bad = [m for m in self.methods if m not in saliency.METHODS]
+        bad = [m for m in self.methods if m not in cams.METHODS]
         if bad or not self.methods:
-            raise ValueError(f"'methods' = {list(self.methods)}: each must be one of {list(saliency.METHODS)}")
+            raise ValueError(f"'methods' = {list(self.methods)}: each must be one of {list(cams.METHODS)}")
         object.__setattr__(self, "methods", tuple(self.methods))
         check(self, layers=">= 1", top=">= 1", batch_size=">= 1", n_boot=">= 0", level="in [0.5, 1)")
 
@@ -110,7 +110,7 @@ def sweep_batches(model: torch.nn.Module | list[torch.nn.Module], images: np.nda
             act, grad, _, _ = probes[layer].forward_backward(x, t)
             with torch.no_grad():
                 for m in methods:
-                    out[m, layer] = saliency.normalise(saliency.METHODS[m].cam(act, grad).clamp_min_(0)).cpu().numpy()
+                    out[m, layer] = saliency.normalise(cams.METHODS[m].cam(act, grad).clamp_min_(0)).cpu().numpy()
         if fuse:                                 # each layer's masks on the finest grid, averaged
             finest = max((out[methods[0], layer].shape[1:] for layer in layers), key=lambda s: s[0] * s[1])
             for m in methods:
@@ -119,7 +119,7 @@ def sweep_batches(model: torch.nn.Module | list[torch.nn.Module], images: np.nda
         return slice(b, b + len(x)), out
 
     with contextlib.ExitStack() as hooks:
-        probes = [{layer: hooks.enter_context(saliency.GradCAM(net, net.get_submodule(layer))) for layer in layers}
+        probes = [{layer: hooks.enter_context(cams.GradCAM(net, net.get_submodule(layer))) for layer in layers}
                   for net in nets]
         starts = tqdm(range(0, len(rows), batch_size), desc="methods: sweep", disable=not progress,
                       leave=False, unit="batch")
