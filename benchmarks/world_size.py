@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 from citylib.data import dataset  # noqa: E402
 from citylib.nets import checkpoint, infer
 from citylib.run import params, pipeline
-from citylib.stats import intervals
+from citylib.stats import resampling
 
 PARAMETERS = Path(__file__).resolve().parent.parent / "parameters"
 N_BOOT = 4000
@@ -70,7 +70,7 @@ def main(args) -> None:
         results = pool.map(_train, tasks, chunksize=1)
     rows, draws = [], {}
     for i, (run, spots, epochs, correct, groups) in enumerate(results):
-        d = intervals.group_bootstrap_means(correct, groups, N_BOOT, seed=i)
+        d = resampling.bootstrap_means(correct, groups, N_BOOT, seed=i)
         draws[run, spots, epochs] = d
         lo, hi = np.quantile(d, [0.025, 0.975])
         rows.append({"run": run, "spots": spots, "epochs": epochs, "val_images": len(correct),

@@ -13,7 +13,7 @@ from torch import nn
 from citylib.data import counterfactual, dataset
 from citylib.nets import infer
 from citylib.stages import causal
-from citylib.stats import intervals
+from citylib.stats import intervals, resampling
 from citylib.world import synth
 from citylib.data.counterfactual import CUE_FREE
 
@@ -127,9 +127,9 @@ def test_intervals_by_hand_and_against_scipy():
     ref = binomtest(30, 100).proportion_ci(0.95, method="wilson")
     assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=1e-9)
     # a constant value has a zero-width interval; groups are resampled whole
-    assert intervals.group_bootstrap(np.full(8, 2.0), np.arange(8) // 2) == (2.0, 2.0, 2.0)
+    assert resampling.bootstrap_interval(np.full(8, 2.0), np.arange(8) // 2) == (2.0, 2.0, 2.0)
     values, groups = np.array([0.0, 0.0, 0.0, 10.0]), np.array([0, 0, 0, 1])
-    mean, lo, hi = intervals.group_bootstrap(values, groups, n_boot=4000)
+    mean, lo, hi = resampling.bootstrap_interval(values, groups, n_boot=4000)
     assert mean == 2.5 and lo == 0.0 and hi == 10.0    # a resample holds group 0 only, or 1 only
 
 
@@ -173,13 +173,13 @@ def test_intervals_by_hand():
     # whole groups: spot A has three images of value 0, spot B one of value 1. A resample draws
     # two spots: AA (p 1/4) has mean 0, AB (1/2) mean (0 + 0 + 0 + 1) / 4 = 0.25 - not 0.5, as
     # resampling images or averaging spots would give - and BB (1/4) mean 1
-    means = intervals.group_bootstrap_means(np.array([0, 0, 0, 1.0]), np.array(["A", "A", "A", "B"]), 20000, seed=0)
+    means = resampling.bootstrap_means(np.array([0, 0, 0, 1.0]), np.array(["A", "A", "A", "B"]), 20000, seed=0)
     values, counts = np.unique(means, return_counts=True)
     assert values.tolist() == [0.0, 0.25, 1.0]
     np.testing.assert_allclose(counts / len(means), [0.25, 0.5, 0.25], atol=0.01)
     assert intervals.percentile(means, 0.95) == (0.0, 1.0)
     assert intervals.percentile(means, 0.40) == (0.25, 0.25)
     # spot weights: within each city every resample keeps the city's number of spots
-    w = intervals.spot_weights(["A", "A", "A", "B", "C", "C"], ["x", "x", "x", "x", "y", "y"], 50, seed=1)
+    w = resampling.spot_weights(["A", "A", "A", "B", "C", "C"], ["x", "x", "x", "x", "y", "y"], 50, seed=1)
     assert (w[:, :3] == w[:, [0]]).all() and (w[:, 4] == w[:, 5]).all()
     assert ((w[:, 0] + w[:, 3]) == 2).all() and (w[:, 4] == 1).all()

@@ -13,6 +13,7 @@ import torch
 
 matplotlib.use("Agg")
 
+from citylib.stats import resampling
 from citylib.explain import cams, saliency  # noqa: E402
 from citylib.figures import compare_plots
 from citylib.nets import models
@@ -108,15 +109,15 @@ def test_streaming_equals_all_at_once():
 
 def test_bootstrap_ci_contains_mean_and_is_deterministic():
     v = np.random.default_rng(1).random(500).astype(np.float32)
-    lo, hi = compare.bootstrap_ci(v, 1000, [0, 7])
+    lo, hi = resampling.bootstrap_interval(v, None, 1000, 0.95, [0, 7], chunk=resampling.CHUNK)[1:]
     assert lo < v.mean() < hi and hi - lo < 0.1
-    assert compare.bootstrap_ci(v, 1000, [0, 7]) == (lo, hi)
-    assert compare.bootstrap_ci(v, 1000, [1, 7]) != (lo, hi)
+    assert resampling.bootstrap_interval(v, None, 1000, 0.95, [0, 7], chunk=resampling.CHUNK)[1:] == (lo, hi)
+    assert resampling.bootstrap_interval(v, None, 1000, 0.95, [1, 7], chunk=resampling.CHUNK)[1:] != (lo, hi)
 
 
 def test_pair_permutation_exact_enumeration():
     arch, seed = [0.43, 0.43, 0.45, 0.41, 0.41, 0.31], [0.27, 0.23, 0.24, 0.25]   # Table 2
-    res = compare.label_permutation_test(arch, seed, permutations=10000)
+    res = resampling.relabelling_test(arch, seed, permutations=10000)
     assert "C(10,6) = 210" in res["method"] and res["n"] == 10
     # the observed labelling is the most extreme one of 210: p = 1/210
     assert res["p_value"] == pytest.approx(1 / 210)
@@ -126,27 +127,27 @@ def test_pair_permutation_exact_enumeration():
     obs = x[:6].mean() - x[6:].mean()
     count = sum(x[list(c)].mean() - np.delete(x, c).mean() >= obs - 1e-12
                 for c in combinations(range(10), 6))
-    res = compare.label_permutation_test(x[:6], x[6:])
+    res = resampling.relabelling_test(x[:6], x[6:])
     assert res["p_value"] == pytest.approx(count / math.comb(10, 6))
     # the same distribution on both sides: statistic 0, p not small
-    res = compare.label_permutation_test([1, 2, 3, 4, 5, 6], [2, 3, 4, 5])
+    res = resampling.relabelling_test([1, 2, 3, 4, 5, 6], [2, 3, 4, 5])
     assert res["statistic"] == 0 and res["p_value"] > 0.3
     # Monte Carlo when the labellings outnumber the permutations; seeded
-    mc = compare.label_permutation_test(arch, seed, permutations=100, seed=3)
+    mc = resampling.relabelling_test(arch, seed, permutations=100, seed=3)
     assert mc["method"].startswith("Monte Carlo") and mc["p_value"] == 1 / 101
-    assert compare.label_permutation_test([1.0], [])["p_value"] is None
+    assert resampling.relabelling_test([1.0], [])["p_value"] is None
 
 
 def test_image_sign_flip():
     rng = np.random.default_rng(2)
-    res = compare.sign_flip_test(0.05 + 0.01 * rng.standard_normal(1000), 2000, seed=0)
+    res = resampling.sign_flip_test(0.05 + 0.01 * rng.standard_normal(1000), 2000, seed=0)
     assert res["p_value"] == 1 / 2001 and res["n"] == 1000
     d = rng.standard_normal(500)
-    res = compare.sign_flip_test(np.concatenate([d, -d]), 2000, seed=0)
+    res = resampling.sign_flip_test(np.concatenate([d, -d]), 2000, seed=0)
     assert res["statistic"] == pytest.approx(0, abs=1e-12) and res["p_value"] > 0.3
-    assert compare.sign_flip_test(np.concatenate([d, -d]), 2000, seed=0) == res
+    assert resampling.sign_flip_test(np.concatenate([d, -d]), 2000, seed=0) == res
     # exact: d = (1, 2, 3); of the 8 sign patterns only (+, +, +) reaches mean 2: p = 1/8
-    res = compare.sign_flip_test([1.0, 2.0, 3.0], 10000)
+    res = resampling.sign_flip_test([1.0, 2.0, 3.0], 10000)
     assert res["p_value"] == 1 / 8 and "2^3" in res["method"]
 
 

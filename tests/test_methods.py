@@ -150,7 +150,7 @@ def test_rho_interval_separates_a_faithful_method_from_an_unfaithful_one():
 
 def test_mrr_interval_resamples_spots_as_a_recount_would():
     from citylib.explain import cues
-    from citylib.stats import intervals
+    from citylib.stats import resampling
 
     labels, cities = _scene(n=6)
     labels[[1, 7], :4] = FENCE
@@ -160,7 +160,7 @@ def test_mrr_interval_resamples_spots_as_a_recount_would():
     planted = {"a": ("tree", "fence"), "b": ("car", "road")}
     cfg = histograms.StatsConfig(bootstrap=0)
     hist = histograms.Histograms.build(histograms.upsampled(masks, 32, saliency.upsample), labels, cities, cfg, progress=False)
-    weights = intervals.spot_weights(group, cities, 30, seed=0)
+    weights = resampling.spot_weights(group, cities, 30, seed=0)
     assert (weights[:, 0] == weights[:, 1]).all() and (weights[:, np.asarray(cities) == "a"].sum(1) == 6).all()
     mrr = cues.mrr_resamples(hist, planted, weights)
     # all weights 1: the stage's own MRR

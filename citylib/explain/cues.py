@@ -70,7 +70,7 @@ def recovery(table: pd.DataFrame, cues: Mapping[str, Iterable], top: int = 3
 
 def mrr_resamples(hist: histograms.Histograms, cues: Mapping[str, Iterable], weights: np.ndarray) -> np.ndarray:
     """(B,) planted-cue MRR of each resample of the images (``weights`` (B, N), e.g. whole
-    spots within each city: ``intervals.spot_weights``), lift recomputed on it; ranked as
+    spots within each city: ``resampling.spot_weights``), lift recomputed on it; ranked as
     ``recovery`` ranks them (among the city's kept objects, ties sharing the better rank, a
     cue without lift unranked; cities without cues or images left out)."""
     index = {name: i for i, name in hist.names.items()}

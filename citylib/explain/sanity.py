@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 from citylib.core import devices
 from citylib.explain import cams, saliency
 from citylib.nets import infer
-from citylib.stats import intervals
+from citylib.stats import resampling
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FILL = "0 in normalised input space (mid-grey, 127.5 per channel)"
@@ -152,7 +152,7 @@ def cascade(model: nn.Module, images: np.ndarray, target: np.ndarray, method: st
 
 def _summary(step: int, layer: str, rho: np.ndarray, n_boot: int, level: float, seed: int) -> dict:
     ok = np.isfinite(rho)
-    mean, lo, hi = intervals.group_bootstrap(rho[ok], np.arange(ok.sum()), n_boot, level, seed)
+    mean, lo, hi = resampling.bootstrap_interval(rho[ok], np.arange(ok.sum()), n_boot, level, seed)
     return {"step": step, "layer": layer, "spearman_mean": _num(mean),
             "spearman_low": _num(lo), "spearman_high": _num(hi),
             "spearman_std": float(rho[ok].std()) if ok.any() else None, "n_defined": int(ok.sum()),
@@ -195,9 +195,9 @@ def deletion(model: nn.Module, images: np.ndarray, target: np.ndarray, method: s
                                 for c in counts]).astype(np.float64)
     bar.close()
     auc = {k: np.trapezoid(p, fractions, axis=0) for k, p in probs.items()}   # (n,) each
-    diff, lo, hi = intervals.group_bootstrap(auc["salient"] - auc["random"], np.arange(n),
+    diff, lo, hi = resampling.bootstrap_interval(auc["salient"] - auc["random"], np.arange(n),
                                              n_boot, level, seed)
-    pdiff, plo, phi = intervals.group_bootstrap(auc["salient"] - auc["random_pixels"], np.arange(n),
+    pdiff, plo, phi = resampling.bootstrap_interval(auc["salient"] - auc["random_pixels"], np.arange(n),
                                                 n_boot, level, seed)
     return {"method": getattr(explain, "__name__", "custom"), "fill": FILL, "n_images": n, "steps": steps,
             "seed": seed, "fractions": fractions.tolist(),

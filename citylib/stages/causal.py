@@ -34,7 +34,7 @@ import torch
 
 from citylib.core import devices
 from citylib.nets import checkpoint, infer, train
-from citylib.stats import intervals
+from citylib.stats import intervals, resampling
 from citylib.core.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash
 from citylib.data.counterfactual import CUE_FREE
@@ -131,7 +131,7 @@ def summarise(images: pd.DataFrame, cfg: CausalConfig = CausalConfig()) -> pd.Da
     out = []
     for (city, obj), g in images.groupby(["city", "object"], sort=False):
         delta = (g["logp_without"] - g["logp"]).to_numpy()
-        effect, lo, hi = intervals.group_bootstrap(delta, g["group"].to_numpy(), cfg.n_boot, cfg.level, cfg.seed)
+        effect, lo, hi = resampling.bootstrap_interval(delta, g["group"].to_numpy(), cfg.n_boot, cfg.level, cfg.seed)
         out.append({"city": city, "object": obj, "n": len(g), "spots": g["group"].nunique(),
                     "effect": effect, "ci_low": lo, "ci_high": hi,
                     "accuracy_with": float(g["correct"].mean()),
@@ -182,8 +182,7 @@ def _permutation(free: pd.DataFrame, n_cities: int, cfg: CausalConfig) -> dict:
     spots, at = np.unique(free["group"].to_numpy(), return_inverse=True)
     city_of = free.groupby("group")["city"].first().reindex(spots).to_numpy()       # (G,)
     predicted = free["predicted"].to_numpy()
-    rng = np.random.default_rng(cfg.seed)
-    null = np.array([(predicted == rng.permutation(city_of)[at]).mean() for _ in range(cfg.n_boot)])
+    null = resampling.permutation_null(city_of, lambda c: (predicted == c[at]).mean(), cfg.n_boot, cfg.seed)
     acc = k / n
     lo, hi = np.quantile(null, [(1 - cfg.level) / 2, (1 + cfg.level) / 2])
     centre = null.mean()

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import zlib
 from dataclasses import dataclass
 from functools import reduce
@@ -72,6 +71,7 @@ from tqdm.auto import tqdm
 from citylib.core import paths
 from citylib.explain import cams, saliency, sanity
 from citylib.nets import checkpoint, models
+from citylib.stats import resampling
 from citylib.stages import gradcam
 from citylib.core.artifacts import (ResultFolder, StaleError, atomic_path, code_key, read_json, write_csv,
                                write_json)
@@ -341,63 +341,6 @@ def views_ar(sources: Mapping[str, tuple[np.ndarray, np.ndarray]], pairs: Sequen
 # ---------------------------------------------------------------- uncertainty and tests
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int, seed, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (n,); resamples drawn in chunks."""
-    v = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = np.concatenate([v[rng.integers(0, len(v), (min(CHUNK, n_boot - s), len(v)))].mean(1)
-                            for s in range(0, n_boot, CHUNK)])
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
-
-
-def label_permutation_test(x_arch, x_seed, permutations: int = 10000, seed: int = 0) -> dict:
-    """One-sided test of mean(x_arch) > mean(x_seed) by relabelling the units (see module doc)."""
-    x = np.concatenate([np.asarray(x_arch, np.float64), np.asarray(x_seed, np.float64)])
-    n, k = len(x), len(x_arch)
-    if k == 0 or k == n:
-        return {"statistic": None, "p_value": None, "method": "needs both kinds of pairs"}
-    total = x.sum()
-
-    def diff(s):                                        # the statistic from the "arch" sum
-        return s / k - (total - s) / (n - k)
-    stat = diff(x[:k].sum())
-    tol = 1e-9 * (np.abs(x).mean() + 1e-300)           # ties up to float rounding count as >=
-    labellings = math.comb(n, k)
-    if labellings <= permutations:
-        picks = np.fromiter((i for c in combinations(range(n), k) for i in c), np.int64)
-        sims = diff(x[picks.reshape(-1, k)].sum(1))     # (C(n, k),), the observed one included
-        p, method = float(np.mean(sims >= stat - tol)), f"exact: all C({n},{k}) = {labellings} labellings"
-    else:
-        rng = np.random.default_rng(seed)
-        picks = rng.permuted(np.tile(np.arange(n), (permutations, 1)), axis=1)[:, :k]
-        p = float((1 + np.sum(diff(x[picks].sum(1)) >= stat - tol)) / (1 + permutations))
-        method = f"Monte Carlo: {permutations} random labellings of C({n},{k}) = {labellings}"
-    return {"statistic": float(stat), "p_value": p, "method": method, "n": n,
-            "n_architecture": k, "n_seed": n - k, "alternative": "greater",
-            "min_p": 1 / labellings if labellings <= permutations else 1 / (1 + permutations)}
-
-
-def sign_flip_test(d, permutations: int = 10000, seed: int = 0) -> dict:
-    """One-sided test of mean(d) > 0 under sign symmetry of the d_i (see module doc)."""
-    d = np.asarray(d, np.float64)
-    n = len(d)
-    if n == 0:
-        return {"statistic": None, "p_value": None, "method": "no common images"}
-    stat, tol = d.mean(), 1e-9 * (np.abs(d).mean() + 1e-300)
-    if n <= 20 and 2 ** n <= permutations:
-        signs = 1.0 - 2.0 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)   # (2^n, n)
-        p, method = float(np.mean(signs @ d / n >= stat - tol)), f"exact: all 2^{n} sign flips"
-    else:
-        rng, hits = np.random.default_rng(seed), 0
-        for s in range(0, permutations, CHUNK):
-            signs = 1.0 - 2.0 * rng.integers(0, 2, (min(CHUNK, permutations - s), n))  # (m, n)
-            hits += int(np.sum(signs @ d / n >= stat - tol))
-        p, method = (1 + hits) / (1 + permutations), f"Monte Carlo: {permutations} random sign flips"
-    return {"statistic": float(stat), "p_value": float(p), "method": method, "n": n,
-            "alternative": "greater"}
-
-
 def tests(frame: pd.DataFrame, per_image: Mapping, cfg: CompareConfig, column: str = "ar") -> dict:
     """Both tests of "architecture AR > seed AR" on an ar frame's ``column`` and the matching
     per-image values {pair: (rows, values)}."""
@@ -408,7 +351,7 @@ def tests(frame: pd.DataFrame, per_image: Mapping, cfg: CompareConfig, column: s
     groups = [(k, label, g) for k, label, g in _groups(frame) if k in ("architecture", "seed")]
     units = {k: {label: g[["run_a", "run_b"]].values.tolist() for kk, label, g in groups if kk == k}
              for k in ("architecture", "seed")}
-    pair = label_permutation_test([g[column].mean() for k, _, g in groups if k == "architecture"],
+    pair = resampling.relabelling_test([g[column].mean() for k, _, g in groups if k == "architecture"],
                                   [g[column].mean() for k, _, g in groups if k == "seed"],
                                   cfg.permutations, cfg.seed)
     pair["units"] = units
@@ -420,7 +363,7 @@ def tests(frame: pd.DataFrame, per_image: Mapping, cfg: CompareConfig, column: s
         vals = np.stack([per_image[k][1][np.searchsorted(per_image[k][0], common)]
                          for k in keys]).astype(np.float64)             # (pairs, n)
         d = vals[:len(arch)].mean(0) - vals[len(arch):].mean(0)         # (n,)
-        image = sign_flip_test(d, cfg.permutations, cfg.seed)
+        image = resampling.sign_flip_test(d, cfg.permutations, cfg.seed)
     return {"pairs": used, "pair_permutation": pair, "image_sign_flip": image}
 
 
@@ -528,7 +471,7 @@ def ar_frame(per_image: Mapping, infos: Mapping[str, dict], cfg: CompareConfig,
         ib = infos.get(b) or {**ia, "randomised": True}
         kind = "randomised" if ib.get("randomised") else kind_of(ia, ib)
         seed = pair_seed(cfg, a, b)
-        lo, hi = bootstrap_ci(ar, cfg.bootstrap, seed)
+        lo, hi = _interval(ar, cfg, seed)
         row = dict(zip(COLUMNS, [a, b, kind, float(ar.mean(dtype=np.float64)), lo, hi, len(ar),
                                  ia["arch"], ib["arch"]]))
         if len(per_view) > 1:
@@ -539,12 +482,17 @@ def ar_frame(per_image: Mapping, infos: Mapping[str, dict], cfg: CompareConfig,
                 v = values[a, b][1]
                 if view != "image":
                     row[col("ar", view)] = float(v.mean(dtype=np.float64))
-                    row[col("ci_low", view)], row[col("ci_high", view)] = bootstrap_ci(v, cfg.bootstrap, seed)
+                    row[col("ci_low", view)], row[col("ci_high", view)] = _interval(v, cfg, seed)
                 null = nulls[view][a, b]
                 row[f"null_{view}"] = null
                 row[f"rel_{view}"] = row[col("ar", view)] / null if null > 0 else float("nan")
         out.append(row)
     return pd.DataFrame(out, columns=COLUMNS + (EXTRA if len(per_view) > 1 else []))
+
+
+def _interval(values: np.ndarray, cfg: CompareConfig, seed) -> tuple[float, float]:
+    """A pair's 95% percentile bootstrap interval of the mean AR over its images."""
+    return resampling.bootstrap_interval(values, None, cfg.bootstrap, 0.95, seed, chunk=resampling.CHUNK)[1:]
 
 
 def relative(per_view: Mapping, nulls: Mapping) -> dict:

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from citylib.explain import saliency
 from citylib.stages import gradcam
-from citylib.stats import intervals
+from citylib.stats import intervals, resampling
 from citylib.core.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash, to_dict
 
@@ -202,16 +202,12 @@ def knn_agreement(x: np.ndarray, labels, k: int = 10, permutations: int = 100,
     idx = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(return_distance=False)  # (N, k)
     # integer counts: the p-value's >= must not depend on float rounding of the mean
     observed = int((codes[idx] == codes[:, None]).sum())
-    rng = np.random.default_rng(seed)
-    null = np.empty(permutations, np.int64)
-    for p in range(permutations):
-        c = rng.permutation(codes)
-        null[p] = (c[idx] == c[:, None]).sum()
+    null = resampling.permutation_null(codes, lambda c: (c[idx] == c[:, None]).sum(), permutations, seed)
     total = n * k
     extra = {}
     if groups is not None:
         own = (codes[idx] == codes[:, None]).mean(1)                          # (N,) per point
-        w = intervals.spot_weights(groups, codes, n_boot, seed)              # (B, N)
+        w = resampling.spot_weights(groups, codes, n_boot, seed)              # (B, N)
         extra = {"ci": list(intervals.percentile(w @ own / w.sum(1))), "ci_unit": "spots"}
     return {**extra, "k": k, "observed": observed / total,
             "baseline_mean": float(null.mean() / total) if permutations else None,

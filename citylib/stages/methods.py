@@ -40,7 +40,7 @@ from citylib.core import devices
 from citylib.data import segment
 from citylib.explain import cams, cues, saliency
 from citylib.nets import checkpoint, infer, models, train
-from citylib.stats import histograms, intervals
+from citylib.stats import histograms, resampling
 from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash
 from citylib.data.counterfactual import CUE_FREE
@@ -226,7 +226,7 @@ def _resampling(images: pd.DataFrame, rows: np.ndarray, cities: np.ndarray, n_bo
     if groups.isna().any():
         raise ValueError(f"{int(groups.isna().sum())} label-map rows have no counterfactual images")
     # whole spots, within each city, as causal.csv does
-    weights = intervals.spot_weights(groups.to_numpy(), cities, n_boot, seed)
+    weights = resampling.spot_weights(groups.to_numpy(), cities, n_boot, seed)
     delta = {}
     for (city, obj), g in images[images["row"].isin(rows)].groupby(["city", "object"], sort=False):
         d = np.full(len(rows), np.nan)

@@ -25,7 +25,7 @@ from citylib.data import segment
 from citylib.explain import cues, saliency
 from citylib.figures import plots, stats_plots
 from citylib.stages import gradcam
-from citylib.stats import histograms, intervals
+from citylib.stats import histograms, intervals, resampling
 from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.core.config import config_hash
 
@@ -85,7 +85,7 @@ def run(stats_cfg: histograms.StatsConfig, run_dir: str | Path, cache, planted: 
         recovery = recovery.merge(ideal[["city", "object", "rank"]].rename(
             columns={"rank": "ceiling_rank"}), on=["city", "object"], how="left")
         if stats_cfg.bootstrap > 0:   # whole test spots resampled within each city
-            weights = intervals.spot_weights(cache.index["group"].to_numpy()[rows], cities,
+            weights = resampling.spot_weights(cache.index["group"].to_numpy()[rows], cities,
                                              stats_cfg.bootstrap, stats_cfg.seed)
             scores["planted_mrr_ci"] = list(intervals.percentile(
                 cues.mrr_resamples(result.histograms, planted, weights)))

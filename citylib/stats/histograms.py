@@ -45,6 +45,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from citylib.core import ade20k
+from citylib.stats import resampling
 from citylib.core.artifacts import atomic_path, write_csv, write_json
 from citylib.core.config import check, config_hash, to_dict
 
@@ -262,7 +263,7 @@ class Histograms:
 
     def resampled_lift(self, weights: np.ndarray, threshold: float | None = None) -> dict:
         """Lift of every kept object of every city in each resample of the images, given as
-        ``weights`` (B, N) (how often each image is drawn, e.g. ``intervals.spot_weights``):
+        ``weights`` (B, N) (how often each image is drawn, e.g. ``resampling.spot_weights``):
         {city index: (objects (q,) class indices, lift (B, q), NaN where undefined)}."""
         m, n, explained = self.per_image(threshold)
         kept, out = self.kept(), {}
@@ -315,10 +316,8 @@ class Histograms:
         seeded by the city's name, so adding a city changes no other city's CI."""
         key = ("weights", c, self.cfg.bootstrap, self.cfg.seed)
         if key not in self._memo:
-            n_c, b = int(self.images[c]), self.cfg.bootstrap
             rng = np.random.default_rng([self.cfg.seed, zlib.crc32(self.cities[c].encode())])
-            draws = rng.integers(0, n_c, size=(b, n_c)) + (np.arange(b) * n_c)[:, None]
-            self._memo[key] = np.bincount(draws.ravel(), minlength=b * n_c).reshape(b, n_c).astype(np.float64)
+            self._memo[key] = resampling.counts(rng, int(self.images[c]), self.cfg.bootstrap)
         return self._memo[key]
 
     # ------------------------------------------------------------ saving

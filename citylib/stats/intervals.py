@@ -19,47 +19,6 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def group_bootstrap(values: np.ndarray, groups: np.ndarray, n_boot: int = 2000, level: float = 0.95,
-                    seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``values`` (n,) and its percentile interval, resampling whole ``groups`` (n,)
-    with replacement (images of one spot are not independent): (mean, low, high)."""
-    values = np.asarray(values, float)
-    if values.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    means = group_bootstrap_means(values, groups, n_boot, seed)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(values.mean()), float(lo), float(hi)
-
-
-def group_bootstrap_means(values: np.ndarray, groups: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
-    """(n_boot,) means of ``values`` over resamples of whole ``groups`` (for intervals of a
-    difference between two independent samples, say)."""
-    values = np.asarray(values, float)
-    _, g = np.unique(np.asarray(groups), return_inverse=True)
-    sums, counts = np.bincount(g, values), np.bincount(g).astype(float)       # per group
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(sums), size=(n_boot, len(sums)))                # (B, G)
-    return sums[pick].sum(1) / counts[pick].sum(1)                             # (B,)
-
-
-def spot_weights(groups, strata, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """(n_boot, n) float64: how often each item is drawn in each resample when whole ``groups``
-    (n,) (the views of one spot) are drawn with replacement within each of the ``strata`` (n,)
-    (the cities, each keeping its number of spots). A weighted mean ``weights @ values /
-    weights.sum(1)`` is then one resample's statistic."""
-    groups, strata = np.asarray(groups).astype(str), np.asarray(strata).astype(str)
-    weights = np.zeros((n_boot, len(groups)))
-    rng = np.random.default_rng(seed)
-    for stratum in np.unique(strata):
-        members = np.flatnonzero(strata == stratum)
-        spots, of = np.unique(groups[members], return_inverse=True)
-        g = len(spots)
-        draws = rng.integers(0, g, size=(n_boot, g)) + (np.arange(n_boot) * g)[:, None]
-        counts = np.bincount(draws.ravel(), minlength=n_boot * g).reshape(n_boot, g)
-        weights[:, members] = counts[:, of]
-    return weights
-
-
 def percentile(values, level: float = 0.95) -> tuple[float, float]:
     """The percentile interval of resampled statistics (B,), NaN resamples left out."""
     v = np.asarray(values, float)
