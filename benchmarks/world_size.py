@@ -52,7 +52,7 @@ def _config(run: str, spots: int, epochs: int) -> params.RunConfig:
 def _train(task) -> tuple:
     run, spots, epochs, out = task
     r = pipeline.Run(_config(run, spots, epochs), out / f"spots{spots}")
-    pipeline.run_training(r, progress=False)
+    pipeline.result(r, "training", progress=False)
     cache = pipeline.load_cache(r)
     rows = cache.split_indices("val")
     model, cities, _ = checkpoint.load_model(r.dir)

@@ -93,7 +93,7 @@ def test_runs_of_different_snapshots_are_never_compared(grid):
     assert set(ar["run_a"]) | set(ar["run_b"]) <= {"b", "b (randomised)"}
     both = pipeline.open_grid([params / "a.yaml", params / "b.yaml"], out)
     with pytest.raises(pipeline.StaleError, match="different data snapshots"):
-        pipeline.run_comparison(both)
+        pipeline.result(both, "comparison")
     assert set(ar["run_a"]) == set(pd.read_csv(out / "comparison" / "ar.csv")["run_a"])
 
 
@@ -106,38 +106,38 @@ def test_the_analysis_never_rebuilds_the_split(grid):
         shutil.copyfile(image, city / f"late_{i}.jpg")
     manifest = (out / "data" / "manifest.csv").read_bytes()
     # the source changed, but the analysis reads the frozen snapshot the model was trained on
-    cams = pipeline.run_gradcam(run)
+    cams = pipeline.result(run, "gradcam")
     assert cams.meta["data_key"] == trained
     assert pipeline.load_cache(run).key == trained and (out / "data" / "manifest.csv").read_bytes() == manifest
     cache = pipeline.load_cache(run)
     assert set(cams.index["index"]) == set(cache.split_indices("test"))
     # once the data stage made a new snapshot, the analysis refuses until training reruns
-    new = pipeline.run_data(run)
+    new = pipeline.result(run, "data")
     assert not new.reused and new.key != trained
-    for stage in (pipeline.run_gradcam, pipeline.run_embedding, pipeline.run_objects):
+    for stage in ("gradcam", "embedding", "objects"):
         with pytest.raises(pipeline.StaleError, match="train again"):
-            stage(run)
+            pipeline.result(run, stage)
 
 
 def test_edited_stage_code_invalidates_its_results_only(grid, tmp_path, monkeypatch):
     params, out, _ = grid
     run = pipeline.open_run(params / "b.yaml", out)
-    pipeline.run_training(run)                 # on the current snapshot, as the runner would
+    pipeline.result(run, "training")                 # on the current snapshot, as the runner would
     with pytest.raises(pipeline.StaleError, match="run Grad-CAM first"):   # masks of the old model
-        pipeline.run_objects(run)
-    pipeline.run_gradcam(run)
-    first = pipeline.run_objects(run)
-    again = pipeline.run_objects(run)
+        pipeline.result(run, "objects")
+    pipeline.result(run, "gradcam")
+    first = pipeline.result(run, "objects")
+    again = pipeline.result(run, "objects")
     assert not first.reused and again.reused
     keys = pipeline.keys(run)
     package = tmp_path / "citylib"             # the package with one stage module edited
     shutil.copytree(artifacts.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
-    with open(package / "stats.py", "a") as fh:
+    with open(package / "stats" / "histograms.py", "a") as fh:
         fh.write("\n# an edit\n")
     monkeypatch.setattr(artifacts, "PACKAGE", package)
     edited = pipeline.keys(run)
     assert [s for s in keys if keys[s] != edited[s]] == ["objects"]
-    assert not pipeline.run_objects(run).reused                      # recomputed
-    assert pipeline.run_gradcam(run).reused                          # what it reads: reused
-    assert pipeline.run_training(run).reused
+    assert not pipeline.result(run, "objects").reused                      # recomputed
+    assert pipeline.result(run, "gradcam").reused                          # what it reads: reused
+    assert pipeline.result(run, "training").reused
     assert gradcam.load(run.dir).meta["key"] == edited["gradcam"]

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from citylib.core import artifacts, paths
-from citylib.run import cli, runner
+from citylib.run import cli, processes, runner, schedule
 from citylib.stats import intervals
 from citylib.core.paths import PARAMETERS
 
@@ -146,16 +146,16 @@ def test_analysis_failure_in_a_worker_process_is_reported_and_the_other_run_fini
 def test_tasks_start_in_order_while_their_cores_are_free():
     """The scheduler's choice: one-thread trainings go side by side, a task on more cores than
     are free holds up those behind it, an analysis waits for its own run's training only."""
-    train = lambda run, cores: runner._Task(run, runner.RUN_NOTEBOOKS[:1], cores)  # noqa: E731
-    analyse = lambda run: runner._Task(run, runner.RUN_NOTEBOOKS[1:], 1)  # noqa: E731
+    train = lambda run, cores: schedule.Task(run, runner.RUN_NOTEBOOKS[:1], cores)  # noqa: E731
+    analyse = lambda run: schedule.Task(run, runner.RUN_NOTEBOOKS[1:], 1)  # noqa: E731
     pending = [train("a", 1), train("b", 1), train("c", 2), analyse("a"), analyse("b")]
-    assert runner._ready(pending, set(), set(), 2) == (pending[:2], [])
+    assert schedule.ready(pending, set(), set(), 2) == (pending[:2], [])
     # 'a' trained, 'b' still training: 'c' needs both cores and holds up a's analysis
-    assert runner._ready(pending[2:], {"a"}, set(), 1) == ([], [])
+    assert schedule.ready(pending[2:], {"a"}, set(), 1) == ([], [])
     # 'c' started on both cores and finished; b's analysis waits, a's goes
-    assert runner._ready(pending[3:], {"a", "c"}, set(), 1) == ([pending[3]], [])
+    assert schedule.ready(pending[3:], {"a", "c"}, set(), 1) == ([pending[3]], [])
     # 'b' failed: its analysis is dropped, not run
-    assert runner._ready(pending[4:], {"a", "c"}, {"b"}, 2) == ([], [pending[4]])
+    assert schedule.ready(pending[4:], {"a", "c"}, {"b"}, 2) == ([], [pending[4]])
 
 
 
@@ -202,11 +202,11 @@ def _start(tmp_path, params: Path) -> tuple[subprocess.Popen, set[int]]:
     seen: set[int] = set()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        seen |= set(runner._descendants(proc.pid))
+        seen |= set(processes.descendants(proc.pid))
         if any((tmp_path / "out" / "runs" / n / "history.csv").is_file() for n in ("a", "b")):
             break                                               # an epoch done: training under way
         time.sleep(0.5)
-    seen |= set(runner._descendants(proc.pid))
+    seen |= set(processes.descendants(proc.pid))
     assert proc.poll() is None and any("ipykernel" in _cmdline(p) for p in seen), \
         "the runner never started a kernel in a worker"
     return proc, seen
@@ -264,8 +264,8 @@ def test_a_second_run_on_the_same_outputs_says_who_holds_it(tmp_path, capsys):
     import json
 
     out = tmp_path / "out"
-    (out / runner.LOCKS / "runs").mkdir(parents=True)
-    with open(out / runner.LOCKS / "runs" / "simple_seed0.lock", "w") as fh:   # this run in progress
+    (out / processes.LOCKS / "runs").mkdir(parents=True)
+    with open(out / processes.LOCKS / "runs" / "simple_seed0.lock", "w") as fh:   # this run in progress
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fh.write(json.dumps({"pid": 4242, "started": "2026-12-02 07:00:00"}))
         fh.flush()

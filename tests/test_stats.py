@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 from citylib.explain import cues as cues_  # noqa: E402
 from citylib.core import ade20k  # noqa: E402
 from citylib.figures import stats_plots
+from citylib.stages import objects as objects_stage
 from citylib.stats import histograms
 from citylib.stats.histograms import Histograms, StatsConfig  # noqa: E402
 
@@ -356,7 +357,7 @@ def test_planted_cues_of_the_default_world():
 
 def test_run_writes_table_and_reloads(tmp_path):
     m, lab, cities = hand_made()
-    result = histograms.run(NO_FILTER, tmp_path, m, lab, cities, names=NAMES, progress=False)
+    result = objects_stage.score(NO_FILTER, tmp_path, m, lab, cities, names=NAMES, progress=False)
     saved = pd.read_csv(tmp_path / "r_scores.csv")
     assert list(saved.columns) == histograms.TABLE_COLUMNS and len(saved) == len(result.table) == 4
     again = Histograms.load(tmp_path / "histograms.npz")

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from citylib.data import imagecache
+from citylib.data import dataset, imagecache
 from citylib.explain import saliency
 from citylib.stages import compare, gradcam
 
@@ -114,3 +114,23 @@ def plot_fig6(cache, runs: Sequence[str | Path], rows: Sequence[int]) -> plt.Fig
         ax.set_yticks([])
     fig.tight_layout()
     return fig
+
+
+def draw(grid, result: compare.CompareResult) -> dict[str, Path]:
+    """The comparison's figures, for the notebook and the report: the AR heat-map, Fig. 6 and
+    lift side by side, in the comparison folder (``grid``: ``pipeline.Grid``). Name -> path."""
+    from citylib.figures import plots
+
+    first, dirs = grid.runs[0], [r.dir for r in grid.runs]
+    cache = dataset.load(first.cfg.data, first.data_dir)
+    scores = compare.lift_scores(dirs)
+    drawn = {"ar_heatmap": lambda: plot_ar_heatmap(result.ar),
+             "fig6": lambda: plot_fig6(cache, dirs, result.fig6_rows),
+             "lift_comparison": (lambda: plot_lift_comparison(scores)) if scores else None}
+    out = {}
+    for name, plot in drawn.items():
+        if plot is not None:
+            fig = plot()
+            out[name] = plots.save(fig, grid.dir / f"{name}.png")
+            plt.close(fig)
+    return out

@@ -1,7 +1,7 @@
 """Pictures of the embedding: maps and explanation galleries (the paper's Figs. 3 and 4).
 
 Reads a map (``embed.EmbedResult``), the Grad-CAM masks behind it and the cached test images.
-Writes, through ``figures`` (called by ``embed.run``), into the folder it is given:
+Writes, through ``figures`` (``draw``: the embedding stage's figures), into the folder it is given:
 ``map_city.png`` and ``map_correct.png`` (the map coloured by true city / by correct
 prediction), ``gallery.png`` (``gallery_tiles`` visual explanations at their map positions,
 framed in their city's colour) and ``gallery_<city>.png`` (the same for each city's points).
@@ -20,8 +20,8 @@ import base64
 import html
 import math
 import re
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 # seaborn is imported inside the functions that draw with it: it brings scipy.stats, a second
 # of every notebook kernel's start that the other notebooks need not pay.
@@ -32,12 +32,11 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from citylib.core.artifacts import atomic_path
+from citylib.data import dataset
 from citylib.explain import saliency
 from citylib.figures import plots
-from citylib.core.artifacts import atomic_path
-
-if TYPE_CHECKING:   # for annotations only: embed draws through this module
-    from citylib.stages import embed, gradcam
+from citylib.stages import embed, gradcam
 
 DPI = 300
 WHITE = 255
@@ -224,6 +223,27 @@ def figures(emb: embed.EmbedResult, result: gradcam.GradCAMResult, images: np.nd
                                                     np.stack([colours[c] for c in present]))])
         out[name] = save_png(art, folder / f"{name}.png")
     return out
+
+
+def draw(run, emb: embed.EmbedResult) -> dict[str, Path]:
+    """The embedding stage's figures: ``figures`` of the run's map into
+    ``<run>/embedding/<method>_<descriptor>/``, each copied to the run folder (``gallery.png``,
+    ``map_city.png``, ...; another map's city galleries there are removed). ``run``: a run's
+    settings and folders (``pipeline.Run``). Returns name -> path in the run folder."""
+    cfg = run.cfg.embed
+    cache = dataset.load(run.cfg.data, run.data_dir)
+    result = gradcam.load(run.dir)
+    made = figures(emb, result, cache.images, embed.image_rows(cache, result), cfg,
+                   run.dir / embed.FOLDER / cfg.tag)
+    for old in run.dir.glob("gallery_*.png"):
+        if old.stem not in made:
+            old.unlink(missing_ok=True)
+    published = {}
+    for name, src in made.items():
+        with atomic_path(run.dir / f"{name}.png") as tmp:
+            shutil.copyfile(src, tmp)
+        published[name] = run.dir / f"{name}.png"
+    return published
 
 
 def city_galleries(emb: embed.EmbedResult, width: int = 600):

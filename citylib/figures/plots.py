@@ -145,7 +145,7 @@ def png(fig, dpi: int = 100) -> bytes:
 def label_overlays(cache, objects, n: int = 8, seed: int = 0):
     """Test images with their label maps overlaid, titled with their four largest classes.
 
-    ``objects``: ``pipeline.ObjectsResult`` (label maps and the cache rows they belong to).
+    ``objects``: the objects stage's ``ObjectsResult`` (label maps and the cache rows they belong to).
     """
     from citylib.core import ade20k
 

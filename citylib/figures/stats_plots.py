@@ -1,9 +1,11 @@
-"""Figures of the statistics stage (notebook 05, the report): Fig. 5 and the lift view.
+"""Figures of the objects stage (notebook 05, the report): Fig. 5 and the lift view.
 
-Reads an ``r_scores.csv`` table (``stats.TABLE_COLUMNS``) and the planted cues; writes nothing.
+Reads an ``r_scores.csv`` table (``histograms.TABLE_COLUMNS``) and the planted cues; writes
+nothing but what ``draw`` saves.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import matplotlib.pyplot as plt
@@ -58,3 +60,16 @@ def plot_lift(table: pd.DataFrame, planted: Mapping[str, Iterable] | None = None
     ax.set_xlabel("lift = R / coverage")
     fig.tight_layout()
     return fig
+
+
+def draw(run, result) -> dict[str, Path]:
+    """The objects stage's figures, for the report: ``r_histograms.png`` (Fig. 5) and
+    ``lift.png`` in the run folder (``run``: ``pipeline.Run``; ``result``: the stage's)."""
+    from citylib.figures import plots
+
+    out = {}
+    for name, plot in (("r_histograms", plot_r_histograms), ("lift", plot_lift)):
+        fig = plot(result.table, result.planted)
+        out[name] = plots.save(fig, run.dir / f"{name}.png")
+        plt.close(fig)
+    return out

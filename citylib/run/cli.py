@@ -29,6 +29,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="citylib", description="What makes a city look like itself?")
     sub = p.add_subparsers(dest="command", required=True)
 
+    for add in (_synth_args, _run_args, _train_args, _predict_args, _report_args, _streetview_args):
+        add(sub)
+    return p
+
+
+def _synth_args(sub) -> None:
+    """``citylib synth``'s arguments."""
     s = sub.add_parser("synth", help="write a generated city world (images, label maps, manifest.csv)")
     s.add_argument("--out", required=True, type=_here, help="folder to write the world into")
     s.add_argument("--world", default="default", type=_world, help="built-in world name or path to a world YAML")
@@ -42,6 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "that plants it, everything else identical (repeatable)")
     s.add_argument("--cue-free", action="store_true", help="counterfactual world: every city in the base style")
 
+
+def _run_args(sub) -> None:
+    """``citylib run``'s arguments."""
     r = sub.add_parser("run", help="run the notebooks for every parameter file (papermill)")
     r.add_argument("--params", default=None, type=_here, help="a parameter file or folder (default: parameters/)")
     r.add_argument("--only", action="append", default=None, metavar="RUN", help="run only this run (repeatable)")
@@ -51,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="runs analysed (notebooks 03-05) side by side, cores / N each (default: cores)")
     r.add_argument("--outputs", default=None, type=_here, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")
 
+
+def _train_args(sub) -> None:
+    """``citylib train``'s arguments."""
     t = sub.add_parser("train", help="train one run's network; under torchrun --nproc_per_node N with DDP",
                        description="The data stage (made once, by the first process) and the training "
                                    "of one parameter file, as notebook 02 does them. Started by "
@@ -63,14 +76,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="stop after this epoch (the same command without it resumes from there)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _predict_args(sub) -> None:
+    """``citylib predict``'s arguments."""
     pr = sub.add_parser("predict", help="predicted city and probabilities per image")
     pr.add_argument("--run", required=True, type=_here, help="a run folder, e.g. outputs/runs/vgg11_seed0")
     pr.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:K or mps")
     pr.add_argument("images", nargs="+", type=_here)
 
+
+def _report_args(sub) -> None:
+    """``citylib report``'s arguments."""
     rep = sub.add_parser("report", help="HTML of executed notebooks + outputs/report/index.html")
     rep.add_argument("--outputs", default=None, type=_here, help="outputs folder (default: outputs/ or $CITYLIB_OUTPUTS)")
 
+
+def _streetview_args(sub) -> None:
+    """``citylib streetview``'s arguments."""
     sv = sub.add_parser("streetview", help="collect Street View images for a city (key from env/file only)",
                         description="The API key is read from $CITYLIB_STREETVIEW_KEY or --key-file, "
                                     "never from the command line. Exit 0: complete; 1: some requests "
@@ -98,7 +120,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     sv.add_argument("--base-url", default=None, help="API base URL (default https://maps.googleapis.com/maps/api)")
     sv.add_argument("--seed", type=int, default=None, help="seed of the point sampler (default 0)")
     sv.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,9 +174,9 @@ def _train(args) -> int:
     try:
         main = distributed.main()
         if main:
-            pipeline.run_data(run, progress=not args.quiet)         # built once, by the first process
+            pipeline.result(run, "data", progress=not args.quiet)    # built once, by the first process
         distributed.barrier()
-        result = pipeline.run_training(run, force=args.force, progress=not args.quiet,
+        result = pipeline.result(run, "training", progress=not args.quiet, force=args.force,
                                        stop_after=args.stop_after)
     finally:
         distributed.stop()

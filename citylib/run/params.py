@@ -14,34 +14,29 @@ from pathlib import Path
 
 from citylib.core import paths
 from citylib.core.config import ConfigError, check, config_hash, from_dict, load_yaml, to_dict
-from citylib.stages.causal import CausalConfig
-from citylib.stages.compare import CompareConfig
 from citylib.data.dataset import DataConfig
-from citylib.stages.embed import EmbedConfig
-from citylib.stages.gradcam import GradCAMConfig
-from citylib.stages.methods import MethodsConfig
 from citylib.nets.models import ARCHS, MIN_IMAGE_SIZE
-from citylib.data.segment import SegmentConfig
-from citylib.stats.histograms import StatsConfig
-from citylib.nets.train import TrainConfig
+from citylib.run import table
 
 
-@dataclass(frozen=True)
+def _sections(cls):
+    """``cls`` as a frozen dataclass with one field per section of the stage table, each
+    defaulting to its settings class's defaults."""
+    for name, settings in table.sections():
+        cls.__annotations__[name] = settings
+        setattr(cls, name, field(default_factory=settings))
+    return dataclass(frozen=True)(cls)
+
+
+@_sections
 class RunConfig:
-    """Everything that makes one run: architecture, seed and every stage's settings."""
+    """Everything that makes one run: architecture, seed and every stage's settings (one field
+    per parameter-file section the stage table declares: data, train, gradcam, embed, segment,
+    stats, causal, methods, compare)."""
 
     name: str
     arch: str
     seed: int
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
-    segment: SegmentConfig = field(default_factory=SegmentConfig)
-    stats: StatsConfig = field(default_factory=StatsConfig)
-    causal: CausalConfig = field(default_factory=CausalConfig)
-    methods: MethodsConfig = field(default_factory=MethodsConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    compare: CompareConfig = field(default_factory=CompareConfig)  # grid-wide: equal in every file
 
     def __post_init__(self):
         check(self, arch=ARCHS, seed=">= 0")
@@ -126,7 +121,7 @@ def load_all(files: list[Path]) -> list[RunConfig]:
             errors.append(str(e))
     if errors:
         raise ConfigError("invalid parameter file(s):\n  " + "\n  ".join(errors))
-    for section in ("data", "compare"):
+    for section, _ in table.sections("data", "grid"):
         seen = {config_hash(getattr(c, section)): c.name for c in configs}
         if len(seen) > 1:
             raise ConfigError(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from citylib.core import artifacts, paths
+from citylib.run import table
 from citylib.stages import compare, methods
 from citylib.stats import intervals
 
@@ -68,8 +69,38 @@ def _index_html(out: Path, sections) -> str:
     comparison = out / "comparison"
     tests = (artifacts.read_json(comparison / "tests.json")
              if (comparison / "tests.json").is_file() else {})
+    body = _tables(out, runs, frame, tests)
+    notebooks = []
+    for title, links in sections:
+        items = "".join(f"<li><a href='{html.escape(href)}'>{html.escape(label)}</a></li>" for label, href in links)
+        notebooks.append(f"<h3>{html.escape(title)}</h3><ul>{items}</ul>")
+    body.append(("notebooks", "Executed notebooks", notebooks))
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>citylib report</title>",
+             f"<style>{STYLE}</style></head><body><h1>citylib report</h1>",
+             "<p>What makes a city look like itself: how well each network recognises the cities, "
+             "which objects it relies on and which an explanation shows, and how much architectures "
+             "and initialisations differ. The findings first; the tables and figures they come from "
+             "below; every executed notebook at the end.</p>",
+             "<h2 id='findings'>Findings</h2><ul class='findings'>"
+             + "".join(f"<li>{f}</li>" for f in findings(frame, runs, tests)) + "</ul>",
+             "<nav><h2>Contents</h2><ul>" + "".join(
+                 f"<li><a href='#{html.escape(urllib.parse.quote(a))}'>{html.escape(h)}</a></li>"
+                 for a, h, _ in body) + "</ul></nav>"]
+    for anchor, heading, content in body:
+        if anchor.startswith("run-"):
+            parts.append(f"<details id='{html.escape(anchor)}'><summary>{html.escape(heading)}</summary>"
+                         + "\n".join(content) + "</details>")
+        else:
+            parts.append(f"<h2 id='{html.escape(anchor)}'>{html.escape(heading)}</h2>" + "\n".join(content))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _tables(out: Path, runs: list[Path], frame: pd.DataFrame | None, tests: dict) -> list[tuple[str, str, list[str]]]:
+    """(anchor, heading, HTML parts) of every section before the notebooks: the tables across
+    runs, then each run's verdict, table and figures (the stage table's, ``table.report_figures``)."""
     overview, per_run = _reliance(runs)
-    body: list[tuple[str, str, list[str]]] = []      # (anchor, heading, html parts)
+    body: list[tuple[str, str, list[str]]] = []
     if frame is not None:
         body.append(("accuracy", "Accuracy per run", [
             "<p>Each number with its 95% interval: test accuracy Wilson's (it treats the test images as "
@@ -96,40 +127,13 @@ def _index_html(out: Path, sections) -> str:
             "a network could show at that resolution.</p>", _table(recovery)]))
     if overview:
         body.append(("reliance", "Reliance and visibility", overview))
-    if (comparison / "table2.csv").is_file():
+    if (out / "comparison" / "table2.csv").is_file():
         body.append(("comparison", "Architectures versus initialisations (Table 2)",
-                     _comparison(out, comparison, tests)))
+                     _comparison(out, out / "comparison", tests)))
     for run_dir in runs:
         body.append((f"run-{run_dir.name}", f"Run {run_dir.name}", per_run.get(run_dir.name, []) + [
-            _figures(out, [(run_dir / "r_histograms.png", "Fig. 5: R per object and city"),
-                           (run_dir / "lift.png", "Lift with 95% CIs"),
-                           (run_dir / "map_city.png", "Fig. 3: map of the weighted masks"),
-                           (run_dir / "gallery.png", "Fig. 4: the gallery")])]))
-    notebooks = []
-    for title, links in sections:
-        items = "".join(f"<li><a href='{html.escape(href)}'>{html.escape(label)}</a></li>" for label, href in links)
-        notebooks.append(f"<h3>{html.escape(title)}</h3><ul>{items}</ul>")
-    body.append(("notebooks", "Executed notebooks", notebooks))
-
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>citylib report</title>",
-             f"<style>{STYLE}</style></head><body><h1>citylib report</h1>",
-             "<p>What makes a city look like itself: how well each network recognises the cities, "
-             "which objects it relies on and which an explanation shows, and how much architectures "
-             "and initialisations differ. The findings first; the tables and figures they come from "
-             "below; every executed notebook at the end.</p>",
-             "<h2 id='findings'>Findings</h2><ul class='findings'>"
-             + "".join(f"<li>{f}</li>" for f in findings(frame, runs, tests)) + "</ul>",
-             "<nav><h2>Contents</h2><ul>" + "".join(
-                 f"<li><a href='#{html.escape(urllib.parse.quote(a))}'>{html.escape(h)}</a></li>"
-                 for a, h, _ in body) + "</ul></nav>"]
-    for anchor, heading, content in body:
-        if anchor.startswith("run-"):
-            parts.append(f"<details id='{html.escape(anchor)}'><summary>{html.escape(heading)}</summary>"
-                         + "\n".join(content) + "</details>")
-        else:
-            parts.append(f"<h2 id='{html.escape(anchor)}'>{html.escape(heading)}</h2>" + "\n".join(content))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+            _figures(out, [(run_dir / f"{name}.png", caption) for name, caption in table.report_figures("run")])]))
+    return body
 
 
 def findings(summary: pd.DataFrame | None, runs: list[Path], tests: dict) -> list[str]:
@@ -180,10 +184,7 @@ def _comparison(out: Path, comparison: Path, tests: dict) -> list[str]:
     if tests:
         parts += ["<p>Tests of <i>between-architecture AR &gt; between-seed AR</i>, at image resolution "
                   "and under each control:</p>", _table(compare.tests_table(tests))]
-    parts.append(_figures(out, [(comparison / f"{n}.png", c) for n, c in (
-        ("ar_heatmap", "AR of every pair, at image resolution and on the pair's coarser map"),
-        ("fig6", "Fig. 6: the same images, every network: its mask over the image, then its explanation"),
-        ("lift_comparison", "Lift across runs"))]))
+    parts.append(_figures(out, [(comparison / f"{n}.png", c) for n, c in table.report_figures("grid")]))
     return parts
 
 

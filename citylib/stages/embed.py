@@ -5,14 +5,12 @@ Reads ``<run>/gradcam/`` (``gradcam.load``) and the test images of the data stag
 
 - ``<method>_<descriptor>.csv``: index (cache row), path, city, predicted, correct, x, y; row i
   is row i of the Grad-CAM index.
-- ``<method>_<descriptor>/``: map_city.png, map_correct.png, gallery.png, gallery_<city>.png
-  (drawn by ``citylib.gallery``).
 - ``<method>_<descriptor>.json``: config, key, PCA variance, kNN agreement.
 - ``.results/<method>_<descriptor>.json``: the marker of the finished map, keyed (``key``) by
   these settings, the Grad-CAM result's key and the code (``artifacts.ResultFolder``).
 
-and copies the figures to the run folder (``<run>/gallery.png``, ``map_city.png``, ...): the
-run's current map is the one ``run`` made or reused last.
+The map's figures (``<method>_<descriptor>/``: map_city.png, map_correct.png, gallery.png,
+gallery_<city>.png, copied to the run folder) are ``citylib.figures.gallery``'s.
 
 Method: descriptors -> PCA to min(pca_dims, n - 1, dim) dimensions -> t-SNE (or UMAP) to 2-D.
 The paper's descriptor is the normalised weighted mask itself ("mask", h*w values); the
@@ -47,7 +45,6 @@ observed agreement over the test spots (resampled within each city, the graph he
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +58,7 @@ from tqdm.auto import tqdm
 from citylib.explain import saliency
 from citylib.stages import gradcam
 from citylib.stats import intervals, resampling
-from citylib.core.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
+from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash, to_dict
 
 FOLDER = "embedding"
@@ -106,7 +103,7 @@ class EmbedResult:
     frame: pd.DataFrame        # COLUMNS; row i = Grad-CAM index row i
     summary: dict              # method, descriptor, n, pca_dims, knn_2d, knn_pca, config, hash
     folder: Path | None        # <run>/embedding; None when computed in memory only
-    figures: dict = field(default_factory=dict)   # name -> path of each PNG
+    figures: dict = field(default_factory=dict)   # name -> path of each PNG (``gallery.draw``)
     reused: bool = False
 
     @property
@@ -252,12 +249,11 @@ def key(cfg: EmbedConfig, gradcam_key: str) -> str:
 
 
 def run(cfg: EmbedConfig, run_dir: str | Path, cache, *, progress: bool = True) -> EmbedResult:
-    """Map, figures and agreement of a run's test images; reuse if the key matches."""
-    from citylib.figures import gallery  # drawing: matplotlib and PIL only when figures are made
-
+    """Map and agreement of a run's test images; reuse if the key matches. Its figures are
+    ``citylib.figures.gallery``'s."""
     run_dir = Path(run_dir)
     result = gradcam.load(run_dir)
-    rows = image_rows(cache, result)      # checks the cache is the one Grad-CAM read
+    image_rows(cache, result)             # checks the cache is the one Grad-CAM read
     done = stored(cfg, run_dir, result)
     if done is None:
         out = run_dir / FOLDER
@@ -265,11 +261,9 @@ def run(cfg: EmbedConfig, run_dir: str | Path, cache, *, progress: bool = True) 
         folder.begin()
         emb = compute(cfg, result, cache, progress)
         write_csv(out / f"{cfg.tag}.csv", emb.frame)
-        figures = gallery.figures(emb, result, cache.images, rows, cfg, out / cfg.tag)
-        write_json(out / f"{cfg.tag}.json", {**emb.summary, "figures": _names(figures, run_dir)})
-        folder.commit([f"{cfg.tag}.csv", f"{cfg.tag}.json", *figures.values()])
-        done = dataclasses.replace(emb, folder=out, figures=figures)
-    _publish(run_dir, done)
+        write_json(out / f"{cfg.tag}.json", emb.summary)
+        folder.commit([f"{cfg.tag}.csv", f"{cfg.tag}.json"])
+        done = dataclasses.replace(emb, folder=out)
     return done
 
 
@@ -282,10 +276,9 @@ def stored(cfg: EmbedConfig, run_dir: str | Path,
     if ResultFolder(out, cfg.tag, key(cfg, result.meta["key"])).done() is None:
         return None
     summary = read_json(out / f"{cfg.tag}.json")
-    figures = {k: run_dir / v for k, v in summary.pop("figures", {}).items()}
     frame = pd.read_csv(out / f"{cfg.tag}.csv", keep_default_na=False,
                         dtype={"path": str, "city": str, "predicted": str})
-    return EmbedResult(frame, summary, out, figures, reused=True)
+    return EmbedResult(frame, summary, out, reused=True)
 
 
 def image_rows(cache, result: gradcam.GradCAMResult) -> np.ndarray:
@@ -302,15 +295,3 @@ def image_rows(cache, result: gradcam.GradCAMResult) -> np.ndarray:
     return rows
 
 
-def _names(figures: dict, run_dir: Path) -> dict:
-    return {k: str(Path(p).relative_to(run_dir)) for k, p in figures.items()}
-
-
-def _publish(run_dir: Path, emb: EmbedResult) -> None:
-    """Copy the map's figures to the run folder; another map's city galleries are removed."""
-    for old in run_dir.glob("gallery_*.png"):
-        if old.stem not in emb.figures:
-            old.unlink(missing_ok=True)
-    for name, src in emb.figures.items():
-        with atomic_path(run_dir / f"{name}.png") as tmp:
-            shutil.copyfile(src, tmp)

@@ -3,13 +3,14 @@
 Reads the run's Grad-CAM masks (``gradcam.load``), the data snapshot's cache and label maps
 (``segment.run``: the ground truth of a generated world, else the ADE20K model, once per
 dataset). Writes into the run folder: ``r_scores.csv``, ``r_scores.json`` and
-``histograms.npz`` (``citylib.stats``); on a generated world ``planted_recovery.csv`` (the rank
-of each planted cue by lift, beside the rank an ideal cue detector gets on a map of the
-network's size: ``cues.ceiling``; the planted-cue MRR's 95% interval over the test spots,
-resampled within each city: ``cues.mrr_resamples``); the Fig. 5 panels ``r_histograms.png`` and ``lift.png``; and
+``histograms.npz`` (``score``, counted by ``citylib.stats.histograms``); on a generated world
+``planted_recovery.csv`` (the rank of each planted cue by lift, beside the rank an ideal cue
+detector gets on a map of the network's size: ``cues.ceiling``; the planted-cue MRR's 95%
+interval over the test spots, resampled within each city: ``cues.mrr_resamples``); and
 ``objects.json`` (segmenter, threshold, planted-cue scores). ``.results/objects.json`` marks the
 finished result, keyed (``key``) by the statistics settings, the label maps' key, the Grad-CAM
-result's key, the planted cues and the code: a threshold change reruns this stage alone.
+result's key, the planted cues and the code: a threshold change reruns this stage alone. Its
+figures (Fig. 5, lift) are ``citylib.figures.stats_plots``'s.
 """
 from __future__ import annotations
 
@@ -17,20 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from citylib.data import segment
 from citylib.explain import cues, saliency
-from citylib.figures import plots, stats_plots
 from citylib.stages import gradcam
 from citylib.stats import histograms, intervals, resampling
 from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
-from citylib.core.config import config_hash
+from citylib.core.config import config_hash, to_dict
 
 NAME = "objects"
-FIGURES = ("r_histograms", "lift")
 
 
 @dataclass(frozen=True)
@@ -75,8 +73,8 @@ def run(stats_cfg: histograms.StatsConfig, run_dir: str | Path, cache, planted: 
 
     folder.begin()
     size, cities = cache.images.shape[1], cams.index["city"].to_numpy(str)
-    result = histograms.run(stats_cfg, run_dir, histograms.upsampled(cams.masks, size, saliency.upsample),
-                       label_maps, cities, progress=progress)
+    result = score(stats_cfg, run_dir, histograms.upsampled(cams.masks, size, saliency.upsample),
+                   label_maps, cities, progress=progress)
     recovery, scores = pd.DataFrame(), {}
     if planted:   # the ranks, and the best a map of this size allows: missed vs. could not show
         recovery, scores = cues.recovery(result.table, planted)
@@ -93,17 +91,38 @@ def run(stats_cfg: histograms.StatsConfig, run_dir: str | Path, cache, planted: 
                              "planted_rr": best["planted_rr"],
                              "planted_all_in_top": best["planted_all_in_top"]}
     write_csv(run_dir / "planted_recovery.csv", recovery)
-    for name, draw in zip(FIGURES, (stats_plots.plot_r_histograms, stats_plots.plot_lift)):
-        fig = draw(result.table, planted)         # the Fig. 5 panels, also for the report
-        plots.save(fig, run_dir / f"{name}.png")
-        plt.close(fig)
     summary = {"segmenter": seg.segmenter, "threshold": stats_cfg.threshold,
                "r_scores": "r_scores.csv", **scores}
     write_json(run_dir / "objects.json", summary)
     folder.commit(["r_scores.csv", "r_scores.json", "histograms.npz", "planted_recovery.csv",
-                   "objects.json", *(f"{n}.png" for n in FIGURES)], gradcam_key=cams.meta["key"])
+                   "objects.json"], gradcam_key=cams.meta["key"])
     return ObjectsResult(result.table, result.histograms, seg.segmenter, rows, label_maps,
                          dict(planted), recovery, summary, run_dir)
+
+
+@dataclass(frozen=True)
+class StatsResult:
+    table: pd.DataFrame  # TABLE_COLUMNS, at cfg.threshold
+    histograms: histograms.Histograms
+    folder: Path  # where r_scores.csv, r_scores.json and histograms.npz are
+
+
+def score(cfg: histograms.StatsConfig, out: str | Path, masks, label_maps: np.ndarray, cities, *,
+        names: Mapping[int, str] | None = None, progress: bool = True) -> StatsResult:
+    """Count, tabulate at ``cfg.threshold`` and write ``r_scores.csv``, ``r_scores.json`` (the
+    settings, per-city image counts and coverage) and ``histograms.npz`` into ``out``
+    (``citylib.stats.histograms``)."""
+    out_dir = Path(out)
+    hist = histograms.Histograms.build(masks, label_maps, cities, cfg, names, progress)
+    table = hist.table()
+    write_csv(out_dir / "r_scores.csv", table)
+    hist.save(out_dir / "histograms.npz")
+    write_json(out_dir / "r_scores.json", {
+        "config": to_dict(cfg), "hash": config_hash(cfg), "image_size": hist.size,
+        "min_pixels": histograms.min_pixels(cfg, hist.size),
+        "images": dict(zip(hist.cities, hist.images.tolist())),
+        "coverage": dict(zip(hist.cities, hist.coverage(cfg.threshold).tolist()))})
+    return StatsResult(table, hist, out_dir)
 
 
 def _load(run_dir: Path, stats_cfg, segmenter: str, rows, label_maps, planted) -> ObjectsResult:

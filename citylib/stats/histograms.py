@@ -1,11 +1,12 @@
-"""Statistics stage: which objects each city's network attends to (the paper's Eq. 1), and lift.
+"""Histograms of mask values per image and object: which objects each city's network attends
+to (the paper's Eq. 1), and lift.
 
 Reads upsampled Grad-CAM masks (N, S, S) float32 in [0, 1] (an array, or an iterable of
 (b, S, S) batches in row order, or a callable returning one, so memory stays bounded), label
-maps (N, S, S) uint8 (ADE20K indices, 0 = unlabelled) and each image's TRUE city. Writes
-``<out_dir>/r_scores.csv`` (columns ``TABLE_COLUMNS``), ``r_scores.json`` (settings and
-per-city image counts) and ``histograms.npz`` (``Histograms.load`` reopens it for a threshold
-slider without recomputing Grad-CAM).
+maps (N, S, S) uint8 (ADE20K indices, 0 = unlabelled) and each image's TRUE city. Writes only
+``Histograms.save``'s ``.npz`` (``Histograms.load`` reopens it for a threshold slider without
+recomputing Grad-CAM); the objects stage tabulates them (``r_scores.csv``, columns
+``TABLE_COLUMNS``).
 
 Definitions (t = threshold; a pixel is "explained" when mask >= t, compared in float32 as
 ``mask >= t`` compares on a float32 array in numpy or torch):
@@ -46,8 +47,8 @@ from tqdm.auto import tqdm
 
 from citylib.core import ade20k
 from citylib.stats import resampling
-from citylib.core.artifacts import atomic_path, write_csv, write_json
-from citylib.core.config import check, config_hash, to_dict
+from citylib.core.artifacts import atomic_path
+from citylib.core.config import check, to_dict
 
 TABLE_COLUMNS = ["city", "object", "pixels", "R", "coverage", "lift", "lift_ci_low", "lift_ci_high"]
 CLASSES = ade20k.NUM_CLASSES + 1  # label values 0..150
@@ -92,13 +93,6 @@ def at_threshold(cfg: StatsConfig) -> StatsConfig:
 def min_pixels(cfg: StatsConfig, size: int) -> float:
     """The object filter at image side ``size``: min_pixels_224 scaled by area."""
     return cfg.min_pixels_224 * size * size / (224 * 224)
-
-
-@dataclass(frozen=True)
-class StatsResult:
-    table: pd.DataFrame  # TABLE_COLUMNS, at cfg.threshold
-    histograms: "Histograms"
-    folder: Path  # where r_scores.csv, r_scores.json and histograms.npz are
 
 
 # ---------------------------------------------------------------- counting, once
@@ -378,23 +372,3 @@ class Counting:
         return Histograms(self.cities, self.city, np.concatenate(self.img) if self.img else np.zeros(0, np.intp),
                           np.concatenate(self.obj) if self.obj else np.zeros(0, np.intp), above,
                           self.size, self.cfg, self.names)
-
-
-# ---------------------------------------------------------------- the stage
-
-
-def run(cfg: StatsConfig, out: str | Path, masks, label_maps: np.ndarray, cities, *,
-        names: Mapping[int, str] | None = None, progress: bool = True) -> StatsResult:
-    """Count, tabulate at ``cfg.threshold`` and write ``r_scores.csv`` into ``out`` (see the
-    module docstring)."""
-    out_dir = Path(out)
-    hist = Histograms.build(masks, label_maps, cities, cfg, names, progress)
-    table = hist.table()
-    write_csv(out_dir / "r_scores.csv", table)
-    hist.save(out_dir / "histograms.npz")
-    write_json(out_dir / "r_scores.json", {
-        "config": to_dict(cfg), "hash": config_hash(cfg), "image_size": hist.size,
-        "min_pixels": min_pixels(cfg, hist.size),
-        "images": dict(zip(hist.cities, hist.images.tolist())),
-        "coverage": dict(zip(hist.cities, hist.coverage(cfg.threshold).tolist()))})
-    return StatsResult(table, hist, out_dir)
