@@ -10,9 +10,9 @@ upsampled to the native side and min-max normalised), native sides cycling throu
 allocates; "file MB": the peak of file-backed resident pages, which include the memory-mapped
 masks read so far (reclaimable page cache, growing with N whatever the method).
 
-- streamed: ``compare.pairwise_ar`` (each run's batch upsampled once, shared by its pairs).
+- streamed: ``residuals.pairwise_ar`` (each run's batch upsampled once, shared by its pairs).
 - all at once: every run's N masks upsampled to S x S first (runs x N x S^2 x 4 bytes), then
-  ``compare.residual`` per pair: the same arithmetic, only without batches. Run at
+  ``residuals.residual`` per pair: the same arithmetic, only without batches. Run at
   ``--naive-images`` and extrapolated linearly to N (its memory is linear in N).
 - the rest of ``compare.run``: bootstrap CIs of every pair and both tests.
 
@@ -113,13 +113,13 @@ def measure(what: str, files: list[str], n: int, size: int, batch: int, args, qu
     import torch
 
     from citylib.explain import saliency
-    from citylib.stages import compare
+    from citylib.stages import residuals
 
     torch.set_num_threads(os.cpu_count() or 1)
     masks = [np.load(f, mmap_mode="r")[:n] for f in files]
     rows = np.arange(n)
     # torch's lazy start-up (thread pool, kernels) happens here, not inside the measurement
-    compare.residual(saliency.upsample(masks[0][:2], size), saliency.upsample(masks[1][:2], size))
+    residuals.residual(saliency.upsample(masks[0][:2], size), saliency.upsample(masks[1][:2], size))
     base = status_mb()["RssAnon"]
     t0, c0 = time.perf_counter(), time.process_time()
     with PeakSampler() as peak:
@@ -131,14 +131,14 @@ def measure(what: str, files: list[str], n: int, size: int, batch: int, args, qu
 def step(what: str, masks: list, rows: np.ndarray, size: int, batch: int, args) -> None:
     """The timed work."""
     from citylib.explain import saliency
-    from citylib.stages import compare
+    from citylib.stages import ar_tables, compare, residuals
 
     n = len(rows)
     if what == "streamed":
-        compare.pairwise_ar([(rows, m) for m in masks], size, batch)
+        residuals.pairwise_ar([(rows, m) for m in masks], size, batch)
     elif what == "all at once":
         ups = [saliency.upsample(m, size) for m in masks]                 # runs x (n, S, S)
-        [compare.residual(ups[a], ups[b]) for a, b in combinations(range(len(ups)), 2)]
+        [residuals.residual(ups[a], ups[b]) for a, b in combinations(range(len(ups)), 2)]
     else:                                    # bootstrap CIs and both tests on per-image values
         rng = np.random.default_rng(0)
         names = [f"a{k // 2}_s{k % 2}" for k in range(len(masks))]
@@ -147,7 +147,7 @@ def step(what: str, masks: list, rows: np.ndarray, size: int, batch: int, args) 
         per_image = {(names[a], names[b]): (rows, rng.random(n, dtype=np.float32))
                      for a, b in combinations(range(len(names)), 2)}
         cfg = compare.CompareConfig(bootstrap=args.bootstrap, permutations=args.permutations)
-        compare.tests(compare.ar_frame(per_image, infos, cfg), per_image, cfg)
+        ar_tables.tests(ar_tables.ar_frame(per_image, infos, cfg), per_image, cfg)
 
 
 def run_child(*a, repeats: int = 1) -> tuple[float, ...]:

@@ -32,7 +32,7 @@ import pandas as pd  # noqa: E402
 
 from citylib.core import artifacts  # noqa: E402
 from citylib.run import report
-from citylib.stages import compare, methods
+from citylib.stages import ar_tables, compare, methods
 from citylib.stats import intervals
 from citylib.data.counterfactual import CUE_FREE  # noqa: E402
 
@@ -82,7 +82,7 @@ def summary(out: Path) -> pd.DataFrame | None:
 
 
 def _rank(arch: str) -> int:
-    return compare.ORDER.index(arch) if arch in compare.ORDER else len(compare.ORDER)
+    return ar_tables.ORDER.index(arch) if arch in ar_tables.ORDER else len(ar_tables.ORDER)
 
 
 def runs(out: Path, *files: str) -> list[Path]:
@@ -94,7 +94,7 @@ def runs(out: Path, *files: str) -> list[Path]:
             info = compare.describe(d)
             return _rank(info["arch"]), info["seed"], d.name
         except (FileNotFoundError, ValueError):
-            return len(compare.ORDER) + 1, 0, d.name
+            return len(ar_tables.ORDER) + 1, 0, d.name
     return sorted(found, key=key)
 
 
@@ -131,7 +131,7 @@ def accuracy(out: Path) -> str:
     cells = {(a, s): ci(v, lo, hi) for a, s, v, lo, hi in
              frame[["arch", "seed", "test_accuracy", "test_accuracy_low", "test_accuracy_high"]].itertuples(index=False)}
     archs, seeds = list(dict.fromkeys(frame["arch"])), sorted(set(frame["seed"]))
-    table = pd.DataFrame([{"run": compare.NAMES.get(a, a), **{f"seed {s}": cells.get((a, s), "—") for s in seeds}}
+    table = pd.DataFrame([{"run": ar_tables.NAMES.get(a, a), **{f"seed {s}": cells.get((a, s), "—") for s in seeds}}
                           for a in archs])
     n = sorted(set(frame["n_test"].dropna().astype(int))) if "n_test" in frame else []
     apart = separated(frame, "test_accuracy")
@@ -234,11 +234,11 @@ def table2(out: Path) -> str:
     folder = out / "comparison"
     if not (folder / "table2.csv").is_file():
         return MISSING
-    parts = [markdown(compare.table2_display(pd.read_csv(folder / "table2.csv")))]
+    parts = [markdown(ar_tables.table2_display(pd.read_csv(folder / "table2.csv")))]
     if (folder / "tests.json").is_file():
         tests = artifacts.read_json(folder / "tests.json")
-        text = tests["conclusion"]["text"] if "conclusion" in tests else compare.conclusion(tests)["text"]
-        parts += [markdown(compare.tests_table(tests)), f"Conclusion: {text}"]
+        text = tests["conclusion"]["text"] if "conclusion" in tests else ar_tables.conclusion(tests)["text"]
+        parts += [markdown(ar_tables.tests_table(tests)), f"Conclusion: {text}"]
     else:
         parts.append(f"tests.json {MISSING}")
     return "\n\n".join(parts)

@@ -17,7 +17,7 @@ from citylib.stats import resampling
 from citylib.explain import cams, saliency  # noqa: E402
 from citylib.figures import compare_plots
 from citylib.nets import models
-from citylib.stages import compare, gradcam
+from citylib.stages import ar_tables, compare, gradcam, residuals
 from citylib.core.artifacts import read_json, write_csv, write_json  # noqa: E402
 from citylib.stages.compare import CompareConfig  # noqa: E402
 from citylib.core.config import ConfigError, from_dict  # noqa: E402
@@ -58,13 +58,13 @@ def test_ar_by_hand_self_and_symmetry():
     b = np.array([[[0, 1], [0.25, 0.5]], [[1, 0], [0, 0]]], np.float16)
     # image 0: |1-0| + |0-1| + |0-0.25| + |0.5-0.5| = 2.25, / (2 x 2) = 0.5625; image 1: 0
     # average over the two images: (0.5625 + 0) / 2 = 0.28125
-    mean, rows, ar = compare.average_residual([5, 9], a, [5, 9], b, size=2)
+    mean, rows, ar = residuals.average_residual([5, 9], a, [5, 9], b, size=2)
     assert rows.tolist() == [5, 9] and ar.dtype == np.float32
     assert ar.tolist() == [0.5625, 0.0] and mean == 0.28125
-    assert compare.average_residual([5, 9], b, [5, 9], a, 2)[2].tolist() == ar.tolist()
-    assert compare.average_residual([5, 9], a, [5, 9], a, 2)[0] == 0.0
+    assert residuals.average_residual([5, 9], b, [5, 9], a, 2)[2].tolist() == ar.tolist()
+    assert residuals.average_residual([5, 9], a, [5, 9], a, 2)[0] == 0.0
     m = smooth(20, 7, 0)
-    assert compare.average_residual(range(20), m, range(20), m, 32)[0] == 0.0
+    assert residuals.average_residual(range(20), m, range(20), m, 32)[0] == 0.0
 
 
 def test_different_native_sizes_compared_at_image_size():
@@ -72,9 +72,9 @@ def test_different_native_sizes_compared_at_image_size():
     # rounding only), although the native arrays cannot even be subtracted
     a = smooth(6, 4, 1)
     b = saliency.upsample(a, 8).astype(np.float16)
-    assert compare.average_residual(range(6), a, range(6), b, 8)[0] < 1e-3
+    assert residuals.average_residual(range(6), a, range(6), b, 8)[0] < 1e-3
     c = smooth(6, 8, 2)
-    mean, _, ar = compare.average_residual(range(6), a, range(6), c, 16)
+    mean, _, ar = residuals.average_residual(range(6), a, range(6), c, 16)
     np.testing.assert_allclose(ar, naive(a, c, 16), atol=1e-6)
     assert 0.05 < mean < 1
 
@@ -82,11 +82,11 @@ def test_different_native_sizes_compared_at_image_size():
 def test_only_common_images_matched_by_row():
     a, b = smooth(4, 4, 3), smooth(3, 2, 4)
     # run a has rows 0..3; run b has rows 4, 3, 2 (another order): common rows 2, 3
-    mean, rows, ar = compare.average_residual([0, 1, 2, 3], a, [4, 3, 2], b, 8)
+    mean, rows, ar = residuals.average_residual([0, 1, 2, 3], a, [4, 3, 2], b, 8)
     assert rows.tolist() == [2, 3]
     np.testing.assert_allclose(ar, naive(a[[2, 3]], b[[2, 1]], 8), atol=1e-6)
     with pytest.raises(ValueError, match="share no test image"):
-        compare.average_residual([0, 1], a[:2], [7, 8], b[:2], 8)
+        residuals.average_residual([0, 1], a[:2], [7, 8], b[:2], 8)
 
 
 def test_streaming_equals_all_at_once():
@@ -95,9 +95,9 @@ def test_streaming_equals_all_at_once():
     masks = [smooth(50, s, 10 + s) for s in sizes]
     rows = [rng.permutation(60)[:50] for _ in sizes]                 # overlapping, shuffled
     sources = list(zip(rows, masks))
-    big = compare.pairwise_ar(sources, 28, batch_size=1000)
+    big = residuals.pairwise_ar(sources, 28, batch_size=1000)
     for bs in (1, 7):
-        small = compare.pairwise_ar(sources, 28, batch_size=bs)
+        small = residuals.pairwise_ar(sources, 28, batch_size=bs)
         for p in big:
             assert np.array_equal(small[p][0], big[p][0])
             np.testing.assert_allclose(small[p][1], big[p][1], rtol=0, atol=1e-7)
@@ -157,8 +157,8 @@ def test_table2_pools_seeds():
         ["r1", "v1", "architecture", 0.44, 0.41, 0.47, 10, "resnet18", "vgg11"],
         ["v0", "v1", "seed", 0.25, 0.20, 0.30, 10, "vgg11", "vgg11"],
         ["v0", "v0 (randomised)", "randomised", 0.6, 0.5, 0.7, 10, "vgg11", "vgg11"],
-    ], columns=compare.COLUMNS)
-    t = compare.table2(f).set_index("models")
+    ], columns=ar_tables.COLUMNS)
+    t = ar_tables.table2(f).set_index("models")
     assert list(t.index) == ["VGG11-ResNet18", "VGG11-VGG11 retrained", "VGG11-VGG11 randomised"]
     r = t.loc["VGG11-ResNet18"]
     assert r.ar == pytest.approx(0.42) and (r.ci_low, r.ci_high) == (0.38, 0.47)
@@ -257,14 +257,14 @@ def test_randomised_reference(tmp_path):
             "arch": "simple", "cities": CITIES, "image_size": size}}, d / "best.pt")
         runs.append(d)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rand = compare.randomise(model, 0)
+    rand = residuals.randomise(model, 0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())   # untouched
     weights = [k for k, v in before.items() if v.dim() >= 2]        # every conv and linear layer
     assert weights and not any(torch.equal(rand.state_dict()[k], before[k]) for k in weights)
     cfg = CompareConfig(batch_size=4, bootstrap=50, permutations=100)
-    r1, a1 = compare.randomised_ar(runs[0], cache, cfg)
+    r1, a1 = residuals.randomised_ar(runs[0], cache, cfg)
     assert r1.tolist() == rows.tolist() and ((a1 >= 0) & (a1 <= 1)).all()
-    assert np.array_equal(compare.randomised_ar(runs[0], cache, cfg)[1], a1)    # seeded
+    assert np.array_equal(residuals.randomised_ar(runs[0], cache, cfg)[1], a1)    # seeded
     res = compare.run(cfg, tmp_path / "cmp", runs, cache, progress=False)
     assert sorted(res.ar["kind"]) == ["randomised", "randomised", "seed"]
     assert res.tests["pair_permutation"]["p_value"] is None                  # no arch pairs
@@ -289,8 +289,8 @@ def test_tests_on_the_paper_grid():
                                                           else 0.25)).astype(np.float32))
                  for a, b in combinations(infos, 2)}
     cfg = CompareConfig(bootstrap=100, permutations=10000)
-    frame = compare.ar_frame(per_image, infos, cfg)
-    res = compare.tests(frame, per_image, cfg)
+    frame = ar_tables.ar_frame(per_image, infos, cfg)
+    res = ar_tables.tests(frame, per_image, cfg)
     pair = res["pair_permutation"]
     assert (pair["n_architecture"], pair["n_seed"]) == (6, 4) and "C(10,6) = 210" in pair["method"]
     assert pair["p_value"] == pytest.approx(1 / 210)
@@ -299,15 +299,15 @@ def test_tests_on_the_paper_grid():
     image = res["image_sign_flip"]
     assert image["n"] == 300 and image["p_value"] == 1 / 10001
     assert image["statistic"] == pytest.approx(0.15, abs=0.01)
-    assert list(compare.table2(frame)["models"])[:7] == [
+    assert list(ar_tables.table2(frame)["models"])[:7] == [
         "VGG11-ResNet18", "VGG11-Simple", "VGG11-Simpler", "ResNet18-Simple", "ResNet18-Simpler",
         "Simple-Simpler", "VGG11-VGG11 retrained"]
 
 
 def test_tests_table_and_single_run_heatmap():
     frame = pd.DataFrame([["a", "a (randomised)", "randomised", 0.3, 0.28, 0.32, 10, "vgg11", "vgg11"]],
-                         columns=compare.COLUMNS)
-    table = compare.tests_table(compare.tests(frame, {("a", "a (randomised)"): (np.arange(10), np.ones(10))},
+                         columns=ar_tables.COLUMNS)
+    table = ar_tables.tests_table(ar_tables.tests(frame, {("a", "a (randomised)"): (np.arange(10), np.ones(10))},
                                               CompareConfig()))
     assert list(table["test"]) == ["architecture groups relabelled", "per-image sign flips"]
     assert table["p_value"].isna().all()            # one run: nothing to test, said so
@@ -323,19 +323,19 @@ def test_pool_and_coarser_by_hand():
                    [0, 0, 0, 0],
                    [1, 1, 0, 0],             # bottom-left 0.75, bottom-right 0
                    [1, 0, 0, 0]]], np.float32)
-    np.testing.assert_allclose(compare.pool(m, (2, 2)), [[[1 / 3, 2 / 3], [1, 0]]], atol=1e-6)
+    np.testing.assert_allclose(residuals.pool(m, (2, 2)), [[[1 / 3, 2 / 3], [1, 0]]], atol=1e-6)
     same = smooth(3, 4, 0)
-    assert np.array_equal(compare.pool(same, (4, 4)), same.astype(np.float32))   # already there
-    assert compare.coarser((8, 8), (2, 4)) == (2, 4)
+    assert np.array_equal(residuals.pool(same, (4, 4)), same.astype(np.float32))   # already there
+    assert residuals.coarser((8, 8), (2, 4)) == (2, 4)
 
 
 def test_relabelled_is_a_seeded_derangement():
     rows = np.arange(10, 60, 5)
-    r = compare.relabelled(rows, 3)
+    r = residuals.relabelled(rows, 3)
     assert sorted(r) == sorted(rows) and not (r == rows).any()       # every mask filed elsewhere
-    assert np.array_equal(compare.relabelled(rows, 3), r) and not np.array_equal(compare.relabelled(rows, 4), r)
+    assert np.array_equal(residuals.relabelled(rows, 3), r) and not np.array_equal(residuals.relabelled(rows, 4), r)
     with pytest.raises(ValueError, match="at least 2"):
-        compare.relabelled([7], 0)
+        residuals.relabelled([7], 0)
 
 
 def four_archs(tmp_path, own_view: bool, n: int = 48, size: int = 16):
@@ -354,7 +354,7 @@ def four_archs(tmp_path, own_view: bool, n: int = 48, size: int = 16):
     for arch, side in (("vgg11", 4), ("resnet18", 2), ("simple", 8), ("simpler", 16)):
         u = underlying() if own_view else common
         for seed in (0, 1):
-            noisy = compare.pool(u, (side, side)) + 0.03 * rng.random((n, side, side), dtype=np.float32)
+            noisy = residuals.pool(u, (side, side)) + 0.03 * rng.random((n, side, side), dtype=np.float32)
             m = saliency.normalise(torch.from_numpy(noisy)).numpy()
             runs.append(fake_run(tmp_path, f"{arch}_seed{seed}", arch, seed, m, np.arange(n), size))
     return runs
@@ -385,13 +385,13 @@ def test_resolution_controls_catch_a_difference_made_by_map_size(tmp_path):
     assert own.tests["conclusion"]["survives"] is True
     assert all(own.tests["conclusion"]["holds"].values())
     assert "survives every resolution control" in own.tests["conclusion"]["text"]
-    table = compare.tests_table(own.tests)
-    assert len(table) == 2 * len(compare.TESTED) and (table["p_value"] <= 0.05).all()
-    shown = compare.table2_display(own.table2)
+    table = ar_tables.tests_table(own.tests)
+    assert len(table) == 2 * len(ar_tables.TESTED) and (table["p_value"] <= 0.05).all()
+    shown = ar_tables.table2_display(own.table2)
     assert {"AR, image", "AR / null, image", "AR, pair's coarser map", "AR, one grid"} <= set(shown.columns)
     # stored and loaded alike
     back = compare.load(tmp_path / "c2")
-    assert set(back.per_view) == set(compare.VIEWS)
+    assert set(back.per_view) == set(residuals.VIEWS)
     for view, values in own.per_view.items():
         for p, (rows, ar) in values.items():
             assert np.array_equal(back.per_view[view][p][1], ar)
@@ -406,11 +406,11 @@ def test_conclusion_says_when_a_test_cannot_reach_alpha_and_dead_masks_do_not_cr
     assert "cannot reach it with these runs" in c["text"] and "0.333" in c["text"]
     assert c["holds"]["image"] is True                  # by the sign flips (p = 1/501)
     old = {k: v for k, v in res.tests.items() if k != "controls"}      # a folder from before
-    assert "No resolution control" in compare.conclusion(old)["text"]
-    assert compare.conclusion(old)["survives"] is None
+    assert "No resolution control" in ar_tables.conclusion(old)["text"]
+    assert ar_tables.conclusion(old)["survives"] is None
     # two runs whose masks are all zero: the null is 0, AR / null undefined, nothing raises
     zero = [fake_run(tmp_path / "z", f"simple_seed{s}", "simple", s, np.zeros((6, 4, 4)), np.arange(6), 8)
             for s in (0, 1)]
     dead = compare.run(cfg, tmp_path / "cz", zero, None, progress=False)
     assert dead.ar["null_image"].iloc[0] == 0 and np.isnan(dead.ar["rel_image"].iloc[0])
-    assert compare.ar_frame({}, {}, cfg).empty
+    assert ar_tables.ar_frame({}, {}, cfg).empty

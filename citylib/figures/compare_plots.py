@@ -14,14 +14,14 @@ import pandas as pd
 
 from citylib.data import dataset, imagecache
 from citylib.explain import saliency
-from citylib.stages import compare, gradcam
+from citylib.stages import ar_tables, compare, gradcam
 
 
 def _run_order(frame: pd.DataFrame) -> list[str]:
     """The compared runs (not their randomised copies), grouped by architecture."""
     pairs = frame[frame["kind"] != "randomised"]
     arch = {**dict(zip(frame["run_a"], frame["arch_a"])), **dict(zip(pairs["run_b"], pairs["arch_b"]))}
-    return sorted(arch, key=lambda r: (compare._rank(arch[r]), r))
+    return sorted(arch, key=lambda r: (ar_tables.arch_rank(arch[r]), r))
 
 
 def plot_ar_heatmap(frame: pd.DataFrame, columns: Sequence[str] = ("ar", "ar_shared_grid")) -> plt.Figure:
@@ -91,7 +91,7 @@ def plot_fig6(cache, runs: Sequence[str | Path], rows: Sequence[int]) -> plt.Fig
         if missing:
             raise ValueError(f"{d}: no mask for cache rows {missing[:5]}")
         info = compare.describe(d)
-        cols.append((f"{compare.NAMES.get(info['arch'], info['arch'])} s{info['seed']}",
+        cols.append((f"{ar_tables.NAMES.get(info['arch'], info['arch'])} s{info['seed']}",
                      np.asarray(cam.masks[where.loc[list(rows)].to_numpy()], np.float32), cam.threshold))
     n = len(rows)
     fig, axes = plt.subplots(2 * n, 1 + len(cols), figsize=(1.8 * (1 + len(cols)), 3.6 * n), squeeze=False)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from citylib.core import artifacts, paths
 from citylib.run import table
-from citylib.stages import compare, methods
+from citylib.stages import ar_tables, methods
 from citylib.stats import intervals
 
 
@@ -149,7 +149,7 @@ def findings(summary: pd.DataFrame | None, runs: list[Path], tests: dict) -> lis
                 f"seed {r.seed}: {r.test_accuracy:.3f}"
                 + (f" [{r.test_accuracy_low:.3f}, {r.test_accuracy_high:.3f}]" if "test_accuracy_low" in g else "")
                 for r in done.itertuples())
-            lines.append(f"<b>{html.escape(compare.NAMES.get(arch, arch))}</b> recognises the city of a test "
+            lines.append(f"<b>{html.escape(ar_tables.NAMES.get(arch, arch))}</b> recognises the city of a test "
                          f"image with accuracy {html.escape(each)} (95% intervals{_chance(runs)}).")
     for d in runs:
         if all((d / f).is_file() for f in ("causal.csv", "methods.json")):
@@ -178,12 +178,12 @@ def _comparison(out: Path, comparison: Path, tests: dict) -> list[str]:
              "coarser of its two native maps and all runs on one grid (the coarsest map, masks "
              "average-pooled and renormalised), and against its own <i>null</i>: the AR of the "
              "same two runs' masks of <i>different</i> images (AR / null: 1 = as different as "
-             "unrelated masks).</p>", _table(compare.table2_display(pd.read_csv(comparison / "table2.csv")))]
+             "unrelated masks).</p>", _table(ar_tables.table2_display(pd.read_csv(comparison / "table2.csv")))]
     if "conclusion" in tests:
         parts.append(f"<p><b>{html.escape(tests['conclusion']['text'])}</b></p>")
     if tests:
         parts += ["<p>Tests of <i>between-architecture AR &gt; between-seed AR</i>, at image resolution "
-                  "and under each control:</p>", _table(compare.tests_table(tests))]
+                  "and under each control:</p>", _table(ar_tables.tests_table(tests))]
     parts.append(_figures(out, [(comparison / f"{n}.png", c) for n, c in table.report_figures("grid")]))
     return parts
 
@@ -258,12 +258,12 @@ def by_architecture(summary: pd.DataFrame) -> pd.DataFrame:
     """Per architecture: each headline number's mean over the seeds and their range."""
     rows = []
     for arch, g in summary.groupby("arch", sort=False):
-        row = {"architecture": compare.NAMES.get(arch, arch), "seeds done": int((g["status"] == "done").sum())}
+        row = {"architecture": ar_tables.NAMES.get(arch, arch), "seeds done": int((g["status"] == "done").sum())}
         for name, label in HEADLINE.items():
             v = g[name].dropna() if name in g else pd.Series(dtype=float)
             row[label] = f"{v.mean():.3f} ({v.min():.3f}–{v.max():.3f})" if len(v) else "—"
         rows.append(row)
-    order = {a: i for i, a in enumerate(compare.NAMES.values())}
+    order = {a: i for i, a in enumerate(ar_tables.NAMES.values())}
     return pd.DataFrame(rows).sort_values("architecture", key=lambda c: c.map(order), kind="stable")
 
 
