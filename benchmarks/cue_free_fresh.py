@@ -24,14 +24,14 @@ import pandas as pd  # noqa: E402
 from citylib.data import counterfactual  # noqa: E402
 from citylib.nets import checkpoint, infer
 from citylib.stages import causal
-from citylib.world import synth
+from citylib.world import synth, worldfile
 
-WORLD, CFG = synth.load_world("default"), synth.SynthConfig()
+WORLD, CFG = worldfile.load_world("default"), synth.SynthConfig()
 
 
 def _views(task):
     city, spot = task
-    return counterfactual.cached_views(WORLD, CFG, 64, city, spot, list(range(CFG.views)), synth.CUE_FREE)
+    return counterfactual.cached_views(WORLD, CFG, 64, city, spot, list(range(CFG.views)), worldfile.CUE_FREE)
 
 
 def main(outputs: str, runs: list[str], start: int, spots: int) -> None:

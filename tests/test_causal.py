@@ -14,7 +14,7 @@ from citylib.data import counterfactual, dataset
 from citylib.nets import infer
 from citylib.stages import causal
 from citylib.stats import intervals, resampling
-from citylib.world import synth
+from citylib.world import synth, worldfile
 from citylib.data.counterfactual import CUE_FREE
 
 
@@ -140,7 +140,7 @@ def test_data_stage_renders_counterfactuals_of_the_test_spots(tmp_path):
     cfs = dataset.load_counterfactuals(cfg, tmp_path / "data")
     cache = dataset.load_cache(result.cache_dir)
     test = cache.split_indices("test")
-    world = synth.load_world("default")
+    world = worldfile.load_world("default")
     # every test image once per variant of its city (its cues, then cue-free)
     assert len(cfs.index) == sum(len(counterfactual.variants(world, c)) for c in cache.index["city"].iloc[test])
     assert set(cfs.index["row"]) == set(test.tolist())

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from citylib.core import paths
-from citylib.data import dataset, imagecache
+from citylib.data import dataset, imagecache, inventory
 from citylib.core.config import ConfigError, config_hash, from_dict
 from citylib.data.splits import leakage_report
 
@@ -76,8 +76,8 @@ def test_bad_files_are_rejected_with_reasons_and_nothing_else_lost(tmp_path):
     png_header(b / "huge.png", 12_000, 9_000)  # 108 MP: over the default max_pixels
     (root / "README.md").write_text("about this dataset")
 
-    records, rejected = dataset.load_records(root)
-    ok, bad = dataset.validate(records, progress=False)
+    records, rejected = inventory.load_records(root)
+    ok, bad = inventory.validate(records, progress=False)
     why = reasons(pd.concat([rejected, bad]))
     expected = {"zero.jpg": "empty file", "text.jpg": "not an image", "cut.jpg": "truncated",
                 "cut.png": "truncated", "flipped.png": "corrupt", "notes.txt": "not an image file",
@@ -106,7 +106,7 @@ MODES = [  # (how to make it, the RGB it must become, formats that can hold it)
 def test_modes_are_converted_to_rgb(tmp_path, make, expected, fmt):
     path = tmp_path / f"x.{fmt.lower()}"
     make().save(path, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
-    assert dataset.check_file(str(path)) is None
+    assert inventory.check_file(str(path)) is None
     rgb = np.asarray(imagecache.open_rgb(path))
     assert rgb.shape == (10, 20, 3) and rgb.dtype == np.uint8
     assert np.abs(rgb.astype(int) - expected).max() <= 1, (Image.open(path).mode, rgb[0, 0])
@@ -166,7 +166,7 @@ def test_max_pixels(tmp_path):
     solid(tmp_path / "a" / "small.png", size=(20, 20))
     records = pd.DataFrame({"path": [str(tmp_path / "a" / n) for n in ("big.png", "small.png")],
                             "label_path": ""})
-    ok, bad = dataset.validate(records, max_pixels=1000, progress=False)
+    ok, bad = inventory.validate(records, max_pixels=1000, progress=False)
     assert list(ok["path"].map(lambda p: Path(p).name)) == ["small.png"]
     assert "too large" in bad["reason"][0] and "1600" in bad["reason"][0]
 
@@ -194,16 +194,16 @@ def test_unusable_sources_name_the_path(tmp_path, case):
     elif case == "one_city":
         city_tree(root, cities=("amsterdam",))
     source = bad if case == "missing" else root
-    with pytest.raises(dataset.DatasetError, match=re.escape(str(bad))):
-        dataset.load_records(source)
+    with pytest.raises(inventory.DatasetError, match=re.escape(str(bad))):
+        inventory.load_records(source)
 
 
 def test_cities_subset(tmp_path):
     root = city_tree(tmp_path, cities=("amsterdam", "berlin", "cairo"))
-    records, _ = dataset.load_records(root, cities=("cairo", "amsterdam"))
+    records, _ = inventory.load_records(root, cities=("cairo", "amsterdam"))
     assert sorted(records["city"].unique()) == ["amsterdam", "cairo"]
-    with pytest.raises(dataset.DatasetError, match="dublin"):
-        dataset.load_records(root, cities=("cairo", "dublin"))
+    with pytest.raises(inventory.DatasetError, match="dublin"):
+        inventory.load_records(root, cities=("cairo", "dublin"))
 
 
 def test_manifest_csv_with_relative_paths_groups_and_labels(tmp_path):
@@ -225,14 +225,14 @@ def test_manifest_csv_with_relative_paths_groups_and_labels(tmp_path):
         "view": ["0", "1", "0", "", "0", "1", "1", "0"],
         "label_path": ["../imgs/a0_lab.png", "../imgs/a1_lab.png", "../imgs/a2_lab.png", "", "", "", "", ""],
     }).to_csv(csv, index=False)
-    records, rejected = dataset.load_records(csv)
+    records, rejected = inventory.load_records(csv)
     assert reasons(rejected) == {"b2.png": "line 8 of list.csv: duplicate of line 7; that line is used"}
     assert records["path"].map(lambda p: Path(p).is_absolute()).all()
     row = records.set_index(records["path"].map(lambda p: Path(p).name))
     assert row.loc["a1.jpg", "group"] == "s1" and row.loc["a1.jpg", "view"] == 1
     assert row.loc["b0.png", "group"] == str(tmp_path / "imgs" / "b0.png")  # no group: its own
     assert row.loc["a0.jpg", "label_path"] == str(tmp_path / "imgs" / "a0_lab.png")
-    ok, bad = dataset.validate(records, progress=False)
+    ok, bad = inventory.validate(records, progress=False)
     why = reasons(bad)
     assert "differs" in why["a1.jpg"] or "30x10" in why["a1.jpg"]
     assert "label map unreadable" in why["a2.jpg"] and why["gone.jpg"] == "file not found"
@@ -249,35 +249,35 @@ def test_manifest_csv_with_relative_paths_groups_and_labels(tmp_path):
 def test_manifest_missing_column_names_file_and_column(tmp_path):
     csv = tmp_path / "m.csv"
     pd.DataFrame({"path": ["x.jpg"], "town": ["a"]}).to_csv(csv, index=False)
-    with pytest.raises(dataset.DatasetError, match=re.escape(str(csv)) + ".*'city'"):
-        dataset.load_records(csv)
+    with pytest.raises(inventory.DatasetError, match=re.escape(str(csv)) + ".*'city'"):
+        inventory.load_records(csv)
 
 
 def test_group_pattern(tmp_path):
     for city, names in {"a": ["spotA_1", "spotA_2", "spotB_1", "odd"], "b": ["spotC_1", "spotD_1"]}.items():
         for n in names:
             solid(tmp_path / city / f"{n}.jpg")
-    named, rej = dataset.load_records(tmp_path, group_pattern=r"^(?P<group>[^_]+)_\d+$")
-    first, _ = dataset.load_records(tmp_path, group_pattern=r"^([^_]+)_")
+    named, rej = inventory.load_records(tmp_path, group_pattern=r"^(?P<group>[^_]+)_\d+$")
+    first, _ = inventory.load_records(tmp_path, group_pattern=r"^([^_]+)_")
     assert list(named["group"]) == ["spotA", "spotA", "spotB", "spotC", "spotD"]
     assert list(first["group"]) == list(named["group"])
     assert list(reasons(rej)) == ["odd.jpg"] and "group_pattern" in rej["reason"][0]
-    with pytest.raises(dataset.DatasetError, match="city 'b'.*spotC_1"):
-        dataset.load_records(tmp_path, group_pattern=r"^(spot[AB])_")
+    with pytest.raises(inventory.DatasetError, match="city 'b'.*spotC_1"):
+        inventory.load_records(tmp_path, group_pattern=r"^(spot[AB])_")
 
 
 def test_streetview_samples():
     root = paths.shared() / "samples" / "streetview"
     if not root.is_dir():
         pytest.fail(f"Street View samples missing: expected two city folders of JPEGs in {root}")
-    records, rejected = dataset.load_records(root, group_pattern=dataset.STREETVIEW_PANO)
+    records, rejected = inventory.load_records(root, group_pattern=inventory.STREETVIEW_PANO)
     assert len(records) == 40 and rejected.empty
     assert sorted(records["city"].unique()) == ["london_on", "london_uk"]
     stems = records["path"].map(lambda p: Path(p).stem)
     # The last five '_' fields are lat, lon, date, season, sharpness; the rest is the pano id.
     assert list(records["group"]) == [("_".join(s.split("_")[:-5])) for s in stems]
     assert records["group"].str.len().eq(22).all() and records["group"].is_unique
-    assert dataset.DataConfig(group_pattern="streetview").group_pattern == dataset.STREETVIEW_PANO
+    assert dataset.DataConfig(group_pattern="streetview").group_pattern == inventory.STREETVIEW_PANO
 
 
 def test_config_from_dict():
@@ -369,14 +369,14 @@ def test_city_without_usable_images_fails_after_listing_rejects(tmp_path):
     root = city_tree(tmp_path / "ds")
     solid(root / "cairo" / "x.jpg")
     (root / "cairo" / "x.jpg").write_bytes(b"")
-    with pytest.raises(dataset.DatasetError, match="cairo"):
+    with pytest.raises(inventory.DatasetError, match="cairo"):
         dataset.run(dataset.DataConfig(source=str(root), image_size=16), tmp_path / "out", progress=False)
     assert "x.jpg" in pd.read_csv(tmp_path / "out" / "rejected.csv")["path"][0]
 
 
 def test_parallel_cache_matches_serial(tmp_path):
     root = city_tree(tmp_path / "ds", n=6, size=(50, 37))
-    records, _ = dataset.load_records(root)
+    records, _ = inventory.load_records(root)
     records["split"] = "train"
     one = imagecache.load_cache(imagecache.build_cache(records, 12, tmp_path / "c1", workers=1, progress=False))
     many = imagecache.load_cache(imagecache.build_cache(records, 12, tmp_path / "c2", workers=4, progress=False))
@@ -414,7 +414,7 @@ def test_manifest_rows_that_name_one_file_for_two_cities_are_both_refused(tmp_pa
     csv = tmp_path / "m.csv"
     pd.DataFrame({"path": ["a0.jpg", "a1.jpg", "a2.jpg", "b0.jpg", "b1.jpg", "b2.jpg", "a0.jpg"],
                   "city": ["a", "a", "a", "b", "b", "b", "b"]}).to_csv(csv, index=False)
-    records, rejected = dataset.load_records(csv)
+    records, rejected = inventory.load_records(csv)
     assert list(rejected["reason"]) == ["line 2 of m.csv: listed for two cities: a, b",
                                         "line 8 of m.csv: listed for two cities: a, b"]
     assert str(tmp_path / "a0.jpg") not in set(records["path"])
@@ -434,9 +434,9 @@ def test_reasons_say_what_happened(tmp_path, monkeypatch):
         return real_open(path, *a, **k)
 
     monkeypatch.setattr(Image, "open", open_)
-    assert dataset.check_file(str(folder / "dir.jpg")) == "is a directory, not an image file"
-    assert dataset.check_file(str(folder / "loop.jpg")) == "cannot read: symlink loop"
-    assert dataset.check_file(str(denied)) == "permission denied"
+    assert inventory.check_file(str(folder / "dir.jpg")) == "is a directory, not an image file"
+    assert inventory.check_file(str(folder / "loop.jpg")) == "cannot read: symlink loop"
+    assert inventory.check_file(str(denied)) == "permission denied"
 
 
 UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]   # nobody
@@ -466,9 +466,9 @@ def test_permissions_for_real_a_file_and_a_folder_nobody_may_read():
             p.chmod(0o755 if p.is_dir() else 0o644)
         denied.chmod(0)
         (root / "b" / "locked").chmod(0)
-        script = ("import json, sys; from citylib.data import dataset\n"
-                  "records, rejected = dataset.load_records(sys.argv[1])\n"
-                  "records, bad = dataset.validate(records, progress=False)\n"
+        script = ("import json, sys; from citylib.data import inventory\n"
+                  "records, rejected = inventory.load_records(sys.argv[1])\n"
+                  "records, bad = inventory.validate(records, progress=False)\n"
                   "print(json.dumps({'records': sorted(records['path']), 'rejected': {"
                   "**dict(zip(rejected['path'], rejected['reason'])), **dict(zip(bad['path'], bad['reason']))}}))")
         cmd = ([*UNPRIVILEGED] if os.geteuid() == 0 else []) + [sys.executable, "-c", script, str(root)]
@@ -498,6 +498,6 @@ def test_an_unreadable_city_sub_folder_is_listed_not_lost(tmp_path, monkeypatch)
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    records, rejected = dataset.load_records(tmp_path)
+    records, rejected = inventory.load_records(tmp_path)
     assert reasons(rejected) == {"locked": "folder not readable: permission denied"}
     assert len(records) == 4

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib.data import dataset
+from citylib.data import dataset, inventory
 from citylib.run import cli
 from citylib.data.streetview import collect, geosample, static_api
 from citylib.core.config import ConfigError, from_dict
@@ -145,7 +145,7 @@ def gather(api, root, **kw) -> collect.StreetViewResult:
 
 
 def whole(path: Path) -> bool:
-    return dataset.check_file(str(path)) is None
+    return inventory.check_file(str(path)) is None
 
 
 # ---------------------------------------------------------------- collecting
@@ -175,7 +175,7 @@ def test_manifest_is_a_data_stage_manifest(api, tmp_path):
     root = tmp_path / "sv"
     gather(api, root, points=5)
     gather(api, root, city="berlin", bbox=(52.50, 13.37, 52.53, 13.42), points=5)
-    records, rejected = dataset.load_records(root / "manifest.csv")
+    records, rejected = inventory.load_records(root / "manifest.csv")
     assert rejected.empty and sorted(records["city"].unique()) == ["amsterdam", "berlin"]
     assert len(records) == 20 and records["group"].nunique() == 10
     result = dataset.run(dataset.DataConfig(source=str(root / "manifest.csv"), image_size=16),

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib.world import scene, synth
+from citylib.world import street, synth, worldfile
 from citylib.core.artifacts import read_json
 from citylib.core.config import ConfigError, from_dict
 from citylib.world.scene import LUT, VOCAB
@@ -99,7 +99,7 @@ def test_reuse_mismatch_and_interrupted_runs(small, tmp_path, monkeypatch):
 
 
 def test_flat_render_pixels_equal_lut_of_labels():
-    world = synth.load_world("default")
+    world = worldfile.load_world("default")
     allowed = set(VOCAB.values())
     for city in world.styles:
         for spot in range(4):
@@ -125,7 +125,7 @@ def test_written_label_maps_use_the_vocabulary_and_show_a_street(medium):
 
 
 def test_views_of_a_spot_share_one_layout():
-    world = synth.load_world("default")
+    world = worldfile.load_world("default")
     solid = [VOCAB["building"], VOCAB["skyscraper"]]
     for city in world.styles:
         for spot in range(8):
@@ -143,7 +143,7 @@ def test_views_of_a_spot_share_one_layout():
 
 def test_planted_cues_are_frequent_at_home_and_not_certain(medium):
     m, shares, _ = medium
-    world = synth.load_world("default")
+    world = worldfile.load_world("default")
     for city, cues in world.planted.items():
         home = (m["city"] == city).to_numpy()
         for name, _ in cues:
@@ -163,7 +163,7 @@ def _element_ids(world, city: str, spot: int, cue: str) -> np.ndarray:
     ids = set()
     for reset in ((), (cue,)):
         for r in synth.layout(world, city, spot, reset=reset)["rects"]:
-            if r.cls == VOCAB[cue] or scene.element_of(r.inst) == scene.ELEMENTS.index(element):
+            if r.cls == VOCAB[cue] or street.element_of(r.inst) == street.ELEMENTS.index(element):
                 ids.add(r.inst)
     return np.array(sorted(ids))
 
@@ -189,26 +189,26 @@ def _changed_outside(world, spots: int = 6) -> dict:
 def test_counterfactual_changes_only_the_reset_cue():
     """Before JPEG, a spot with one cue reset differs from the original only where that cue's
     element is in either render; every cue's reset changes something."""
-    world = synth.load_world("default")
+    world = worldfile.load_world("default")
     result = _changed_outside(world)
     for (city, cue), (changed, outside) in result.items():
         assert changed > 0, (city, cue)
         assert outside == 0, (city, cue, changed, outside)
     # The cue-free rendering is the base style itself, whatever the city
     for city in world.styles:
-        assert world.style(city, synth.CUE_FREE) == from_dict(synth.Style, world.definition["base"])
+        assert world.style(city, worldfile.CUE_FREE) == from_dict(worldfile.Style, world.definition["base"])
 
 
 def test_counterfactual_check_detects_a_shared_random_stream(monkeypatch):
     """The same check on a generator whose elements draw from one stream fails."""
-    spot = scene.spot
+    spot = street.spot
 
     def shared(style, stream, colour):
         one = stream("layout")
         return spot(style, lambda element: one, colour)
 
-    monkeypatch.setattr(scene, "spot", shared)
-    result = _changed_outside(synth.load_world("default"), spots=3)
+    monkeypatch.setattr(street, "spot", shared)
+    result = _changed_outside(worldfile.load_world("default"), spots=3)
     assert any(outside > 0 for _, outside in result.values()), result
 
 
@@ -257,9 +257,9 @@ def test_cue_free_renderings_cannot_tell_cities_apart():
     differs between cities. The same checks on the real renderings do detect the cities."""
     from citylib.stats.intervals import wilson
 
-    world = synth.load_world("default")
+    world = worldfile.load_world("default")
     chance = 1 / len(world.styles)
-    feats, shares, cities = _colour_features(world, synth.CUE_FREE, spots=150)
+    feats, shares, cities = _colour_features(world, worldfile.CUE_FREE, spots=150)
     lo, hi = wilson(*_histogram_accuracy(feats, cities))
     assert lo <= chance <= hi, (lo, hi)
     assert _shares_differ(shares, cities) == []
@@ -274,14 +274,14 @@ def test_world_yaml_is_strict(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("extends: default\ncities:\n  a:\n    objects: {tree: {spot_prob: 0.5, colour: red}}\n")
     with pytest.raises(ConfigError, match=r"objects\.tree\.colour") as e:
-        synth.load_world(str(bad))
+        worldfile.load_world(str(bad))
     assert str(bad) in str(e.value)
     bad.write_text("extends: default\ncitys: {}\n")
     with pytest.raises(ConfigError, match="citys"):
-        synth.load_world(str(bad))
+        worldfile.load_world(str(bad))
     bad.write_text("extends: default\ncities:\n  a: {planted: [{object: unicorn, why: x}]}\n")
     with pytest.raises(ConfigError, match="unicorn"):
-        synth.load_world(str(bad))
+        worldfile.load_world(str(bad))
     with pytest.raises(ValueError, match="views"):
         synth.SynthConfig(views=0)
     with pytest.raises(ConfigError, match="spots"):
@@ -292,7 +292,7 @@ def test_a_world_file_with_a_key_given_twice_is_refused(tmp_path):
     path = tmp_path / "twice.yaml"
     path.write_text("extends: default\ncities:\n  a: {}\n  b: {}\n  a: {objects: {tree: {spot_prob: 1.0}}}\n")
     with pytest.raises(ConfigError, match=r"line 5: key 'a' given twice \(first on line 3\)"):
-        synth.load_world(str(path))
+        worldfile.load_world(str(path))
 
 
 def test_user_world_with_two_cities(tmp_path):
@@ -322,21 +322,21 @@ def test_resets_and_undeclared_differences(tmp_path):
         "    objects: {tree: {spot_prob: 1.0}, plant: {spot_prob: 0.0}}\n"
         "    street: {open_ground: {earth: 1.0}, camera_height: [3.0, 3.2]}\n"
         "  plain: {}\n")
-    world = synth.load_world(str(path))
+    world = worldfile.load_world(str(path))
     assert world.undeclared == {"leafy": ["objects.plant", "street.camera_height"], "plain": []}
-    base = from_dict(synth.Style, world.definition["base"])
+    base = from_dict(worldfile.Style, world.definition["base"])
     tree_reset = world.style("leafy", ("tree",))
     assert tree_reset.objects.tree == base.objects.tree and tree_reset.objects.plant.spot_prob == 0.0
     assert tree_reset.street.open_ground == {"sidewalk": 0.4, "grass": 0.6, "earth": 1.0}  # a deep merge
     earth_reset = world.style("leafy", ("earth",))
     assert earth_reset.street.open_ground == base.street.open_ground
     assert earth_reset.street.camera_height == (3.0, 3.2)      # not the cue's element: kept
-    assert world.style("leafy", synth.CUE_FREE) == base          # undeclared entries go too
+    assert world.style("leafy", worldfile.CUE_FREE) == base          # undeclared entries go too
     with pytest.raises(ValueError, match="not one of its planted cues"):
         world.style("leafy", ("car",))
     path.write_text("extends: default\ncities:\n  a: {planted: [{object: building, why: x}]}\n")
     with pytest.raises(ConfigError, match="planted"):
-        synth.load_world(str(path))
+        worldfile.load_world(str(path))
 
 
 def test_world_hash_follows_the_world_definition(tmp_path):

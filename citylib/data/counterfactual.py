@@ -28,12 +28,12 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from citylib.world import synth
+from citylib.world import synth, worldfile
 from citylib.core.artifacts import atomic_dir, code_key, write_csv, write_json
 from citylib.data.imagecache import prepare
 from citylib.core.config import config_hash
 
-CUE_FREE = synth.CUE_FREE
+CUE_FREE = worldfile.CUE_FREE
 INDEX_COLUMNS = ["row", "city", "group", "view", "variant"]
 FRESH_COLUMNS = ["city", "group", "view"]
 
@@ -57,7 +57,7 @@ class CounterfactualSet:
         return list(dict.fromkeys(self.index.loc[self.index["city"] == city, "variant"]))
 
 
-def variants(world: synth.World, city: str) -> list[str]:
+def variants(world: worldfile.World, city: str) -> list[str]:
     """What a test image of ``city`` is re-rendered without: each planted cue, then all at once."""
     return [o for o, _ in world.planted[city]] + [CUE_FREE]
 
@@ -83,7 +83,7 @@ def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, i
     in cache row order) and the cue-free views of ``fresh`` new spots per city under ``root``;
     returns the folder (None: no test row of the world's cities)."""
     folder = Path(root) / key(world_cfg, snapshot, image_size, fresh)
-    world = synth.load_world(world_cfg.world)
+    world = worldfile.load_world(world_cfg.world)
     test = manifest.reset_index(drop=True)
     test = test[(test["split"] == "test") & test["city"].isin(list(world.planted))]
     if test.empty:   # no test image of a city the world defines: nothing to re-render
@@ -122,7 +122,7 @@ def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, i
     return folder
 
 
-def _render(world: synth.World, cfg: synth.SynthConfig, size: int, task) -> tuple[list, list]:
+def _render(world: worldfile.World, cfg: synth.SynthConfig, size: int, task) -> tuple[list, list]:
     """One spot's counterfactual views: a test spot's under every variant of its city, a fresh
     spot's (``only`` = CUE_FREE) cue-free only."""
     city, spot, views, only = task
@@ -134,7 +134,7 @@ def _render(world: synth.World, cfg: synth.SynthConfig, size: int, task) -> tupl
     return rows, images
 
 
-def cached_views(world: synth.World, cfg: synth.SynthConfig, size: int, city: str, spot: int,
+def cached_views(world: worldfile.World, cfg: synth.SynthConfig, size: int, city: str, spot: int,
                  views: list[int], reset=()) -> list[np.ndarray]:
     """Views of a spot as the cache holds them, (S, S, 3) uint8 each: rendered (with ``reset``),
     JPEG-encoded at the view's quality as ``synth`` saves it, decoded and resized by

@@ -31,9 +31,9 @@ def _names(objects: Iterable) -> list[str]:
 
 
 def planted(world: str = "default") -> dict[str, tuple[str, ...]]:
-    """City -> the object names planted as its cues in a generated world (``synth.load_world``)."""
-    from citylib.world import synth  # the world generator is only needed here
-    return {c: tuple(o for o, _ in cues) for c, cues in synth.load_world(world).planted.items()}
+    """City -> the object names planted as its cues in a generated world (``worldfile.load_world``)."""
+    from citylib.world import worldfile  # the world generator is only needed here
+    return {c: tuple(o for o, _ in cues) for c, cues in worldfile.load_world(world).planted.items()}
 
 
 def recovery(table: pd.DataFrame, cues: Mapping[str, Iterable], top: int = 3

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from citylib.data import dataset, imagecache
+from citylib.data import imagecache, inventory
 from citylib.nets import checkpoint, infer
 
 
@@ -23,7 +23,7 @@ def run(run_dir: str | Path, images: list[str | Path], device: str = "auto") -> 
     size = config["image_size"]
     rows, batch, where = [], [], []
     for path in map(str, images):
-        reason = dataset.check_file(path)
+        reason = inventory.check_file(path)
         if reason is None:
             img, _, _ = imagecache.prepare(path, "", size)  # (S, S, 3) uint8
             where.append(len(rows))

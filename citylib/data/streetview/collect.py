@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from citylib.core.artifacts import atomic_path, merge_json, write_csv
 from citylib.core.config import to_dict
-from citylib.data.dataset import check_file
+from citylib.data.inventory import check_file
 from citylib.data.streetview.geosample import Area, bbox_area, load_polygon, sample_points
 from citylib.data.streetview.static_api import (DEFAULT_BASE_URL, DEFAULT_KEY_ENV, AccessDenied,
                                            BudgetExhausted, Client, RequestFailed, StreetViewError,
@@ -162,61 +162,15 @@ def run(cfg: StreetViewConfig, out, progress: bool = True) -> StreetViewResult:
         log.warning("sampled only %d of %d points: the area is too small for min_spacing=%g m",
                     len(points), cfg.points, cfg.min_spacing)
     client = Client(key, cfg.base_url, cfg.rps, cfg.max_retries, cfg.backoff, cfg.max_requests, cfg.timeout)
-    rows = _read_table(root / "manifest.csv", MANIFEST_COLUMNS, "path")
-    answers = _read_table(root / "metadata.csv", METADATA_COLUMNS, "location", "radius", "source")
-    owner = {r["group"]: r["city"] for r in rows.values()}  # pano id -> city that has it
-    count, failed, seen, stopped = Counter(), [], set(), None
-    streak = 0  # failed requests since the last image fetched
-
-    def fail(error: StreetViewError) -> None:
-        nonlocal streak
-        failed.append(str(error))
-        log.warning("%s", error)
-        streak += 1
-        if streak >= FAILURES_IN_A_ROW:
-            raise _GiveUp(f"{streak} requests in a row failed with no image fetched between them; "
-                          "check --base-url and the network, then run again to go on")
-
+    c = _Collection(cfg, root, client)
+    stopped = None
     bar = tqdm(points, desc=f"streetview {cfg.city}", unit="point", disable=not progress)
     try:
         for i, (lat, lon) in enumerate(bar):
             if i and i % SAVE_EVERY == 0:
-                _save(root, rows, answers)
-            try:
-                answer = _metadata(client, cfg, lat, lon, answers)
-            except RequestFailed as e:
-                fail(e)
-                continue
-            pano = answer["pano"]
-            if answer["status"] != "OK":
-                count["no_imagery"] += 1
-                continue
-            if not PANO_ID.fullmatch(pano):
-                fail(StreetViewError(f"metadata for {lat:.6f},{lon:.6f} gave an unusable pano id {pano[:60]!r}"))
-                continue
-            if pano in seen or owner.get(pano, cfg.city) != cfg.city:
-                count["duplicates"] += 1
-                continue
-            seen.add(pano)
-            for view, heading in enumerate(headings_for(cfg, pano)):
-                rel = f"{cfg.city}/{pano}_{heading:g}.jpg"
-                if (root / rel).is_file() and check_file(str(root / rel)) is None:
-                    count["present"] += 1
-                else:
-                    try:
-                        body = client.image(pano, heading, cfg.size, cfg.fov, cfg.pitch)
-                    except RequestFailed as e:
-                        fail(e)
-                        continue
-                    streak = 0
-                    with atomic_path(root / rel) as tmp:
-                        tmp.write_bytes(body)
-                    count["downloaded"] += 1
-                rows[(rel,)] = {"path": rel, "city": cfg.city, "group": pano, "view": str(view),
-                                "heading": f"{heading:g}", "lat": answer["lat"], "lon": answer["lon"],
-                                "date": answer["date"]}
-                owner[pano] = cfg.city
-            bar.set_postfix(images=count["downloaded"] + count["present"], failed=len(failed),
+                _save(root, c.rows, c.answers)
+            c.point(lat, lon)
+            bar.set_postfix(images=c.count["downloaded"] + c.count["present"], failed=len(c.failed),
                             requests=client.requests)
     except BudgetExhausted as e:
         stopped = f"{e}; what was fetched is kept, run again (with a larger --max-requests) to go on"
@@ -226,13 +180,77 @@ def run(cfg: StreetViewConfig, out, progress: bool = True) -> StreetViewResult:
         log.warning("%s", stopped)
     finally:
         bar.close()
-        manifest = _save(root, rows, answers)
+        manifest = _save(root, c.rows, c.answers)
         merge_json(root / "streetview.json", {cfg.city: {
-            "config": to_dict(cfg), "points": len(points), "panoramas": len(seen), **count,
-            "failed": len(failed), "requests": client.requests, "stopped": stopped}})
-    return StreetViewResult(cfg.city, root / "manifest.csv", manifest, len(points), len(seen),
+            "config": to_dict(cfg), "points": len(points), "panoramas": len(c.seen), **c.count,
+            "failed": len(c.failed), "requests": client.requests, "stopped": stopped}})
+    count = c.count
+    return StreetViewResult(cfg.city, root / "manifest.csv", manifest, len(points), len(c.seen),
                             count["downloaded"], count["present"], count["no_imagery"],
-                            count["duplicates"], tuple(failed), client.requests, stopped)
+                            count["duplicates"], tuple(c.failed), client.requests, stopped)
+
+
+class _Collection:
+    """One run's state: the manifest and metadata rows so far, which city owns each panorama,
+    the counts, the failed requests and how many failed in a row."""
+
+    def __init__(self, cfg: StreetViewConfig, root: Path, client: Client):
+        self.cfg, self.root, self.client = cfg, root, client
+        self.rows = _read_table(root / "manifest.csv", MANIFEST_COLUMNS, "path")
+        self.answers = _read_table(root / "metadata.csv", METADATA_COLUMNS, "location", "radius", "source")
+        self.owner = {r["group"]: r["city"] for r in self.rows.values()}  # pano id -> city that has it
+        self.count, self.failed, self.seen = Counter(), [], set()
+        self.streak = 0  # failed requests since the last image fetched
+
+    def fail(self, error: StreetViewError) -> None:
+        self.failed.append(str(error))
+        log.warning("%s", error)
+        self.streak += 1
+        if self.streak >= FAILURES_IN_A_ROW:
+            raise _GiveUp(f"{self.streak} requests in a row failed with no image fetched between them; "
+                          "check --base-url and the network, then run again to go on")
+
+    def point(self, lat: float, lon: float) -> None:
+        """The panorama near one sampled point: its metadata, then each of its views."""
+        cfg = self.cfg
+        try:
+            answer = _metadata(self.client, cfg, lat, lon, self.answers)
+        except RequestFailed as e:
+            self.fail(e)
+            return
+        pano = answer["pano"]
+        if answer["status"] != "OK":
+            self.count["no_imagery"] += 1
+            return
+        if not PANO_ID.fullmatch(pano):
+            self.fail(StreetViewError(f"metadata for {lat:.6f},{lon:.6f} gave an unusable pano id {pano[:60]!r}"))
+            return
+        if pano in self.seen or self.owner.get(pano, cfg.city) != cfg.city:
+            self.count["duplicates"] += 1
+            return
+        self.seen.add(pano)
+        for view, heading in enumerate(headings_for(cfg, pano)):
+            self.view(pano, view, heading, answer)
+
+    def view(self, pano: str, view: int, heading: float, answer: dict) -> None:
+        """One view of a panorama: kept when it is on disk and decodes, else fetched."""
+        cfg, rel = self.cfg, f"{self.cfg.city}/{pano}_{heading:g}.jpg"
+        if (self.root / rel).is_file() and check_file(str(self.root / rel)) is None:
+            self.count["present"] += 1
+        else:
+            try:
+                body = self.client.image(pano, heading, cfg.size, cfg.fov, cfg.pitch)
+            except RequestFailed as e:
+                self.fail(e)
+                return
+            self.streak = 0
+            with atomic_path(self.root / rel) as tmp:
+                tmp.write_bytes(body)
+            self.count["downloaded"] += 1
+        self.rows[(rel,)] = {"path": rel, "city": cfg.city, "group": pano, "view": str(view),
+                             "heading": f"{heading:g}", "lat": answer["lat"], "lon": answer["lon"],
+                             "date": answer["date"]}
+        self.owner[pano] = cfg.city
 
 
 class _GiveUp(StreetViewError):
