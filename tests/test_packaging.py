@@ -101,22 +101,57 @@ def test_no_import_cycles_inside_citylib():
     graph = imports_inside(paths.ROOT / "citylib")
     assert {"nets.train", "data.streetview.collect", "data.streetview.static_api"} <= set(graph)
     assert graph["data.streetview.collect"] >= {"data.streetview.geosample", "data.streetview.static_api",
-                                                "data.dataset"}
+                                                "data.inventory"}
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in found)
 
 
-def test_no_function_in_citylib_is_longer_than_80_lines():
+# The sub-packages from the bottom up: each imports only from those before it (and itself).
+LAYERS = ("core", "stats", "world", "data", "nets", "explain", "stages", "figures", "run")
+
+
+def upward_imports(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+    """Every import of a module from a sub-package above its own, and every module in a
+    sub-package the layers do not place (the package's own ``__init__`` and ``__main__`` sit on
+    top and may import anything)."""
+    rank = {name: i for i, name in enumerate(layers)}
+    found = []
+    for module, deps in sorted(graph.items()):
+        if "." not in module:
+            continue
+        own = module.split(".")[0]
+        if own not in rank:
+            found.append(f"{module}: sub-package {own!r} has no layer")
+            continue
+        found += [f"{module} imports {d}" for d in sorted(deps)
+                  if "." in d and rank.get(d.split(".")[0], -1) > rank[own]]
+    return found
+
+
+def test_each_sub_package_imports_only_from_the_layers_below_it():
+    assert upward_imports({"core.paths": {"run.cli", "core.config"}, "run.cli": {"core.paths"}}) == \
+        ["core.paths imports run.cli"]
+    assert upward_imports({"extra.x": set()}) == ["extra.x: sub-package 'extra' has no layer"]
+    graph = imports_inside(paths.ROOT / "citylib")
+    assert {m.split(".")[0] for m in graph if "." in m} == set(LAYERS)
+    found = upward_imports(graph)
+    assert not found, "imports against the layering: " + "; ".join(found)
+
+
+def test_no_module_is_longer_than_400_lines_and_no_function_than_60():
     import ast
 
     long = []
     for path in sorted((paths.ROOT / "citylib").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            long.append(f"{path.relative_to(paths.ROOT)} ({len(text.splitlines())} lines)")
+        for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
-                if lines > 80:
+                if lines > 60:
                     long.append(f"{path.relative_to(paths.ROOT)}:{node.lineno} {node.name} ({lines} lines)")
-    assert not long, "functions over 80 lines: " + ", ".join(long)
+    assert not long, "too long: " + ", ".join(long)
 
 
 def notebook_leaks(notebook: dict) -> list[str]:
