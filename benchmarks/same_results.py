@@ -1,15 +1,20 @@
 """Are two outputs folders the same results? For checking that a change leaves the numbers alone.
 
-Compares, run by run, the columns of ``runs/summary.csv`` (timings and hashes aside), the
-weights of ``best.pt`` (``torch.equal`` on every tensor), the Grad-CAM masks and
-``r_scores.csv``, and the comparison's ``ar.csv``, ``table2.csv``, ``tests.json`` and
-``lift_correlation.csv``, byte for byte. Prints one line per item and exits 1 if any differs.
+Compares every CSV and every array (``.npy``, ``.npz``) the job wrote, and the weights of each
+run's ``best.pt`` (``torch.equal`` on every tensor). Files are matched by their path inside the
+outputs folder, with the content keys in folder names (``data/cache/<key>/``) matched as one: a
+key holds the code's hash, so a change of code gives new folder names for the same contents.
+CSVs are compared as text, cell by cell, with the timing columns (``seconds``,
+``notebook_seconds``) and the config's hash left out, and each folder's own absolute path read
+as ``<outputs>`` and key folders inside paths as ``<key>`` (the paths of the images it made). Prints one line per file and exits 1 if any
+differs or is missing on one side.
 
     python benchmarks/same_results.py BEFORE_OUTPUTS AFTER_OUTPUTS
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -17,28 +22,61 @@ import numpy as np
 import pandas as pd
 import torch
 
-IGNORED = {"notebook_seconds", "config_hash"}   # wall time, and the hash of the whole config
-COMPARISON = ("ar.csv", "table2.csv", "tests.json", "lift_correlation.csv")
+IGNORED = {"seconds", "notebook_seconds", "config_hash"}   # wall time, and the hash of the whole config
+KEY = re.compile(r"^[0-9a-f]{12,16}$")                       # a content key as a folder name
+KEY_IN_PATH = re.compile(r"/[0-9a-f]{12,16}/")
+KINDS = ("*.csv", "*.npy", "*.npz", "best.pt")
+
+
+def files(root: Path) -> dict[str, Path]:
+    """Path inside ``root`` with key folders as ``<key>`` -> the file, for every compared kind."""
+    out = {}
+    for pattern in KINDS:
+        for f in sorted(root.rglob(pattern)):
+            rel = f.relative_to(root)
+            if "checkpoints" in rel.parts or any(p.startswith(".") for p in rel.parts):
+                continue
+            out["/".join("<key>" if KEY.match(p) else p for p in rel.parts)] = f
+    return out
+
+
+def same_csv(a: Path, b: Path, roots: tuple[Path, Path]) -> bool:
+    frames = []
+    for f, root in zip((a, b), roots):
+        try:
+            frame = pd.read_csv(f, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            frame = pd.DataFrame()
+        frame = frame.drop(columns=[c for c in frame.columns if c in IGNORED])
+        here = str(root.resolve())
+        frames.append(frame.map(lambda v: KEY_IN_PATH.sub("/<key>/", v.replace(here, "<outputs>"))))
+    return frames[0].equals(frames[1])
+
+
+def same_arrays(a: Path, b: Path) -> bool:
+    if a.suffix == ".npy":
+        return np.array_equal(np.load(a, mmap_mode="r"), np.load(b, mmap_mode="r"))
+    with np.load(a) as x, np.load(b) as y:
+        return sorted(x.files) == sorted(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = (torch.load(f, weights_only=True)["model"] for f in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def compare(before: Path, after: Path) -> list[tuple[str, bool]]:
-    rows = []
-    a, b = (pd.read_csv(d / "runs" / "summary.csv") for d in (before, after))
-    rows.append(("summary.csv runs", list(a["run"]) == list(b["run"])))
-    for column in (c for c in a.columns if c not in IGNORED):
-        rows.append((f"summary.csv {column}", a[column].equals(b[column])))
-    for run in a["run"]:
-        wa, wb = (torch.load(d / "runs" / run / "best.pt", weights_only=True)["model"]
-                  for d in (before, after))
-        rows.append((f"{run} weights", wa.keys() == wb.keys()
-                     and all(torch.equal(wa[k], wb[k]) for k in wa)))
-        ma, mb = (np.load(d / "runs" / run / "gradcam" / "masks.npy") for d in (before, after))
-        rows.append((f"{run} masks", np.array_equal(ma, mb)))
-        ra, rb = ((d / "runs" / run / "r_scores.csv").read_bytes() for d in (before, after))
-        rows.append((f"{run} r_scores.csv", ra == rb))
-    for name in COMPARISON:
-        ca, cb = ((d / "comparison" / name).read_bytes() for d in (before, after))
-        rows.append((f"comparison/{name}", ca == cb))
+    fa, fb = files(before), files(after)
+    rows = [(f"{name} (only in {'before' if name in fa else 'after'})", False) for name in sorted(fa.keys() ^ fb.keys())]
+    for name in sorted(fa.keys() & fb.keys()):
+        a, b = fa[name], fb[name]
+        if a.suffix == ".csv":
+            same = same_csv(a, b, (before, after))
+        elif a.suffix == ".pt":
+            same = same_weights(a, b)
+        else:
+            same = same_arrays(a, b)
+        rows.append((name, same))
     return rows
 
 
