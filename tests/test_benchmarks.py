@@ -48,6 +48,38 @@ def test_every_citylib_name_a_benchmark_uses_exists(script):
     assert not missing, f"{script.name} uses names citylib no longer has: {', '.join(missing)}"
 
 
+IPYTHON = ("'display'", "'get_ipython'")   # names a notebook's kernel defines
+
+
+@pytest.mark.parametrize("notebook", sorted((paths.ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_every_citylib_name_a_notebook_uses_exists(notebook):
+    """The same for the notebooks, all code cells read as one script: a name moved away breaks
+    a notebook only when nbval or a job runs it."""
+    import json
+
+    cells = [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
+    source = "\n".join(line for c in cells for line in "".join(c["source"]).splitlines()
+                       if not line.lstrip().startswith(("%", "!")))
+    used = citylib_attributes(source)
+    assert used, f"{notebook.name} uses nothing of citylib"
+    missing = [f"{m}.{a}" for m, a in sorted(used) if _module(m) and not hasattr(importlib.import_module(m), a)]
+    assert not missing, f"{notebook.name} uses names citylib no longer has: {', '.join(missing)}"
+    from pyflakes.api import check
+    from pyflakes.reporter import Reporter
+
+    class Collect(Reporter):
+        def __init__(self):
+            self.found = []
+
+        def flake(self, message):
+            if "undefined name" in str(message) and not str(message).endswith(IPYTHON):
+                self.found.append(str(message))
+
+    reporter = Collect()
+    check(source, notebook.name, reporter)
+    assert not reporter.found, reporter.found
+
+
 def test_no_script_uses_an_undefined_name():
     """A name a script never defines (a module renamed away, a typo) fails only when that line
     runs, minutes into a benchmark; pyflakes finds it without running anything."""
