@@ -1,5 +1,6 @@
-"""The README's bad-input table stays true: every row names tests that exist and still contain
-the text the row quotes."""
+"""The documentation stays true: every row of the bad-input table (``docs/bad-input.md``) names
+tests that exist and still contain the text the row quotes; every page, picture and file the
+README and the pages link to exists; the README stays a five-minute read."""
 from __future__ import annotations
 
 import ast
@@ -10,8 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _rows() -> list[tuple[str, list[str], list[str]]]:
-    text = (ROOT / "README.md").read_text()
-    table = text.split("## Paths, exit statuses and bad input", 1)[1].split("\n## ", 1)[0]
+    table = (ROOT / "docs" / "bad-input.md").read_text()
     rows = []
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -42,3 +42,20 @@ def test_every_bad_input_row_is_backed_by_a_test_that_shows_it():
         body = "".join(sources[t] for t in tests)
         for q in quotes:
             assert q in body, f"{case}: none of {tests} contains {q!r}"
+
+
+def test_every_link_of_the_readme_and_the_pages_leads_somewhere():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = []
+    for page in pages:
+        text = page.read_text()
+        targets = re.findall(r"\]\(([^)#\s]+)\)", text) + re.findall(r"<img src=\"([^\"]+)\"", text)
+        missing += [f"{page.name}: {t}" for t in targets
+                    if not t.startswith("http") and not (page.parent / t).exists()]
+    assert not missing, missing
+    linked = set(re.findall(r"\(docs/([\w-]+\.md)\)", (ROOT / "README.md").read_text()))
+    assert linked == {p.name for p in (ROOT / "docs").glob("*.md")}, "a page the README does not list"
+
+
+def test_the_readme_is_a_short_read():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200

@@ -110,7 +110,7 @@ def model_file(model_path: str | os.PathLike | None = None) -> Path:
                "$CITYLIB_ADE20K (the folder holding it) or the segment 'model_path' setting")
         raise FileNotFoundError(
             f"ADE20K segmentation model not found: looked for {path}. Download {MODEL_FILE} "
-            f"(see the README) and put it there, or point {how} at it.")
+            f"(docs/your-own-photos.md says where from) and put it there, or point {how} at it.")
     return path
 
 
