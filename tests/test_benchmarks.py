@@ -137,3 +137,32 @@ def test_profile_stages_extends_each_stage_along_its_line(tmp_path):
     assert lines["training"].split()[-4:] == ["1.7"] * 4
     assert lines["05_objects"].split()[-1] == "220" and lines["05_objects"].count("->") == 1 + 4
     assert "01_data s, once: 30.0 (50 spots), 40.0 (100) -> 220 (full)" in done.stdout
+
+
+def test_same_results_reads_paths_and_key_folders_alike_and_finds_a_changed_number(tmp_path):
+    import importlib.util
+
+    import numpy as np
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("same_results", paths.ROOT / "benchmarks" / "same_results.py")
+    same = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(same)
+
+    def job(root, key, effect):
+        (root / "data" / "cache" / key).mkdir(parents=True)
+        (root / "runs" / "a").mkdir(parents=True)
+        pd.DataFrame({"path": [f"{root.resolve()}/world/{key}/images/x.jpg"], "split": ["test"]}).to_csv(
+            root / "data" / "manifest.csv", index=False)
+        pd.DataFrame({"epoch": [1], "val_acc": [0.5], "seconds": [float(len(key))]}).to_csv(
+            root / "runs" / "a" / "history.csv", index=False)
+        pd.DataFrame({"object": ["tree"], "effect": [effect]}).to_csv(root / "runs" / "a" / "causal.csv", index=False)
+        np.save(root / "data" / "cache" / key / "images.npy", np.arange(6, dtype=np.uint8))
+        return root
+
+    before = job(tmp_path / "before", "0123456789ab", -1.25)
+    assert same.main([str(before), str(job(tmp_path / "after", "ba9876543210", -1.25))]) == 0
+    changed = job(tmp_path / "changed", "ba9876543210", -1.2500000000000002)
+    assert same.main([str(before), str(changed)]) == 1
+    (changed / "runs" / "a" / "causal.csv").unlink()
+    assert ("runs/a/causal.csv (only in before)", False) in same.compare(before, changed)

@@ -188,6 +188,27 @@ def _comparison(out: Path, comparison: Path, tests: dict) -> list[str]:
     return parts
 
 
+def out_of(run_dirs: list[Path]) -> Path:
+    """The outputs folder of run folders (``<outputs>/runs/<run>``)."""
+    return run_dirs[0].parent.parent
+
+
+def _reliance_figure(out: Path, done: list[Path]) -> str:
+    """Every run's reliance on every planted cue, one dot per run with its interval, drawn into
+    ``report/reliance.png``: what the table says, at a glance."""
+    import matplotlib.pyplot as plt
+
+    from citylib.figures import causal_plots, plots
+
+    arch = {d.name: artifacts.read_json(d / "metrics.json").get("config", {}).get("arch", d.name) for d in done}
+    fig = causal_plots.plot_reliance({d.name: pd.read_csv(d / "causal.csv") for d in done},
+                                     {n: ar_tables.NAMES.get(a, a) for n, a in arch.items()})
+    path = plots.save(fig, out / "report" / "reliance.png")
+    plt.close(fig)
+    return _figures(out, [(path, "What each network relies on: every planted cue removed alone, the change "
+                                 "in log p(true city) with its 95% interval, one dot per run")])
+
+
 def _reliance(runs: list[Path]) -> tuple[list[str], dict[str, list[str]]]:
     """Reliance (causal effects) and visibility (each method's lift ranks) of the runs on a
     generated world: the methods across runs (HTML parts), and per run its verdict and table."""
@@ -205,7 +226,8 @@ def _reliance(runs: list[Path]) -> tuple[list[str], dict[str, list[str]]]:
              "grid), the cities where it does, of those whose network relies on a cue, the "
              "planted-cue MRR, and Spearman's ρ between the cues' reliance and their lift rank (1 = "
              "the method ranks the cues as the network relies on them) with its 95% interval over "
-             "resampled spots. Each run's own table is in its section.</p>", _table(methods.comparison(summaries))]
+             "resampled spots. Each run's own table is in its section.</p>", _reliance_figure(out_of(done), done),
+             _table(methods.comparison(summaries))]
     free = {d.name: artifacts.read_json(d / "causal.json")["cue_free"] for d in done}
     adjusted = dict(zip(free, intervals.holm([c["p"] for c in free.values()])))
     parts.append(f"<p>Cue-free check: on renderings with every cue reset the cities cannot be told apart, so "
