@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd  # noqa: E402
 
 from citylib.core import artifacts  # noqa: E402
+from citylib.data.counterfactual import CUE_FREE  # noqa: E402
 from citylib.run import report
 from citylib.stages import ar_tables, compare, methods
 from citylib.stats import intervals
-from citylib.data.counterfactual import CUE_FREE  # noqa: E402
 
 MISSING = "(not in this outputs folder)"
 

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from citylib.run import cli
-from citylib.stages import gradcam
 from citylib.core.artifacts import write_csv, write_json
 from citylib.core.paths import PARAMETERS
+from citylib.run import cli
+from citylib.stages import gradcam
 
 CITIES = ("amsterdam", "berlin", "cairo")
 

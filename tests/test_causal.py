@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from citylib.data import counterfactual, dataset
+from citylib.data.counterfactual import CUE_FREE
 from citylib.nets import infer
 from citylib.stages import causal
 from citylib.stats import intervals, resampling
 from citylib.world import synth, worldfile
-from citylib.data.counterfactual import CUE_FREE
 
 
 class RedNet(nn.Module):

@@ -14,8 +14,8 @@ import sys
 
 import pandas as pd
 
-from citylib.run import runner
 from citylib.core.paths import PARAMETERS
+from citylib.run import runner
 
 DRIVER = ("import json, sys; from citylib.run import runner; "
           "r = runner.run(params=sys.argv[1], only=[a for a in sys.argv[2:3] if a] or None, outputs=sys.argv[3]); "

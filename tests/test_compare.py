@@ -13,14 +13,14 @@ import torch
 
 matplotlib.use("Agg")
 
-from citylib.stats import resampling
+from citylib.core.artifacts import read_json, write_csv, write_json  # noqa: E402
+from citylib.core.config import ConfigError, from_dict  # noqa: E402
 from citylib.explain import cams, saliency  # noqa: E402
 from citylib.figures import compare_plots
 from citylib.nets import models
 from citylib.stages import ar_tables, compare, gradcam, residuals
-from citylib.core.artifacts import read_json, write_csv, write_json  # noqa: E402
 from citylib.stages.compare import CompareConfig  # noqa: E402
-from citylib.core.config import ConfigError, from_dict  # noqa: E402
+from citylib.stats import resampling
 from conftest import gradcam_folder  # noqa: E402
 
 CITIES = ["amsterdam", "berlin", "cairo"]

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from citylib.core import paths
-from citylib.data import dataset, imagecache, inventory
 from citylib.core.config import ConfigError, config_hash, from_dict
+from citylib.data import dataset, imagecache, inventory
 from citylib.data.splits import leakage_report
 
 COLOURS = {"amsterdam": (200, 40, 40), "berlin": (40, 200, 40), "cairo": (40, 40, 200)}

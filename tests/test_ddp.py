@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from citylib.core import artifacts
+from citylib.core.paths import PARAMETERS
 from citylib.nets import checkpoint, models
 from citylib.run import cli
-from citylib.core.paths import PARAMETERS
 
 EPOCHS = 2
 

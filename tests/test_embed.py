@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from citylib.core.artifacts import read_json
+from citylib.core.config import ConfigError, from_dict
 from citylib.explain import saliency
 from citylib.figures import gallery, widgets
 from citylib.stages import embed, gradcam
-from citylib.core.artifacts import read_json
-from citylib.core.config import ConfigError, from_dict
 from conftest import gradcam_folder
 
 CITIES = ("amsterdam", "berlin", "cairo")

@@ -4,9 +4,9 @@ import textwrap
 import pytest
 
 from citylib.core import paths
-from citylib.run import cli, params
 from citylib.core.config import ConfigError
 from citylib.core.paths import PARAMETERS
+from citylib.run import cli, params
 
 GOOD = """
 arch: simple

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from citylib.core import paths
+from citylib.core.paths import PARAMETERS
 from citylib.data import segment
 from citylib.run import runner
-from citylib.core.paths import PARAMETERS
 
 GRID = PARAMETERS / "streetview"
 

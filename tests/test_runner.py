@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from citylib.core import artifacts, paths
+from citylib.core.paths import PARAMETERS
 from citylib.run import cli, processes, runner, schedule
 from citylib.stats import intervals
-from citylib.core.paths import PARAMETERS
 
 
 @pytest.fixture
@@ -55,6 +55,30 @@ def test_failing_run_is_reported_with_nonzero_exit_and_others_finish(grid):
     assert set(ar["run_a"]) | set(ar["run_b"]) == {"good", "other", "good (randomised)", "other (randomised)"}
     assert set(ar["kind"]) == {"architecture", "randomised"}
     assert {"ar_heatmap.png", "fig6.png", "tests.json"} <= {p.name for p in (out / "comparison").iterdir()}
+
+
+def test_every_result_holds_the_key_the_stage_table_derives(grid):
+    """The key a stage computed from what it read when it ran is the one the table derives from
+    the settings before anything runs (which decides the notebooks to execute): every stage of
+    the table, its figures, and the comparison."""
+    from citylib.core.artifacts import ResultFolder
+    from citylib.run import pipeline, table
+
+    params_dir, out, _ = grid
+    run = pipeline.open_run(params_dir / "good.yaml", out)
+    keys = pipeline.keys(run)
+    stages = [s for s in table.STAGES if s.scope == "run"]
+    assert [s.name for s in stages if s.name in keys] == ["training", "gradcam", "embedding", "objects",
+                                                          "causal", "methods"]
+    for stage in stages:
+        assert stage.marker(run).finished()["key"] == keys[stage.name], stage.name
+        if stage.figures is not None:
+            drawn = ResultFolder(run.dir, f"{stage.name}_figures").finished()
+            assert drawn["key"] == pipeline.figure_key(stage, keys[stage.name]), stage.name
+    grid_runs = pipeline.open_grid([params_dir / "good.yaml", params_dir / "other.yaml"], out)
+    comparison = table.BY_NAME["comparison"]
+    assert comparison.marker(grid_runs).finished()["key"] == comparison.key(
+        grid_runs, {r.cfg.name: pipeline.keys(r) for r in grid_runs.runs})
 
 
 def test_identical_runs_are_skipped_and_force_redoes_them(grid):

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from citylib.core import paths
+from citylib.core.config import ConfigError, from_dict
 from citylib.data import segment
 from citylib.data.imagecache import Cache
-from citylib.core.config import ConfigError, from_dict
 from citylib.data.segment import SegmentConfig, SegmentError
 
 SKY, BUILDING, ROAD, TREE, CAR = 3, 2, 7, 5, 21

@@ -10,8 +10,8 @@ import pytest
 
 matplotlib.use("Agg")
 
-from citylib.explain import cues as cues_  # noqa: E402
 from citylib.core import ade20k  # noqa: E402
+from citylib.explain import cues as cues_  # noqa: E402
 from citylib.figures import stats_plots
 from citylib.stages import objects as objects_stage
 from citylib.stats import histograms

@@ -24,11 +24,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib.data import dataset, inventory
-from citylib.run import cli
-from citylib.data.streetview import collect, geosample, static_api
 from citylib.core.config import ConfigError, from_dict
+from citylib.data import dataset, inventory
+from citylib.data.streetview import collect, geosample, static_api
 from citylib.data.streetview.collect import StreetViewConfig
+from citylib.run import cli
 
 # '+' and '/' must be URL-quoted in a query: the redaction must catch the quoted form too.
 KEY = "AIzaFAKE-key_for+tests/4711"

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from citylib.world import street, synth, worldfile
 from citylib.core.artifacts import read_json
 from citylib.core.config import ConfigError, from_dict
+from citylib.world import street, synth, worldfile
 from citylib.world.scene import LUT, VOCAB
 
 SMALL = synth.SynthConfig(spots_per_city=3, views=4, size=48, seed=0)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from citylib.core import artifacts, devices
-from citylib.nets import checkpoint, infer, loader, train
 from citylib.core.artifacts import read_json
+from citylib.nets import checkpoint, infer, loader, train
 
 CITIES = ["amsterdam", "berlin", "cairo"]
 SIZE = 64

@@ -28,10 +28,10 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from citylib.world import synth, worldfile
 from citylib.core.artifacts import atomic_dir, code_key, write_csv, write_json
-from citylib.data.imagecache import prepare
 from citylib.core.config import config_hash
+from citylib.data.imagecache import prepare
+from citylib.world import synth, worldfile
 
 CUE_FREE = worldfile.CUE_FREE
 INDEX_COLUMNS = ["row", "city", "group", "view", "variant"]

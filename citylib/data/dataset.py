@@ -27,13 +27,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from citylib.core import paths
-from citylib.data import counterfactual
-from citylib.world import synth
 from citylib.core.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
+from citylib.core.config import check, config_hash, to_dict
+from citylib.data import counterfactual
 from citylib.data.imagecache import Cache, build_cache, file_stats, load_cache
 from citylib.data.inventory import GROUP_PATTERNS, MAX_PIXELS, DatasetError, load_records, validate
-from citylib.core.config import check, config_hash, to_dict
 from citylib.data.splits import SplitError, split_groups
+from citylib.world import synth
 from citylib.world.synth import SynthConfig
 
 MANIFEST_COLUMNS = ["path", "city", "group", "view", "label_path", "split"]

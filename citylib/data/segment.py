@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from citylib.core import paths
 from citylib.core.artifacts import atomic_dir, atomic_path, code_key, exclusive, read_json, write_json
-from citylib.data.imagecache import Cache, prepare
 from citylib.core.config import check, config_hash, cores
+from citylib.data.imagecache import Cache, prepare
 
 MODEL_FILE = "deeplabv3_mobilenetv2_ade20k.tflite"
 MODEL_SIZE = 513  # the model's fixed input side

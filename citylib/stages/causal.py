@@ -33,11 +33,11 @@ import pandas as pd
 import torch
 
 from citylib.core import devices
-from citylib.nets import checkpoint, infer, train
-from citylib.stats import intervals, resampling
 from citylib.core.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash
 from citylib.data.counterfactual import CUE_FREE
+from citylib.nets import checkpoint, infer, train
+from citylib.stats import intervals, resampling
 
 NAME = "causal"
 COLUMNS = ["city", "object", "n", "spots", "effect", "ci_low", "ci_high", "accuracy_with",

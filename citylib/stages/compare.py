@@ -39,8 +39,8 @@ from citylib.core import paths
 from citylib.core.artifacts import ResultFolder, StaleError, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash, to_dict
 from citylib.stages import gradcam
-from citylib.stages.residuals import VIEWS, col, randomised_masks, views_ar
 from citylib.stages.ar_tables import all_tests, ar_frame, table2
+from citylib.stages.residuals import VIEWS, col, randomised_masks, views_ar
 
 NAME = "comparison"
 RANDOMISED = " (randomised)"     # run_b of a run's randomised reference: "<run> (randomised)"

@@ -55,11 +55,11 @@ import pandas as pd
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
+from citylib.core.config import check, config_hash, to_dict
 from citylib.explain import saliency
 from citylib.stages import gradcam
 from citylib.stats import intervals, resampling
-from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
-from citylib.core.config import check, config_hash, to_dict
 
 FOLDER = "embedding"
 METHODS = ("tsne", "umap")

@@ -31,10 +31,10 @@ import pandas as pd
 import torch
 
 from citylib.core import devices
-from citylib.explain import cams, sanity
-from citylib.nets import checkpoint, infer
 from citylib.core.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash, to_dict
+from citylib.explain import cams, sanity
+from citylib.nets import checkpoint, infer
 
 FOLDER = NAME = "gradcam"   # the run's sub-folder, and its result marker's name
 

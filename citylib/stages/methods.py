@@ -37,13 +37,13 @@ from scipy import stats as sps
 from tqdm.auto import tqdm
 
 from citylib.core import devices
+from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
+from citylib.core.config import check, config_hash
 from citylib.data import segment
+from citylib.data.counterfactual import CUE_FREE
 from citylib.explain import cams, cues, saliency
 from citylib.nets import checkpoint, infer, models, train
 from citylib.stats import histograms, resampling
-from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
-from citylib.core.config import check, config_hash
-from citylib.data.counterfactual import CUE_FREE
 
 NAME = "methods"
 FUSION = "fusion"

@@ -21,12 +21,12 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
+from citylib.core.config import config_hash, to_dict
 from citylib.data import segment
 from citylib.explain import cues, saliency
 from citylib.stages import gradcam
 from citylib.stats import histograms, intervals, resampling
-from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
-from citylib.core.config import config_hash, to_dict
 
 NAME = "objects"
 

@@ -46,9 +46,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from citylib.core import ade20k
-from citylib.stats import resampling
 from citylib.core.artifacts import atomic_path
 from citylib.core.config import check, to_dict
+from citylib.stats import resampling
 
 TABLE_COLUMNS = ["city", "object", "pixels", "R", "coverage", "lift", "lift_ci_low", "lift_ci_high"]
 CLASSES = ade20k.NUM_CLASSES + 1  # label values 0..150

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from citylib.world import scene, street
 from citylib.core.artifacts import ResultFolder, atomic_path, code_key, write_csv, write_json
 from citylib.core.config import ConfigError, check, config_hash, to_dict
+from citylib.world import scene, street
 from citylib.world.scene import VOCAB
 from citylib.world.worldfile import CUE_FREE, Style, World, load_world
 

@@ -31,8 +31,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from citylib.data.imagecache import open_rgb
 from citylib.core.config import ConfigError
+from citylib.data.imagecache import open_rgb
 
 DEFAULT_BASE_URL = "https://maps.googleapis.com/maps/api"
 DEFAULT_KEY_ENV = "CITYLIB_STREETVIEW_KEY"
