@@ -178,3 +178,91 @@ def test_a_stage_added_as_the_readme_says_runs_through_citylib_run(tmp_path):
     (params / "tiny.yaml").write_text(yaml.safe_dump({**smoke, "brightness": {"threshold": 2}}))
     bad = citylib(root, "run", "--params", str(params), "--outputs", str(out), check=False)
     assert bad.returncode == 2 and "tiny.yaml" in bad.stderr and "threshold" in bad.stderr
+
+
+CAM = '''
+"""A test's CAM method: every position weighed by the gradient's absolute value."""
+from __future__ import annotations
+
+from citylib.explain.cams.base import BaseCAM, register
+
+
+@register
+class AbsCAM(BaseCAM):
+    name = "abscam"
+
+    @classmethod
+    def cam(cls, act, grad):
+        return (grad.abs() * act).sum(1)
+'''
+
+
+def _python(code: str, root) -> list[str]:
+    """The lines ``code`` prints, run with the package at ``root``."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=root, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.splitlines()
+
+
+def test_a_new_cam_method_is_one_file(tmp_path):
+    """A copy of the package with one more file in ``explain/cams/``: the method is known to the
+    Grad-CAM stage's settings and to the sweep's default methods, it makes masks, and the
+    stages that use the methods are keyed anew."""
+    shutil.copytree(paths.ROOT / "citylib", tmp_path / "citylib", ignore=shutil.ignore_patterns("__pycache__"))
+    known = """
+        from citylib.core import artifacts
+        from citylib.explain import cams
+        from citylib.stages import methods
+        print(list(cams.METHODS), methods.MethodsConfig().methods)
+        print(artifacts.code_key("stages.methods"), artifacts.code_key("stages.gradcam"))
+        """
+    before = _python(known, tmp_path)
+    assert "abscam" not in before[0]
+    (tmp_path / "citylib" / "explain" / "cams" / "abscam.py").write_text(textwrap.dedent(CAM).lstrip())
+    after = _python(known, tmp_path)
+    assert after[0].count("'abscam'") == 2                       # registered, and in the sweep
+    assert all(a != b for a, b in zip(after[1].split(), before[1].split()))   # both rekeyed
+    masks = _python("""
+        import torch
+        from citylib.explain import cams
+        from citylib.nets import models
+        from citylib.stages import gradcam
+        gradcam.GradCAMConfig(method="abscam")
+        torch.manual_seed(0)
+        images = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8).numpy()
+        res = cams.masks_for(models.build("simple", 3, 64).eval(), images, "abscam")
+        print(res.masks.shape, float(res.masks.min()), float(res.masks.max()))
+        """, tmp_path)
+    assert masks == ["(2, 8, 8) 0.0 1.0"]
+
+
+def test_a_new_architecture_is_one_registry_entry(tmp_path):
+    """One ``@register`` entry in a copy of ``nets/models.py``: parameter files accept the
+    architecture, it builds, trains a step, and Grad-CAM and the sweep find its layers."""
+    shutil.copytree(paths.ROOT / "citylib", tmp_path / "citylib", ignore=shutil.ignore_patterns("__pycache__"))
+    models_py = tmp_path / "citylib" / "nets" / "models.py"
+    entry = textwrap.dedent("""
+        @register("tiny", "Tiny")
+        def _tiny(num_classes: int, image_size: int) -> nn.Module:
+            return TableNet(((3, 8), (3, 8), (3, 8)), num_classes, image_size)
+
+
+        ARCHS = tuple(REGISTRY)
+        """)
+    models_py.write_text(models_py.read_text().replace("\nARCHS = tuple(REGISTRY)\n", entry, 1))
+    out = _python("""
+        import torch
+        from citylib.core.config import from_dict
+        from citylib.explain import cams
+        from citylib.nets import models
+        from citylib.run.params import RunConfig
+        print(from_dict(RunConfig, {"name": "t", "arch": "tiny", "seed": 0}).arch, models.ARCHS[-1])
+        torch.manual_seed(0)
+        model = models.build("tiny", 3, 64)
+        loss = model(torch.randn(2, 3, 64, 64)).sum()
+        loss.backward()
+        print(models.gradcam_layer(model) is model.features[7], models.sweep_layers(model))
+        print(cams.masks_for(model.eval(), torch.zeros(1, 64, 64, 3, dtype=torch.uint8).numpy()).masks.shape)
+        """, tmp_path)
+    assert out == ["tiny tiny", "True ('features.1', 'features.4', 'features.7')", "(1, 16, 16)"]

@@ -20,9 +20,13 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
 from citylib.core import ade20k
+from citylib.explain import saliency
 from citylib.stats import histograms
+from citylib.world import worldfile
 
 
 def _names(objects: Iterable) -> list[str]:
@@ -32,7 +36,6 @@ def _names(objects: Iterable) -> list[str]:
 
 def planted(world: str = "default") -> dict[str, tuple[str, ...]]:
     """City -> the object names planted as its cues in a generated world (``worldfile.load_world``)."""
-    from citylib.world import worldfile  # the world generator is only needed here
     return {c: tuple(o for o, _ in cues) for c, cues in worldfile.load_world(world).planted.items()}
 
 
@@ -104,11 +107,6 @@ def ideal_masks(label_maps: np.ndarray, cities, cues: Mapping[str, Iterable], gr
     planted-cue ranks a map of that size allows: ``ceiling``. The label maps are read ``batch``
     at a time, so only the (N, h, w) result is held whole.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from citylib.explain import saliency  # it loads torch and the models: only when needed
-
     index = {name: i for i, name in (names if names is not None else ade20k.names()).items()}
     cities = np.asarray(cities).astype(str)
     ids = {city: [index[o] for o in _names(objects)] for city, objects in cues.items()}

@@ -14,6 +14,7 @@ import pandas as pd
 
 from citylib.data import dataset, imagecache
 from citylib.explain import saliency
+from citylib.figures import plots
 from citylib.stages import ar_tables, compare, gradcam
 
 
@@ -119,8 +120,6 @@ def plot_fig6(cache, runs: Sequence[str | Path], rows: Sequence[int]) -> plt.Fig
 def draw(grid, result: compare.CompareResult) -> dict[str, Path]:
     """The comparison's figures, for the notebook and the report: the AR heat-map, Fig. 6 and
     lift side by side, in the comparison folder (``grid``: ``pipeline.Grid``). Name -> path."""
-    from citylib.figures import plots
-
     first, dirs = grid.runs[0], [r.dir for r in grid.runs]
     cache = dataset.load(first.cfg.data, first.data_dir)
     scores = compare.lift_scores(dirs)

@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from citylib.figures import plots
+
 
 def _cities(table: pd.DataFrame, width: float, height: float, sharex=False, sharey=True):
     cities = sorted(table["city"].unique())
@@ -65,8 +67,6 @@ def plot_lift(table: pd.DataFrame, planted: Mapping[str, Iterable] | None = None
 def draw(run, result) -> dict[str, Path]:
     """The objects stage's figures, for the report: ``r_histograms.png`` (Fig. 5) and
     ``lift.png`` in the run folder (``run``: ``pipeline.Run``; ``result``: the stage's)."""
-    from citylib.figures import plots
-
     out = {}
     for name, plot in (("r_histograms", plot_r_histograms), ("lift", plot_lift)):
         fig = plot(result.table, result.planted)
