@@ -136,7 +136,8 @@ def test_run_writes_and_reuses(tmp_path):
     run_dir, cache = fake_run(tmp_path)
     cfg = embed.EmbedConfig(gallery_tiles=1000, tile_px=16, permutations=20)
     res = embed.run(cfg, run_dir, cache, progress=False)
-    assert not res.reused
+    assert not res.reused and not res.figures            # the stage computes; its figures draw
+    res = dataclasses.replace(res, figures=gallery.draw_into(run_dir, cfg, res, cache))
     frame = pd.read_csv(run_dir / "embedding" / "tsne_mask.csv")
     assert list(frame.columns) == embed.COLUMNS and len(frame) == 200
     gc = gradcam.load(run_dir)
@@ -227,4 +228,5 @@ def test_identical_masks_map_to_one_point(tmp_path, method):
     for space in ("knn_2d", "knn_pca"):          # no structure: the observed is no better than chance
         knn = res.summary[space]
         assert np.isfinite(knn["observed"]) and knn["p_value"] > 0.05
+    gallery.draw_into(run_dir, cfg, res, cache)
     assert (run_dir / "gallery.png").is_file()

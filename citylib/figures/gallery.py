@@ -226,23 +226,26 @@ def figures(emb: embed.EmbedResult, result: gradcam.GradCAMResult, images: np.nd
 
 
 def draw(run, emb: embed.EmbedResult) -> dict[str, Path]:
-    """The embedding stage's figures: ``figures`` of the run's map into
-    ``<run>/embedding/<method>_<descriptor>/``, each copied to the run folder (``gallery.png``,
-    ``map_city.png``, ...; another map's city galleries there are removed). ``run``: a run's
-    settings and folders (``pipeline.Run``). Returns name -> path in the run folder."""
-    cfg = run.cfg.embed
-    cache = dataset.load(run.cfg.data, run.data_dir)
-    result = gradcam.load(run.dir)
-    made = figures(emb, result, cache.images, embed.image_rows(cache, result), cfg,
-                   run.dir / embed.FOLDER / cfg.tag)
-    for old in run.dir.glob("gallery_*.png"):
+    """The embedding stage's figures (``draw_into``) for a run (``pipeline.Run``), with the
+    images of its current data snapshot."""
+    return draw_into(run.dir, run.cfg.embed, emb, dataset.load(run.cfg.data, run.data_dir))
+
+
+def draw_into(run_dir: str | Path, cfg: embed.EmbedConfig, emb: embed.EmbedResult, cache) -> dict[str, Path]:
+    """``figures`` of the run's map into ``<run>/embedding/<method>_<descriptor>/``, each copied to
+    the run folder (``gallery.png``, ``map_city.png``, ...; another map's city galleries there are
+    removed). Returns name -> path in the run folder."""
+    run_dir = Path(run_dir)
+    result = gradcam.load(run_dir)
+    made = figures(emb, result, cache.images, embed.image_rows(cache, result), cfg, run_dir / embed.FOLDER / cfg.tag)
+    for old in run_dir.glob("gallery_*.png"):
         if old.stem not in made:
             old.unlink(missing_ok=True)
     published = {}
     for name, src in made.items():
-        with atomic_path(run.dir / f"{name}.png") as tmp:
+        with atomic_path(run_dir / f"{name}.png") as tmp:
             shutil.copyfile(src, tmp)
-        published[name] = run.dir / f"{name}.png"
+        published[name] = run_dir / f"{name}.png"
     return published
 
 

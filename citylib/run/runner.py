@@ -1,18 +1,18 @@
 """The batch runner: papermill over the ordered notebooks for every parameter file.
 
-Reads ``parameters/*.yaml`` (or the files given), validates all of them before any work,
-then executes: the data notebook once, the per-run notebooks once per parameter file, and
-the grid notebooks once over all runs. Each run's training (notebook 02) takes as many cores as
-its ``train.threads`` (which the weights depend on), its later notebooks (Grad-CAM, embedding,
-objects; mostly single-threaded work) ``cores / jobs``; runs go side by side, each in a worker
-process, as long as the cores they take are free. Writes every executed
-notebook under ``outputs/`` (``data/``, ``runs/<run>/``, ``comparison/``), a result marker per
-finished notebook (``.results/<notebook>.json``, an ``artifacts.ResultFolder``), and
-``outputs/runs/summary.csv``. A notebook is keyed by its own source and the key of the stage it
-runs (``pipeline.keys``: that stage's settings, its inputs' keys and its code), so a changed
-threshold reruns the objects and comparison notebooks and nothing before them, and a changed
-source folder ("source changed: ...") reruns everything that read the data. A notebook whose
-key matches is skipped; a failing run is reported at the end and the others go on.
+Reads ``parameters/*.yaml`` (or the files given), validates all of them before any work, then
+executes the stage table's notebooks (``table.notebooks``): the data notebook once, the per-run
+notebooks once per parameter file, and the grid notebook once over all runs. Each run's
+training (notebook 02) takes as many cores as its ``train.threads`` (which the weights depend
+on), its later notebooks ``cores / jobs``; runs go side by side, each in a worker process, as
+long as the cores they take are free (``schedule``). Writes every executed notebook under
+``outputs/`` (``data/``, ``runs/<run>/``, ``comparison/``), a result marker per finished
+notebook (``notebooks.execute``), and ``outputs/runs/summary.csv`` (``summary``). A notebook is
+keyed by its own source and the keys of the stages it runs and of their figures
+(``pipeline.notebook_keys``, from the stage table), so a changed threshold reruns the objects and
+comparison notebooks and nothing before them, and a changed source folder ("source changed:
+...") reruns everything that read the data. A notebook whose key matches is skipped; a failing
+run is reported at the end and the others go on.
 """
 from __future__ import annotations
 
