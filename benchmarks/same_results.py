@@ -4,7 +4,7 @@ Compares every CSV and every array (``.npy``, ``.npz``) the job wrote, and the w
 run's ``best.pt`` (``torch.equal`` on every tensor). Files are matched by their path inside the
 outputs folder, with the content keys in folder names (``data/cache/<key>/``) matched as one: a
 key holds the code's hash, so a change of code gives new folder names for the same contents.
-CSVs are compared as text, cell by cell, with the timing columns (``seconds``,
+CSVs are compared as text, cell by cell and column by column (whatever their order), with the timing columns (``seconds``,
 ``notebook_seconds``) and the config's hash left out, and each folder's own absolute path read
 as ``<outputs>`` and key folders inside paths as ``<key>`` (the paths of the images it made). Prints one line per file and exits 1 if any
 differs or is missing on one side.
@@ -49,7 +49,8 @@ def same_csv(a: Path, b: Path, roots: tuple[Path, Path]) -> bool:
             frame = pd.DataFrame()
         frame = frame.drop(columns=[c for c in frame.columns if c in IGNORED])
         here = str(root.resolve())
-        frames.append(frame.map(lambda v: KEY_IN_PATH.sub("/<key>/", v.replace(here, "<outputs>"))))
+        frame = frame.map(lambda v: KEY_IN_PATH.sub("/<key>/", v.replace(here, "<outputs>")))
+        frames.append(frame[sorted(frame.columns)])     # the same columns in another order are the same table
     return frames[0].equals(frames[1])
 
 
