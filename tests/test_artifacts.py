@@ -1,4 +1,5 @@
 """Atomic writes: all or nothing, and the file mode any new file would get."""
+import errno
 import os
 
 import pytest
@@ -122,3 +123,54 @@ def test_a_file_system_without_flock_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(artifacts.LockError, match=r"x\.lock: cannot lock it \(No locks available\); put the outputs"):
         with artifacts.exclusive(tmp_path / "x.lock", "x"):
             pass
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 512 kB file system of its own (tmpfs), where a large write runs out of space."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(where)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written(small_disk):
+    import numpy as np
+    import pandas as pd
+
+    big = np.zeros(1 << 20, np.uint8)                       # 1 MB, on a 512 kB disk
+    with pytest.raises(OSError) as saved:                    # numpy's short write has no errno
+        with artifacts.atomic_path(small_disk / "arrays" / "big.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, big)
+    assert saved.value.strerror.startswith(f"{small_disk / 'arrays' / 'big.npy'}: no space left on the device (")
+    assert saved.value.errno == errno.ENOSPC and "\n" not in str(saved.value)
+    np.lib.format.open_memmap(small_disk / "store.npy", "w+", np.uint8, (1 << 20,))   # sparse: fits, for now
+    with pytest.raises(OSError, match=r"store\.npy: no space left on the device"):
+        artifacts.reserve(small_disk / "store.npy")         # said now, not a SIGBUS later
+    (small_disk / "store.npy").unlink()
+    with pytest.raises(OSError, match=r"table\.csv: no space left on the device"):
+        artifacts.write_csv(small_disk / "table.csv", pd.DataFrame({"x": np.arange(200_000)}))
+    assert not [p for p in small_disk.rglob("*") if p.is_file()]     # nothing half-written
+    with pytest.raises(FileNotFoundError):                   # other errors pass as they are
+        with artifacts.atomic_path(small_disk / "x.txt"):
+            open(small_disk / "no-such-input")
+
+
+def test_a_full_disk_in_the_data_stage_says_so_in_one_line(small_disk, capsys):
+    """The data stage of a smoke world on a disk too small for it: ``citylib run`` reports the
+    failure in one line saying "no space left" and the path, exit 1, no finished snapshot."""
+    from citylib.core.paths import PARAMETERS
+    from citylib.run import cli
+
+    code = cli.main(["run", "--params", str(PARAMETERS / "smoke" / "simple_seed0.yaml"),
+                     "--outputs", str(small_disk / "out")])
+    assert code == 1
+    failed = [ln for ln in capsys.readouterr().err.splitlines() if "FAILED data/01_data.ipynb" in ln]
+    assert failed and "no space left on the device" in failed[0] and str(small_disk) in failed[0], failed
+    assert not (small_disk / "out" / "data" / ".results" / "data.json").exists()
+    assert not list(small_disk.rglob("*.tmp"))

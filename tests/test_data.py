@@ -17,6 +17,7 @@ from PIL import Image
 from citylib.core import paths
 from citylib.core.config import ConfigError, config_hash, from_dict
 from citylib.data import dataset, imagecache, inventory
+from citylib.run import cli
 from citylib.data.splits import leakage_report
 
 COLOURS = {"amsterdam": (200, 40, 40), "berlin": (40, 200, 40), "cairo": (40, 40, 200)}
@@ -501,3 +502,35 @@ def test_an_unreadable_city_sub_folder_is_listed_not_lost(tmp_path, monkeypatch)
     records, rejected = inventory.load_records(tmp_path)
     assert reasons(rejected) == {"locked": "folder not readable: permission denied"}
     assert len(records) == 4
+
+
+def _city(folder, n_groups, views=1, size=8):
+    """A city folder of ``n_groups`` groups of ``views`` small images each, named <group>_<view>."""
+    folder.mkdir(parents=True)
+    for g in range(n_groups):
+        for v in range(views):
+            Image.new("RGB", (size, size), (g * 40 % 256, v * 60, 90)).save(folder / f"p{g}_{v}.png")
+
+
+@pytest.mark.parametrize("layout, lines", [
+    ({"a": 0, "b": 0}, ["a: city folder is empty", "b: city folder is empty"]),
+    ({"a": 4}, ["only one city ('a') has images"]),
+    ({"a": 4, "b": 2}, ["city 'b' has 2 group(s) (4 images); at least 3 are needed"]),
+])
+def test_dataset_problems_stop_citylib_run_before_any_notebook(tmp_path, capsys, layout, lines):
+    """What a user must fix in the dataset is found before anything runs: exit 2, one line per
+    problem naming the folder, and no notebook executed."""
+    src = tmp_path / "photos"
+    for city, groups in layout.items():
+        if groups:
+            _city(src / city, groups, views=2)
+        else:
+            (src / city).mkdir(parents=True)
+    params = tmp_path / "p.yaml"
+    params.write_text(f"arch: simple\nseed: 0\ndata:\n  source: {src}\n  group_pattern: '^(p\\d+)_'\n")
+    assert cli.main(["run", "--params", str(params), "--outputs", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    for line in lines:
+        assert sum(line in ln and str(src) in ln for ln in err.splitlines()) == 1, (line, err)
+    assert not (tmp_path / "out" / "data" / "01_data.ipynb").exists()
+    assert not list((tmp_path / "out").rglob("*.ipynb"))

@@ -126,3 +126,21 @@ def test_command_line_paths_are_taken_from_the_working_directory(tmp_path, monke
     args = cli.get_args_parser().parse_args(["synth", "--out", "w", "--world", "mine.yaml"])
     assert (args.out, args.world) == (tmp_path / "work" / "w", str(tmp_path / "work" / "mine.yaml"))
     assert cli.get_args_parser().parse_args(["synth", "--out", "w"]).world == "default"
+
+
+@pytest.mark.parametrize("world, needle", [
+    ("base:\n  street: !!python/object/apply:os.system [echo]\n", "could not determine a constructor"),
+    ("base: [1, 2\ncities: 3\n", "expected ',' or ']'"),
+    ("cities:\n  a: {planted: [{object: unicorn}]}\n", "planted[0]"),
+])
+def test_a_bad_world_file_stops_citylib_run_before_any_work_in_one_line(tmp_path, capsys, world, needle):
+    """A world file with a YAML error, a dangerous tag or a bad key is found with the parameter
+    files: exit 2, one line naming the parameter file, the world file and the line, nothing run."""
+    (tmp_path / "bad_world.yaml").write_text(world)
+    write(tmp_path, "p.yaml", GOOD.replace("world: {", "world: {world: bad_world.yaml, "))
+    assert cli.main(["run", "--params", str(tmp_path / "p.yaml"), "--outputs", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if "bad_world.yaml" in ln)
+    assert str(tmp_path / "p.yaml") in line and needle in line
+    assert "line " in line or "planted" in line
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -23,24 +24,60 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
+def described(e: OSError, path: str | os.PathLike) -> OSError | None:
+    """A one-line error naming ``path`` for a write that failed for want of space (numpy's own
+    "N requested and M written" included, which has no errno) or on a read-only file system;
+    None for any other error, which is left as it is."""
+    short = e.errno is None and re.search(r"\d+ requested and \d+ written", str(e))
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) or short:
+        where = next((p for p in Path(path).absolute().parents if p.exists()), Path("/"))
+        free = shutil.disk_usage(where).free
+        return OSError(errno.ENOSPC, f"{path}: no space left on the device ({free / 1e6:.1f} MB free there)")
+    if e.errno == errno.EROFS:
+        return OSError(errno.EROFS, f"{path}: the file system is read-only")
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Writes to ``path`` inside: a full disk or a read-only file system is one line naming it
+    (``described``); every other error passes unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if (clear := described(e, path)) is None:
+            raise
+        raise clear from None
+
+
+def reserve(path: str | os.PathLike) -> Path:
+    """Allocate the whole of a file that was made sparse (a new memory map), so that a full disk
+    is an error now, naming the file, not a crash (SIGBUS) when a page is first written later."""
+    with writing(path), open(path, "r+b") as fh:
+        os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``. A full
+    disk is one line naming ``path`` (``writing``), and nothing half-written is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        # mkstemp makes the file private (0600); give it the mode any new file would get
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            # mkstemp makes the file private (0600); give it the mode any new file would get
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
@@ -288,15 +325,16 @@ def atomic_dir(folder: str | os.PathLike) -> Iterator[Path | None]:
     if folder.exists():
         yield None
         return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; results are meant to be shared
-    try:
-        yield tmp
+    with writing(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; results are meant to be shared
         try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.exists():  # not a concurrent twin: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            yield tmp
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                if not folder.exists():  # not a concurrent twin: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

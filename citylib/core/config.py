@@ -186,5 +186,8 @@ def load_yaml(text: str, where: str) -> Any:
         re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
     try:
         return yaml.load(text, Loader=Strict)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    except yaml.YAMLError as e:   # one line: where, and what (yaml's own message spans several)
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: {at}not valid YAML: {what}") from None

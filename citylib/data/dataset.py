@@ -153,6 +153,32 @@ def key(cfg: DataConfig, out: str | os.PathLike | None = None) -> str:
     return _key(cfg, source, listing, rejected)
 
 
+def problems(cfg: DataConfig) -> list[str]:
+    """What a user must fix before the data stage can run, one line each naming the path: the
+    source missing or unreadable, city folders without images, a single city, a group pattern
+    that matches nothing, or a city with fewer than the 3 groups a split needs. Found from the
+    file listing alone, before any image is decoded (a generated world's file is checked with
+    the parameter files)."""
+    if cfg.source == "world":
+        return []
+    source = paths.resolve(cfg.source)
+    try:
+        records, _ = load_records(source, cfg.group_pattern, cfg.cities)
+    except DatasetError as e:
+        return str(e).splitlines()
+    found = []
+    groups = records.groupby("city")["group"].nunique()
+    for city, n in groups.items():
+        if n < 3:
+            found.append(f"{source}: city {city!r} has {n} group(s) "
+                         f"({int((records['city'] == city).sum())} images); at least 3 are needed "
+                         "so that train, val and test each get one")
+    spans = records.groupby("group")["city"].nunique()
+    found += [f"{source}: group {g!r} spans cities {sorted(records.loc[records['group'] == g, 'city'].unique())}; "
+              "a group must belong to one city" for g in spans[spans > 1].index[:5]]
+    return found
+
+
 def changes(cfg: DataConfig, out: str | os.PathLike) -> str | None:
     """How the source differs from the current snapshot ("source changed: ..."), or None."""
     return describe_changes(_listing(read_snapshot(out)), _scan(cfg, paths.resolve(out))[3])

@@ -32,7 +32,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from citylib.core.artifacts import code_key, exclusive, read_json, write_csv, write_json
+from citylib.core.artifacts import code_key, exclusive, read_json, reserve, write_csv, write_json, writing
 from citylib.core.config import config_hash, cores
 
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B")
@@ -265,8 +265,11 @@ def _open_work(work: Path, n: int, size: int, chunks: int) -> np.ndarray:
     work.mkdir()
     for name, (shape, dtype) in shapes.items():
         if name != "done.npy":               # made last: its presence says the others are whole
-            np.lib.format.open_memmap(work / name, "w+", dtype, shape).flush()
-    np.lib.format.open_memmap(work / "done.npy", "w+", np.bool_, (chunks,)).flush()
+            with writing(work / name):
+                np.lib.format.open_memmap(work / name, "w+", dtype, shape).flush()
+            reserve(work / name)             # a full disk said now, not a crash mid-build
+    with writing(work / "done.npy"):
+        np.lib.format.open_memmap(work / "done.npy", "w+", np.bool_, (chunks,)).flush()
     return np.load(work / "done.npy", mmap_mode="r+")
 
 

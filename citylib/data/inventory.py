@@ -114,6 +114,7 @@ def _scan_folder(root: Path, cities) -> tuple[list, list]:
     def unreadable(e: OSError) -> None:   # os.walk would skip the folder without a word
         rejected.append((str(e.filename), f"folder not readable: {_why(e)}"))
 
+    problems = []    # every city folder without images, one line each, said at once
     for folder in folders:
         files = []
         for d, subdirs, names in os.walk(folder, onerror=unreadable):
@@ -121,14 +122,16 @@ def _scan_folder(root: Path, cities) -> tuple[list, list]:
             files += [Path(d) / n for n in sorted(names) if not _hidden(n)]
         images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
         if not files:
-            raise DatasetError(f"{folder}: city folder is empty")
-        if not images:
-            raise DatasetError(f"{folder}: city folder has no image files ({len(files)} other file(s))")
+            problems.append(f"{folder}: city folder is empty")
+        elif not images:
+            problems.append(f"{folder}: city folder has no image files ({len(files)} other file(s))")
         rejected += [(str(f), f"not an image file (extension '{f.suffix}')")
                      for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
         # Without a group id each image is its own group, named by its place in the tree.
         rows += [{"path": os.path.abspath(f), "city": folder.name, "group": f.relative_to(root).as_posix(),
                   "group_given": "", "view": 0, "label_path": ""} for f in images]
+    if problems:
+        raise DatasetError("\n".join(problems))
     return rows, rejected
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from citylib.core import paths
-from citylib.core.artifacts import atomic_dir, atomic_path, code_key, exclusive, read_json, write_json
+from citylib.core.artifacts import atomic_dir, atomic_path, code_key, exclusive, read_json, reserve, write_json
 from citylib.core.config import check, config_hash, cores
 from citylib.data.imagecache import Cache, prepare
 
@@ -287,6 +287,7 @@ def _create(folder: Path, n: int, size: int, meta: dict) -> None:
     with atomic_dir(folder) as tmp:   # readers see a whole folder or none
         if tmp is not None:
             np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, (n, size, size)).flush()
+            reserve(tmp / "labels.npy")       # a full disk said now, not a crash later
             np.save(tmp / "done.npy", np.zeros(n, bool))
             write_json(tmp / "meta.json", {**meta, "n": n})
 

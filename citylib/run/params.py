@@ -17,6 +17,7 @@ from citylib.core.config import ConfigError, check, config_hash, from_dict, load
 from citylib.data.dataset import DataConfig
 from citylib.nets.models import ARCHS, MIN_IMAGE_SIZE
 from citylib.run import table
+from citylib.world import worldfile
 
 
 def _sections(cls):
@@ -89,6 +90,10 @@ def _check_dataset(data: DataConfig, where: str, given: dict) -> None:
             asked = (given.get("world") or {}).get("world", world) if isinstance(given.get("world"), dict) else world
             raise ConfigError(f"{where}: 'data.world.world' = {asked!r}: no such built-in world or file"
                               + (f" ({world})" if asked != world else ""))
+        try:                        # the world file read and checked now, not in the data notebook
+            worldfile.load_world(world)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: 'data.world.world': {e}") from None
         return
     if not Path(data.source).exists():
         raise ConfigError(f"{where}: 'data.source' = {given.get('source', data.source)!r}: dataset not found "

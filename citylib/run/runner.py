@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from citylib.core import artifacts, paths
 from citylib.data import dataset
+from citylib.data.inventory import DatasetError
 from citylib.run import processes, table
 from citylib.run.notebooks import Job, Progress, RunnerResult, execute, is_done
 from citylib.run.params import RunConfig, discover, load_all
@@ -52,7 +53,9 @@ def run(
     out = paths.outputs(outputs)
     nb_dir = notebooks or paths.NOTEBOOKS
     files = discover(params)
-    configs = load_all(files)  # every file is validated before any work
+    configs = load_all(files)  # every file is validated before any work, and the dataset
+    if found := dataset.problems(configs[0].data):
+        raise DatasetError("the dataset cannot be used as it is:\n  " + "\n  ".join(found))
     by_name = {c.name: (c, f) for c, f in zip(configs, files)}
     everything = dict(by_name)
     if only:

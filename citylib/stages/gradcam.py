@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from citylib.core import devices
-from citylib.core.artifacts import ResultFolder, atomic_path, code_key, read_json, write_csv, write_json
+from citylib.core.artifacts import ResultFolder, atomic_path, code_key, read_json, reserve, write_csv, write_json
 from citylib.core.config import check, config_hash, to_dict
 from citylib.explain import cams, sanity
 from citylib.nets import checkpoint, infer
@@ -101,6 +101,7 @@ def run(cfg: GradCAMConfig, run_dir: str | Path, cache, *, progress: bool = True
             if masks is None:                                        # (N, h, w) float16
                 masks = np.lib.format.open_memmap(tmp, "w+", np.float16,
                                                   (len(test), *res.masks.shape[1:]))
+                reserve(tmp)                                         # a full disk said now
             masks[sl], probs[sl], targets[sl] = res.masks, res.probs, res.target
         layer, map_hw = cam.layer_name, masks.shape[1:]
         masks.flush()
