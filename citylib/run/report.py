@@ -14,6 +14,7 @@ import pandas as pd
 
 from citylib.core import artifacts, paths
 from citylib.run import table
+from citylib.run.current import Current, current
 from citylib.stages import ar_tables, methods
 from citylib.stats import intervals
 
@@ -26,7 +27,8 @@ def run(outputs: str | Path | None = None) -> Path:
     report = out / "report"
     exporter = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True)
     sections: list[tuple[str, list[tuple[str, str]]]] = []
-    for title, folder in _sources(out):
+    now = current(out)
+    for title, folder in _sources(out, now):
         links = []
         for nb in sorted(folder.glob("[0-9][0-9]_*.ipynb")):
             rel = nb.relative_to(out)
@@ -39,15 +41,18 @@ def run(outputs: str | Path | None = None) -> Path:
             sections.append((title, links))
     index = report / "index.html"
     with artifacts.atomic_path(index) as tmp:
-        tmp.write_text(_index_html(out, sections))
+        tmp.write_text(_index_html(out, sections, now))
     return index
 
 
-def _sources(out: Path):
+def _sources(out: Path, now: Current):
+    """(title, folder) of the executed notebooks to show: the data's, the current runs', and the
+    comparison's when it was made of them."""
     yield "Data", out / "data"
-    for run_dir in sorted((out / "runs").glob("*/")):
+    for run_dir in now.runs:
         yield f"Run {run_dir.name}", run_dir
-    yield "Comparison", out / "comparison"
+    if now.comparison:
+        yield "Comparison", out / "comparison"
 
 
 STYLE = ("body{font-family:sans-serif;max-width:75em;margin:2em auto;padding:0 1em;line-height:1.4}"
@@ -59,17 +64,20 @@ STYLE = ("body{font-family:sans-serif;max-width:75em;margin:2em auto;padding:0 1
          "nav li{margin:.1em 0}.findings li{margin:.3em 0}")
 
 
-def _index_html(out: Path, sections) -> str:
+def _index_html(out: Path, sections, now: Current) -> str:
     """The index page: the findings in plain words first, a table of contents, the tables
     (accuracy, sanity checks, planted-cue recovery, reliance, Table 2), then one collapsible
-    section per run with its figures and the executed notebooks."""
-    runs = sorted(p for p in (out / "runs").glob("*/") if (p / "metrics.json").is_file())
+    section per run with its figures and the executed notebooks; the current results only
+    (``current``), and a line for each result left out."""
+    runs = now.runs
     summary = out / "runs" / "summary.csv"
-    frame = pd.read_csv(summary) if summary.exists() else None
+    frame = pd.read_csv(summary, dtype={"run": str}) if summary.exists() else None
+    if frame is not None:
+        frame = frame[frame["run"].isin([r.name for r in runs])]
     comparison = out / "comparison"
     tests = (artifacts.read_json(comparison / "tests.json")
-             if (comparison / "tests.json").is_file() else {})
-    body = _tables(out, runs, frame, tests)
+             if now.comparison and (comparison / "tests.json").is_file() else {})
+    body = _tables(out, runs, frame, tests, now.comparison)
     notebooks = []
     for title, links in sections:
         items = "".join(f"<li><a href='{html.escape(href)}'>{html.escape(label)}</a></li>" for label, href in links)
@@ -81,6 +89,7 @@ def _index_html(out: Path, sections) -> str:
              "which objects it relies on and which an explanation shows, and how much architectures "
              "and initialisations differ. The findings first; the tables and figures they come from "
              "below; every executed notebook at the end.</p>",
+             "".join(f"<p class='left-out'>Not shown: {html.escape(line)}</p>" for line in now.left_out),
              "<h2 id='findings'>Findings</h2><ul class='findings'>"
              + "".join(f"<li>{f}</li>" for f in findings(frame, runs, tests)) + "</ul>",
              "<nav><h2>Contents</h2><ul>" + "".join(
@@ -96,7 +105,8 @@ def _index_html(out: Path, sections) -> str:
     return "\n".join(parts)
 
 
-def _tables(out: Path, runs: list[Path], frame: pd.DataFrame | None, tests: dict) -> list[tuple[str, str, list[str]]]:
+def _tables(out: Path, runs: list[Path], frame: pd.DataFrame | None, tests: dict,
+            comparison: bool) -> list[tuple[str, str, list[str]]]:
     """(anchor, heading, HTML parts) of every section before the notebooks: the tables across
     runs, then each run's verdict, table and figures (the stage table's, ``table.report_figures``)."""
     overview, per_run = _reliance(runs)
@@ -127,7 +137,7 @@ def _tables(out: Path, runs: list[Path], frame: pd.DataFrame | None, tests: dict
             "a network could show at that resolution.</p>", _table(recovery)]))
     if overview:
         body.append(("reliance", "Reliance and visibility", overview))
-    if (out / "comparison" / "table2.csv").is_file():
+    if comparison and (out / "comparison" / "table2.csv").is_file():
         body.append(("comparison", "Architectures versus initialisations (Table 2)",
                      _comparison(out, out / "comparison", tests)))
     for run_dir in runs:
