@@ -8,6 +8,7 @@ its own run. (A runner of a run that another runner is running is refused: ``tes
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,10 @@ def test_two_only_runs_share_one_outputs_folder(tmp_path):
     made = [n for n, (r, _) in got.items() if data in r["executed"]]
     reused = [n for n, (r, _) in got.items() if data in r["skipped"]]
     assert len(made) == 1 and len(reused) == 1, got
-    assert "waiting for another process building" in got[reused[0]][1]
+    waited = got[reused[0]][1]
+    assert "waiting for another process building" in waited
+    # on a line of its own, not stuck to the end of the progress bar's
+    assert any(piece.startswith("waiting for another process building") for piece in re.split(r"[\r\n]", waited))
     for name, (r, _) in got.items():
         assert not r["failed"], r
         assert all(f"{name}/{nb}" in r["executed"] for nb in runner.RUN_NOTEBOOKS)

@@ -56,7 +56,9 @@ def test_a_later_setting_reruns_that_stage_alone(grid):
     assert {"data/01_data.ipynb", "a/02_training.ipynb", "a/03_gradcam.ipynb",
             "a/04_embedding.ipynb"} <= set(result.skipped)
     assert best.stat().st_mtime_ns == before                         # not retrained
-    assert artifacts.read_json(out / "runs" / "a" / "metrics.json")["objects"]["threshold"] == 0.4
+    metrics = artifacts.read_json(out / "runs" / "a" / "metrics.json")
+    assert metrics["objects"]["threshold"] == 0.4
+    assert metrics["settings"]["stats"]["threshold"] == 0.4 and "extra" not in metrics["config"]
     assert pd.read_csv(out / "runs" / "a" / "r_scores.csv").shape[0] > 0
 
 

@@ -298,3 +298,23 @@ def test_a_second_run_on_the_same_outputs_says_who_holds_it(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another citylib run is running simple_seed0 here (pid 4242" in err[0]
     assert not (out / "data").exists()                              # nothing was started
+
+
+def test_a_finished_outputs_folder_moved_elsewhere_is_reused_whole(tmp_path):
+    """Keys do not hold where the outputs folder lies: a finished smoke run, its folder moved
+    (as users move, copy and sync results), runs nothing again, and its figures still find the
+    generated world's images."""
+    params = tmp_path / "params"
+    params.mkdir()
+    shutil.copy(PARAMETERS / "smoke" / "simple_seed0.yaml", params / "a.yaml")
+    first = runner.run(params=params, outputs=tmp_path / "here")
+    assert first.ok, first.failed
+    shutil.move(tmp_path / "here", tmp_path / "there")
+    again = runner.run(params=params, outputs=tmp_path / "there")
+    assert again.ok and not again.executed, again.executed
+    manifest = pd.read_csv(tmp_path / "there" / "data" / "manifest.csv")
+    assert manifest["path"].str.startswith("world/").all()          # inside the folder: relative
+    from citylib.run import pipeline
+
+    cache = pipeline.load_cache(pipeline.open_run(params / "a.yaml", tmp_path / "there"))
+    assert Path(cache.file(cache.index["path"].iloc[0])).is_file()

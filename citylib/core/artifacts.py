@@ -310,7 +310,9 @@ def exclusive(lock: str | os.PathLike, what: str, quiet: bool = False) -> Iterat
     """Hold ``flocked(lock)`` while building ``what``: another process building the same thing
     waits for it (saying so once, unless ``quiet``) and then finds it made."""
     def waiting(_):
-        print(f"waiting for another process building {what}", file=sys.stderr, flush=True)
+        from tqdm.auto import tqdm   # a line of its own, above the runner's progress bar
+
+        tqdm.write(f"waiting for another process building {what}", file=sys.stderr)
 
     with flocked(lock, None if quiet else waiting):
         yield

@@ -116,7 +116,8 @@ def run(cfg: DataConfig, out: str | os.PathLike | None = None, *, progress: bool
         tqdm.write(f"{out}: {changes}: building a new snapshot")
     folder.begin()
 
-    ok, bad = validate(records, cfg.max_pixels, progress=progress)
+    ok, bad = validate(_opened(records, out.parent), cfg.max_pixels, progress=progress)
+    ok, bad = _inside(ok, out.parent), _inside(bad, out.parent)
     rejected = pd.concat([rejected, bad], ignore_index=True)
     write_csv(out / "rejected.csv", rejected)
     for city, n in records["city"].value_counts().sort_index().items():
@@ -128,7 +129,7 @@ def run(cfg: DataConfig, out: str | os.PathLike | None = None, *, progress: bool
     except SplitError as e:
         raise DatasetError(f"{source}: {e}") from None
     manifest = ok[MANIFEST_COLUMNS]
-    cache_dir = build_cache(manifest, cfg.image_size, out / "cache", progress=progress)
+    cache_dir = build_cache(manifest, cfg.image_size, out / "cache", progress=progress, base=out.parent)
     cf_dir = None
     if cfg.source == "world":   # each test spot without each planted cue, once per snapshot
         cf_dir = counterfactual.build(cfg.world, manifest, cache_dir.name, cfg.image_size,
@@ -189,12 +190,35 @@ def _key(cfg: DataConfig, source: Path, listing: list, rejected: pd.DataFrame) -
                        rejected.to_numpy().tolist())
 
 
-def _scan(cfg: DataConfig, out: Path) -> tuple[Path, pd.DataFrame, pd.DataFrame, list]:
-    """(source, records, files rejected unread, listing: [path, size, mtime_ns] of every file)."""
+def _scan(cfg: DataConfig, out: Path) -> tuple[str, pd.DataFrame, pd.DataFrame, list]:
+    """(source, records, files rejected unread, listing: [path, size, mtime_ns] of every file).
+    Paths inside the outputs folder (``out``'s parent: a generated world) are relative to it,
+    so that the outputs folder keys alike wherever it is moved or copied."""
     source = _source(cfg, out)
     records, rejected = load_records(source, cfg.group_pattern, cfg.cities)
-    listing = [f for pair in file_stats(records) for f in pair if f is not None]
-    return source, records, rejected, listing
+    records, rejected = _inside(records, out.parent), _inside(rejected, out.parent)
+    listing = [f for pair in file_stats(records, out.parent) for f in pair if f is not None]
+    return _relative(str(source), out.parent), records, rejected, listing
+
+
+def _relative(path: str, base: Path) -> str:
+    """``path`` relative to the outputs folder ``base`` when it lies inside it, else as it is."""
+    if not path or not os.path.isabs(path):
+        return path
+    inside = os.path.relpath(path, base)
+    return path if inside == os.pardir or inside.startswith(os.pardir + os.sep) else Path(inside).as_posix()
+
+
+def _inside(frame: pd.DataFrame, base: Path) -> pd.DataFrame:
+    """``frame`` with its path columns relative to the outputs folder where they lie inside it."""
+    return frame.assign(**{c: [_relative(str(p), base) for p in frame[c]]
+                           for c in ("path", "label_path") if c in frame})
+
+
+def _opened(frame: pd.DataFrame, base: Path) -> pd.DataFrame:
+    """``frame`` with its relative paths made absolute again, to open the files."""
+    return frame.assign(**{c: [p if not p or os.path.isabs(p) else str(base / p) for p in frame[c]]
+                           for c in ("path", "label_path") if c in frame})
 
 
 def _listing(snapshot: dict | None) -> list | None:
@@ -205,7 +229,7 @@ def describe_changes(old: list | None, new: list) -> str | None:
     """"source changed: a files added, r removed, m modified" between two listings, or None."""
     if old is None:
         return None
-    before, after = ({p: (size, mtime) for p, size, mtime in files} for files in (old, new))
+    before, after = ({f[0]: tuple(f[1:]) for f in files} for files in (old, new))
     added, removed = len(after.keys() - before.keys()), len(before.keys() - after.keys())
     modified = sum(before[p] != after[p] for p in after.keys() & before.keys())
     if not (added or removed or modified):

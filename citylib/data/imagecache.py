@@ -49,9 +49,14 @@ class Cache:
     index: pd.DataFrame  # N rows: path, city, group, view, label_path, split, has_labels, ...
     cities: tuple[str, ...]  # sorted; y indexes into it
     y: np.ndarray  # (N,) int64 city index per row
+    base: Path | None = None  # the outputs folder, where the index's relative paths lie
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def file(self, path: str) -> str:
+        """Where a path of the index is now: relative ones inside the outputs folder."""
+        return path if not path or os.path.isabs(path) or self.base is None else str(self.base / path)
 
     @property
     def key(self) -> str:
@@ -139,38 +144,44 @@ def full_view(cache: Cache, row: int, largest: int = 512) -> np.ndarray:
     the file cannot be read any more (moved, deleted) or is no larger than the cache."""
     cached = np.asarray(cache.images[row])
     try:
-        with Image.open(cache.index["path"].iloc[row]) as im:
+        path = cache.file(cache.index["path"].iloc[row])
+        with Image.open(path) as im:
             side = min(im.size)
         if side <= cached.shape[0]:
             return cached
-        return prepare(cache.index["path"].iloc[row], "", min(side, largest))[0]
+        return prepare(path, "", min(side, largest))[0]
     except (OSError, ValueError, Image.DecompressionBombError):
         return cached
 
 
-def file_stats(records: pd.DataFrame) -> list:
-    """(path, size, mtime_ns) of every image and label file, in row order; None if missing."""
+def file_stats(records: pd.DataFrame, base: str | os.PathLike | None = None) -> list:
+    """(path, size, mtime_ns) of every image and label file, in row order; None if missing. A
+    relative path is a file inside the outputs folder ``base`` (a generated world, whose content
+    its folder's key fixes): (path, size), so that a moved or copied outputs folder keys alike."""
     def stat(p: str):
         if not p:
             return None
+        inside = not os.path.isabs(p)
         try:
-            s = os.stat(p)
-            return [p, s.st_size, s.st_mtime_ns]
+            s = os.stat(os.path.join(base, p) if inside else p)
+            return [p, s.st_size] if inside else [p, s.st_size, s.st_mtime_ns]
         except OSError:
-            return [p, None, None]
+            return [p, None] if inside else [p, None, None]
     return [[stat(p), stat(lp)] for p, lp in zip(records["path"], records["label_path"])]
 
 
-def cache_keys(records: pd.DataFrame, image_size: int) -> tuple[str, str]:
+def cache_keys(records: pd.DataFrame, image_size: int, base: str | os.PathLike | None = None) -> tuple[str, str]:
     """(folder key, pixel key): pixels depend on files and size; the folder also on the index."""
-    pixels = config_hash(code_key(__name__), int(image_size), file_stats(records))
+    pixels = config_hash(code_key(__name__), int(image_size), file_stats(records, base))
     index = records[["city", "group", "view", "split"]].astype(str).to_numpy().tolist()
     return config_hash(pixels, index), pixels
 
 
 def build_cache(records: pd.DataFrame, image_size: int, root: str | os.PathLike,
-                workers: int | None = None, progress: bool = True) -> Path:
-    """Build (or reuse) the cache of ``records`` under ``root``; returns its folder.
+                workers: int | None = None, progress: bool = True, base: str | os.PathLike | None = None) -> Path:
+    """Build (or reuse) the cache of ``records`` under ``root``; returns its folder. Relative
+    paths in ``records`` are files inside the outputs folder ``base``, kept relative in the
+    cache's index (``Cache.file`` opens them), so that the outputs folder can move.
 
     ``workers`` processes (default: one per core this process may use) decode and resize a chunk of rows each and
     write it straight into the memory-mapped arrays, so no process ever holds more than a chunk
@@ -183,7 +194,7 @@ def build_cache(records: pd.DataFrame, image_size: int, root: str | os.PathLike,
         raise ValueError(f"records lack column(s) {missing}")
     records = records[INDEX_COLUMNS].reset_index(drop=True)
     root = Path(root)
-    key, pixels = cache_keys(records, image_size)
+    key, pixels = cache_keys(records, image_size, base)
     folder = root / key
     if folder.exists():
         return folder
@@ -192,11 +203,14 @@ def build_cache(records: pd.DataFrame, image_size: int, root: str | os.PathLike,
         if folder.exists():                  # built by the process we waited for
             return folder
         work = root / f".{key}.building"     # hidden: never taken for a finished cache
-        has, sizes = _write_arrays(records, image_size, work, pixels, root, workers or cores(), progress)
+        files = records.assign(**{c: [os.path.join(base, p) if p and base is not None else p for p in records[c]]
+                                  for c in ("path", "label_path")})          # to open, where they are now
+        has, sizes = _write_arrays(files, image_size, work, pixels, root, workers or cores(), progress)
         index = records.assign(has_labels=has, width=sizes[:, 0], height=sizes[:, 1])
         write_csv(work / "index.csv", index)
         write_json(work / "meta.json", {
             "key": key, "pixels_key": pixels, "code": code_key(__name__),
+            "base": None if base is None else os.path.relpath(base, folder),   # relative paths' folder
             "image_size": int(image_size), "n": len(records),
             "cities": sorted(records["city"].unique()),
             "splits": records["split"].value_counts().sort_index().to_dict(),
@@ -326,6 +340,7 @@ def load_cache(folder: str | os.PathLike) -> Cache:
                         keep_default_na=False)
     cities = tuple(sorted(index["city"].unique()))
     y = index["city"].map({c: i for i, c in enumerate(cities)}).to_numpy(np.int64)
+    base = read_json(folder / "meta.json").get("base")
     return Cache(folder=folder, images=np.load(folder / "images.npy", mmap_mode="r"),
                  labels=np.load(folder / "labels.npy", mmap_mode="r"), index=index,
-                 cities=cities, y=y)
+                 cities=cities, y=y, base=None if base is None else (folder / base).resolve())

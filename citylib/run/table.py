@@ -114,6 +114,15 @@ def _train(run, progress: bool = True, force: bool = False, stop_after: int | No
                      keep_checkpoints=1, stop_after=stop_after)
 
 
+def _training_metrics(run) -> dict:
+    """``training.json``, but its ``config`` without the run's whole config as it was when it
+    trained (``extra``): ``settings``, the run's current config, says what made every part of
+    metrics.json, since only parts made with the current settings are in it."""
+    metrics = read_json(run.dir / "training.json")
+    metrics["config"] = {k: v for k, v in metrics["config"].items() if k != "extra"}
+    return {**metrics, "settings": run.cfg.to_dict()}
+
+
 def _accuracy(m: dict) -> dict:
     accuracy, n_test = m.get("test_accuracy"), m.get("n_test")
     low, high = (intervals.wilson(round(accuracy * n_test), n_test) if accuracy is not None and n_test
@@ -187,7 +196,7 @@ STAGES = (
     Stage("training", "02_training.ipynb", (("train", train.TrainConfig),),
           key=lambda run, k: train.key(run.cfg.arch, run.cfg.seed, run.cfg.train, k["snapshot"]),
           run=_train, marker=lambda run: ResultFolder(run.dir, train.NAME),
-          metrics=lambda run: read_json(run.dir / "training.json"), summary=_accuracy),
+          metrics=_training_metrics, summary=_accuracy),
     Stage("gradcam", "03_gradcam.ipynb", (("gradcam", gradcam.GradCAMConfig),),
           key=lambda run, k: gradcam.key(run.cfg.gradcam, k["training"]),
           run=lambda run, progress=True: gradcam.run(run.cfg.gradcam, run.dir, load_cache(run), progress=progress),
