@@ -3,7 +3,8 @@
 The columns after run, arch, seed and status are the stages' own, in the stage table's order
 (``table.Stage.summary``: test accuracy with its Wilson 95% interval, the sanity verdicts, kNN
 agreement and planted-cue MRR each with its 95% interval over resampled test spots, the
-cue-free check), then the notebooks' time and the config's hash. Reads each run's
+cue-free check, decided over the grid's runs at once: ``table.Stage.across``), then the
+notebooks' time and the config's hash. Reads each run's
 ``metrics.json`` and notebook markers; writes the file only when it changes.
 """
 from __future__ import annotations
@@ -33,6 +34,9 @@ def write_summary(out: Path, configs: list[RunConfig], result: RunnerResult) -> 
         row["config_hash"] = cfg.hash
         rows.append(row)
     frame = pd.DataFrame(rows)
+    for stage in table.STAGES:        # what is decided once over the grid's runs
+        if stage.across is not None and len(frame):
+            frame = stage.across(frame)
     path = out / "runs" / "summary.csv"
     try:
         same = path.read_text() == frame.to_csv(index=False)

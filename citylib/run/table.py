@@ -43,6 +43,7 @@ class Stage:
     summary: Callable[[dict], dict] | None = None  # (metrics.json) -> its summary.csv columns
     figures: Callable[[Any, Any], dict] | None = None   # (run, result) -> {name: PNG path}
     report: tuple[tuple[str, str], ...] = ()     # (figure name, caption) for the report
+    across: Callable[[pd.DataFrame], pd.DataFrame] | None = None   # summary columns decided over the grid's runs
 
 
 # ---------------------------------------------------------------- what the rows share
@@ -174,6 +175,17 @@ def _comparison_key(grid, of_runs: dict) -> str:
     return compare.key(cfg, entries, load_cache(grid).key if cfg.randomised else "")
 
 
+def _cue_free_across(frame: pd.DataFrame) -> pd.DataFrame:
+    """The cue-free check decided once for the grid's runs (``causal.holm_decision``): each
+    run's p-value Holm-adjusted over the runs that have one; "at chance" unless below 0.05."""
+    has = frame["cue_free_p"].notna() if "cue_free_p" in frame else pd.Series(False, index=frame.index)
+    decided = causal.holm_decision(dict(zip(frame.index[has], frame.loc[has, "cue_free_p"])))
+    frame = frame.copy()
+    frame["cue_free_p_holm"] = [decided[i]["p_holm"] if i in decided else None for i in frame.index]
+    frame["cue_free_at_chance"] = [decided[i]["at_chance"] if i in decided else None for i in frame.index]
+    return frame
+
+
 def _causal_key(run, k: dict) -> str | None:
     cf = counterfactuals(run)
     return None if cf is None else causal.key(run.cfg.causal, k["training"], cf.key)
@@ -228,7 +240,9 @@ STAGES = (
           metrics=lambda run: {"causal": {**read_json(run.dir / "causal.json"),
                                           "effects": pd.read_csv(run.dir / "causal.csv").to_dict("records")}},
           summary=lambda m: {"cue_free_accuracy": _at(m, "causal", "cue_free", "accuracy"),
-                             "cue_free_at_chance": _at(m, "causal", "cue_free", "at_chance")}),
+                             "cue_free_at_chance": None, "cue_free_p": _at(m, "causal", "cue_free", "p"),
+                             "cue_free_p_holm": None},
+          across=_cue_free_across),
     Stage("methods", "05_objects.ipynb", (("methods", methods.MethodsConfig),), key=_methods_key, run=_methods,
           marker=lambda run: ResultFolder(run.dir, methods.NAME),
           metrics=lambda run: {"methods": read_json(run.dir / "methods.json")}),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,7 @@ from citylib.nets import checkpoint, infer, train
 from citylib.stats import intervals, resampling
 
 NAME = "causal"
+ALPHA = 0.05      # the cue-free check's false-alarm rate for a whole grid (``holm_decision``, ``pooled``)
 COLUMNS = ["city", "object", "n", "spots", "effect", "ci_low", "ci_high", "accuracy_with",
            "accuracy_without", "rank"]
 
@@ -190,6 +192,42 @@ def _permutation(free: pd.DataFrame, n_cities: int, cfg: CausalConfig) -> dict:
     return {"accuracy": acc, "n": n, "spots": len(spots), "chance": 1.0 / n_cities,
             "interval": [float(lo), float(hi)], "p": p, "wilson": list(intervals.wilson(k, n, cfg.level)),
             "at_chance": bool(lo <= acc <= hi)}
+
+
+def holm_decision(p: Mapping[str, float], alpha: float = ALPHA) -> dict[str, dict]:
+    """The cue-free decision of every run of a grid at once: each run's permutation p-value
+    adjusted by Holm over the grid's runs; a run is "at chance" unless its adjusted p is below
+    ``alpha``. The chance that a grid of runs that all are at chance gets any run called
+    otherwise is ``alpha`` at most, however many runs, and however alike their predictions."""
+    names = list(p)
+    adjusted = intervals.holm([p[n] for n in names]) if names else []
+    return {n: {"p": float(p[n]), "p_holm": float(a), "at_chance": bool(a >= alpha)}
+            for n, a in zip(names, adjusted)}
+
+
+def pooled(frames: Mapping[str, pd.DataFrame], n_cities: int, n_perm: int = 2000, seed: int = 0,
+           alpha: float = ALPHA, level: float = 0.95) -> dict:
+    """One cue-free decision for a grid: the runs' mean accuracy on the cue-free renderings they
+    all predicted (each run's ``causal_cue_free.csv``, the same images in the same order) against
+    the same mean with the spots' cities permuted, one permutation for every run at once, so that
+    their predictions' likeness on shared images is kept. Two-sided; false-alarm rate ``alpha``
+    for the grid, exactly."""
+    names = list(frames)
+    first = frames[names[0]]
+    for n in names[1:]:
+        if not frames[n][["sample", "city", "group", "view"]].equals(first[["sample", "city", "group", "view"]]):
+            raise ValueError(f"{n}: its cue-free renderings are not {names[0]}'s; compare runs of one snapshot")
+    spots, at = np.unique(first["group"].to_numpy(), return_inverse=True)
+    city_of = first.groupby("group")["city"].first().reindex(spots).to_numpy()           # (G,)
+    predicted = np.stack([frames[n]["predicted"].to_numpy() for n in names])              # (R, n)
+    mean = float((predicted == first["city"].to_numpy()).mean())
+    null = resampling.permutation_null(city_of, lambda c: (predicted == c[at]).mean(), n_perm, seed)
+    centre = null.mean()
+    p = float(min(1.0, (np.sum(np.abs(null - centre) >= abs(mean - centre) - 1e-12) + 1) / (len(null) + 1)))
+    lo, hi = np.quantile(null, [(1 - level) / 2, (1 + level) / 2])
+    return {"runs": names, "accuracy": mean, "images": len(first), "spots": len(spots),
+            "chance": 1.0 / n_cities, "interval": [float(lo), float(hi)], "p": p, "alpha": alpha,
+            "at_chance": bool(p >= alpha)}
 
 
 def cue_free_text(free: dict) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 import signal
+import threading
 import zlib
 from dataclasses import dataclass
 from functools import partial
@@ -66,9 +67,17 @@ def _quiet_worker() -> None:
 
 def worker_pool(workers: int):
     """A process pool of ``workers`` for rendering: fork where there is one (workers start at
-    once and inherit the world), each worker ended quietly by the pool (``_quiet_worker``)."""
+    once and inherit the world), each worker ended quietly by the pool (``_quiet_worker``). The
+    workers are forked with SIGTERM's default action, so that one the pool ends before its
+    initializer has run (a busy machine) does not raise the parent's KeyboardInterrupt either."""
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    return multiprocessing.get_context(method).Pool(workers, initializer=_quiet_worker)
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL) if main else None
+    try:
+        return multiprocessing.get_context(method).Pool(workers, initializer=_quiet_worker)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, before)
 
 
 # ------------------------------------------------------------------ one spot: layout and views
