@@ -102,7 +102,7 @@ def test_relative_paths_in_a_parameter_file_are_taken_from_its_folder(tmp_path, 
     (tmp_path / "cities" / "a").mkdir(parents=True)
     (tmp_path / "params").mkdir()
     (tmp_path / "worlds").mkdir()
-    (tmp_path / "worlds" / "mine.yaml").write_text("extends: default\n")
+    (tmp_path / "worlds" / "mine.yaml").write_text((paths.WORLDS / "default.yaml").read_text())
     f = write(tmp_path / "params", "p.yaml", GOOD.replace("source: world", "source: ../cities"))
     monkeypatch.chdir(tmp_path / "cities")                         # wherever citylib runs from
     assert params.load(f).data.source == str(tmp_path / "cities")

@@ -202,11 +202,12 @@ def _scan(cfg: DataConfig, out: Path) -> tuple[str, pd.DataFrame, pd.DataFrame, 
 
 
 def _relative(path: str, base: Path) -> str:
-    """``path`` relative to the outputs folder ``base`` when it lies inside it, else as it is."""
+    """``path`` relative to the outputs folder ``base`` when it is a file of the generated world
+    there (``<outputs>/world/``), else as it is: a user's own files never move with the outputs."""
     if not path or not os.path.isabs(path):
         return path
     inside = os.path.relpath(path, base)
-    return path if inside == os.pardir or inside.startswith(os.pardir + os.sep) else Path(inside).as_posix()
+    return Path(inside).as_posix() if inside.startswith("world" + os.sep) else path
 
 
 def _inside(frame: pd.DataFrame, base: Path) -> pd.DataFrame:

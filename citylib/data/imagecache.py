@@ -144,7 +144,8 @@ def full_view(cache: Cache, row: int, largest: int = 512) -> np.ndarray:
     the file cannot be read any more (moved, deleted) or is no larger than the cache."""
     cached = np.asarray(cache.images[row])
     try:
-        path = cache.file(cache.index["path"].iloc[row])
+        path = cache.index["path"].iloc[row]
+        path = cache.file(path) if isinstance(cache, Cache) else path   # only a store keeps them relative
         with Image.open(path) as im:
             side = min(im.size)
         if side <= cached.shape[0]:

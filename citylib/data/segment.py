@@ -208,7 +208,9 @@ def run(cfg: SegmentConfig, out: str | os.PathLike | None, cache: Cache, *,
                               "model": {"path": str(model), **fingerprint}})
     todo = rows[~_read_done(folder, n)[rows]]
     if todo.size:
-        files = np.array([cache.file(p) for p in cache.index["path"].astype(str)])   # where they are now
+        files = cache.index["path"].to_numpy(str)
+        if isinstance(cache, Cache):                     # a store keeps the world's paths relative
+            files = np.array([cache.file(p) for p in files])
         workers = cfg.workers or cores()
         # several workers: parts small enough that every worker is busy to the end
         chunk = CHUNK if workers <= 1 else max(1, min(CHUNK, -(-todo.size // (4 * workers))))
