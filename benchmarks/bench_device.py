@@ -144,7 +144,9 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def main(args) -> None:
+def measure(args) -> list[dict]:
+    """Every measurement of the table as rows (what, variant, images/s, ratio), printed as they
+    come; the segmenter's, when asked for, printed after them."""
     torch.set_num_threads(args.threads)
     device = devices.resolve(args.device)
     print(f"device: {devices.describe(args.device, device)}; torch {torch.__version__}; "
@@ -155,6 +157,12 @@ def main(args) -> None:
     images = rng.integers(0, 256, (n, args.size, args.size, 3), dtype=np.uint8)  # (N, S, S, 3)
     labels = torch.from_numpy(rng.integers(0, args.classes, n)).long()
     print(f"{'arch':10s} {'variant':30s} {'images/s':>10s} {'x fp32':>8s}")
+    rows = []
+
+    def row(arch: str, what: str, rate: float, ratio: float) -> None:
+        rows.append({"arch": arch, "variant": what, "images_per_s": rate, "ratio": ratio})
+        print(f"{arch:10s} {what:30s} {rate:10.1f} {ratio:8.2f}")
+
     best = 0.0
     for arch in args.archs:
         base = None
@@ -162,13 +170,12 @@ def main(args) -> None:
             rate = step_alone(arch, args, device, bf16, cl)
             base = base or rate
             best = max(best, rate)
-            print(f"{arch:10s} {name:30s} {rate:10.1f} {rate / base:8.2f}")
+            row(arch, name, rate, rate / base)
         rate = citylib_loop(arch, args, device, images, labels)
-        print(f"{arch:10s} {'train_one_epoch (the run loop)':30s} {rate:10.1f} {rate / base:8.2f}")
+        row(arch, "train_one_epoch (the run loop)", rate, rate / base)
     for threads in args.loader_threads:
         feed = pipeline_alone(args, device, images, labels, threads)
-        what = f"data pipeline, {threads} threads" if threads else "data pipeline, in turn"
-        print(f"{'-':10s} {what:30s} {feed:10.1f}   (x fastest step: {feed / best:.2f})")
+        row("-", f"data pipeline, {threads} threads" if threads else "data pipeline, in turn", feed, feed / best)
     if args.segment_images:                  # the ADE20K segmenter (CPU), one worker against all cores
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_segment
@@ -177,6 +184,11 @@ def main(args) -> None:
         print("\nthe ADE20K segmenter (segment.run), one worker against one per core:")
         bench_segment.main(bench_segment.get_args_parser().parse_args(
             ["--images", str(args.segment_images), "--size", str(args.size), "--settings", "1x1", f"{cores}x1"]))
+    return rows
+
+
+def main(args) -> None:
+    measure(args)
 
 
 if __name__ == "__main__":

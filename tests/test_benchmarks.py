@@ -169,3 +169,31 @@ def test_same_results_reads_paths_and_key_folders_alike_and_finds_a_changed_numb
     assert same.main([str(before), str(changed)]) == 1
     (changed / "runs" / "a" / "causal.csv").unlink()
     assert ("runs/a/causal.csv (only in before)", False) in same.compare(before, changed)
+
+
+def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu_and_exits_0():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is here: the script would run")
+    done = subprocess.run([sys.executable, str(paths.ROOT / "benchmarks" / "gpu_check.py")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().count("\n") == 0, done.stdout + done.stderr
+    assert "no CUDA device" in done.stdout
+
+
+def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
+    """Every step of the GPU check, on the CPU at smoke size: what it measures, runs and writes
+    works before a GPU is ever lent to it."""
+    import json
+
+    out = tmp_path / "check.json"
+    done = subprocess.run([sys.executable, str(paths.ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+                           "--quick", "--out", str(out)], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    steps = report["steps"]
+    assert list(steps) == ["throughput", "smoke_grid", "ddp", "repeatable"]
+    assert all(s.get("ok") is True for s in steps.values()), steps
+    assert {r["arch"] for r in steps["throughput"]["rows"]} == {"resnet18", "vgg11", "-"}
+    assert steps["smoke_grid"]["ok"] and not steps["smoke_grid"]["failed"]
+    assert steps["ddp"]["ok"] and steps["repeatable"]["identical"]       # the CPU path is bit-identical
+    assert report["device"].startswith("cpu")
