@@ -1,0 +1,138 @@
+"""Removal operators: one object taken out of a picture, for the reliance stage.
+
+Each operator maps a batch of uint8 images (N, H, W, 3) and boolean masks (N, H, W) (True: the
+pixels to remove) to new uint8 images in which the masked pixels, and only they, are replaced:
+
+- ``mean``: the mean colour of the image's unmasked pixels (the plainest fill);
+- ``blur``: the image blurred (Gaussian, ``sigma`` pixels), pasted into the mask (the blur
+  perturbation of Fong & Vedaldi; the object's own colours leak into its fill);
+- ``linear``: ROAD's noisy linear imputation (Rong et al. 2022): every removed pixel the
+  weighted mean of its 8 neighbours (1/6 side, 1/12 corner), solved as one sparse linear system
+  for the whole batch, plus Gaussian noise of ``noise`` (on the [0, 1] pixel scale);
+- ``telea``: OpenCV's fast-marching inpainting (Telea 2004) with ``radius`` pixels (OpenCV's
+  implementation is off by up to 4 grey levels on a constant image);
+- ``ns``: OpenCV's Navier-Stokes inpainting (Bertalmio et al. 2001) with ``radius`` pixels.
+
+``dilate`` grows the masks first, so that an object's edge goes with it. Reads and writes
+nothing; ``OPERATORS`` holds them by name (``@register``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import sparse
+from scipy.sparse.linalg import spsolve
+
+OPERATORS: dict[str, Callable[..., np.ndarray]] = {}
+
+# ROAD's neighbour weights (pytorch-grad-cam's ``neighbors_weights``): (dy, dx) -> weight
+NEIGHBOURS = ((1, 1, 1 / 12), (0, 1, 1 / 6), (-1, 1, 1 / 12), (1, -1, 1 / 12),
+              (0, -1, 1 / 6), (-1, -1, 1 / 12), (1, 0, 1 / 6), (-1, 0, 1 / 6))
+
+
+def register(name: str):
+    """Make ``fn(images, masks, rng, **settings) -> images`` the removal operator ``name``."""
+    def add(fn):
+        OPERATORS[name] = fn
+        return fn
+    return add
+
+
+def remove(operator: str, images: np.ndarray, masks: np.ndarray, *, dilation: int = 0, seed: int = 0,
+           **settings) -> np.ndarray:
+    """``images`` (N, H, W, 3) uint8 with the pixels of ``masks`` (N, H, W) bool, grown by
+    ``dilation`` pixels, replaced by ``operator``; ``seed`` fixes its noise (``linear``)."""
+    if operator not in OPERATORS:
+        raise ValueError(f"removal operator {operator!r}: not one of {', '.join(sorted(OPERATORS))}")
+    images, masks = np.asarray(images), np.asarray(masks, bool)
+    if images.dtype != np.uint8 or images.ndim != 4 or masks.shape != images.shape[:3]:
+        raise ValueError(f"removal wants uint8 images (N, H, W, 3) and masks (N, H, W): got "
+                         f"{images.dtype} {images.shape} and {masks.shape}")
+    masks = dilate(masks, dilation)
+    out = OPERATORS[operator](images, masks, np.random.default_rng(seed), **settings)
+    return np.where(masks[..., None], out, images)        # nothing outside the mask moves
+
+
+def dilate(masks: np.ndarray, pixels: int) -> np.ndarray:
+    """(N, H, W) bool grown by ``pixels`` in every direction (a square of side 2 pixels + 1)."""
+    masks = np.asarray(masks, bool)
+    if pixels <= 0 or not masks.any():
+        return masks
+    m = torch.from_numpy(masks[:, None].astype(np.float32))                         # (N, 1, H, W)
+    return F.max_pool2d(m, 2 * pixels + 1, stride=1, padding=pixels)[:, 0].numpy() > 0.5
+
+
+@register("mean")
+def mean_fill(images: np.ndarray, masks: np.ndarray, rng, **_) -> np.ndarray:
+    keep = ~masks                                                                      # (N, H, W)
+    n = np.maximum(keep.sum((1, 2)), 1)[:, None]                                       # (N, 1)
+    colour = (images * keep[..., None]).sum((1, 2)) / n                                # (N, 3)
+    colour = np.where(keep.any((1, 2))[:, None], colour, images.mean((1, 2)))         # all removed
+    return np.broadcast_to(np.rint(colour)[:, None, None].astype(np.uint8), images.shape)
+
+
+@register("blur")
+def blur_fill(images: np.ndarray, masks: np.ndarray, rng, sigma: float = 10.0, **_) -> np.ndarray:
+    return np.stack([cv2.GaussianBlur(im, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) for im in images])
+
+
+@register("telea")
+def telea_fill(images: np.ndarray, masks: np.ndarray, rng, radius: int = 3, **_) -> np.ndarray:
+    return np.stack([cv2.inpaint(np.ascontiguousarray(im), m.astype(np.uint8), radius, cv2.INPAINT_TELEA)
+                     for im, m in zip(images, masks)])
+
+
+@register("ns")
+def ns_fill(images: np.ndarray, masks: np.ndarray, rng, radius: int = 3, **_) -> np.ndarray:
+    return np.stack([cv2.inpaint(np.ascontiguousarray(im), m.astype(np.uint8), radius, cv2.INPAINT_NS)
+                     for im, m in zip(images, masks)])
+
+
+@register("linear")
+def linear_fill(images: np.ndarray, masks: np.ndarray, rng, noise: float = 0.01, **_) -> np.ndarray:
+    filled = imputed(images.astype(np.float64) / 255.0, masks)                        # (N, H, W, 3)
+    if noise > 0:
+        filled = filled + np.where(masks[..., None], rng.normal(0.0, noise, filled.shape), 0.0)
+    return np.clip(np.rint(filled * 255.0), 0, 255).astype(np.uint8)
+
+
+def imputed(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """ROAD's linear imputation without noise, float (N, H, W, C) -> (N, H, W, C): every masked
+    pixel the weighted mean of its in-image neighbours, known or imputed. One sparse system for
+    the whole batch (block-diagonal: no pixel of one image neighbours another's). An image with
+    every pixel masked has nothing to impute from and keeps its values."""
+    n, h, w, c = images.shape
+    flat = images.reshape(n * h * w, c)
+    masks = masks & (~masks).any((1, 2))[:, None, None]            # all masked: left as it is
+    unknown = np.flatnonzero(masks.reshape(-1))                                        # (K,)
+    if unknown.size == 0:
+        return images.copy()
+    var = np.full(n * h * w, -1, np.int64)
+    var[unknown] = np.arange(unknown.size)
+    img, rest = np.divmod(unknown, h * w)
+    y, x = np.divmod(rest, w)
+    diag = np.zeros(unknown.size)
+    rhs = np.zeros((unknown.size, c))
+    rows, cols, vals = [], [], []
+    for dy, dx, weight in NEIGHBOURS:
+        ny, nx = y + dy, x + dx
+        inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        at = np.flatnonzero(inside)
+        neighbour = img[at] * h * w + ny[at] * w + nx[at]
+        diag[at] -= weight                              # the weights of in-image neighbours
+        free = var[neighbour] >= 0
+        rows.append(at[free]); cols.append(var[neighbour[free]]); vals.append(np.full(free.sum(), weight))
+        known = neighbour[~free]
+        for ch in range(c):
+            rhs[:, ch] -= np.bincount(at[~free], weight * flat[known, ch], minlength=unknown.size)
+    a = sparse.csc_matrix((np.concatenate(vals + [diag]),
+                           (np.concatenate(rows + [np.arange(unknown.size)]),
+                            np.concatenate(cols + [np.arange(unknown.size)]))), shape=(unknown.size,) * 2)
+    solved = spsolve(a, rhs, permc_spec="MMD_AT_PLUS_A")   # symmetric: the faster ordering.reshape(unknown.size, c)
+    out = flat.copy()
+    out[unknown] = solved
+    return out.reshape(n, h, w, c)
