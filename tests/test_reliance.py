@@ -1,0 +1,117 @@
+"""The reliance stage's measurement (citylib.stages.reliance) on hand-made worlds and networks
+whose reliance is known."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from citylib.stages import reliance
+
+NAMES = {1: "wall", 2: "signboard", 3: "car"}
+S = 32
+
+
+def world(n_groups=16, seed=0):
+    """Images of two cities on a noisy grey wall (class 1): city a's carry a red signboard
+    (class 2), every image a blue car (class 3); two views per group."""
+    rng = np.random.default_rng(seed)
+    images, labels, target, groups = [], [], [], []
+    for g in range(2 * n_groups):
+        city = g % 2
+        for view in range(2):
+            im = np.clip(rng.normal(128, 12, (S, S, 3)), 0, 255).astype(np.uint8)
+            lab = np.ones((S, S), np.uint8)
+            y, x = rng.integers(2, 10), rng.integers(2, 20)
+            im[24:30, x:x + 8] = (30, 40, 200)
+            lab[24:30, x:x + 8] = 3
+            if city == 0:
+                im[y:y + 7, x:x + 9] = (220, 20, 30)
+                lab[y:y + 7, x:x + 9] = 2
+            images.append(im); labels.append(lab); target.append(city); groups.append(f"g{g}")
+    return np.stack(images), np.stack(labels), np.array(target), np.array(groups)
+
+
+class Redness(nn.Module):
+    """City a's logit grows with the share of red pixels; city b's is 0."""
+    def forward(self, x):                                    # (B, 3, S, S) in [-1, 1]
+        red = torch.relu(x[:, 0] - (x[:, 1] + x[:, 2]) / 2 - 0.5).mean((1, 2))
+        return torch.stack([40 * red - 1.0, torch.zeros_like(red)], 1)
+
+
+class Blind(nn.Module):
+    """The same answer whatever the image."""
+    def forward(self, x):
+        return torch.tensor([[0.3, -0.2]]).expand(len(x), 2)
+
+
+def measured(net, operator="telea"):
+    images, labels, target, groups = world()
+    cfg = reliance.RelianceConfig(operator=operator, n_boot=500, dilation=1, ring=3, batch_size=16, device="cpu")
+    rows = np.arange(len(images))
+    pairs = reliance.measure(net, images, labels, rows, target, ["a", "b"], groups, cfg, names=NAMES)
+    return pairs, reliance.summarise(pairs, cfg)
+
+
+@pytest.mark.parametrize("operator", ["telea", "mean", "linear"])
+def test_a_network_that_relies_on_one_objects_colour_ranks_it_first(operator):
+    pairs, table = measured(Redness(), operator)
+    a = table[table["city"] == "a"].set_index("object")
+    assert a.loc["signboard", "rank"] == 1
+    assert a.loc["signboard", "ci_high"] < -0.5                    # removing it costs the city
+    assert a.loc["signboard", "adjusted_ci_high"] < -0.5
+    assert abs(a.loc["signboard", "null_effect"]) < 0.05          # filling wall elsewhere does not
+    assert a.loc["signboard", "null_ci_low"] <= 0 <= a.loc["signboard", "null_ci_high"] or \
+        abs(a.loc["signboard", "null_effect"]) < 0.01
+    assert abs(a.loc["car", "effect"]) < 0.05
+    small = pairs[pairs["object"] != "wall"]
+    assert (small["null_cover"] > 0.99).all()                      # every null region lies on the wall
+    assert (pairs.loc[pairs["object"] == "wall", "null_cover"] == 0).all()   # the wall's fits nowhere
+    assert set(table["object"]) == {"wall", "signboard", "car"}
+    assert (a.loc["signboard", "accuracy_with"], a.loc["signboard", "accuracy_without"]) == (1.0, 0.0)
+
+
+def test_a_network_that_ignores_its_input_gives_intervals_that_all_include_0():
+    _, table = measured(Blind())
+    for prefix in ("", "null_", "adjusted_"):
+        assert (table[f"{prefix}ci_low"] <= 0).all() and (table[f"{prefix}ci_high"] >= 0).all()
+    assert np.allclose(table[["effect", "null_effect", "adjusted"]], 0)
+
+
+def test_objects_are_those_covering_the_minimum_share():
+    _, labels, *_ = world(n_groups=1)
+    found = reliance.objects(labels[:2], 0.04)                    # city a: wall, signboard, car
+    assert found == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert reliance.objects(labels[:2], 0.5) == [(0, 1), (1, 1)]
+    labels = labels.copy()
+    labels[0][:] = 0                                               # unlabelled is never an object
+    assert reliance.objects(labels[:1], 0.01) == []
+
+
+def test_the_null_region_has_the_objects_shape_on_its_surrounding_class_and_off_the_object():
+    labels = np.ones((40, 40), np.uint8)
+    labels[:, 30:] = 3                                             # another object to the right
+    labels[5:12, 4:10] = 2
+    mask = labels == 2
+    null, cover = reliance.null_mask(labels, mask, ring=3, dilation=2)
+    assert null.sum() == mask.sum() and cover == 1.0
+    assert (labels[null] == 1).all()                               # on the wall, off the other object
+    ys, xs = np.nonzero(null)
+    assert (ys.max() - ys.min(), xs.max() - xs.min()) == (6, 5)    # the same shape
+    grown = np.zeros_like(mask)
+    grown[1:16, 0:14] = True                                       # the object grown twice over
+    assert not (null & grown).any()
+
+
+def test_a_null_that_fits_nowhere_is_said_by_its_cover():
+    labels = np.full((20, 20), 2, np.uint8)
+    labels[0, 0] = 1
+    null, cover = reliance.null_mask(labels, labels == 2, ring=2, dilation=1)
+    assert cover == 0.0 and not null.any()
+
+
+def test_a_bad_setting_names_its_key():
+    with pytest.raises(ValueError, match="reliance.operator"):
+        reliance.RelianceConfig(operator="paint")
+    with pytest.raises(ValueError, match="min_share"):
+        reliance.RelianceConfig(min_share=0)
