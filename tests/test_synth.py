@@ -387,3 +387,36 @@ def test_render_workers_end_quietly_when_their_pool_ends_them():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "KeyboardInterrupt" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_deleted_object_kind_is_gone_and_nothing_else_of_the_spot_changes():
+    """``delete``: the true deletion a removal operator is scored against. Every deletable kind
+    present in a spot leaves no pixel of its class, and outside that kind's own things (a
+    traffic light's post is labelled pole) no pixel, label or colour, changes."""
+    from citylib.world import scene, street, worldfile
+
+    world = worldfile.load_world("default")
+    seen = set()
+    for city in world.styles:
+        for spot in range(3):
+            base = synth.render_spot(world, city, spot, views=2, size=64)
+            for name in street.DELETABLE:
+                cls = scene.VOCAB[name]
+                if not any((v["label"] == cls).any() for v in base):
+                    continue
+                seen.add(name)
+                gone = synth.render_spot(world, city, spot, views=2, size=64, delete=(name,))
+                kind = name.replace(" ", "_")
+                for v, g in zip(base, gone):
+                    of = [np.where(street.element_of(x["inst"]) >= 0,
+                                   np.asarray(street.ELEMENTS)[street.element_of(x["inst"])], "sky") for x in (v, g)]
+                    # none of the kind is left (another kind's part of its class may be: a
+                    # traffic light's post is a pole)
+                    left = (g["label"] == cls) & ((of[1] == kind) | (name == "skyscraper"))
+                    assert not left.any(), (city, spot, name)
+                    own = (of[0] == kind) | ((v["label"] == cls) & (name == "skyscraper"))
+                    assert np.array_equal(v["label"][~own], g["label"][~own]), (city, spot, name)
+                    assert np.array_equal(v["image"][~own], g["image"][~own]), (city, spot, name)
+    assert {"car", "tree", "signboard", "skyscraper"} <= seen
+    with pytest.raises(ValueError, match="delete: building cannot be deleted"):
+        synth.render_spot(world, "signtown", 0, views=1, size=32, delete=("building",))

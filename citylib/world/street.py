@@ -16,6 +16,9 @@ from citylib.world import scene
 OBJECT_KINDS = ("car", "person", "tree", "plant", "pole", "streetlight", "traffic_light",
                 "signboard", "awning", "fence")
 ELEMENTS = ("layout", "open_ground", "skyscraper", *OBJECT_KINDS)
+# What a spot can be drawn without (``spot``'s ``delete``), by ADE20K name: each object kind, and
+# the glass skyscrapers (whatever stood behind them shows instead)
+DELETABLE = (*(kind.replace("_", " ") for kind in OBJECT_KINDS), "skyscraper")
 
 
 _ID_BLOCK = 1 << 20   # instance ids of element k are (k + 1) * _ID_BLOCK + 0, 1, ...
@@ -47,7 +50,7 @@ def element_of(inst: np.ndarray) -> np.ndarray:
     return np.asarray(inst) // _ID_BLOCK - 1
 
 
-def spot(style, stream, colour) -> dict:
+def spot(style, stream, colour, delete=()) -> dict:
     """Lay out one spot from a `synth.Style`: street, two rows of buildings per side, objects.
 
     ``stream(element)`` gives each of ELEMENTS its own random generator and ``colour(group,
@@ -55,8 +58,12 @@ def spot(style, stream, colour) -> dict:
     stream only, and its draws do not depend on another element's settings: rendering the spot
     with one element's settings changed (a counterfactual) changes only that element's
     rectangles. Returns the rects, the camera position ``eye`` and the sky colours; views only
-    choose headings.
+    choose headings. ``delete``: names of ``DELETABLE`` drawn as if they were not there (the
+    true deletion a removal operator is scored against); every other draw stays as it was.
     """
+    unknown = set(delete) - set(DELETABLE)
+    if unknown:
+        raise ValueError(f"delete: {', '.join(sorted(unknown))} cannot be deleted; one of {', '.join(DELETABLE)}")
     draws = {e: _Draws(e, stream(e), colour) for e in ELEMENTS}
     lay, st = draws["layout"], style.street
     street = {"rw": lay.uniform(st.road_half_width), "length": lay.uniform(st.length)}
@@ -67,10 +74,12 @@ def spot(style, stream, colour) -> dict:
     rects = _street(style, draws, street)
     facades, lots = [], []
     for side in (-1, 1):
-        rects += _buildings(style, draws, street, side, facades, lots)
+        rects += _buildings(style, draws, street, side, facades, lots, "skyscraper" in delete)
     rects += _cross_walls(style, lay, street)
     where = {"rw": street["rw"], "xf": street["xf"], "eye": eye, "facades": facades, "lots": lots}
     for kind in OBJECT_KINDS:
+        if kind.replace("_", " ") in delete:      # its own stream: nothing else's draws change
+            continue
         rects += _place(kind, getattr(style.objects, kind), draws[kind], where, style)
     return {"rects": rects, "eye": eye, "sky": (sky[:3], sky[3:])}
 
@@ -99,9 +108,10 @@ def _open_ground(style, og: _Draws, x0, x1, y0, y1) -> scene.Rect:
     return scene.ground(*sorted((x0, x1)), y0, y1, 2, scene.VOCAB[kind], og.id(), og.pick(kind), tex, (0.3,))
 
 
-def _buildings(style, draws, street, side, facades, lots) -> list[scene.Rect]:
+def _buildings(style, draws, street, side, facades, lots, no_skyscrapers=False) -> list[scene.Rect]:
     """One side's front row (low-rise facades along the sidewalk, or open lots) and its back
-    row of towers (glass skyscrapers where the skyscraper element says so, else plain)."""
+    row of towers (glass skyscrapers where the skyscraper element says so, else plain; none of
+    the glass ones with ``no_skyscrapers``)."""
     lay, sky, bl, half = draws["layout"], draws["skyscraper"], style.buildings, street["length"]
     xf, rects = street["xf"][side], []
     xb = xf + side * lay.uniform(bl.tower_setback)
@@ -132,9 +142,10 @@ def _buildings(style, draws, street, side, facades, lots) -> list[scene.Rect]:
             cls, col, tex = scene.VOCAB["skyscraper"], glass, ("diagrid", street["mirror"] + (w / 2,), "crown")
         else:
             cls, tex = scene.VOCAB["building"], plain
-        rects.append(scene.wall_x(xb, y, y + w, 0, h, cls, inst, col, *tex))
-        for yy in (y, y + w):
-            rects.append(scene.wall_y(yy, *sorted((xb, xb + side * w)), 0, h, cls, inst, col, *tex))
+        if not (no_skyscrapers and cls == scene.VOCAB["skyscraper"]):
+            rects.append(scene.wall_x(xb, y, y + w, 0, h, cls, inst, col, *tex))
+            for yy in (y, y + w):
+                rects.append(scene.wall_y(yy, *sorted((xb, xb + side * w)), 0, h, cls, inst, col, *tex))
         y += w + lay.uniform(bl.tower_gap)
     return rects
 

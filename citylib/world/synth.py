@@ -116,25 +116,26 @@ def _streams(seed: int, city: str, spot: int):
     return stream
 
 
-def layout(world: World, city: str, spot: int, seed: int = 0, reset=()) -> dict:
+def layout(world: World, city: str, spot: int, seed: int = 0, reset=(), delete=()) -> dict:
     """The spot's scene (``street.spot``: rects, eye, sky) as ``render_spot`` draws it."""
     style = world.style(city, reset)
-    return street.spot(style, _streams(seed, city, spot), partial(_colour, style))
+    return street.spot(style, _streams(seed, city, spot), partial(_colour, style), delete)
 
 
 def render_spot(world: World, city: str, spot: int, views: int = 4, size: int = 128, seed: int = 0,
-                flat: bool = False, reset=()) -> list[dict]:
+                flat: bool = False, reset=(), delete=()) -> list[dict]:
     """Render the views of one spot: dicts of image (S, S, 3) uint8, label (S, S) uint8,
     inst (S, S) instance ids (``street.element_of`` tells their element), heading, pitch and the
     JPEG quality to save it with.
 
     ``flat`` paints each class in one fixed colour (scene.LUT) with every nuisance off.
     ``reset``: planted objects of the city whose elements take the base style (or CUE_FREE for
-    all of them): the counterfactual spot, with everything else drawn identically.
+    all of them): the counterfactual spot, with everything else drawn identically. ``delete``:
+    object kinds (``street.DELETABLE``) drawn as if absent, what lay behind them showing instead.
     """
     style = world.style(city, reset)
     nu, stream = style.nuisance, _streams(seed, city, spot)
-    lay = street.spot(style, stream, partial(_colour, style))
+    lay = street.spot(style, stream, partial(_colour, style), delete)
     light = stream("light")
     haze, gain, warmth = (float(light.uniform(*r)) for r in (nu.haze, nu.gain, nu.warmth))
     first = 90.0 * int(light.integers(4))
