@@ -135,17 +135,23 @@ def _render(world: worldfile.World, cfg: synth.SynthConfig, size: int, task) -> 
 
 
 def cached_views(world: worldfile.World, cfg: synth.SynthConfig, size: int, city: str, spot: int,
-                 views: list[int], reset=()) -> list[np.ndarray]:
-    """Views of a spot as the cache holds them, (S, S, 3) uint8 each: rendered (with ``reset``),
-    JPEG-encoded at the view's quality as ``synth`` saves it, decoded and resized by
-    ``imagecache.prepare``. With no reset, exactly the cached original's pixels."""
-    rendered = synth.render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed, reset=reset)
+                 views: list[int], reset=(), delete=(), labels: bool = False) -> list:
+    """Views of a spot as the cache holds them, (S, S, 3) uint8 each: rendered (with ``reset``,
+    without the kinds in ``delete``), JPEG-encoded at the view's quality as ``synth`` saves it,
+    decoded and resized by ``imagecache.prepare``; with ``labels``, (image, (S, S) label map)
+    pairs. With no reset and nothing deleted, exactly the cached original's pixels."""
+    rendered = synth.render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed, reset=reset, delete=delete)
     out = []
     for view in views:
-        v, buf = rendered[view], io.BytesIO()
+        v, buf, lab = rendered[view], io.BytesIO(), None
         Image.fromarray(v["image"], "RGB").save(buf, format="JPEG", quality=v["quality"])
         buf.seek(0)
-        out.append(prepare(buf, "", size)[0])
+        if labels:                                       # as synth saves it: a PNG of class indices
+            lab = io.BytesIO()
+            Image.fromarray(v["label"], "L").save(lab, format="PNG")
+            lab.seek(0)
+        image, label, _ = prepare(buf, lab, size)
+        out.append((image, label) if labels else image)
     return out
 
 
