@@ -53,7 +53,8 @@ IMAGE_COLUMNS = ["row", "city", "group", "object", "share", "logp", "logp_remove
 class RelianceConfig:
     """Settings of the reliance stage (the ``reliance:`` section of a parameter file)."""
 
-    operator: str = "telea"   # removal.OPERATORS
+    operator: str = "linear"  # removal.OPERATORS; chosen on validation images against true
+    #                           deletion (benchmarks/calibrate_removal.py, docs/reliance.md)
     dilation: int = 2         # pixels the object's mask grows by before it is filled
     min_share: float = 0.01   # an object is removed from an image where it covers this share
     ring: int = 6             # pixels around the object in which its surrounding class is found
