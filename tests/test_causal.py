@@ -12,6 +12,7 @@ from torch import nn
 
 from citylib.data import counterfactual, dataset
 from citylib.data.counterfactual import CUE_FREE
+from citylib.explain import removal
 from citylib.nets import infer
 from citylib.stages import causal
 from citylib.stats import intervals, resampling
@@ -222,3 +223,29 @@ def test_the_grids_cue_free_decision_cries_wolf_at_most_five_percent_of_the_time
     bound = 0.05 + 3 * np.sqrt(0.05 * 0.95 / reps)                  # 5% and three of its standard errors
     assert holm / reps <= bound and pooled / reps <= bound, (holm, pooled)
     assert alone / reps > 0.15, alone                               # the old rule: some run, often
+
+
+def test_data_stage_renders_each_test_spot_without_each_object_kind_it_shows(tmp_path):
+    """The true deletions removal operators are calibrated against: the first
+    ``deletion_spots`` test spots of each city, every deletable kind a view shows, its mask the
+    pixels whose label the deletion changed, the rest of the image the cached one's."""
+    from citylib.world import scene
+
+    cfg = dataset.DataConfig(world=synth.SynthConfig(spots_per_city=10, views=2, size=64), image_size=64,
+                             cue_free_spots=0, deletion_spots=1)
+    dataset.run(cfg, tmp_path / "data", progress=False)
+    cfs = dataset.load_counterfactuals(cfg, tmp_path / "data")
+    cache = dataset.load_cache(dataset.run(cfg, tmp_path / "data", progress=False).cache_dir)
+    gone = cfs.deleted_index
+    assert len(gone) == len(cfs.deleted_images) == len(cfs.deleted_masks) > 0
+    assert gone.groupby("city")["group"].nunique().to_dict() == {"signtown": 1, "towerville": 1, "treeville": 1}
+    test = cache.index.iloc[cache.split_indices("test")]
+    assert set(gone["group"]) == {min(g) for _, g in test.groupby("city")["group"]}
+    for i, d in gone.iterrows():
+        label, mask = cache.labels[d["row"]], cfs.deleted_masks[i]
+        assert mask.any() and (label[mask] != 0).all()
+        assert (label == scene.VOCAB[d["object"]]).any()               # the kind was in the view
+        # JPEG's blocks spread a change a little: far from the mask the image is the cache's, nearly
+        far = ~removal.dilate(mask[None], 8)[0]
+        differ = np.abs(cfs.deleted_images[i].astype(int) - cache.images[d["row"]]).max(-1)[far]
+        assert differ.mean() < 1.0, (d.to_dict(), differ.mean())

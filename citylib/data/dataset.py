@@ -54,6 +54,8 @@ class DataConfig:
     max_pixels: int = MAX_PIXELS  # larger images are rejected as too large
     cue_free_spots: int = 120  # generated world: fresh spots per city rendered cue-free, for the
     #                            cue-free check (``counterfactual``); the test spots alone are few
+    deletion_spots: int = 40  # generated world: test spots per city re-rendered without each object
+    #                           kind they show, the truth removal operators are calibrated against
 
     def __post_init__(self):
         if not self.source.strip():
@@ -79,6 +81,8 @@ class DataConfig:
             raise ValueError(f"'max_pixels' must be >= 1, got {self.max_pixels}")
         if not 0 <= self.cue_free_spots <= 100_000:
             raise ValueError(f"'cue_free_spots' must be in 0..100000, got {self.cue_free_spots}")
+        if not 0 <= self.deletion_spots <= 100_000:
+            raise ValueError(f"'deletion_spots' must be in 0..100000, got {self.deletion_spots}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,8 @@ def run(cfg: DataConfig, out: str | os.PathLike | None = None, *, progress: bool
     cf_dir = None
     if cfg.source == "world":   # each test spot without each planted cue, once per snapshot
         cf_dir = counterfactual.build(cfg.world, manifest, cache_dir.name, cfg.image_size,
-                                      out / "counterfactual", cfg.cue_free_spots, progress=progress)
+                                      out / "counterfactual", cfg.cue_free_spots, progress=progress,
+                                      deletion_spots=cfg.deletion_spots)
     write_csv(out / "manifest.csv", manifest)
     cities = tuple(sorted(manifest["city"].unique()))
     write_json(out / "snapshot.json", {"key": cache_dir.name, "source": str(source),
