@@ -84,3 +84,26 @@ def test_r_table_names_real_ade20k_classes(chain):
     # what the model finds in street photos, by ADE20K's own names
     assert {"sky", "road", "building"} <= set(table["object"])
     assert table["R"].between(0, 1).all() and (table["pixels"] > 0).all()
+
+
+def test_reliance_on_real_photos_is_a_well_formed_table_with_its_examples(chain):
+    """Object removal where nothing can be re-rendered: reliance.csv names real ADE20K classes,
+    every number in its place (intervals around their means), the example gallery drawn; no
+    calibration without a generator."""
+    out, _, _ = chain
+    run = out / "runs" / "simple_seed0"
+    table = pd.read_csv(run / "reliance.csv")
+    assert list(table.columns[:8]) == ["city", "object", "n", "groups", "share", "effect", "ci_low", "ci_high"]
+    assert {"null_effect", "adjusted", "adjusted_ci_low", "adjusted_ci_high", "null_cover", "rank"} <= set(table.columns)
+    assert set(table["city"]) == {"london_on", "london_uk"} and {"sky", "road", "building"} <= set(table["object"])
+    for m, lo, hi in (("effect", "ci_low", "ci_high"), ("null_effect", "null_ci_low", "null_ci_high"),
+                      ("adjusted", "adjusted_ci_low", "adjusted_ci_high")):
+        assert ((table[lo] <= table[m] + 1e-12) & (table[m] <= table[hi] + 1e-12)).all(), m
+    assert table["share"].between(0.01, 1).all() and (table["n"] >= 1).all()
+    assert (table.groupby("city")["rank"].min() == 1).all()
+    images = pd.read_csv(run / "reliance_images.csv")
+    assert len(images) == table["n"].sum()
+    for figure in ("reliance.png", "removal_examples.png"):
+        assert (run / figure).stat().st_size > 10_000
+    assert not (run / "calibration.csv").exists()
+    assert json.loads((run / "metrics.json").read_text())["reliance"]["segmenter"] == "ade20k"

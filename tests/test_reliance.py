@@ -115,3 +115,15 @@ def test_a_bad_setting_names_its_key():
         reliance.RelianceConfig(operator="paint")
     with pytest.raises(ValueError, match="min_share"):
         reliance.RelianceConfig(min_share=0)
+
+
+def test_the_examples_take_each_citys_largest_drops_and_do_with_few_images():
+    from citylib.figures import reliance_plots
+
+    pairs, _ = measured(Redness(), "mean")
+    shown = reliance_plots.examples(pairs, 4)
+    assert shown["row"].notna().all() and len(shown) == 4
+    assert shown.iloc[0][["city", "object"]].tolist() == ["a", "signboard"]     # a's largest drop first
+    assert set(shown["city"].iloc[:2]) == {"a", "b"}                           # then each city in turn
+    few = pairs.groupby(["city", "object"]).head(2)                           # no pair in 5 images
+    assert reliance_plots.examples(few, 3)["row"].notna().all() and len(reliance_plots.examples(few, 3)) == 3

@@ -13,7 +13,8 @@ import pandas as pd
 from citylib.data.counterfactual import CUE_FREE
 
 
-def plot_reliance(tables: Mapping[str, pd.DataFrame], arch_of: Mapping[str, str] | None = None) -> plt.Figure:
+def plot_reliance(tables: Mapping[str, pd.DataFrame], arch_of: Mapping[str, str] | None = None,
+                  xlabel: str = "Δ log p(true city) when the cue alone is removed (95% interval)") -> plt.Figure:
     """One row per (city, planted cue), one dot per run: the change in log p(true city) when
     the cue alone is removed, with its 95% interval; 0 (no reliance) marked. Runs of one
     architecture share a colour (``arch_of``: run -> architecture). The cue-free rows are left
@@ -38,7 +39,7 @@ def plot_reliance(tables: Mapping[str, pd.DataFrame], arch_of: Mapping[str, str]
     ax.axvline(0, color="0.3", lw=0.8, ls="--")
     ax.set_yticks(np.arange(len(cues)), [f"{o} ({c})" for c, o in cues], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("Δ log p(true city) when the cue alone is removed (95% interval)")
+    ax.set_xlabel(xlabel)
     ax.legend(fontsize=7, loc="lower left", frameon=False)
     fig.tight_layout()
     return fig

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from citylib.data import imagecache
 from citylib.explain import cams, saliency
-from citylib.figures import gallery, gradcam_plots, plots, stats_plots
+from citylib.figures import gallery, gradcam_plots, plots, reliance_plots, stats_plots
 from citylib.nets import checkpoint
 from citylib.stages import embed, gradcam
 from citylib.stats import histograms
@@ -101,6 +101,23 @@ def explanation_panel(result: gradcam.GradCAMResult, cache, run_dir: str | Path)
     }
     view = figure_view(figure, controls, "760px")
     return w.VBox([w.HBox([controls["pos"], controls["method"]]), controls["threshold"], view])
+
+
+def removal_panel(result, cfg) -> w.Widget:
+    """Pick a test image and an object: the image, the object removed and the null region
+    filled, with the change of log p(true city) each made (``reliance.run``'s result and
+    settings)."""
+    images = result.images.reset_index(drop=True)
+    order = images.sort_values(["city", "row", "object"], kind="stable").index
+    options = [(f"{r.city} · image {r.row} · {r.object} (Δ log p {r.logp_removed - r.logp:+.2f})", int(i))
+               for i, r in zip(order, images.loc[order].itertuples())]
+
+    def figure(pos: int):
+        return reliance_plots.plot_removals(result.cache, result.labels, images.loc[[pos]], cfg, result.rows)
+
+    controls = {"pos": w.Dropdown(options=options, value=options[0][1], description="image and object",
+                                  style=LABELS, layout=w.Layout(width="560px"))}
+    return w.VBox([controls["pos"], figure_view(figure, controls, "760px")])
 
 
 def threshold_panel(hist: histograms.Histograms, planted: dict | None = None) -> w.Widget:

@@ -15,6 +15,7 @@ import pandas as pd
 from citylib.core import artifacts, paths
 from citylib.run import table
 from citylib.run.current import Current, current
+from citylib.run.report_parts import figures_html as _figures, removal_section, table_html as _table
 from citylib.stages import ar_tables, causal, methods
 
 
@@ -136,11 +137,15 @@ def _tables(out: Path, runs: list[Path], frame: pd.DataFrame | None, tests: dict
             "a network could show at that resolution.</p>", _table(recovery)]))
     if overview:
         body.append(("reliance", "Reliance and visibility", overview))
+    removal, removal_per_run = removal_section(out, runs)
+    if removal:
+        body.append(("removal", "Reliance by object removal", removal))
     if comparison and (out / "comparison" / "table2.csv").is_file():
         body.append(("comparison", "Architectures versus initialisations (Table 2)",
                      _comparison(out, out / "comparison", tests)))
     for run_dir in runs:
-        body.append((f"run-{run_dir.name}", f"Run {run_dir.name}", per_run.get(run_dir.name, []) + [
+        body.append((f"run-{run_dir.name}", f"Run {run_dir.name}", per_run.get(run_dir.name, [])
+                     + removal_per_run.get(run_dir.name, []) + [
             _figures(out, [(run_dir / f"{name}.png", caption) for name, caption in table.report_figures("run")])]))
     return body
 
@@ -323,12 +328,6 @@ def by_architecture(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("architecture", key=lambda c: c.map(order), kind="stable")
 
 
-def _table(frame: pd.DataFrame) -> str:
-    """A frame as an HTML table in a box that scrolls sideways when the table is wider than the page."""
-    return ("<div class='table'>" + frame.to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="—")
-            + "</div>")
-
-
 def _recovery(runs: list[Path]) -> pd.DataFrame:
     rows = []
     for run_dir in runs:
@@ -363,14 +362,3 @@ def _sanity(runs: list[Path]) -> pd.DataFrame:
                      "cascade": ("passed" if c["passed"] else "failed") if c else "—",
                      "images": (d or c)["n_images"]})
     return pd.DataFrame(rows)
-
-
-def _figures(out: Path, figures: list[tuple[Path, str]]) -> str:
-    """Linked thumbnails of the figures that exist (paths relative to ``outputs/report/``)."""
-    items = []
-    for path, caption in figures:
-        if path.is_file():
-            href = html.escape("../" + path.relative_to(out).as_posix())
-            items.append(f"<figure><a href='{href}'><img src='{href}' style='max-height:28em'></a>"
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    return "<div>" + "".join(items) + "</div>"

@@ -22,9 +22,9 @@ import pandas as pd
 from citylib.core.artifacts import ResultFolder, StaleError, read_json
 from citylib.data import dataset, segment
 from citylib.explain import cues
-from citylib.figures import compare_plots, gallery, stats_plots
+from citylib.figures import compare_plots, gallery, reliance_plots, stats_plots
 from citylib.nets import checkpoint, train
-from citylib.stages import causal, compare, embed, gradcam, methods, objects
+from citylib.stages import calibration, causal, compare, embed, gradcam, methods, objects, reliance
 from citylib.stats import histograms, intervals
 
 
@@ -167,6 +167,39 @@ def _methods(run, progress: bool = True, reliance=None):
                        target=cfg.gradcam.target, progress=progress)
 
 
+def _reliance(run, progress: bool = True):
+    return reliance.run(run.cfg.reliance, run.dir, load_cache(run), segment_cfg=run.cfg.segment,
+                        segment_dir=run.data_dir / "segment", progress=progress)
+
+
+def _calibration(run, progress: bool = True):
+    cf = counterfactuals(run)
+    if cf is None or cf.deleted_index is None or cf.deleted_index.empty:
+        return None
+    return calibration.run(run.cfg.reliance, run.dir, load_cache(run), cf, progress=progress)
+
+
+def _calibration_key(run, k: dict) -> str | None:
+    cf = counterfactuals(run)
+    if cf is None or cf.deleted_index is None or cf.deleted_index.empty:
+        return None
+    return calibration.key(run.cfg.reliance, k["training"], cf.key)
+
+
+def _calibration_metrics(run) -> dict:
+    table = pd.read_csv(run.dir / "calibration.csv")
+    return {"calibration": {"operator": run.cfg.reliance.operator, "table": table.to_dict("records")}}
+
+
+def _calibration_summary(m: dict) -> dict:
+    """The run's operator's calibration, unadjusted, for ``summary.csv``."""
+    rows = [r for r in _at(m, "calibration", "table", default=[])
+            if r["operator"] == _at(m, "calibration", "operator") and r["measure"] == "effect"]
+    row = rows[0] if rows else {}
+    return {"calibration_rho": row.get("spearman_rho"), "calibration_rho_low": row.get("rho_ci_low"),
+            "calibration_rho_high": row.get("rho_ci_high"), "calibration_mae": row.get("mae")}
+
+
 def _comparison_key(grid, of_runs: dict) -> str:
     """The comparison's key for ``grid``'s runs, from each run's keys (``of_runs``: name -> keys)."""
     cfg = grid.cfg.compare
@@ -243,6 +276,17 @@ STAGES = (
                              "cue_free_at_chance": None, "cue_free_p": _at(m, "causal", "cue_free", "p"),
                              "cue_free_p_holm": None},
           across=_cue_free_across),
+    Stage("reliance", "05_objects.ipynb", (("reliance", reliance.RelianceConfig),),
+          key=lambda run, k: reliance.key(run.cfg.reliance, k["training"], labels_key(run)),
+          run=_reliance, marker=lambda run: ResultFolder(run.dir, reliance.NAME),
+          metrics=lambda run: {"reliance": read_json(run.dir / "reliance.json")},
+          figures=reliance_plots.draw,
+          report=(("reliance", "What the network relies on: each object removed, against the same shape filled "
+                               "elsewhere"), ("removal_examples", "What removal means: original, object removed, null"))),
+    Stage("calibration", "05_objects.ipynb", key=_calibration_key, run=_calibration,
+          marker=lambda run: ResultFolder(run.dir, calibration.NAME), metrics=_calibration_metrics,
+          summary=_calibration_summary, figures=reliance_plots.draw_calibration,
+          report=(("calibration", "Removal against true deletion on the generated world, per (city, object)"),)),
     Stage("methods", "05_objects.ipynb", (("methods", methods.MethodsConfig),), key=_methods_key, run=_methods,
           marker=lambda run: ResultFolder(run.dir, methods.NAME),
           metrics=lambda run: {"methods": read_json(run.dir / "methods.json")}),

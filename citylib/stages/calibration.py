@@ -1,4 +1,5 @@
-"""How far a removal operator lands from the true counterfactual, on a generated world.
+"""Calibration stage: how far each removal operator lands from the true counterfactual, on a
+generated world.
 
 The world re-renders a test spot without one object kind (``synth.render_spot``'s ``delete``):
 the true deletion. A removal operator fills the same pixels (those whose label the deletion
@@ -12,17 +13,38 @@ changed) in the original image. Per (city, object) both give a mean change of lo
 - ``mae``: the mean absolute difference of the means (log p);
 - ``strongest_same``: the cities whose most negative pair is the same under both.
 
-Pure functions on tables; reads and writes nothing.
+Each operator is also scored with its matched null subtracted (``adjusted``, as in
+``reliance``), so that the table shows whether the null helps.
+
+Reads the run's ``best.pt``, the snapshot's cache and its true deletions
+(``counterfactual.CounterfactualSet.deleted_*``). Writes into the run folder
+``calibration.csv`` (per operator and measure: ``COLUMNS``) and ``calibration_images.csv`` (per
+deletion: row, city, group, view, object, share, ``true`` and each operator's change of log p,
+and its null's); ``.results/calibration.json`` marks the finished result, keyed by the reliance
+settings, the training's key, the counterfactual images' key and the code.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats as sps
+from tqdm.auto import tqdm
 
+from citylib.core import devices
+from citylib.core.artifacts import ResultFolder, StaleError, code_key, write_csv
+from citylib.core.config import config_hash
+from citylib.explain import removal
+from citylib.nets import checkpoint, infer, train
+from citylib.stages.reliance import RelianceConfig, null_mask
 from citylib.stats import resampling
 
-COLUMNS = ["spearman_rho", "rho_ci_low", "rho_ci_high", "n_pairs", "sign_agreement", "signs_checked", "mae",
+NAME = "calibration"
+
+COLUMNS = ["operator", "measure", "spearman_rho", "rho_ci_low", "rho_ci_high", "n_pairs", "sign_agreement", "signs_checked", "mae",
            "strongest_same", "cities"]
 
 
@@ -37,13 +59,14 @@ def agreement(images: pd.DataFrame, estimate: str, truth: str = "true", *, min_i
               n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
     """``images``: one row per (image, object) with city, object, group (the spot) and the
     changes of log p under the true deletion (``truth``) and under the operator (``estimate``).
-    Returns ``COLUMNS`` (see the module's docstring)."""
+    Returns ``COLUMNS[2:]`` (see the module's docstring)."""
     keep = images.groupby(["city", "object"])["city"].transform("size") >= min_images
     images = images[keep].reset_index(drop=True)
     pairs = images.groupby(["city", "object"], sort=True).ngroup().to_numpy()              # (n,)
     n_pairs = int(pairs.max()) + 1 if len(pairs) else 0
-    if n_pairs < 3:
-        raise ValueError(f"{n_pairs} (city, object) pairs with {min_images} images or more: too few to rank")
+    if n_pairs < 3:           # too few to rank: said by n_pairs, every figure NaN
+        return {**dict.fromkeys(COLUMNS[2:], float("nan")), "n_pairs": n_pairs, "signs_checked": 0,
+                "strongest_same": 0, "cities": int(images["city"].nunique())}
     names = images.groupby(["city", "object"], sort=True).size().index
     one_hot = np.zeros((len(images), n_pairs))
     one_hot[np.arange(len(images)), pairs] = 1.0                                           # (n, P)
@@ -67,3 +90,86 @@ def agreement(images: pd.DataFrame, estimate: str, truth: str = "true", *, min_i
     return {"spearman_rho": rho, "rho_ci_low": float(lo), "rho_ci_high": float(hi), "n_pairs": n_pairs,
             "sign_agreement": float(agree.mean()) if sure.any() else float("nan"), "signs_checked": int(sure.sum()),
             "mae": float(np.abs(est_m - true_m).mean()), "strongest_same": int(sum(same)), "cities": len(same)}
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    table: pd.DataFrame     # calibration.csv
+    images: pd.DataFrame    # calibration_images.csv
+    key: str
+    folder: Path
+    reused: bool = False
+    figures: dict = field(default_factory=dict)   # name -> PNG (``pipeline.result``)
+
+
+def key(cfg: RelianceConfig, training_key: str, counterfactual_key: str) -> str:
+    return config_hash(NAME, code_key(__name__), devices.keyed(cfg), training_key, counterfactual_key)
+
+
+def run(cfg: RelianceConfig, run_dir: str | Path, cache, counterfactuals, *, progress: bool = True) -> CalibrationResult:
+    """Score every operator of ``cfg.calibrate`` against the true deletions, written into
+    ``run_dir`` (reused when the key matches)."""
+    run_dir = Path(run_dir)
+    model, cities, config = checkpoint.load_model(run_dir, device=cfg.device)
+    checkpoint.check_data(run_dir, config, cache)
+    trained = ResultFolder(run_dir, train.NAME).finished()
+    if trained is None:
+        raise StaleError(f"{run_dir}: no finished training; train first (notebook 02, or `citylib run`)")
+    folder = ResultFolder(run_dir, NAME, key(cfg, trained["key"], counterfactuals.key))
+    if folder.done() is not None:
+        return _load(run_dir, folder.key)
+    if counterfactuals.deleted_index is None or len(counterfactuals.deleted_index) == 0:
+        raise StaleError(f"{counterfactuals.folder}: no true deletions to calibrate against (data.deletion_spots is 0)")
+    folder.begin()
+    nets = devices.replicas(model, devices.every(cfg.device))
+    images = changes(nets, cache, counterfactuals, list(cities), cfg, progress=progress)
+    table = pd.DataFrame([{"operator": op, "measure": measure,
+                           **agreement(images, op if measure == "effect" else f"{op}_adjusted",
+                                       min_images=cfg.min_images, n_boot=cfg.n_boot, level=cfg.level, seed=cfg.seed)}
+                          for op in cfg.calibrate for measure in ("effect", "adjusted")], columns=COLUMNS)
+    write_csv(run_dir / "calibration.csv", table)
+    write_csv(run_dir / "calibration_images.csv", images)
+    folder.commit(["calibration.csv", "calibration_images.csv"], training_key=trained["key"])
+    return CalibrationResult(table, images, folder.key, run_dir)
+
+
+def changes(model, cache, counterfactuals, cities: list[str], cfg: RelianceConfig, *,
+            progress: bool = False) -> pd.DataFrame:
+    """Per true deletion: the change of log p(true city) it makes (``true``), and each
+    operator's on the same pixels of the original (``<op>``), its null's (``<op>_null``) and the
+    difference (``<op>_adjusted``); a batch of deletions at a time."""
+    index = counterfactuals.deleted_index.reset_index(drop=True)
+    target = np.array([cities.index(c) for c in index["city"]], np.int64)
+    out = {name: np.zeros(len(index)) for name in ["true", *[f"{op}{s}" for op in cfg.calibrate for s in ("", "_null")]]}
+    share = np.zeros(len(index))
+    step = cfg.batch_size
+    for start in tqdm(range(0, len(index), step), desc="calibration", disable=not progress):
+        at = np.arange(start, min(start + step, len(index)))
+        rows = index["row"].to_numpy(np.int64)[at]
+        original = np.asarray(cache.images[rows])                                      # (B, S, S, 3)
+        masks = np.asarray(counterfactuals.deleted_masks[at])                          # (B, S, S)
+        labels = np.asarray(cache.labels[rows])
+        nulls = np.stack([null_mask(lab, m, cfg.ring, cfg.dilation)[0] for lab, m in zip(labels, masks)])
+        share[at] = masks.mean((1, 2))
+        batch = {"": original, "true": np.asarray(counterfactuals.deleted_images[at])}
+        for op in cfg.calibrate:
+            fill = dict(dilation=cfg.dilation, **cfg.settings())
+            batch[op] = removal.remove(op, original, masks, seed=cfg.seed + start, **fill)
+            batch[f"{op}_null"] = removal.remove(op, original, nulls, seed=cfg.seed + start + 1, **fill)
+        logits = infer.logits(model, np.concatenate(list(batch.values())), cfg.batch_size)
+        logp = torch.log_softmax(torch.from_numpy(logits).double(), 1).numpy().reshape(len(batch), len(at), -1)
+        picked = logp[:, np.arange(len(at)), target[at]]                              # (variants, B)
+        for k, name in enumerate(batch):
+            if name:
+                out[name][at] = picked[k] - picked[0]
+    frame = index.assign(share=share, **out)
+    for op in cfg.calibrate:
+        frame[f"{op}_adjusted"] = frame[op] - frame[f"{op}_null"]
+    return frame
+
+
+def _load(run_dir: Path, key: str) -> CalibrationResult:
+    return CalibrationResult(pd.read_csv(run_dir / "calibration.csv"),
+                             pd.read_csv(run_dir / "calibration_images.csv", dtype={"city": str, "object": str,
+                                                                                    "group": str}),
+                             key, run_dir, reused=True)

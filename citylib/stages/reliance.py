@@ -24,7 +24,7 @@ keyed by the settings, the training's key, the label maps' key and the code.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -63,6 +63,9 @@ class RelianceConfig:
     sigma: float = 10.0       # the blur operator's Gaussian (pixels)
     n_boot: int = 2000        # bootstrap resamples of the groups
     level: float = 0.95       # interval level
+    calibrate: tuple[str, ...] = ("mean", "blur", "linear", "ns", "telea")   # operators scored
+    #                           against true deletion on a generated world (``calibration``)
+    min_images: int = 5       # a (city, object) pair enters the calibration with this many images
     batch_size: int = 64      # images per forward pass
     seed: int = 0             # of the operator's noise and the bootstrap
     device: str = "auto"      # of the forward passes (citylib.devices)
@@ -70,8 +73,11 @@ class RelianceConfig:
     def __post_init__(self):
         if self.operator not in removal.OPERATORS:
             raise ValueError(f"reliance.operator: {self.operator!r} is not one of {', '.join(sorted(removal.OPERATORS))}")
+        object.__setattr__(self, "calibrate", tuple(self.calibrate))
+        if unknown := [o for o in self.calibrate if o not in removal.OPERATORS]:
+            raise ValueError(f"reliance.calibrate: {', '.join(map(repr, unknown))} not among {', '.join(sorted(removal.OPERATORS))}")
         check(self, dilation="in [0, 64]", min_share="in (0, 1)", ring="in [1, 64]", noise="in [0, 1]",
-              radius="in [1, 64]", sigma="in (0, 100]", n_boot="in [100, 1000000]", level="in [0.5, 1)",
+              radius="in [1, 64]", sigma="in (0, 100]", min_images=">= 2", n_boot="in [100, 1000000]", level="in [0.5, 1)",
               batch_size=">= 1")
         devices.validate(self)
 
@@ -86,8 +92,12 @@ class RelianceResult:
     images: pd.DataFrame    # reliance_images.csv
     summary: dict           # reliance.json
     key: str
-    folder: Path
+    folder: Path            # the run folder, where these files are
+    cache: object           # the snapshot's cache, and the test rows' label maps (read lazily):
+    rows: np.ndarray        # (n,) cache rows of the test images
+    labels: segment.Rows    # (n, S, S) uint8
     reused: bool = False
+    figures: dict = field(default_factory=dict)   # name -> PNG (``pipeline.result``)
 
 
 def key(cfg: RelianceConfig, training_key: str, labels_key: str) -> str:
@@ -106,10 +116,10 @@ def run(cfg: RelianceConfig, run_dir: str | Path, cache, *, segment_cfg: segment
         raise StaleError(f"{run_dir}: no finished training; train first (notebook 02, or `citylib run`)")
     rows = np.asarray(cache.split_indices("test"), dtype=np.int64)
     folder = ResultFolder(run_dir, NAME, key(cfg, trained["key"], segment.key(segment_cfg, cache, rows)))
-    if folder.done() is not None:
-        return _load(run_dir, folder.key)
-    folder.begin()
     seg = segment.run(segment_cfg, segment_dir, cache, rows=rows, progress=progress)
+    if folder.done() is not None:
+        return _load(run_dir, folder.key, cache, rows, seg.of(rows))
+    folder.begin()
     index = cache.index.iloc[rows]
     target = np.array([list(cities).index(c) for c in index["city"]], np.int64)
     nets = devices.replicas(model, devices.every(cfg.device))
@@ -122,7 +132,7 @@ def run(cfg: RelianceConfig, run_dir: str | Path, cache, *, segment_cfg: segment
     write_csv(run_dir / "reliance_images.csv", images)
     write_json(run_dir / "reliance.json", summary)
     folder.commit(["reliance.csv", "reliance_images.csv", "reliance.json"], training_key=trained["key"])
-    return RelianceResult(table, images, summary, folder.key, run_dir)
+    return RelianceResult(table, images, summary, folder.key, run_dir, cache, rows, seg.of(rows))
 
 
 def objects(labels: np.ndarray, min_share: float) -> list[tuple[int, int]]:
@@ -224,7 +234,22 @@ def summarise(images: pd.DataFrame, cfg: RelianceConfig = RelianceConfig()) -> p
     return table[COLUMNS].sort_values(["city", "rank"], kind="stable").reset_index(drop=True)
 
 
-def _load(run_dir: Path, key: str) -> RelianceResult:
+def verdict(table: pd.DataFrame, min_images: int = 5, top: int = 3) -> str:
+    """In words, per city: the objects (in ``min_images`` images or more) whose removal lowers
+    p(true city) with an interval below 0, strongest first, ``top`` of them; or that none does."""
+    lines = []
+    for city, t in table[table["n"] >= min_images].groupby("city", sort=True):
+        sure = t[t["ci_high"] < 0].nsmallest(top, "effect")
+        if sure.empty:
+            lines.append(f"{city}: removing no single object lowers p({city}) beyond chance")
+            continue
+        named = "; ".join(f"{r.object} (Δ log p {r.effect:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}], {r.n} images)"
+                          for r in sure.itertuples())
+        lines.append(f"{city}: the network relies most on {named}")
+    return "\n".join(lines) or "no object in enough images to say"
+
+
+def _load(run_dir: Path, key: str, cache, rows, labels) -> RelianceResult:
     return RelianceResult(pd.read_csv(run_dir / "reliance.csv", dtype={"city": str, "object": str}),
                           pd.read_csv(run_dir / "reliance_images.csv", dtype={"city": str, "object": str, "group": str}),
-                          read_json(run_dir / "reliance.json"), key, run_dir, reused=True)
+                          read_json(run_dir / "reliance.json"), key, run_dir, cache, rows, labels, reused=True)

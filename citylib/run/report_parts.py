@@ -1,0 +1,92 @@
+"""Parts of the report page: tables and figures as HTML, and the section on reliance by object
+removal (``reliance.csv`` of every run, ``calibration.csv`` where the world could re-render).
+
+Reads the run folders' results; ``removal_section`` draws ``report/removal.png``.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from citylib.core import artifacts
+from citylib.stages import ar_tables, reliance
+
+
+def table_html(frame: pd.DataFrame) -> str:
+    """A frame as an HTML table in a box that scrolls sideways when the table is wider than the page."""
+    return ("<div class='table'>" + frame.to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="—")
+            + "</div>")
+
+
+def figures_html(out: Path, figures: list[tuple[Path, str]]) -> str:
+    """Linked thumbnails of the figures that exist (paths relative to ``outputs/report/``)."""
+    items = []
+    for path, caption in figures:
+        if path.is_file():
+            href = html.escape("../" + path.relative_to(out).as_posix())
+            items.append(f"<figure><a href='{href}'><img src='{href}' style='max-height:28em'></a>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return "<div>" + "".join(items) + "</div>"
+
+
+def calibration_overview(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per operator and measure, over the runs: the mean Spearman ρ and its runs' range, the
+    mean of the rest; the rows of ``calibration.csv`` of every run."""
+    long = pd.concat([t.assign(run=name) for name, t in tables.items()], ignore_index=True)
+    g = long.groupby(["operator", "measure"], sort=False)
+    return pd.DataFrame({"runs": g["run"].nunique(), "ρ (mean)": g["spearman_rho"].mean(),
+                         "ρ (lowest run)": g["spearman_rho"].min(), "ρ (highest run)": g["spearman_rho"].max(),
+                         "pairs per run": g["n_pairs"].mean(), "signs right": g["sign_agreement"].mean(),
+                         "error in log p": g["mae"].mean(),
+                         "same strongest (cities)": g["strongest_same"].sum().astype(str) + " / "
+                         + g["cities"].sum().astype(str)}).reset_index()
+
+
+def removal_section(out: Path, runs: list[Path]) -> tuple[list[str], dict[str, list[str]]]:
+    """The section's HTML parts (what removal measures, one figure across runs, the calibration
+    across runs) and per run its verdict in words."""
+    done = [d for d in runs if (d / "reliance.csv").is_file()]
+    if not done:
+        return [], {}
+    tables = {d.name: pd.read_csv(d / "reliance.csv", dtype={"city": str, "object": str}) for d in done}
+    settings = artifacts.read_json(done[0] / "reliance.json").get("settings", {})
+    min_images = int(settings.get("min_images", 5))
+    parts = [f"<p>On any images, photos too: each object covering at least {settings.get('min_share', 0.01):.0%} "
+             f"of a test image is removed (its pixels, grown by {settings.get('dilation')} px, filled by the "
+             f"<i>{html.escape(str(settings.get('operator')))}</i> operator) and the network decides again. The "
+             "change in log p(true city), with its 95% interval over groups: below 0, the network relies on the "
+             "object. Below: each city's strongest objects, one dot per run.</p>",
+             _across_figure(out, tables, done, min_images)]
+    calibrated = {d.name: pd.read_csv(d / "calibration.csv") for d in done if (d / "calibration.csv").is_file()}
+    if calibrated:
+        parts += ["<p>How far removal lands from the truth: on the generated world each test spot is re-rendered "
+                  "without each object kind (what stood behind it drawn instead), and every operator fills the "
+                  "same pixels of the original. Per operator, over the runs: Spearman ρ between the operator's "
+                  "and the true per-(city, object) effects, the share of signs right where the true interval "
+                  "excludes 0, the mean error in log p, and the cities whose strongest object both name. "
+                  "<i>adjusted</i>: with the matched null subtracted. This error stands beside every number of "
+                  "the reliance tables on photos.</p>", table_html(calibration_overview(calibrated))]
+    per_run = {name: [f"<p><b>Reliance by removal.</b> {html.escape(reliance.verdict(t, min_images)).replace(chr(10), '<br>')}</p>"]
+               for name, t in tables.items()}
+    return parts, per_run
+
+
+def _across_figure(out: Path, tables: dict[str, pd.DataFrame], done: list[Path], min_images: int, top: int = 3) -> str:
+    import matplotlib.pyplot as plt
+
+    from citylib.figures import causal_plots, plots
+
+    pooled = pd.concat(tables.values())
+    pooled = pooled[pooled["n"] >= min_images].groupby(["city", "object"])["effect"].mean().reset_index()
+    keep = set(map(tuple, pooled.sort_values("effect").groupby("city").head(top)[["city", "object"]].to_numpy()))
+    shown = {n: t[[(c, o) in keep for c, o in zip(t["city"], t["object"])]] for n, t in tables.items()}
+    arch = {d.name: artifacts.read_json(d / "config.json").get("config", {}).get("arch", d.name)
+            if (d / "config.json").is_file() else d.name for d in done}
+    fig = causal_plots.plot_reliance(shown, {n: ar_tables.NAMES.get(a, a) for n, a in arch.items()},
+                                     xlabel="Δ log p(true city) when the object is removed (95% interval)")
+    path = plots.save(fig, out / "report" / "removal.png")
+    plt.close(fig)
+    return figures_html(out, [(path, f"Each city's {top} objects whose removal lowers p(true city) most (mean over "
+                                     "runs), one dot per run with its 95% interval")])
