@@ -57,3 +57,11 @@ def test_noise_widens_the_interval_and_pairs_with_few_images_are_left_out():
     assert calibration.agreement(df, "removed")["n_pairs"] == 5
     few = calibration.agreement(table(t[:2], t[:2]), "removed")        # too few to rank: said, not guessed
     assert few["n_pairs"] == 2 and np.isnan(few["spearman_rho"]) and np.isnan(few["mae"])
+
+
+def test_the_truths_own_reliability_is_1_without_noise_and_near_0_for_noise_alone():
+    t = [-3.0, -2.0, -1.0, -0.5, -2.5, 0.5, -1.5, 0.2]
+    assert calibration.agreement(table(t, t, spots=8), "removed")["truth_reliability"] == pytest.approx(1.0)
+    noise = table([0.0] * 16, [0.0] * 16, spots=30)
+    noise["true"] = np.random.default_rng(0).normal(0, 1, len(noise))
+    assert abs(calibration.agreement(noise, "removed")["truth_reliability"]) < 0.3

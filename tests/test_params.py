@@ -47,6 +47,9 @@ def test_good_file_resolves_with_defaults_and_is_named_after_the_file(tmp_path):
     (lambda t: t.replace("train: {epochs: 1,", "train: {epochs: 1, epochs: 2,"), "'epochs' given twice"),
     (lambda t: t.replace("image_size: 64", "image_size: 10"), "data.image_size"),   # before the data stage
     (lambda t: t.replace("train: {epochs: 1,", "train: {epochs: 1, device: gpu,"), "'device' = 'gpu'"),
+    (lambda t: t + "reliance: {operator: paint}\n", "reliance.operator: 'paint'"),
+    (lambda t: t + "reliance: {calibrate: [linear, smudge]}\n", "reliance.calibrate: 'smudge'"),
+    (lambda t: t + "reliance: {min_share: 0}\n", "'min_share' = 0"),
 ])
 def test_bad_files_stop_with_a_message_naming_file_and_key(tmp_path, edit, needle):
     path = write(tmp_path, "bad.yaml", edit(textwrap.dedent(GOOD)))

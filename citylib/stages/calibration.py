@@ -11,7 +11,11 @@ changed) in the original image. Per (city, object) both give a mean change of lo
 - ``sign_agreement``: the share of the pairs whose true interval excludes 0 where the operator's
   mean has the true sign (``signs_checked`` of them);
 - ``mae``: the mean absolute difference of the means (log p);
-- ``strongest_same``: the cities whose most negative pair is the same under both.
+- ``strongest_same``: the cities whose most negative pair is the same under both;
+- ``truth_reliability``: how well the true means agree with themselves: Spearman's ρ between
+  the true means of two random halves of each city's spots, averaged over 50 splits and
+  stepped up to the whole sample (Spearman-Brown). No operator can rank the pairs much more
+  alike than the truth's own two halves would: an estimate of the ceiling of ``spearman_rho``.
 
 Each operator is also scored with its matched null subtracted (``adjusted``, as in
 ``reliance``), so that the table shows whether the null helps.
@@ -25,6 +29,7 @@ settings, the training's key, the counterfactual images' key and the code.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +50,7 @@ from citylib.stats import resampling
 NAME = "calibration"
 
 COLUMNS = ["operator", "measure", "spearman_rho", "rho_ci_low", "rho_ci_high", "n_pairs", "sign_agreement", "signs_checked", "mae",
-           "strongest_same", "cities"]
+           "strongest_same", "cities", "truth_reliability"]
 
 
 def pair_means(images: pd.DataFrame, column: str, min_images: int = 5) -> pd.DataFrame:
@@ -57,6 +62,15 @@ def pair_means(images: pd.DataFrame, column: str, min_images: int = 5) -> pd.Dat
 
 def agreement(images: pd.DataFrame, estimate: str, truth: str = "true", *, min_images: int = 5,
               n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """See ``_agreement``; a constant column (an operator that changes nothing) ranks nothing:
+    its ρ is NaN, said without a warning per resample."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sps.ConstantInputWarning)
+        return _agreement(images, estimate, truth, min_images=min_images, n_boot=n_boot, level=level, seed=seed)
+
+
+def _agreement(images: pd.DataFrame, estimate: str, truth: str = "true", *, min_images: int = 5,
+               n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
     """``images``: one row per (image, object) with city, object, group (the spot) and the
     changes of log p under the true deletion (``truth``) and under the operator (``estimate``).
     Returns ``COLUMNS[2:]`` (see the module's docstring)."""
@@ -89,7 +103,31 @@ def agreement(images: pd.DataFrame, estimate: str, truth: str = "true", *, min_i
     same = [np.argmin(true_m[cities == c]) == np.argmin(est_m[cities == c]) for c in np.unique(cities)]
     return {"spearman_rho": rho, "rho_ci_low": float(lo), "rho_ci_high": float(hi), "n_pairs": n_pairs,
             "sign_agreement": float(agree.mean()) if sure.any() else float("nan"), "signs_checked": int(sure.sum()),
-            "mae": float(np.abs(est_m - true_m).mean()), "strongest_same": int(sum(same)), "cities": len(same)}
+            "mae": float(np.abs(est_m - true_m).mean()), "strongest_same": int(sum(same)), "cities": len(same),
+            "truth_reliability": reliability(images, truth, one_hot, seed)}
+
+
+def reliability(images: pd.DataFrame, column: str, one_hot: np.ndarray, seed: int = 0, splits: int = 50) -> float:
+    """Split-half reliability of the per-pair means of ``column``: each city's spots halved at
+    random, Spearman's ρ between the two halves' means over the pairs both halves hold, averaged
+    over ``splits`` and stepped up by Spearman-Brown (2ρ / (1 + ρ)); NaN without 2 spots a city."""
+    rng = np.random.default_rng(seed)
+    values, groups, cities = images[column].to_numpy(float), images["group"].to_numpy(str), images["city"].to_numpy(str)
+    rhos = []
+    for _ in range(splits):
+        half = np.zeros(len(images), bool)
+        for city in np.unique(cities):
+            spots = np.unique(groups[cities == city])
+            if len(spots) < 2:
+                return float("nan")
+            half |= np.isin(groups, rng.permutation(spots)[: len(spots) // 2])
+        sums = [(values * h) @ one_hot for h in (half, ~half)]
+        sizes = [h.astype(float) @ one_hot for h in (half, ~half)]
+        both = (sizes[0] > 0) & (sizes[1] > 0)
+        if both.sum() >= 3:
+            rhos.append(sps.spearmanr(sums[0][both] / sizes[0][both], sums[1][both] / sizes[1][both]).statistic)
+    r = float(np.nanmean(rhos)) if rhos else float("nan")
+    return 2 * r / (1 + r) if np.isfinite(r) and r > -1 else float("nan")
 
 
 @dataclass(frozen=True)
