@@ -77,7 +77,8 @@ def plot_removals(cache, labels, picked: pd.DataFrame, cfg: reliance_stage.Relia
         shown = (image, removal.remove(cfg.operator, image[None], mask[None], **fill)[0],
                  removal.remove(cfg.operator, image[None], null[None], **fill)[0])
         titles = (f"{r['city']}: {r['object']}", f"removed: Δ log p {r['logp_removed'] - r['logp']:+.2f}",
-                  f"null: Δ log p {r['logp_null'] - r['logp']:+.2f}")
+                  f"null: Δ log p {r['logp_null'] - r['logp']:+.2f}" if null.any() else
+                  "null: its shape fits nowhere else")
         for ax, im, title in zip(ax_row, shown, titles):
             ax.imshow(im)
             ax.set_title(title, fontsize=8)

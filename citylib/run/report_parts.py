@@ -79,7 +79,9 @@ def _across_figure(out: Path, tables: dict[str, pd.DataFrame], done: list[Path],
     from citylib.figures import causal_plots, plots
 
     pooled = pd.concat(tables.values())
-    pooled = pooled[pooled["n"] >= min_images].groupby(["city", "object"])["effect"].mean().reset_index()
+    if (pooled["n"] >= min_images).any():          # else every object, however few its images
+        pooled = pooled[pooled["n"] >= min_images]
+    pooled = pooled.groupby(["city", "object"])["effect"].mean().reset_index()
     keep = set(map(tuple, pooled.sort_values("effect").groupby("city").head(top)[["city", "object"]].to_numpy()))
     shown = {n: t[[(c, o) in keep for c, o in zip(t["city"], t["object"])]] for n, t in tables.items()}
     arch = {d.name: artifacts.read_json(d / "config.json").get("config", {}).get("arch", d.name)
