@@ -227,3 +227,19 @@ def test_the_stage_counts_the_sweep_batch_by_batch_as_the_whole_masks_would_be()
         np.testing.assert_array_equal(h.above[:, [0, 1]], full.above[:, [0, 50]], err_msg=str(k))
     with pytest.raises(ValueError, match="5 targets for 7 images"):
         methods.sweep(model, images, np.zeros(5, np.int64), layers, ("gradcam",))
+
+
+def test_reliance_by_removal_is_a_reference_of_the_objects_in_enough_images_ranked_again():
+    from types import SimpleNamespace
+
+    table = pd.DataFrame({"city": ["a", "a", "a", "b", "b"], "object": ["sky", "car", "tree", "sky", "road"],
+                          "n": [9, 2, 7, 8, 6], "effect": [-0.1, -0.9, -0.5, 0.2, -0.3], "rank": [3, 1, 2, 2, 1],
+                          "ci_low": 0.0, "ci_high": 0.0})
+    images = pd.DataFrame({"row": [0, 0, 1], "city": "a", "group": "g", "object": ["sky", "car", "tree"],
+                           "logp": -1.0, "logp_removed": [-1.1, -1.9, -1.5]})
+    ref = methods.removal_reference(SimpleNamespace(table=table, images=images, key="k"), min_images=5)
+    assert ref.planted == {"a": ("sky", "tree"), "b": ("sky", "road")}            # car: 2 images
+    assert dict(zip(zip(ref.table["city"], ref.table["object"]), ref.table["rank"])) == {
+        ("a", "sky"): 2, ("a", "tree"): 1, ("b", "sky"): 2, ("b", "road"): 1}
+    assert "logp_without" in ref.images and set(ref.images["object"]) == {"sky", "tree"}
+    assert methods.removal_reference(None, 5) is None

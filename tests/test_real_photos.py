@@ -106,4 +106,10 @@ def test_reliance_on_real_photos_is_a_well_formed_table_with_its_examples(chain)
     for figure in ("reliance.png", "removal_examples.png"):
         assert (run / figure).stat().st_size > 10_000
     assert not (run / "calibration.csv").exists()
+    # which explanation to trust on these photos: every method and layer scored against removal
+    assert not (run / "methods.csv").exists()
+    visible = json.loads((run / "methods_removal.json").read_text())
+    assert visible["reference"] == "removal" and set(visible["scores"]) >= {"gradcam", "hirescam"}
+    scored = pd.read_csv(run / "methods_removal.csv")
+    assert {"method", "layer", "city", "object", "lift_rank", "effect"} <= set(scored.columns)
     assert json.loads((run / "metrics.json").read_text())["reliance"]["segmenter"] == "ade20k"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from citylib.core import artifacts
-from citylib.stages import ar_tables, reliance
+from citylib.stages import ar_tables, methods_tables, reliance
 
 
 def table_html(frame: pd.DataFrame) -> str:
@@ -68,6 +68,15 @@ def removal_section(out: Path, runs: list[Path]) -> tuple[list[str], dict[str, l
                   "excludes 0, the mean error in log p, and the cities whose strongest object both name. "
                   "<i>adjusted</i>: with the matched null subtracted. This error stands beside every number of "
                   "the reliance tables on photos.</p>", table_html(calibration_overview(calibrated))]
+    visible = {d.name: artifacts.read_json(d / "methods_removal.json") for d in done
+               if (d / "methods_removal.json").is_file()}
+    if visible:
+        top = next(iter(visible.values()))["top"]
+        parts += [f"<p>Which explanation to trust on these images: every CAM method at every layer of the sweep, "
+                  f"per run, the cities whose object the network relies on most (by removal) it puts in the lift top "
+                  f"{top}, and Spearman's ρ between the objects' reliance and their lift rank (1: the method ranks "
+                  "them as removal does), with its 95% interval over resampled groups.</p>",
+                  table_html(methods_tables.comparison(visible))]
     per_run = {name: [f"<p><b>Reliance by removal.</b> {html.escape(reliance.verdict(t, min_images)).replace(chr(10), '<br>')}</p>"]
                for name, t in tables.items()}
     return parts, per_run

@@ -158,13 +158,15 @@ def _causal(run, progress: bool = True):
 
 
 def _methods(run, progress: bool = True, reliance=None):
-    """``reliance``: the run's causal result, measured or reused here when not given."""
-    if reliance is None and (reliance := _causal(run, progress)) is None:
-        return None
+    """``reliance``: the run's causal result, measured or reused here when not given (None on
+    other data than a generated world); the methods are scored against it and against reliance
+    by removal."""
+    causal_result = reliance if reliance is not None else _causal(run, progress)
     cfg = run.cfg
-    return methods.run(cfg.methods, run.dir, load_cache(run), planted_cues(run), reliance, stats_cfg=cfg.stats,
+    return methods.run(cfg.methods, run.dir, load_cache(run), planted_cues(run), causal_result, stats_cfg=cfg.stats,
                        segment_cfg=cfg.segment, segment_dir=run.data_dir / "segment",
-                       target=cfg.gradcam.target, progress=progress)
+                       target=cfg.gradcam.target, removal_result=_reliance(run, progress),
+                       min_images=cfg.reliance.min_images, progress=progress)
 
 
 def _reliance(run, progress: bool = True):
@@ -226,8 +228,8 @@ def _causal_key(run, k: dict) -> str | None:
 
 def _methods_key(run, k: dict) -> str | None:
     cfg = run.cfg
-    return None if "causal" not in k else methods.key(cfg.methods, cfg.stats, k["training"], labels_key(run),
-                                                      k["causal"], cfg.gradcam.target)
+    return methods.key(cfg.methods, cfg.stats, k["training"], labels_key(run), k.get("causal"),
+                       cfg.gradcam.target, k["reliance"])
 
 
 # ---------------------------------------------------------------- the table
@@ -289,7 +291,8 @@ STAGES = (
           report=(("calibration", "Removal against true deletion on the generated world, per (city, object)"),)),
     Stage("methods", "05_objects.ipynb", (("methods", methods.MethodsConfig),), key=_methods_key, run=_methods,
           marker=lambda run: ResultFolder(run.dir, methods.NAME),
-          metrics=lambda run: {"methods": read_json(run.dir / "methods.json")}),
+          metrics=lambda run: {name: read_json(run.dir / f"{name}.json") for name in ("methods", "methods_removal")
+                               if (run.dir / f"{name}.json").is_file()}),
     Stage("comparison", "06_comparison.ipynb", (("compare", compare.CompareConfig),), scope="grid",
           key=_comparison_key, run=lambda grid, progress=True: compare.run(grid.cfg.compare, grid.dir, [r.dir for r in grid.runs],
                                                       load_cache(grid), progress=progress),

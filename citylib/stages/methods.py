@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Mapping
 
@@ -40,13 +41,12 @@ from citylib.core import devices
 from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash
 from citylib.data import segment
-from citylib.data.counterfactual import CUE_FREE
 from citylib.explain import cams, cues, saliency
 from citylib.nets import checkpoint, infer, models, train
+from citylib.stages.methods_tables import FUSION, comparison, position, run_table, verdict  # noqa: F401 (its readers)
 from citylib.stats import histograms, resampling
 
 NAME = "methods"
-FUSION = "fusion"
 
 
 @dataclass(frozen=True)
@@ -74,16 +74,18 @@ class MethodsConfig:
 
 @dataclass(frozen=True)
 class MethodsResult:
-    table: pd.DataFrame      # methods.csv
-    summary: dict            # methods.json
-    folder: Path             # the run folder, where these files are
+    table: pd.DataFrame | None     # methods.csv: against the causal effects (a generated world), else None
+    summary: dict | None           # methods.json
+    folder: Path                   # the run folder, where these files are
     reused: bool = False
+    removal_table: pd.DataFrame | None = None   # methods_removal.csv: against reliance by removal
+    removal_summary: dict | None = None         # methods_removal.json
 
 
 def key(cfg: MethodsConfig, stats_cfg: histograms.StatsConfig, training_key: str, labels_key: str,
-        causal_key: str, target: str) -> str:
+        causal_key: str | None, target: str, removal_key: str | None = None) -> str:
     return config_hash(NAME, code_key(__name__), devices.keyed(cfg), stats_cfg, training_key, labels_key,
-                       causal_key, target)
+                       causal_key or "", target, removal_key or "")
 
 
 def sweep_batches(model: torch.nn.Module | list[torch.nn.Module], images: np.ndarray, target, layers,
@@ -175,15 +177,15 @@ def score(masks: dict, label_maps: np.ndarray, cities, planted: Mapping[str, tup
 def scored(hists: dict, map_sizes: dict, cities, planted: Mapping[str, tuple], causal: pd.DataFrame,
            stats_cfg: histograms.StatsConfig, top: int = 3, images: pd.DataFrame | None = None,
            rows: np.ndarray | None = None, n_boot: int = 1000, level: float = 0.95,
-           seed: int = 0) -> tuple[pd.DataFrame, dict]:
+           seed: int = 0, groups: np.ndarray | None = None) -> tuple[pd.DataFrame, dict]:
     """``score`` from the masks' histograms, (method, layer) -> ``histograms.Histograms``, and their
-    map sizes (h, w)."""
+    map sizes (h, w); ``groups``: each label map's group (default: from ``images``)."""
     cue_rows = causal[causal["object"].isin({o for v in planted.values() for o in v})]
     effect = {(c, o): (e, r) for c, o, e, r in cue_rows[["city", "object", "effect", "rank"]].itertuples(index=False)}
     relied = set(zip(cue_rows.loc[cue_rows["ci_high"] < 0, "city"], cue_rows.loc[cue_rows["ci_high"] < 0, "object"]))
     boot = None
     if images is not None and rows is not None and n_boot > 0:
-        boot = _resampling(images, np.asarray(rows), np.asarray(cities).astype(str), n_boot, seed)
+        boot = _resampling(images, np.asarray(rows), np.asarray(cities).astype(str), n_boot, seed, groups)
     rows_out, summary = [], {}
     for (method, layer), hist in hists.items():
         grid = tuple(int(v) for v in map_sizes[method, layer])
@@ -220,11 +222,14 @@ class _Resampling:
     delta: dict                               # (city, object) -> (N,) delta log p (NaN elsewhere)
 
 
-def _resampling(images: pd.DataFrame, rows: np.ndarray, cities: np.ndarray, n_boot: int, seed: int) -> _Resampling:
+def _resampling(images: pd.DataFrame, rows: np.ndarray, cities: np.ndarray, n_boot: int, seed: int,
+                groups: np.ndarray | None = None) -> _Resampling:
     at = pd.Series(np.arange(len(rows)), index=rows)
-    groups = images.groupby("row")["group"].first().reindex(rows)
-    if groups.isna().any():
-        raise ValueError(f"{int(groups.isna().sum())} label-map rows have no counterfactual images")
+    if groups is None:
+        groups = images.groupby("row")["group"].first().reindex(rows)
+        if groups.isna().any():
+            raise ValueError(f"{int(groups.isna().sum())} label-map rows have no counterfactual images")
+    groups = pd.Series(np.asarray(groups))
     # whole spots, within each city, as causal.csv does
     weights = resampling.spot_weights(groups.to_numpy(), cities, n_boot, seed)
     delta = {}
@@ -279,11 +284,12 @@ def rho_resamples(hist: histograms.Histograms, cue_list: list[tuple[str, str]], 
 
 def run(cfg: MethodsConfig, run_dir: str | Path, cache, planted: Mapping[str, tuple], causal_result, *,
         stats_cfg: histograms.StatsConfig, segment_cfg: segment.SegmentConfig,
-        segment_dir: str | Path | None = None, target: str = "predicted",
-        progress: bool = True) -> MethodsResult:
-    """Sweep and score every method at every layer on the run's test images (labelled as the
-    objects stage labels them), written into ``run_dir``; ``causal_result`` is the run's
-    ``causal.run`` result."""
+        segment_dir: str | Path | None = None, target: str = "predicted", removal_result=None,
+        min_images: int = 5, progress: bool = True) -> MethodsResult:
+    """Sweep every method at every layer on the run's test images (labelled as the objects stage
+    labels them) and score it against each reference there is: ``causal_result`` (``causal.run``,
+    a generated world: ``methods.csv``) and ``removal_result`` (``reliance.run``, any data, objects
+    in ``min_images`` images or more: ``methods_removal.csv``), written into ``run_dir``."""
     run_dir = Path(run_dir)
     rows = cache.split_indices("test")
     labels_key = segment.key(segment_cfg, cache, rows)
@@ -292,10 +298,13 @@ def run(cfg: MethodsConfig, run_dir: str | Path, cache, planted: Mapping[str, tu
     model, cities, config = checkpoint.load_model(run_dir, device=cfg.device)
     checkpoint.check_data(run_dir, config, cache)
     trained = ResultFolder(run_dir, train.NAME).finished()
-    folder = ResultFolder(run_dir, NAME, key(cfg, stats_cfg, trained["key"], labels_key, causal_result.key, target))
+    folder = ResultFolder(run_dir, NAME, key(cfg, stats_cfg, trained["key"], labels_key, getattr(causal_result, "key", None),
+                                             target, getattr(removal_result, "key", None)))
+    references = {name: ref for name, ref in (("methods", causal_result),
+                                              ("methods_removal", removal_reference(removal_result, min_images)))
+                  if ref is not None}
     if folder.done() is not None:
-        return MethodsResult(pd.read_csv(run_dir / "methods.csv"), read_json(run_dir / "methods.json"),
-                             run_dir, True)
+        return _result(run_dir, list(references), reused=True)
     folder.begin()
     y = np.asarray(cache.y, np.int64)[rows]
     layers = models.sweep_layers(model, cfg.layers)
@@ -304,91 +313,34 @@ def run(cfg: MethodsConfig, run_dir: str | Path, cache, planted: Mapping[str, tu
     hists, map_sizes = counted(sweep_batches(nets, cache.images, None if target == "predicted" else y, layers,
                                              cfg.methods, cfg.batch_size, cfg.fusion, rows=rows,
                                              progress=progress), label_maps, true_city, stats_cfg)
-    table, summary = scored(hists, map_sizes, true_city, planted, causal_result.table, stats_cfg, cfg.top,
-                            causal_result.images, rows, cfg.n_boot, cfg.level, cfg.seed)
-    summary["layers"] = list(layers) + ([FUSION] if cfg.fusion and len(layers) > 1 else [])
-    write_csv(run_dir / "methods.csv", table)
-    write_json(run_dir / "methods.json", summary)
-    folder.commit(["methods.csv", "methods.json"])
-    return MethodsResult(table, summary, run_dir)
+    groups = cache.index["group"].to_numpy(str)[rows]
+    for name, ref in references.items():
+        scored_on = ref.planted if name == "methods_removal" else planted
+        table, summary = scored(hists, map_sizes, true_city, scored_on, ref.table, stats_cfg, cfg.top,
+                                ref.images, rows, cfg.n_boot, cfg.level, cfg.seed, groups)
+        summary["layers"] = list(layers) + ([FUSION] if cfg.fusion and len(layers) > 1 else [])
+        summary["reference"] = "causal" if name == "methods" else "removal"
+        write_csv(run_dir / f"{name}.csv", table)
+        write_json(run_dir / f"{name}.json", summary)
+    folder.commit([f"{n}.{x}" for n in references for x in ("csv", "json")])
+    return _result(run_dir, list(references))
 
 
-# ------------------------------------------------------------------ tables and the verdict
-def position(layer: str, layers: list[str]) -> str:
-    """A layer's place in the sweep, comparable across architectures: 'paper' (the paper's
-    Grad-CAM layer, the last), 'fusion', or 'paper-k' for the k-th stage before it."""
-    if layer == FUSION:
-        return FUSION
-    stages = [n for n in layers if n != FUSION]
-    k = len(stages) - 1 - stages.index(layer)
-    return "paper" if k == 0 else f"paper-{k}"
+def removal_reference(result, min_images: int):
+    """``reliance.run``'s result as a reference to score methods against: the objects in
+    ``min_images`` images or more (ranked again among themselves), their per-image changes under
+    the causal stage's column names, and the city -> objects they are."""
+    if result is None:
+        return None
+    table = result.table[result.table["n"] >= min_images].copy()
+    table["rank"] = table.groupby("city")["effect"].rank(method="min")
+    images = result.images.rename(columns={"logp_removed": "logp_without"})
+    planted = {c: tuple(g["object"]) for c, g in table.groupby("city")}
+    return SimpleNamespace(table=table, images=images[images["object"].isin(set(table["object"]))],
+                           planted=planted, key=result.key)
 
 
-def run_table(causal_table: pd.DataFrame, table: pd.DataFrame, layers: list[str],
-              recovery: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (city, cue): its causal effect with interval and rank, the ideal detector's
-    lift rank (``recovery``'s ceiling_rank), and each method's lift rank at the paper's layer
-    and at its best layer of the sweep."""
-    paper = [n for n in layers if n != FUSION][-1]
-    out = causal_table[causal_table["object"] != CUE_FREE][["city", "object", "effect", "ci_low", "ci_high",
-                                                            "rank"]].rename(columns={"object": "cue",
-                                                                                     "rank": "causal_rank"})
-    if recovery is not None and "ceiling_rank" in recovery:
-        out = out.merge(recovery[["city", "object", "ceiling_rank"]].rename(columns={"object": "cue"}),
-                        on=["city", "cue"], how="left")
-    for method, g in table.groupby("method", sort=False):
-        at = g[g["layer"] == paper].set_index(["city", "object"])["lift_rank"]
-        out[f"{method} (paper layer)"] = [at.get((c, o), np.nan) for c, o in zip(out["city"], out["cue"])]
-    for method, g in table.groupby("method", sort=False):
-        best = g.sort_values("lift_rank", kind="stable").groupby(["city", "object"]).first()
-        out[f"{method} (best layer)"] = [
-            f"{int(best.loc[(c, o), 'lift_rank'])} ({best.loc[(c, o), 'layer']})"
-            if (c, o) in best.index and best.loc[(c, o), "lift_rank"] == best.loc[(c, o), "lift_rank"] else "—"
-            for c, o in zip(out["city"], out["cue"])]
-    return out.reset_index(drop=True)
-
-
-def comparison(summaries: Mapping[str, dict]) -> pd.DataFrame:
-    """The methods across runs: per method and layer position, per run, how many cities have
-    their causally strongest cue in the lift top k ("2/3"), the planted MRR, and Spearman's rho
-    between reliance and lift rank with its interval."""
-    rows = {}
-    for run_name, summary in summaries.items():
-        for method, by_layer in summary["scores"].items():
-            for layer, s in by_layer.items():
-                where = (method, position(layer, summary["layers"]))
-                hits, (lo, hi) = s["strongest_in_top"], s.get("spearman_ci", [np.nan, np.nan])
-                rho = f"ρ {s['spearman']:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo == lo else "")
-                rows.setdefault(where, {})[run_name] = (f"{sum(hits.values())}/{len(hits)}"
-                                                        f" (MRR {s['planted_mrr']:.2f}, {rho})")
-    frame = pd.DataFrame.from_dict(rows, orient="index")
-    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["method", "layer"])
-    return frame.reset_index()
-
-
-def verdict(name: str, causal_table: pd.DataFrame, summary: dict) -> str:
-    """A few plain sentences from the numbers: which cues the network relies on (interval below
-    zero), which it does not, and which method and layer show its strongest cues."""
-    cue = causal_table[causal_table["object"] != CUE_FREE]
-    used = cue[cue["ci_high"] < 0].sort_values("effect")
-    unused = cue[cue["ci_high"] >= 0]
-    fmt = lambda r: f"{r.object} in {r.city} (Δ log p {r.effect:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}])"  # noqa: E731
-    parts = [f"{name} relies on " + (", ".join(fmt(r) for r in used.itertuples()) or "none of the planted cues") + "."]
-    if len(unused):
-        parts.append("It shows no reliance on " + ", ".join(f"{r.object} in {r.city}" for r in unused.itertuples())
-                     + " (interval includes 0).")
-    paper = [n for n in summary["layers"] if n != FUSION][-1]
-    scored = [(m, layer, s) for m, by in summary["scores"].items() for layer, s in by.items()]
-    grad = summary["scores"].get("gradcam", {}).get(paper)
-    if grad is not None:
-        hits = grad["strongest_in_top"]
-        parts.append(f"Grad-CAM at the paper's layer ({paper}, {'x'.join(map(str, grad['map_size']))}) puts the "
-                     f"strongest cue in the lift top {summary['top']} for {sum(hits.values())} of {len(hits)} cities.")
-    good = [(m, layer) for m, layer, s in scored if s["all_strongest_in_top"]]
-    if good:
-        parts.append(f"Methods that do so for every city: {', '.join(f'{m} at {layer}' for m, layer in good)}.")
-    else:
-        best = max(scored, key=lambda t: (sum(t[2]["strongest_in_top"].values()), t[2]["planted_mrr"]))
-        parts.append(f"No method does so for every city; the closest is {best[0]} at {best[1]} "
-                     f"({sum(best[2]['strongest_in_top'].values())} of {len(best[2]['strongest_in_top'])}).")
-    return " ".join(parts)
+def _result(run_dir: Path, names: list[str], reused: bool = False) -> MethodsResult:
+    read = {n: (pd.read_csv(run_dir / f"{n}.csv"), read_json(run_dir / f"{n}.json")) if n in names else (None, None)
+            for n in ("methods", "methods_removal")}
+    return MethodsResult(*read["methods"], run_dir, reused, *read["methods_removal"])
