@@ -249,3 +249,34 @@ def test_data_stage_renders_each_test_spot_without_each_object_kind_it_shows(tmp
         far = ~removal.dilate(mask[None], 8)[0]
         differ = np.abs(cfs.deleted_images[i].astype(int) - cache.images[d["row"]]).max(-1)[far]
         assert differ.mean() < 1.0, (d.to_dict(), differ.mean())
+    # the same spots with each other city's cues added, one at a time (sufficiency)
+    world = worldfile.load_world("default")
+    added = cfs.added_index
+    assert len(added) == len(cfs.added_images) == 3 * 2 * 4          # 3 cities x 2 views x 4 others' cues
+    assert set(added["group"]) == set(gone["group"]) and not (added["city"] == added["donor"]).any()
+    assert all(o in dict(world.planted[d]) for d, o in zip(added["donor"], added["object"]))
+    changed = [not np.array_equal(cfs.added_images[i], cache.images[r]) for i, r in enumerate(added["row"])]
+    assert np.mean(changed) > 0.5
+
+
+def test_a_cue_added_from_another_city_moves_the_decision_towards_it():
+    """Sufficiency: a network that calls anything red city 'a' is moved towards 'a' when a
+    red cue is added to a black 'b' street, and away from 'b'; a cue it ignores moves nothing."""
+    size, n = 16, 6
+    black = np.zeros((n, size, size, 3), np.uint8)
+    red, green = black.copy(), black.copy()
+    red[:, :8, :8, 0] = 255
+    green[:, -4:, -4:, 1] = 255
+    rows = [(k, "b", f"b_{k:04d}", 0, "a", obj) for obj in ("tree", "fence") for k in range(n)]
+    cfs = SimpleNamespace(added_images=np.concatenate([red, green]),
+                          added_index=pd.DataFrame(rows, columns=counterfactual.ADDED_COLUMNS))
+    table = causal.sufficiency(RedNet(), SimpleNamespace(images=black), cfs, ["a", "b", "c"],
+                               causal.CausalConfig(n_boot=200)).set_index("object")
+    assert table.loc["tree", "donor_ci_low"] > 0.5 and table.loc["tree", "true_ci_high"] < 0
+    assert table.loc["tree", "called_donor_after"] == 1.0 and table.loc["tree", "called_donor_before"] == 0.0
+    assert table.loc["fence", "donor_effect"] == pytest.approx(0, abs=1e-9)
+    assert table.loc["fence", "true_effect"] == pytest.approx(0, abs=1e-9)
+    assert (table["spots"] == n).all()
+    empty = SimpleNamespace(added_images=np.zeros((0, size, size, 3), np.uint8),
+                            added_index=pd.DataFrame(columns=counterfactual.ADDED_COLUMNS))
+    assert causal.sufficiency(RedNet(), SimpleNamespace(images=black), empty, ["a", "b"]).empty

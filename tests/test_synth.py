@@ -420,3 +420,17 @@ def test_a_deleted_object_kind_is_gone_and_nothing_else_of_the_spot_changes():
     assert {"car", "tree", "signboard", "skyscraper"} <= seen
     with pytest.raises(ValueError, match="delete: building cannot be deleted"):
         synth.render_spot(world, "signtown", 0, views=1, size=32, delete=("building",))
+
+
+def test_a_cue_adopted_from_another_city_is_drawn_as_that_city_draws_it():
+    from citylib.world import scene, worldfile
+
+    world = worldfile.load_world("default")
+    plain = synth.render_spot(world, "treeville", 0, views=2, size=64)
+    signs = synth.render_spot(world, "treeville", 0, views=2, size=64, adopt=(("signtown", "signboard"),))
+    count = lambda views: sum(int((v["label"] == scene.VOCAB["signboard"]).sum()) for v in views)  # noqa: E731
+    assert count(plain) == 0 < count(signs)
+    assert world.style("treeville", adopt=(("signtown", "signboard"),)).objects.signboard == \
+        world.styles["signtown"].objects.signboard
+    with pytest.raises(ValueError, match="'unicorn' is not a planted cue of 'signtown'"):
+        world.style("treeville", adopt=(("signtown", "unicorn"),))

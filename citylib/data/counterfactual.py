@@ -12,13 +12,17 @@ split holds them), are rendered cue-free only, every view.
 
 For the calibration of removal operators, the first ``deletion_spots`` test spots of each city
 are also re-rendered without each object kind they show (``street.DELETABLE``: what stood behind
-it drawn instead), the true deletion; its mask is the pixels whose label it changed.
+it drawn instead), the true deletion; its mask is the pixels whose label it changed. The same
+spots are also rendered with each planted cue of each other city added (its element drawn as
+that city draws it): whether a cue is enough to move the decision (sufficiency), beside whether
+the network needs it (necessity).
 
 Reads the snapshot's manifest (test rows: their city, spot ``group`` and view) and the world.
 Writes ``<data>/counterfactual/<key>/``: ``images.npy`` (M, S, S, 3) uint8, ``index.csv``
 (row = the original's cache row, city, group, view, variant), ``fresh.npy`` / ``fresh.csv``
 (city, group, view: the fresh spots' cue-free views), ``deleted.npy`` (D, S, S, 3) uint8,
-``deleted_masks.npy`` (D, S, S) bool and ``deleted.csv`` (row, city, group, view, object), and
+``deleted_masks.npy`` (D, S, S) bool and ``deleted.csv`` (row, city, group, view, object),
+``added.npy`` (A, S, S, 3) uint8 and ``added.csv`` (row, city, group, view, donor, object), and
 ``meta.json``. The key hashes the world's files' hash, the snapshot's key, the image size, the
 numbers of fresh and deletion spots and this code.
 """
@@ -43,6 +47,7 @@ CUE_FREE = worldfile.CUE_FREE
 INDEX_COLUMNS = ["row", "city", "group", "view", "variant"]
 FRESH_COLUMNS = ["city", "group", "view"]
 DELETED_COLUMNS = ["row", "city", "group", "view", "object"]
+ADDED_COLUMNS = ["row", "city", "group", "view", "donor", "object"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class CounterfactualSet:
     deleted_images: np.ndarray = None   # (D, S, S, 3) uint8: test views without one object kind
     deleted_masks: np.ndarray = None    # (D, S, S) bool: the pixels that deletion changed
     deleted_index: pd.DataFrame = None  # D rows: row (the original's cache row), city, group, view, object
+    added_images: np.ndarray = None     # (A, S, S, 3) uint8: test views with another city's cue added
+    added_index: pd.DataFrame = None    # A rows: row, city, group, view, donor (the cue's city), object
 
     @property
     def key(self) -> str:
@@ -119,12 +126,14 @@ def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, i
         else:
             done = [job(t) for t in tqdm(tasks, **bar)]
         parts = {True: ([], []), False: ([], [])}          # test spots, fresh spots: (records, images)
-        deleted = ([], [], [])                             # records, images, masks
-        for (rows, imgs, gone), task in zip(done, tasks):
+        deleted, added = ([], [], []), ([], [])            # records, images (, masks)
+        for (rows, imgs, gone, more), task in zip(done, tasks):
             records, images = parts[task[3] is None]
             records += rows if task[3] is None else [r[1:4] for r in rows]
             images += imgs
             for part, new in zip(deleted, gone):
+                part += new
+            for part, new in zip(added, more):
                 part += new
         for name, csv, columns, test_part in (("images", "index.csv", INDEX_COLUMNS, True),
                                               ("fresh", "fresh.csv", FRESH_COLUMNS, False)):
@@ -136,6 +145,8 @@ def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, i
         np.save(tmp / "deleted.npy", np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8))
         np.save(tmp / "deleted_masks.npy", np.stack(masks) if masks else np.zeros((0, image_size, image_size), bool))
         write_csv(tmp / "deleted.csv", pd.DataFrame(records, columns=DELETED_COLUMNS))
+        np.save(tmp / "added.npy", np.stack(added[1]) if added[1] else np.zeros((0, image_size, image_size, 3), np.uint8))
+        write_csv(tmp / "added.csv", pd.DataFrame(added[0], columns=ADDED_COLUMNS))
         write_json(tmp / "meta.json", {"key": folder.name, "snapshot": snapshot, "world": synth.world_hash(world_cfg),
                                        "image_size": int(image_size), "n": len(parts[True][0]),
                                        "fresh_spots": int(fresh), "fresh_spot_numbers": [first, first + int(fresh)],
@@ -144,17 +155,31 @@ def build(world_cfg: synth.SynthConfig, manifest: pd.DataFrame, snapshot: str, i
     return folder
 
 
-def _render(world: worldfile.World, cfg: synth.SynthConfig, size: int, task) -> tuple[list, list, tuple]:
+def _render(world: worldfile.World, cfg: synth.SynthConfig, size: int, task) -> tuple[list, list, tuple, tuple]:
     """One spot's counterfactual views: a test spot's under every variant of its city (and, with
-    ``deletions``, without each object kind it shows), a fresh spot's (``only`` = CUE_FREE)
-    cue-free only."""
+    ``deletions``, without each object kind it shows and with each other city's cue added), a
+    fresh spot's (``only`` = CUE_FREE) cue-free only."""
     city, spot, views, only, deletions = task
     rows, images = [], []
     for variant in ([only] if only else variants(world, city)):
         reset = CUE_FREE if variant == CUE_FREE else (variant,)
         images += cached_views(world, cfg, size, city, spot, [v for v, _ in views], reset)
         rows += [(int(row), city, group_of(city, spot), int(view), variant) for view, row in views]
-    return rows, images, (deleted(world, cfg, size, city, spot, views) if deletions else ([], [], []))
+    return (rows, images, deleted(world, cfg, size, city, spot, views) if deletions else ([], [], []),
+            added(world, cfg, size, city, spot, views) if deletions else ([], []))
+
+
+def added(world: worldfile.World, cfg: synth.SynthConfig, size: int, city: str, spot: int,
+          views: list[tuple[int, int]]) -> tuple[list, list]:
+    """The spot's ``views`` ((view, cache row) pairs) with each planted cue of each other city
+    added, one at a time: the records (ADDED_COLUMNS) and the images."""
+    records, images = [], []
+    for donor in sorted(world.planted):
+        for cue, _ in (world.planted[donor] if donor != city else ()):
+            got = cached_views(world, cfg, size, city, spot, [v for v, _ in views], adopt=((donor, cue),))
+            records += [(int(row), city, group_of(city, spot), int(view), donor, cue) for view, row in views]
+            images += got
+    return records, images
 
 
 def deleted(world: worldfile.World, cfg: synth.SynthConfig, size: int, city: str, spot: int,
@@ -176,12 +201,13 @@ def deleted(world: worldfile.World, cfg: synth.SynthConfig, size: int, city: str
 
 
 def cached_views(world: worldfile.World, cfg: synth.SynthConfig, size: int, city: str, spot: int,
-                 views: list[int], reset=(), delete=(), labels: bool = False) -> list:
+                 views: list[int], reset=(), delete=(), labels: bool = False, adopt=()) -> list:
     """Views of a spot as the cache holds them, (S, S, 3) uint8 each: rendered (with ``reset``,
     without the kinds in ``delete``), JPEG-encoded at the view's quality as ``synth`` saves it,
     decoded and resized by ``imagecache.prepare``; with ``labels``, (image, (S, S) label map)
     pairs. With no reset and nothing deleted, exactly the cached original's pixels."""
-    rendered = synth.render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed, reset=reset, delete=delete)
+    rendered = synth.render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed, reset=reset, delete=delete,
+                                 adopt=adopt)
     out = []
     for view in views:
         v, buf, lab = rendered[view], io.BytesIO(), None
@@ -203,7 +229,9 @@ def load(folder: str | Path) -> CounterfactualSet:
     index = pd.read_csv(folder / "index.csv", dtype={"city": str, "group": str, "variant": str})
     fresh = pd.read_csv(folder / "fresh.csv", dtype={"city": str, "group": str})
     gone = pd.read_csv(folder / "deleted.csv", dtype={"city": str, "group": str, "object": str})
+    more = pd.read_csv(folder / "added.csv", dtype={"city": str, "group": str, "donor": str, "object": str})
     return CounterfactualSet(folder, np.load(folder / "images.npy", mmap_mode="r"), index,
                              np.load(folder / "fresh.npy", mmap_mode="r"), fresh,
                              np.load(folder / "deleted.npy", mmap_mode="r"),
-                             np.load(folder / "deleted_masks.npy", mmap_mode="r"), gone)
+                             np.load(folder / "deleted_masks.npy", mmap_mode="r"), gone,
+                             np.load(folder / "added.npy", mmap_mode="r"), more)

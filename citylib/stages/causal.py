@@ -16,6 +16,12 @@ images (``data.load_counterfactuals``). Writes into the run folder:
 - ``causal_cue_free.csv``: every cue-free rendering the check uses, the test spots' views and
   the fresh spots' (``counterfactual``): sample (test / fresh), city, group, view, predicted,
   correct.
+- ``sufficiency.csv`` (where the data stage added other cities' cues): per (city, donor,
+  object), a test spot with the donor city's planted cue added: n, spots, donor_effect (mean
+  delta log p of the donor city) and true_effect (of the true city), each with its bootstrap
+  interval over spots, and the share of images called the donor city before and after. A
+  network may know a city by the others' cues being absent (a default class): necessity alone
+  cannot show that, sufficiency can.
 - ``causal.json``: the cue-free check (``cue_free``) on all of them: accuracy, the 95% range a
   city-blind network's accuracy takes with the spots' cities permuted, the permutation p-value
   and ``at_chance``; the same per sample under ``samples``.
@@ -98,8 +104,9 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progr
     write_csv(run_dir / "causal.csv", table)
     write_csv(run_dir / "causal_images.csv", images)
     write_csv(run_dir / "causal_cue_free.csv", free)
+    write_csv(run_dir / "sufficiency.csv", sufficiency(nets, cache, counterfactuals, list(cities), cfg))
     write_json(run_dir / "causal.json", summary)
-    folder.commit(["causal.csv", "causal_images.csv", "causal_cue_free.csv", "causal.json"],
+    folder.commit(["causal.csv", "causal_images.csv", "causal_cue_free.csv", "sufficiency.csv", "causal.json"],
                   training_key=trained["key"])
     return CausalResult(table, images, summary, free, folder.key, run_dir)
 
@@ -121,6 +128,35 @@ def effects(model: torch.nn.Module | list[torch.nn.Module], cache, counterfactua
                          "logp_without": cf[np.arange(len(cf)), target], "correct": correct,
                          "correct_without": cf.argmax(1) == target,
                          "predicted_without": np.asarray(cities)[cf.argmax(1)]})
+
+
+SUFFICIENCY_COLUMNS = ["city", "donor", "object", "n", "spots", "donor_effect", "donor_ci_low", "donor_ci_high",
+                       "true_effect", "true_ci_low", "true_ci_high", "called_donor_before", "called_donor_after"]
+
+
+def sufficiency(model, cache, counterfactuals, cities: list[str], cfg: CausalConfig = CausalConfig()) -> pd.DataFrame:
+    """sufficiency.csv (see the module docstring) from the views with another city's cue added;
+    empty where the data stage added none."""
+    index = counterfactuals.added_index
+    if index is None or len(index) == 0:
+        return pd.DataFrame(columns=SUFFICIENCY_COLUMNS)
+    rows = np.unique(index["row"].to_numpy(np.int64))
+    orig = _log_softmax(infer.logits(model, cache.images, cfg.batch_size, rows))              # (R, C)
+    at = np.searchsorted(rows, index["row"].to_numpy(np.int64))
+    added = _log_softmax(infer.logits(model, np.asarray(counterfactuals.added_images), cfg.batch_size))  # (A, C)
+    true = np.array([cities.index(c) for c in index["city"]])
+    donor = np.array([cities.index(c) if c in cities else -1 for c in index["donor"]])
+    keep = donor >= 0                                   # a donor the network knows
+    n = np.arange(len(index))
+    frame = index.assign(d_donor=added[n, donor] - orig[at, donor], d_true=added[n, true] - orig[at, true],
+                         before=orig[at].argmax(1) == donor, after=added.argmax(1) == donor)[keep]
+    out = []
+    for (city, giver, obj), g in frame.groupby(["city", "donor", "object"], sort=True):
+        groups = g["group"].to_numpy()
+        d = resampling.bootstrap_interval(g["d_donor"].to_numpy(), groups, cfg.n_boot, cfg.level, cfg.seed)
+        t = resampling.bootstrap_interval(g["d_true"].to_numpy(), groups, cfg.n_boot, cfg.level, cfg.seed)
+        out.append([city, giver, obj, len(g), len(set(groups)), *d, *t, float(g["before"].mean()), float(g["after"].mean())])
+    return pd.DataFrame(out, columns=SUFFICIENCY_COLUMNS)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -123,7 +123,7 @@ def layout(world: World, city: str, spot: int, seed: int = 0, reset=(), delete=(
 
 
 def render_spot(world: World, city: str, spot: int, views: int = 4, size: int = 128, seed: int = 0,
-                flat: bool = False, reset=(), delete=()) -> list[dict]:
+                flat: bool = False, reset=(), delete=(), adopt=()) -> list[dict]:
     """Render the views of one spot: dicts of image (S, S, 3) uint8, label (S, S) uint8,
     inst (S, S) instance ids (``street.element_of`` tells their element), heading, pitch and the
     JPEG quality to save it with.
@@ -132,8 +132,9 @@ def render_spot(world: World, city: str, spot: int, views: int = 4, size: int = 
     ``reset``: planted objects of the city whose elements take the base style (or CUE_FREE for
     all of them): the counterfactual spot, with everything else drawn identically. ``delete``:
     object kinds (``street.DELETABLE``) drawn as if absent, what lay behind them showing instead.
+    ``adopt``: (donor city, planted cue) pairs whose element is drawn as the donor draws it.
     """
-    style = world.style(city, reset)
+    style = world.style(city, reset, adopt)
     nu, stream = style.nuisance, _streams(seed, city, spot)
     lay = street.spot(style, stream, partial(_colour, style), delete)
     light = stream("light")

@@ -153,10 +153,12 @@ class World:
     planted: dict             # city -> tuple of (ADE20K name, why)
     undeclared: dict = dataclasses.field(default_factory=dict)  # city -> overridden entries no cue owns
 
-    def style(self, city: str, reset=()) -> "Style":
+    def style(self, city: str, reset=(), adopt=()) -> "Style":
         """The city's style with the elements of the planted objects in ``reset`` back to the
-        base style (CUE_FREE: every entry of the city, the base style itself)."""
-        if not reset:
+        base style (CUE_FREE: every entry of the city, the base style itself), and with the
+        element of each (donor city, planted cue) of ``adopt`` as the donor draws it: another
+        city's cue added to this one (sufficiency)."""
+        if not reset and not adopt:
             return self.styles[city]
         over = {k: v for k, v in (self.definition["cities"][city] or {}).items() if k != "planted"}
         if reset == CUE_FREE:
@@ -167,6 +169,15 @@ class World:
                                  f"({', '.join(o for o, _ in self.planted[city]) or 'none'})")
             for section, entry in ELEMENT_KEYS[name]:
                 over = {**over, section: {k: v for k, v in (over.get(section) or {}).items() if k != entry}}
+        for donor, name in adopt:
+            if name not in dict(self.planted.get(donor, ())):
+                raise ValueError(f"adopt: {name!r} is not a planted cue of {donor!r}")
+            theirs = self.definition["cities"][donor] or {}
+            for section, entry in ELEMENT_KEYS[name]:
+                mine = {k: v for k, v in (over.get(section) or {}).items() if k != entry}
+                if entry in (theirs.get(section) or {}):
+                    mine[entry] = theirs[section][entry]
+                over = {**over, section: mine}
         return from_dict(Style, _merge(self.definition["base"], over), where=f"{self.source} (cities.{city})")
 
 
