@@ -127,3 +127,36 @@ def test_the_examples_take_each_citys_largest_drops_and_do_with_few_images():
     assert set(shown["city"].iloc[:2]) == {"a", "b"}                           # then each city in turn
     few = pairs.groupby(["city", "object"]).head(2)                           # no pair in 5 images
     assert reliance_plots.examples(few, 3)["row"].notna().all() and len(reliance_plots.examples(few, 3)) == 3
+
+
+def test_the_calibration_scores_removal_against_the_true_deletion_image_by_image():
+    """calibration.changes on a hand-made world whose true deletion paints the wall where the
+    object was: the truth's change by hand, an operator close to it, a null of 0 where none fits."""
+    from types import SimpleNamespace
+
+    from citylib.nets import infer
+    from citylib.stages import calibration
+
+    images, labels, target, groups = world(n_groups=4)
+    rows, gone, masks, objs = [], [], [], []
+    for i in range(len(images)):
+        for cls, name in ((2, "signboard"), (3, "car")):
+            m = labels[i] == cls
+            if m.any():
+                im = images[i].copy()
+                im[m] = 128                                                   # the wall behind it
+                rows.append(i); gone.append(im); masks.append(m); objs.append(name)
+    index = pd.DataFrame({"row": rows, "city": np.array(["a", "b"])[target[rows]], "group": groups[rows],
+                          "view": 0, "object": objs})
+    cfs = SimpleNamespace(deleted_index=index, deleted_images=np.stack(gone), deleted_masks=np.stack(masks))
+    cache = SimpleNamespace(images=images, labels=labels)
+    cfg = reliance.RelianceConfig(calibrate=("mean", "linear"), dilation=1, ring=3, batch_size=7, device="cpu")
+    out = calibration.changes(Redness(), cache, cfs, ["a", "b"], cfg)
+    logp = lambda x: torch.log_softmax(Redness()(infer.to_tensor(x)).double(), 1).numpy()   # noqa: E731
+    by_hand = logp(np.stack(gone))[np.arange(len(rows)), target[rows]] - logp(images[rows])[np.arange(len(rows)), target[rows]]
+    assert np.allclose(out["true"], by_hand)
+    sign = out["object"] == "signboard"
+    assert (out.loc[sign, "true"] < -0.5).all() and np.allclose(out.loc[sign, "mean"], out.loc[sign, "true"], atol=0.1)
+    assert np.allclose(out.loc[~sign, ["true", "mean", "linear"]], 0, atol=0.02)
+    assert np.allclose(out["mean_adjusted"], out["mean"] - out["mean_null"])
+    assert {"linear_null", "linear_adjusted"} <= set(out.columns) and "blur" not in out

@@ -189,17 +189,24 @@ def changes(model, cache, counterfactuals, cities: list[str], cfg: RelianceConfi
         labels = np.asarray(cache.labels[rows])
         nulls = np.stack([null_mask(lab, m, cfg.ring, cfg.dilation)[0] for lab, m in zip(labels, masks)])
         share[at] = masks.mean((1, 2))
+        fits = nulls.any((1, 2))                 # a null that fits nowhere leaves the image as it is
         batch = {"": original, "true": np.asarray(counterfactuals.deleted_images[at])}
         for op in cfg.calibrate:
             fill = dict(dilation=cfg.dilation, **cfg.settings())
             batch[op] = removal.remove(op, original, masks, seed=cfg.seed + start, **fill)
-            batch[f"{op}_null"] = removal.remove(op, original, nulls, seed=cfg.seed + start + 1, **fill)
+            batch[f"{op}_null"] = removal.remove(op, original[fits], nulls[fits], seed=cfg.seed + start + 1, **fill)
         logits = infer.logits(model, np.concatenate(list(batch.values())), cfg.batch_size)
-        logp = torch.log_softmax(torch.from_numpy(logits).double(), 1).numpy().reshape(len(batch), len(at), -1)
-        picked = logp[:, np.arange(len(at)), target[at]]                              # (variants, B)
+        logp = torch.log_softmax(torch.from_numpy(logits).double(), 1).numpy()
+        ends = np.cumsum([0] + [len(v) for v in batch.values()])
+        base = logp[:len(at)][np.arange(len(at)), target[at]]                            # (B,)
         for k, name in enumerate(batch):
-            if name:
-                out[name][at] = picked[k] - picked[0]
+            part = logp[ends[k]:ends[k + 1]]
+            if name.endswith("_null"):
+                change = np.zeros(len(at))
+                change[fits] = part[np.arange(fits.sum()), target[at][fits]] - base[fits]
+                out[name][at] = change
+            elif name:
+                out[name][at] = part[np.arange(len(at)), target[at]] - base
     frame = index.assign(share=share, **out)
     for op in cfg.calibrate:
         frame[f"{op}_adjusted"] = frame[op] - frame[f"{op}_null"]
