@@ -203,9 +203,9 @@ def test_counterfactual_check_detects_a_shared_random_stream(monkeypatch):
     """The same check on a generator whose elements draw from one stream fails."""
     spot = street.spot
 
-    def shared(style, stream, colour):
+    def shared(style, stream, colour, delete=()):
         one = stream("layout")
-        return spot(style, lambda element: one, colour)
+        return spot(style, lambda element: one, colour, delete)
 
     monkeypatch.setattr(street, "spot", shared)
     result = _changed_outside(worldfile.load_world("default"), spots=3)
