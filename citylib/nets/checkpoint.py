@@ -30,9 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from citylib.core import devices
-from citylib.core.artifacts import StaleError, atomic_path
+from citylib.core.artifacts import ResultFolder, StaleError, atomic_path
 from citylib.core.config import to_dict
 from citylib.nets import models
+
+TRAINING = "training"   # the training's result marker in a run folder (``train.NAME``)
 
 SPLITS = ("train", "val", "test")
 OUTPUT_FILES = ("best.pt", "history.csv", "training.json", "predictions.csv")   # a training's results
@@ -222,3 +224,16 @@ def run_config(arch: str, seed: int, cfg, cache, idx: dict, extra: dict | None) 
         # a JSON round trip keeps the stored config to plain types (weights_only loading)
         "extra": json.loads(json.dumps(extra or {}, default=str)),
     }
+
+
+def trained(run_dir: str | Path, cache, device: str = "auto") -> tuple[nn.Module, list, str]:
+    """The run's best network on ``device``, its cities and its training's key, once the training
+    is known finished and made on ``cache``'s data snapshot (StaleError otherwise): what every
+    analysis of a trained network starts from."""
+    run_dir = Path(run_dir)
+    model, cities, config = load_model(run_dir, device=device)
+    check_data(run_dir, config, cache)
+    done = ResultFolder(run_dir, TRAINING).finished()
+    if done is None:
+        raise StaleError(f"{run_dir}: no finished training; train first (notebook 02, or `citylib run`)")
+    return model, cities, done["key"]

@@ -49,7 +49,7 @@ from citylib.core.config import check, config_hash
 from citylib.nets import checkpoint, infer, loader, models
 from citylib.nets.checkpoint import OUTPUT_FILES, SPLITS
 
-NAME = "training"   # the result marker's name in the run folder
+NAME = checkpoint.TRAINING   # the result marker's name in the run folder
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from citylib.core import devices
 from citylib.core.artifacts import ResultFolder, StaleError, code_key, write_csv
 from citylib.core.config import config_hash
 from citylib.explain import removal
-from citylib.nets import checkpoint, infer, train
+from citylib.nets import checkpoint, infer
 from citylib.stages.reliance import RelianceConfig, null_mask
 from citylib.stats import resampling
 
@@ -150,12 +150,8 @@ def run(cfg: RelianceConfig, run_dir: str | Path, cache, counterfactuals, *, pro
     """Score every operator of ``cfg.calibrate`` against the true deletions, written into
     ``run_dir`` (reused when the key matches)."""
     run_dir = Path(run_dir)
-    model, cities, config = checkpoint.load_model(run_dir, device=cfg.device)
-    checkpoint.check_data(run_dir, config, cache)
-    trained = ResultFolder(run_dir, train.NAME).finished()
-    if trained is None:
-        raise StaleError(f"{run_dir}: no finished training; train first (notebook 02, or `citylib run`)")
-    folder = ResultFolder(run_dir, NAME, key(cfg, trained["key"], counterfactuals.key))
+    model, cities, training_key = checkpoint.trained(run_dir, cache, cfg.device)
+    folder = ResultFolder(run_dir, NAME, key(cfg, training_key, counterfactuals.key))
     if folder.done() is not None:
         return _load(run_dir, folder.key)
     if counterfactuals.deleted_index is None or len(counterfactuals.deleted_index) == 0:
@@ -170,7 +166,7 @@ def run(cfg: RelianceConfig, run_dir: str | Path, cache, counterfactuals, *, pro
                           if measure == "effect" or op == cfg.operator], columns=COLUMNS)
     write_csv(run_dir / "calibration.csv", table)
     write_csv(run_dir / "calibration_images.csv", images)
-    folder.commit(["calibration.csv", "calibration_images.csv"], training_key=trained["key"])
+    folder.commit(["calibration.csv", "calibration_images.csv"], training_key=training_key)
     return CalibrationResult(table, images, folder.key, run_dir)
 
 

@@ -40,10 +40,10 @@ import pandas as pd
 import torch
 
 from citylib.core import devices
-from citylib.core.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
+from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash
 from citylib.data.counterfactual import CUE_FREE
-from citylib.nets import checkpoint, infer, train
+from citylib.nets import checkpoint, infer
 from citylib.stats import intervals, resampling
 
 NAME = "causal"
@@ -76,6 +76,7 @@ class CausalResult:
     key: str                  # what made it: the settings, training, counterfactuals and code
     folder: Path              # the run folder, where these files are
     reused: bool = False
+    sufficiency: pd.DataFrame | None = None   # sufficiency.csv
 
 
 def key(cfg: CausalConfig, training_key: str, counterfactual_key: str) -> str:
@@ -86,12 +87,8 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progr
     """Measure every cue's causal effect on the run's network, written into ``run_dir`` (reused
     when the key matches)."""
     run_dir = Path(run_dir)
-    model, cities, config = checkpoint.load_model(run_dir, device=cfg.device)
-    checkpoint.check_data(run_dir, config, cache)
-    trained = ResultFolder(run_dir, train.NAME).finished()
-    if trained is None:
-        raise StaleError(f"{run_dir}: no finished training; train first (notebook 02, or `citylib run`)")
-    folder = ResultFolder(run_dir, NAME, key(cfg, trained["key"], counterfactuals.key))
+    model, cities, training_key = checkpoint.trained(run_dir, cache, cfg.device)
+    folder = ResultFolder(run_dir, NAME, key(cfg, training_key, counterfactuals.key))
     if folder.done() is not None:
         return _load(run_dir, folder.key)
     folder.begin()
@@ -104,11 +101,12 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progr
     write_csv(run_dir / "causal.csv", table)
     write_csv(run_dir / "causal_images.csv", images)
     write_csv(run_dir / "causal_cue_free.csv", free)
-    write_csv(run_dir / "sufficiency.csv", sufficiency(nets, cache, counterfactuals, list(cities), cfg))
+    enough = sufficiency(nets, cache, counterfactuals, list(cities), cfg)
+    write_csv(run_dir / "sufficiency.csv", enough)
     write_json(run_dir / "causal.json", summary)
     folder.commit(["causal.csv", "causal_images.csv", "causal_cue_free.csv", "sufficiency.csv", "causal.json"],
-                  training_key=trained["key"])
-    return CausalResult(table, images, summary, free, folder.key, run_dir)
+                  training_key=training_key)
+    return CausalResult(table, images, summary, free, folder.key, run_dir, sufficiency=enough)
 
 
 def effects(model: torch.nn.Module | list[torch.nn.Module], cache, counterfactuals, cities: list[str],
@@ -281,4 +279,6 @@ def _load(run_dir: Path, key: str) -> CausalResult:
                         read_json(run_dir / "causal.json"),
                         pd.read_csv(run_dir / "causal_cue_free.csv", dtype={"city": str, "group": str,
                                                                             "predicted": str}),
-                        key, run_dir, reused=True)
+                        key, run_dir, reused=True,
+                        sufficiency=pd.read_csv(run_dir / "sufficiency.csv", dtype={"city": str, "donor": str,
+                                                                                   "object": str}))

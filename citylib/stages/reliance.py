@@ -34,11 +34,11 @@ import torch
 from tqdm.auto import tqdm
 
 from citylib.core import ade20k, devices
-from citylib.core.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
+from citylib.core.artifacts import ResultFolder, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash, to_dict
 from citylib.data import segment
 from citylib.explain import removal
-from citylib.nets import checkpoint, infer, train
+from citylib.nets import checkpoint, infer
 from citylib.stats import resampling
 
 NAME = "reliance"
@@ -109,13 +109,9 @@ def run(cfg: RelianceConfig, run_dir: str | Path, cache, *, segment_cfg: segment
     """Measure the reliance on every object of the run's test images, written into ``run_dir``
     (reused when the key matches)."""
     run_dir = Path(run_dir)
-    model, cities, config = checkpoint.load_model(run_dir, device=cfg.device)
-    checkpoint.check_data(run_dir, config, cache)
-    trained = ResultFolder(run_dir, train.NAME).finished()
-    if trained is None:
-        raise StaleError(f"{run_dir}: no finished training; train first (notebook 02, or `citylib run`)")
+    model, cities, training_key = checkpoint.trained(run_dir, cache, cfg.device)
     rows = np.asarray(cache.split_indices("test"), dtype=np.int64)
-    folder = ResultFolder(run_dir, NAME, key(cfg, trained["key"], segment.key(segment_cfg, cache, rows)))
+    folder = ResultFolder(run_dir, NAME, key(cfg, training_key, segment.key(segment_cfg, cache, rows)))
     seg = segment.run(segment_cfg, segment_dir, cache, rows=rows, progress=progress)
     if folder.done() is not None:
         return _load(run_dir, folder.key, cache, rows, seg.of(rows))
@@ -131,7 +127,7 @@ def run(cfg: RelianceConfig, run_dir: str | Path, cache, *, segment_cfg: segment
     write_csv(run_dir / "reliance.csv", table)
     write_csv(run_dir / "reliance_images.csv", images)
     write_json(run_dir / "reliance.json", summary)
-    folder.commit(["reliance.csv", "reliance_images.csv", "reliance.json"], training_key=trained["key"])
+    folder.commit(["reliance.csv", "reliance_images.csv", "reliance.json"], training_key=training_key)
     return RelianceResult(table, images, summary, folder.key, run_dir, cache, rows, seg.of(rows))
 
 
