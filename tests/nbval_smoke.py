@@ -3,8 +3,10 @@
 Each notebook in ``notebooks/`` is copied into a temporary folder with the smoke
 parameters injected into its ``parameters`` cell (papermill, prepare only), then
 ``pytest --nbval-lax`` runs the copies in order: a cell that raises fails the test.
+The folder is removed when every notebook passed and kept, for inspection, when one failed.
 Usage: ``python tests/nbval_smoke.py [PARAMS_FILE]``; exits with pytest's status.
 """
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,8 +28,11 @@ def main(argv: list[str]) -> int:
                             parameters={"params_file": str(params_file), "outputs": str(work / "outputs")})
         prepared.append(str(target))
     print(f"nbval on {len(prepared)} notebooks in {work}", flush=True)
-    return pytest.main(["-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env",
-                        "--rootdir", str(work), *prepared])
+    status = pytest.main(["-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env",
+                          "--rootdir", str(work), *prepared])
+    if status == 0:
+        shutil.rmtree(work, ignore_errors=True)  # kept only when a notebook failed, to inspect
+    return status
 
 
 if __name__ == "__main__":
