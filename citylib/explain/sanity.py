@@ -180,7 +180,7 @@ def deletion(model: nn.Module, images: np.ndarray, target: np.ndarray, method: s
     blocks = block_order(native.shape[1:], S, n, rng)
     fractions = np.linspace(0.0, 1.0, steps + 1)
     counts = np.round(fractions * S * S).astype(np.int64)
-    x = infer.to_tensor(images)                                       # (n, 3, S, S)
+    x = infer.to_tensor(images, infer.normalisation(model))          # (n, 3, S, S)
     # nothing and everything removed are the same images in both orders: computed once
     ends = {c: _target_prob(model, x * (c == 0), target, batch_size) for c in (0, S * S)}
     probs = {}                                                        # (steps + 1, n) per order

@@ -2,7 +2,8 @@
 was trained on.
 
 ``load_model`` reads ``best.pt`` (or an epoch's checkpoint) of a run folder into a network ready
-for inference, with the cities and the config that made it; ``check_data`` refuses a data cache
+for inference (its input normalisation on it as ``model.normalisation``), with the cities and
+the config that made it; ``check_data`` refuses a data cache
 other than the one the network was trained on. The training's own files: ``save`` and
 ``save_checkpoint`` (atomic; every tensor on the CPU, so a checkpoint loads anywhere with
 ``weights_only=True``), ``snapshot`` (a copy of a state that later steps cannot change),
@@ -25,14 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from citylib.core import devices
-from citylib.core.artifacts import ResultFolder, StaleError, atomic_path
+from citylib.core.artifacts import ResultFolder, StaleError, atomic_path, write_csv, write_json
 from citylib.core.config import to_dict
-from citylib.nets import models
+from citylib.nets import infer, models
 
 TRAINING = "training"   # the training's result marker in a run folder (``train.NAME``)
 
@@ -58,6 +60,7 @@ def load_model(run_dir: str | Path, which: str | int = "best",
         config = ck["config"]
         model = models.build(config["arch"], len(config["cities"]), config["image_size"])
         model.load_state_dict(ck["model"])
+        model.normalisation = infer.Normalisation.of(config.get("normalisation"))
     except Exception as e:   # truncated, another file, another network's weights
         raise ValueError(f"{path}: not a readable citylib checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); train the run again") from None
@@ -212,15 +215,17 @@ def set_rng_state(state: dict[str, Any], gen: torch.Generator,
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
-def run_config(arch: str, seed: int, cfg, cache, idx: dict, extra: dict | None) -> dict:
-    """What a training records about itself: settings, cities, image size, the data's key."""
+def run_config(arch: str, seed: int, cfg, cache, idx: dict, extra: dict | None,
+               norm: infer.Normalisation = infer.SCRATCH) -> dict:
+    """What a training records about itself: settings, cities, image size, the data's key and
+    the input normalisation of its weights (which every later use of the network applies)."""
     images = cache.images
     if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] != 3:
         raise ValueError(f"cache.images must be (N, S, S, 3), got {images.shape}")
     return {
         "arch": arch, "seed": int(seed), "train": to_dict(cfg),
         "cities": [str(c) for c in cache.cities], "image_size": int(images.shape[1]),
-        "data_key": data_key(cache, idx),
+        "data_key": data_key(cache, idx), "normalisation": norm.to_dict(),
         # a JSON round trip keeps the stored config to plain types (weights_only loading)
         "extra": json.loads(json.dumps(extra or {}, default=str)),
     }
@@ -237,3 +242,34 @@ def trained(run_dir: str | Path, cache, device: str = "auto") -> tuple[nn.Module
     if done is None:
         raise StaleError(f"{run_dir}: no finished training; train first (notebook 02, or `citylib run`)")
     return model, cities, done["key"]
+
+
+def write_test_results(out: Path, cache, idx: dict, probs: np.ndarray, config: dict,
+                        chash: str, best: dict, init: dict | None, name: str, device: str) -> dict:
+    """``predictions.csv`` and ``training.json`` (the test metrics and what the training started
+    from: ``init``, the tensors loaded and those newly initialised); returns the metrics."""
+    cities = list(config["cities"])
+    test = idx["test"]
+    true = np.asarray(cache.y, dtype=np.int64)[test]         # (n_test,)
+    pred = probs.argmax(1)                                   # (n_test,)
+    C = len(cities)
+    confusion = np.zeros((C, C), dtype=np.int64)             # rows true, cols predicted
+    np.add.at(confusion, (true, pred), 1)
+    per_city = {c: (float(confusion[k, k] / confusion[k].sum()) if confusion[k].sum() else None)
+                for k, c in enumerate(cities)}
+    frame = pd.DataFrame({
+        "index": test, "path": cache.index["path"].iloc[test].to_numpy(),
+        "city": [cities[k] for k in true], "predicted": [cities[k] for k in pred],
+        "correct": true == pred,
+        **{f"prob_{c}": probs[:, k] for k, c in enumerate(cities)},
+    })
+    write_csv(out / "predictions.csv", frame)
+    metrics = {
+        "run": name, "test_accuracy": float((true == pred).mean()), "per_city_accuracy": per_city,
+        "confusion_matrix": confusion.tolist(), "cities": cities, "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_acc"],
+        **{f"n_{s}": int(len(idx[s])) for s in SPLITS},
+        "config": config, "key": chash, "device": device, "init": init,
+    }
+    write_json(out / "training.json", metrics)
+    return metrics

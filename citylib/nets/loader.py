@@ -12,15 +12,16 @@ from citylib.core import devices, distributed
 from citylib.nets import infer
 
 def batches(images: np.ndarray, y: torch.Tensor, order: np.ndarray, starts, cfg,
-            gen: torch.Generator, device: torch.device, threads: int = 0):
+            gen: torch.Generator, device: torch.device, threads: int = 0,
+            norm: infer.Normalisation = infer.SCRATCH):
     """(cache rows (B,), inputs (b, 3, S, S), targets (b,)) of the batches of ``order`` that
     begin at ``starts``, this process's share of each on ``device``: read from the store,
-    augmented, made float, copied. With ``threads`` > 0 that many helper threads make the next
+    augmented, made float by ``norm``, copied. With ``threads`` > 0 that many helper threads make the next
     batches while the caller trains on this one (up to 2 x threads ahead); the random draws are
     made here, in order, so the batches are the same either way."""
     rank, size = distributed.world()
     jobs = ((order[b:b + cfg.batch_size], cfg.crop_jitter) for b in starts)
-    jobs = ((rows, p, _draw(len(rows), cfg, gen), images, y, slice(rank, None, size), device)
+    jobs = ((rows, p, _draw(len(rows), cfg, gen), images, y, slice(rank, None, size), device, norm)
             for rows, p in jobs)
     if threads <= 0:
         yield from map(_batch, jobs)
@@ -29,8 +30,8 @@ def batches(images: np.ndarray, y: torch.Tensor, order: np.ndarray, starts, cfg,
 
 
 def _batch(job) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    rows, p, draws, images, y, mine, device = job
-    x = infer.to_device(infer.to_tensor(_augmented(images[rows], p, draws)[mine]), device)   # (b, 3, S, S) float
+    rows, p, draws, images, y, mine, device, norm = job
+    x = infer.to_device(infer.to_tensor(_augmented(images[rows], p, draws)[mine], norm), device)   # (b, 3, S, S)
     return rows, x, infer.to_device(y[torch.from_numpy(rows[mine])], device)           # (b,)
 
 

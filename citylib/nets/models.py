@@ -1,8 +1,10 @@
-"""Models: the registry of city-recognition CNNs, all trained from scratch.
+"""Models: the registry of city-recognition CNNs, built with random weights (``train.init`` then
+starts them from pretrained weights: ``citylib.nets.pretrained``).
 
 Reads and writes nothing. Each architecture is one ``@register`` entry: its name, its display
-name, its builder, the layer Grad-CAM explains and its layers for the method sweep (a new
-architecture is one more entry). ``build(arch, num_classes, image_size)`` returns a fresh,
+name, its builder, the layer Grad-CAM explains, its layers for the method sweep and its head (the
+classifier a pretrained start refits to the cities and may resize; the rest is its backbone). A
+new architecture is one more entry. ``build(arch, num_classes, image_size)`` returns a fresh,
 randomly initialised network (the caller seeds torch first); ``gradcam_layer(model)`` returns the
 module whose forward output is the last convolutional feature map after its ReLU, the map
 Grad-CAM weighs; ``sweep_layers(model)`` the layers of the sweep.
@@ -48,6 +50,7 @@ class Arch:
     gradcam_layer: str | None                    # its Grad-CAM layer's module name (None: the
     #                                              network's class declares ``gradcam_target``)
     sweep: Callable[[nn.Module, int], tuple[str, ...]]   # (model, n) -> the sweep's layers
+    head: str = "classifier"                     # the classifier's module name; the rest: backbone
 
 
 _REGISTRY: dict[str, Arch] = {}
@@ -55,13 +58,13 @@ REGISTRY = types.MappingProxyType(_REGISTRY)   # read-only view, filled by ``reg
 
 
 def register(name: str, display: str, gradcam_layer: str | None = None,
-             sweep: Callable[[nn.Module, int], tuple[str, ...]] | None = None):
+             sweep: Callable[[nn.Module, int], tuple[str, ...]] | None = None, head: str = "classifier"):
     """Declare the decorated ``builder(num_classes, image_size)`` as architecture ``name``;
     ``sweep`` defaults to the ends of the conv blocks before the Grad-CAM layer (``block_ends``)."""
     def deco(builder):
         if name in _REGISTRY:
             raise ValueError(f"architecture {name!r} is declared twice")
-        _REGISTRY[name] = Arch(name, display, builder, gradcam_layer, sweep or block_ends)
+        _REGISTRY[name] = Arch(name, display, builder, gradcam_layer, sweep or block_ends, head)
         return builder
     return deco
 
@@ -190,7 +193,7 @@ def _vgg11(num_classes: int, image_size: int) -> nn.Module:
     return _torchvision("vgg11", num_classes, image_size, fc1_init="normal")
 
 
-@register("resnet18", "ResNet18", "layer4", resnet_stages)   # the last BasicBlock, ending in its ReLU
+@register("resnet18", "ResNet18", "layer4", resnet_stages, head="fc")   # layer4: the last BasicBlock, ending in its ReLU
 def _resnet18(num_classes: int, image_size: int) -> nn.Module:
     return _torchvision("resnet18", num_classes, image_size)
 

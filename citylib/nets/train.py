@@ -44,9 +44,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from citylib.core import devices, distributed
-from citylib.core.artifacts import ResultFolder, code_key, read_json, remove_leftovers, write_csv, write_json
+from citylib.core.artifacts import ResultFolder, code_key, read_json, remove_leftovers, write_csv
 from citylib.core.config import check, config_hash
-from citylib.nets import checkpoint, infer, loader, models
+from citylib.nets import checkpoint, infer, loader, models, pretrained
 from citylib.nets.checkpoint import OUTPUT_FILES, SPLITS
 
 NAME = checkpoint.TRAINING   # the result marker's name in the run folder
@@ -69,11 +69,17 @@ class TrainConfig:
     processes: int = 1         # > 1: trained by that many processes with DDP, launched by torchrun
     sync_batchnorm: bool = False   # with processes > 1 on CUDA: batch norm over the global batch
     loader_threads: int = 4    # off the CPU: threads making the next batches (speed only, not in the key)
+    init: str = "scratch"      # scratch, imagenet or a weights file (citylib.nets.pretrained); the key
+    #                            holds the weights' content hash, not the path
+    freeze: tuple[str, ...] = ()   # parameter-name prefixes kept fixed (e.g. conv1, bn1, layer1)
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate is lr times this; the head's is lr
 
     def __post_init__(self):
         check(self, epochs=">= 1", batch_size=">= 1", lr="> 0", lr_step=">= 1", lr_gamma="in (0, 1]",
               weight_decay=">= 0", crop_jitter="in [0, 32]", threads=">= 1", processes=">= 1",
-              loader_threads=">= 0")
+              loader_threads=">= 0", backbone_lr_scale="> 0")
+        if not self.init.strip():
+            raise ValueError("'init' is empty: scratch, imagenet or the path of a weights file")
         devices.validate(self)
 
 
@@ -104,7 +110,9 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
     out = Path(out)
     idx = {s: np.asarray(cache.split_indices(s), dtype=np.int64) for s in SPLITS}
     device = _checked(cfg, idx, name)
-    config = checkpoint.run_config(arch, seed, cfg, cache, idx, extra_config)
+    start = pretrained.resolve(cfg.init, arch)               # ConfigError before any work
+    pretrained.check(start, arch, int(cache.images.shape[1]), cfg.freeze)
+    config = checkpoint.run_config(arch, seed, cfg, cache, idx, extra_config, start.normalisation)
     chash = key(arch, seed, cfg, config["data_key"])
     folder = ResultFolder(out, NAME, chash)
     if not force and folder.done() is not None:
@@ -119,7 +127,9 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
         progress = progress and main
         if progress:
             tqdm.write(f"{name}: training on {shown}" + _processes())
-        t = _begin(arch, seed, cfg, len(cache.cities), config["image_size"], last, device)
+        t = _begin(arch, seed, cfg, config, start, last, device)
+        if progress:
+            tqdm.write(f"{name}: starting {pretrained.describe(t.init)}")
         writer = checkpoint.Writer()
         try:
             for epoch in range(t.start + 1, cfg.epochs + 1):
@@ -139,7 +149,7 @@ def run(cfg: TrainConfig, out: str | Path, cache, *, arch: str, seed: int, name:
             writer.close()                                   # every file on disk before going on
         if main:
             probs = _test(t, out, images, idx["test"], cfg.batch_size)   # (n_test, C)
-            metrics = _write_test_results(out, cache, idx, probs, config, chash, t.best, name,
+            metrics = checkpoint.write_test_results(out, cache, idx, probs, config, chash, t.best, t.init, name,
                                           shown + _processes())
             folder.commit(OUTPUT_FILES, arch=arch, seed=int(seed), data_key=config["data_key"],
                           test_accuracy=metrics["test_accuracy"], config=config)
@@ -195,26 +205,27 @@ class _Training:
     start: int
     best_weights: dict | None = None
     net: nn.Module | None = None     # what trains: the model, or its DDP wrapper under torchrun
+    init: dict | None = None         # what it started from (``pretrained.apply``'s report)
 
 
-def _begin(arch: str, seed: int, cfg: TrainConfig, n_classes: int, image_size: int,
+def _begin(arch: str, seed: int, cfg: TrainConfig, config: dict, start: "pretrained.Start",
            last: Path | None, device: torch.device) -> _Training:
-    """The seeded model (on ``device``) and optimiser, or their state where the checkpoint
-    ``last`` ends. The weights are drawn on the CPU, so a seed starts from the same network on
-    every device."""
+    """The seeded model (on ``device``), started from ``start``'s weights, and its optimiser, or
+    their state where the checkpoint ``last`` ends. The weights are drawn on the CPU, so a seed
+    starts from the same network on every device."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-    model = models.build(arch, n_classes, image_size)
+    model = models.build(arch, len(config["cities"]), config["image_size"])
+    report = pretrained.apply(model, start, arch, config["cities"])
     rank, size = distributed.world()
     if rank > 0:    # the same weights, but each process its own dropout masks
         torch.manual_seed(int(hashlib.sha256(f"{seed}:{rank}".encode()).hexdigest()[:15], 16))
     model = devices.place(model, device)
-    # fused: one kernel over all parameters; the per-tensor loop took half of VGG11's step on CPU
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    opt = pretrained.optimiser(model, arch, cfg)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     gen = torch.Generator().manual_seed(seed)                # data order and augmentation
-    t = _Training(model, opt, sched, gen, [], {"epoch": 0, "val_acc": -1.0}, 0)
+    t = _Training(model, opt, sched, gen, [], {"epoch": 0, "val_acc": -1.0}, 0, init=report)
     if last is not None:                                     # resume where the checkpoint ends
         ck = torch.load(last, weights_only=True, map_location="cpu")
         model.load_state_dict(ck["model"])
@@ -279,7 +290,8 @@ def key(arch: str, seed: int, cfg: TrainConfig, data_key: str) -> str:
     """What a training's weights depend on: architecture, seed, settings (the device as its
     kind: ``cuda:1`` as ``cuda``; ``auto`` as what it finds here, ``cpu`` on a CPU-only
     machine), data and code."""
-    cfg = dataclasses.replace(devices.keyed(cfg), loader_threads=0)      # speed only
+    cfg = dataclasses.replace(devices.keyed(cfg), loader_threads=0,      # speed only
+                              init=pretrained.keyed(cfg.init, arch))     # the weights, not the path
     return config_hash(NAME, code_key(__name__), arch, int(seed), cfg, data_key)
 
 
@@ -299,6 +311,8 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.nda
     the results are the same.
     """
     model.train()
+    for norm_layer in pretrained.frozen_norms(model, getattr(cfg, "freeze", ())):
+        norm_layer.eval()                    # frozen: its running statistics stay the weights' too
     device = infer.device_of(model)
     rank, size = distributed.world()
     order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
@@ -314,7 +328,8 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.nda
     seen, shown = 0, time.monotonic()
     bar = tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch")
     threads = (0 if device.type == "cpu" else cfg.loader_threads) if loader_threads is None else loader_threads
-    for batch, x, target in loader.batches(images, y, order, bar, cfg, gen, device, threads):
+    for batch, x, target in loader.batches(images, y, order, bar, cfg, gen, device, threads,
+                                           infer.normalisation(model)):
         with devices.autocast(device):
             logits = model(x)                                                # (b, C)
         if size == 1:
@@ -357,35 +372,5 @@ def evaluate(model: nn.Module, images: np.ndarray, y: torch.Tensor, idx: np.ndar
         correct = (logits.argmax(1) == target).sum().item()
     loss, correct = distributed.total(loss, correct)
     return loss / len(idx), correct / len(idx)
-
-
-def _write_test_results(out: Path, cache, idx: dict, probs: np.ndarray, config: dict,
-                        chash: str, best: dict, name: str, device: str) -> dict:
-    """``predictions.csv`` and ``training.json`` (the test metrics); returns the metrics."""
-    cities = list(config["cities"])
-    test = idx["test"]
-    true = np.asarray(cache.y, dtype=np.int64)[test]         # (n_test,)
-    pred = probs.argmax(1)                                   # (n_test,)
-    C = len(cities)
-    confusion = np.zeros((C, C), dtype=np.int64)             # rows true, cols predicted
-    np.add.at(confusion, (true, pred), 1)
-    per_city = {c: (float(confusion[k, k] / confusion[k].sum()) if confusion[k].sum() else None)
-                for k, c in enumerate(cities)}
-    frame = pd.DataFrame({
-        "index": test, "path": cache.index["path"].iloc[test].to_numpy(),
-        "city": [cities[k] for k in true], "predicted": [cities[k] for k in pred],
-        "correct": true == pred,
-        **{f"prob_{c}": probs[:, k] for k, c in enumerate(cities)},
-    })
-    write_csv(out / "predictions.csv", frame)
-    metrics = {
-        "run": name, "test_accuracy": float((true == pred).mean()), "per_city_accuracy": per_city,
-        "confusion_matrix": confusion.tolist(), "cities": cities, "best_epoch": best["epoch"],
-        "best_val_accuracy": best["val_acc"],
-        **{f"n_{s}": int(len(idx[s])) for s in SPLITS},
-        "config": config, "key": chash, "device": device,
-    }
-    write_json(out / "training.json", metrics)
-    return metrics
 
 

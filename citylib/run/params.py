@@ -15,6 +15,7 @@ from pathlib import Path
 from citylib.core import paths
 from citylib.core.config import ConfigError, check, config_hash, from_dict, load_yaml, to_dict
 from citylib.data.dataset import DataConfig
+from citylib.nets import pretrained
 from citylib.nets.models import ARCHS, MIN_IMAGE_SIZE
 from citylib.run import table
 from citylib.world import worldfile
@@ -67,12 +68,16 @@ def load(path: str | Path) -> RunConfig:
     cfg = from_dict(RunConfig, {"name": path.stem, **raw}, where=where)
     cfg = _anchored(cfg, path.parent)
     _check_dataset(cfg.data, where, raw.get("data") or {})
+    _check_start(cfg, where)
     return cfg
 
 
 def _anchored(cfg: RunConfig, base: Path) -> RunConfig:
-    """The parameter file's own relative paths (``data.source``, a world file) taken from the
-    file's folder, wherever citylib runs from; stored absolute."""
+    """The parameter file's own relative paths (``data.source``, a world file, a weights file in
+    ``train.init``) taken from the file's folder, wherever citylib runs from; stored absolute."""
+    init = cfg.train.init
+    if init not in (pretrained.SCRATCH, pretrained.IMAGENET) and not Path(init).expanduser().is_absolute():
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init=str(paths.resolve(init, base=base))))
     data = cfg.data
     if data.source != "world" and not Path(data.source).expanduser().is_absolute():
         data = dataclasses.replace(data, source=str(paths.resolve(data.source, base=base)))
@@ -98,6 +103,19 @@ def _check_dataset(data: DataConfig, where: str, given: dict) -> None:
     if not Path(data.source).exists():
         raise ConfigError(f"{where}: 'data.source' = {given.get('source', data.source)!r}: dataset not found "
                           f"at {data.source} (a relative path is taken from the parameter file's folder)")
+
+
+def _check_start(cfg: RunConfig, where: str) -> None:
+    """The weights ``train.init`` names are read and tried on the architecture's shapes, and the
+    ``train.freeze`` prefixes on its parameters, before any work (for imagenet: downloaded into
+    torchvision's folder if they can be, else the one-line error says where the file goes)."""
+    if cfg.train.init == pretrained.SCRATCH and not cfg.train.freeze:
+        return
+    try:
+        start = pretrained.resolve(cfg.train.init, cfg.arch)
+        pretrained.check(start, cfg.arch, cfg.data.image_size, cfg.train.freeze)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def discover(params: str | Path | None = None) -> list[Path]:

@@ -106,7 +106,7 @@ def sweep_batches(model: torch.nn.Module | list[torch.nn.Module], images: np.nda
 
     def one(probes: dict, b: int) -> tuple[slice, dict]:
         t = None if per_image is None else per_image[b:b + batch_size]
-        x = infer.to_tensor(np.asarray(images[rows[b:b + batch_size]]))        # (B, 3, S, S)
+        x = infer.to_tensor(np.asarray(images[rows[b:b + batch_size]]), infer.normalisation(nets[0]))  # (B, 3, S, S)
         out = {}
         for layer in layers:                     # one forward and backward serve every method
             act, grad, _, _ = probes[layer].forward_backward(x, t)

@@ -207,7 +207,8 @@ def batches(cam: BaseCAM | list[BaseCAM], images: np.ndarray, target, batch_size
     per_image = target is not None and not isinstance(target, str) and np.ndim(target) > 0
     starts = tqdm(range(0, len(rows), batch_size), desc=f"{cams[0].name} {cams[0].layer_name}",
                   disable=not progress, leave=False, unit="batch")
-    jobs = ((slice(b, b + batch_size), infer.to_tensor(images[rows[b:b + batch_size]]))   # (B, 3, S, S)
+    norm = infer.normalisation(cams[0].model)
+    jobs = ((slice(b, b + batch_size), infer.to_tensor(images[rows[b:b + batch_size]], norm))   # (B, 3, S, S)
             for b in starts)
     yield from devices.spread(lambda c, job: (job[0], c(job[1], np.asarray(target)[job[0]] if per_image
                                                         else target)), cams, jobs)
