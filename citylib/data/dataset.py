@@ -29,7 +29,7 @@ from tqdm import tqdm
 from citylib.core import paths
 from citylib.core.artifacts import ResultFolder, StaleError, code_key, read_json, write_csv, write_json
 from citylib.core.config import check, config_hash, to_dict
-from citylib.data import counterfactual
+from citylib.data import counterfactual, places
 from citylib.data.imagecache import Cache, build_cache, file_stats, load_cache
 from citylib.data.inventory import GROUP_PATTERNS, MAX_PIXELS, DatasetError, load_records, validate
 from citylib.data.splits import SplitError, split_groups
@@ -52,6 +52,11 @@ class DataConfig:
     #                                   'group' (or the first, or the whole match) is the id
     cities: tuple[str, ...] | None = None  # a subset of the cities, or all
     max_pixels: int = MAX_PIXELS  # larger images are rejected as too large
+    place_pattern: str | None = None  # regex on the file stem with named groups lat, lon (and
+    #                                   date), or 'streetview'; a manifest's lat/lon/date columns win
+    split_by: str = "group"  # group: whole groups per split; block: no two images closer than
+    #                          block_m metres in different splits (needs coordinates)
+    block_m: float = 100.0
     cue_free_spots: int = 120  # generated world: fresh spots per city rendered cue-free, for the
     #                            cue-free check (``counterfactual``); the test spots alone are few
     deletion_spots: int = 40  # generated world: test spots per city re-rendered without each object
@@ -72,6 +77,8 @@ class DataConfig:
                 re.compile(self.group_pattern)
             except re.error as e:
                 raise ValueError(f"'group_pattern' = {self.group_pattern!r} is not a regex: {e}") from None
+        object.__setattr__(self, "place_pattern", places.check_pattern(self.place_pattern))
+        check(self, split_by=("group", "block"), block_m="> 0")
         if self.cities is not None:
             cities = tuple(self.cities)
             if len(cities) < 2 or len(set(cities)) != len(cities):
@@ -128,11 +135,15 @@ def run(cfg: DataConfig, out: str | os.PathLike | None = None, *, progress: bool
         if not (ok["city"] == city).any():
             raise DatasetError(f"{source}: city {city!r} has no usable image ({n} rejected; "
                                f"see {out / 'rejected.csv'})")
+    ok, rejected = _placed(cfg, ok, rejected, out)
+    write_csv(out / "rejected.csv", rejected)
     try:
-        ok["split"] = split_groups(ok, cfg.split, cfg.split_seed)
+        units = ok.assign(group=ok["block"]) if cfg.split_by == "block" else ok
+        ok["split"] = split_groups(units, cfg.split, cfg.split_seed)
     except SplitError as e:
-        raise DatasetError(f"{source}: {e}") from None
-    manifest = ok[MANIFEST_COLUMNS]
+        raise DatasetError(f"{source}: {e}" + (f" (split_by: block, block_m {cfg.block_m:g})"
+                                                 if cfg.split_by == "block" else "")) from None
+    manifest = ok[MANIFEST_COLUMNS + [c for c in ("lat", "lon", "date", "block") if c in ok]]
     cache_dir = build_cache(manifest, cfg.image_size, out / "cache", progress=progress, base=out.parent)
     cf_dir = None
     if cfg.source == "world":   # each test spot without each planted cue, once per snapshot
@@ -143,13 +154,46 @@ def run(cfg: DataConfig, out: str | os.PathLike | None = None, *, progress: bool
     cities = tuple(sorted(manifest["city"].unique()))
     write_json(out / "snapshot.json", {"key": cache_dir.name, "source": str(source),
                                        "files": listing, "config": to_dict(cfg)})
-    folder.commit(["manifest.csv", "rejected.csv", "snapshot.json", f"cache/{cache_dir.name}/meta.json",
+    placed = ["place_problems.csv"] if (out / "place_problems.csv").is_file() else []
+    folder.commit(["manifest.csv", "rejected.csv", "snapshot.json", f"cache/{cache_dir.name}/meta.json", *placed,
                    *([f"counterfactual/{cf_dir.name}/meta.json"] if cf_dir else [])],
                   settings=config_hash(cfg), snapshot=cache_dir.name, cities=list(cities),
                   counterfactual=cf_dir.name if cf_dir else None,
                   changes=changes, images={"accepted": len(manifest), "rejected": len(rejected)},
                   splits=manifest["split"].value_counts().sort_index().to_dict())
     return _result(folder, reused=False)
+
+
+def _placed(cfg: DataConfig, ok: pd.DataFrame, rejected: pd.DataFrame, out: Path):
+    """(records, rejected) with each image's place: ``lat``, ``lon``, ``date`` where the dataset
+    has them (``place_problems.csv`` lists every value that could not be read) and, for
+    ``split_by: block``, its ``block`` (images without coordinates are rejected)."""
+    if cfg.place_pattern is None and not any(c in ok for c in places.COLUMNS):
+        (out / "place_problems.csv").unlink(missing_ok=True)      # an earlier snapshot's
+        if cfg.split_by == "block":
+            raise DatasetError(f"{cfg.source}: split_by: block needs coordinates: a manifest with lat "
+                               "and lon columns, or data.place_pattern to read them from file names")
+        return ok, rejected
+    ok, problems = places.read(ok, cfg.place_pattern)
+    write_csv(out / "place_problems.csv", problems)
+    if len(problems):
+        tqdm.write(f"{out}: {len(problems)} coordinate or date value(s) could not be read; "
+                   f"see {out / 'place_problems.csv'}")
+    if cfg.split_by == "block":
+        lost = ok["lat"].isna() | ok["lon"].isna()
+        rejected = pd.concat([rejected, pd.DataFrame({
+            "path": ok.loc[lost, "path"].astype(str),
+            "reason": "no coordinates: split_by: block places every image by its lat and lon"})],
+            ignore_index=True)
+        gone = sorted(set(ok["city"]) - set(ok.loc[~lost, "city"]))
+        if gone:
+            raise DatasetError(f"{cfg.source}: split_by: block, but no image of city {gone[0]!r} has coordinates "
+                               f"(see {out / 'place_problems.csv'})")
+        ok = ok[~lost].reset_index(drop=True)
+        ok["block"] = places.clusters(ok, cfg.block_m)
+    if ok["lat"].isna().all() and ok["date"].eq("").all():
+        ok = ok.drop(columns=["lat", "lon", "date"])
+    return ok, rejected
 
 
 def key(cfg: DataConfig, out: str | os.PathLike | None = None) -> str:

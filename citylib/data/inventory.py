@@ -1,5 +1,6 @@
 """Finding and checking a dataset's images: a city-folder tree or a manifest CSV listed
-(``load_records``: path, city, group, view, label_path; what cannot be used, with its reason),
+(``load_records``: path, city, group, view, label_path and a manifest's lat, lon, date as text;
+what cannot be used, with its reason),
 every file decoded once to see that it can be used (``check_file``, ``validate``), and the group
 (a panorama, a spot) of each image from its file name (``group_pattern``). Reads the files;
 writes nothing.
@@ -34,6 +35,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 
 RECORD_COLUMNS = ["path", "city", "group", "view", "label_path"]
+PLACE_COLUMNS = ["lat", "lon", "date"]   # optional manifest columns (citylib.data.places reads them)
 MAX_PIXELS = 100_000_000   # larger images are rejected as too large (``data.max_pixels``)
 
 
@@ -78,7 +80,9 @@ def load_records(source: str | os.PathLike, group_pattern: str | None = None,
     found = sorted(records["city"].unique())
     if len(found) < 2:
         raise DatasetError(f"{source}: only one city ({found[0]!r}) has images; at least two are needed")
-    records = records[RECORD_COLUMNS].sort_values(["city", "path"], ignore_index=True)
+    # a manifest's place columns (lat, lon, date, as text) travel on when it gives any
+    given = [c for c in PLACE_COLUMNS if c in records and records[c].astype(str).str.strip().astype(bool).any()]
+    records = records[RECORD_COLUMNS + given].sort_values(["city", "path"], ignore_index=True)
     rejected = pd.DataFrame(rejected, columns=["path", "reason"], dtype=str)
     return records.astype({"group": str, "view": int}), rejected
 
@@ -176,7 +180,8 @@ def _read_manifest(csv: Path, cities) -> tuple[list, list]:
             rows.append({"path": path, "city": city, "group": path,
                          "group_given": r.get("group", "").strip(),
                          "view": int(float(view)) if _number(view) else 0,
-                         "label_path": str(paths.resolve(label, base=csv.parent)) if label else ""})
+                         "label_path": str(paths.resolve(label, base=csv.parent)) if label else "",
+                         **{c: r.get(c, "").strip() for c in PLACE_COLUMNS}})
     return rows, rejected
 
 

@@ -1,0 +1,122 @@
+"""Coordinates and dates: read from manifests and file names, checked, and the blocked split."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from citylib.data import dataset, places
+from citylib.data.splits import split_groups
+
+
+def haversine_m(lat1, lon1, lat2, lon2):
+    """Great-circle distance in metres (the reference the projection is checked against)."""
+    p1, p2, dl = np.radians(lat1), np.radians(lat2), np.radians(lon2 - lon1)
+    h = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
+    return 2 * places.EARTH_RADIUS_M * np.arcsin(np.sqrt(h))
+
+
+def test_coordinates_and_dates_from_names_and_columns_with_every_bad_value_listed():
+    records = pd.DataFrame({
+        "path": ["/d/a/0m6IWUqwa6_43p16007_-81p24235_201308_summer_sharp.jpg",    # from the name
+                 "/d/a/pano_x_-33p86000_151p21000_202401_summer.jpg",              # south of the equator
+                 "/d/a/given_10p0_10p0_201001_x.jpg",                              # the columns win
+                 "/d/a/bad_95p00000_10p00000_201313_x.jpg",                        # lat and month out of range
+                 "/d/a/plain.jpg"],                                                # nothing to read
+        "lat": ["", "", "51.5", "", ""], "lon": ["", "", "-0.12", "", "east"], "date": ["", "", "2020-02-29", "", ""],
+    })
+    out, problems = places.read(records, places.check_pattern("streetview"))
+    assert out["lat"].tolist()[:3] == [43.16007, -33.86, 51.5] and out["lon"].tolist()[:3] == [-81.24235, 151.21, -0.12]
+    assert out["date"].tolist() == ["2013-08", "2024-01", "2020-02-29", "", ""]
+    assert np.isnan(out["lat"].iloc[3]) and np.isnan(out["lon"].iloc[4])
+    assert out["lon"].iloc[3] == 10.0                                     # one bad value loses only itself
+    said = {(p.split("/")[-1][:4], c): (v, r) for p, c, v, r in problems.itertuples(index=False)}
+    assert said == {("bad_", "lat"): ("95.00000", "out of range [-90, 90]"),
+                    ("bad_", "date"): ("201313", "not a date (month 1-12, year 1900-2100)"),
+                    ("plai", "lon"): ("east", "not a number")}
+    assert places.read(records.assign(date=["", "", "2021-02-29", "", ""]), None)[1]["reason"].tolist() == [
+        "not a date (no such day)", "not a number"]
+    with pytest.raises(ValueError, match=r"no named group\(s\) \['lon'\]"):
+        places.check_pattern(r"(?P<lat>\d+)")
+
+
+def test_seasons_by_month_and_hemisphere():
+    north = [places.season(f"2020-{m:02d}", 52.0) for m in range(1, 13)]
+    assert north == ["winter"] * 2 + ["spring"] * 3 + ["summer"] * 3 + ["autumn"] * 3 + ["winter"]
+    assert [places.season(d, -33.9) for d in ("2020-01", "2020-04", "2020-07", "2020-10-15")] == [
+        "summer", "autumn", "winter", "spring"]
+    assert places.season("", 10.0) == ""
+
+
+def test_the_local_projection_keeps_distances_across_a_city():
+    rng = np.random.default_rng(0)
+    for lat0, lon0 in ((51.5, -0.1), (-33.9, 151.2), (64.1, -21.9), (0.0, 179.99)):   # antimeridian too
+        lat = lat0 + rng.uniform(-0.12, 0.12, 60)
+        lon = lon0 + rng.uniform(-0.12, 0.12, 60)
+        xy = places.metres(lat, lon)
+        i, j = np.triu_indices(60, 1)
+        planar = np.hypot(*(xy[i] - xy[j]).T)
+        assert np.allclose(planar, haversine_m(lat[i], lon[i], lat[j], lon[j]), rtol=5e-3)   # 0.12 degrees either way (27 km): within 0.5%
+
+
+def _street(rng, city, n, lat0, lon0):
+    """Points along a few streets: runs of panoramas 15-40 m apart, as Street View takes them."""
+    rows, k = [], 0
+    while len(rows) < n:
+        lat, lon = lat0 + rng.uniform(-0.03, 0.03), lon0 + rng.uniform(-0.03, 0.03)
+        heading = rng.uniform(0, 2 * np.pi)
+        for _ in range(rng.integers(1, 6)):
+            rows.append({"city": city, "group": f"{city}{k}", "lat": lat, "lon": lon})
+            k += 1
+            step = rng.uniform(15, 40) / places.EARTH_RADIUS_M
+            lat += np.degrees(step * np.sin(heading))
+            lon += np.degrees(step * np.cos(heading) / np.cos(np.radians(lat)))
+    return rows[:n]
+
+
+@pytest.mark.parametrize("block_m", [50.0, 200.0])
+def test_the_blocked_split_leaves_no_close_pair_across_splits(block_m):
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(_street(rng, "a", 300, 51.5, -0.1) + _street(rng, "b", 300, 48.85, 2.35))
+    cross_close = {}
+    for name, units in (("group", frame["group"]), ("block", places.clusters(frame, block_m))):
+        split = split_groups(frame.assign(group=units), seed=0).to_numpy()
+        close = 0
+        for city, rows in frame.groupby("city"):
+            r = rows.index.to_numpy()
+            i, j = np.triu_indices(len(r), 1)
+            d = haversine_m(frame["lat"].to_numpy()[r[i]], frame["lon"].to_numpy()[r[i]],
+                            frame["lat"].to_numpy()[r[j]], frame["lon"].to_numpy()[r[j]])
+            close += int(((d < block_m) & (split[r[i]] != split[r[j]])).sum())
+        cross_close[name] = close
+        assert set(split) == {"train", "val", "test"}
+    assert cross_close["group"] > 0 and cross_close["block"] == 0        # the panorama split leaks
+
+
+def test_the_data_stage_reads_places_and_splits_by_block(tmp_path):
+    rng = np.random.default_rng(2)
+    rows = []
+    for spot in _street(rng, "oslo", 24, 59.91, 10.75) + _street(rng, "rome", 24, 41.9, 12.5):
+        path = tmp_path / "img" / spot["city"] / f"{spot['group']}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+        rows.append({"path": str(path), "city": spot["city"], "lat": f"{spot['lat']:.6f}",
+                     "lon": f"{spot['lon']:.6f}", "date": "2019-07"})
+    rows[0]["lat"], rows[1]["lat"] = "", "north"                    # two images cannot be placed
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    cfg = dataset.DataConfig(source=str(tmp_path / "manifest.csv"), image_size=16, split_by="block", block_m=150)
+    res = dataset.run(cfg, tmp_path / "out" / "data", progress=False)
+    m = res.manifest
+    assert {"lat", "lon", "date", "block"} <= set(m.columns) and len(m) == 46
+    rejected = res.rejected.set_index("path")["reason"]
+    assert rejected[rows[0]["path"]].startswith("no coordinates") and rejected[rows[1]["path"]].startswith("no coordinates")
+    problems = pd.read_csv(tmp_path / "out" / "data" / "place_problems.csv", dtype=str)
+    assert problems[["column", "value", "reason"]].values.tolist() == [["lat", "north", "not a number"]]
+    lat, lon = m["lat"].astype(float).to_numpy(), m["lon"].astype(float).to_numpy()
+    i, j = np.triu_indices(len(m), 1)
+    same_city = m["city"].to_numpy()[i] == m["city"].to_numpy()[j]
+    apart = m["split"].to_numpy()[i] != m["split"].to_numpy()[j]
+    assert not (same_city & apart & (haversine_m(lat[i], lon[i], lat[j], lon[j]) < 150)).any()
+    with pytest.raises(ValueError, match=r"'split_by' = 'blocks' must be one of \['group', 'block'\]"):
+        dataset.DataConfig(split_by="blocks")
