@@ -120,3 +120,51 @@ def test_the_data_stage_reads_places_and_splits_by_block(tmp_path):
     assert not (same_city & apart & (haversine_m(lat[i], lon[i], lat[j], lon[j]) < 150)).any()
     with pytest.raises(ValueError, match=r"'split_by' = 'blocks' must be one of \['group', 'block'\]"):
         dataset.DataConfig(split_by="blocks")
+
+
+def _predictions():
+    """Four test images of two cities, the first two dated in the north, the last in the south."""
+    return pd.DataFrame({
+        "index": [10, 11, 12, 13], "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
+        "city": ["oslo", "oslo", "rome", "rome"], "predicted": ["oslo", "rome", "rome", "rome"],
+        "correct": [True, False, True, True],
+        "prob_oslo": [0.9, 0.3, 0.2, 0.4], "prob_rome": [0.1, 0.7, 0.8, 0.6]})
+
+
+def test_typicality_joins_places_and_each_images_top_object_to_valid_geojson():
+    from citylib.stages import places as stage
+    manifest = pd.DataFrame({"path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "group": ["g1", "g1", "g2", "g3"],
+                             "lat": ["59.91", "59.92", "", "-33.9"], "lon": ["10.75", "10.76", "", "151.2"],
+                             "date": ["2019-01", "2019-07", "", "2020-01"]})
+    removals = pd.DataFrame({"row": [10, 10, 11, 13], "object": ["tree", "car", "sky", "fence"],
+                             "logp_removed": [-1.0, -0.5, -2.0, -0.1], "logp_null": [-0.2, -0.4, -0.1, -0.3]})
+    table = stage.typicality(_predictions(), manifest, removals)
+    assert table["path"].tolist() == ["a.jpg", "b.jpg", "d.jpg"]             # c has no coordinates
+    assert table["p_true"].tolist() == [0.9, 0.3, 0.6]
+    assert table["top_object"].tolist() == ["tree", "sky", "fence"]        # most negative removed - null
+    assert np.allclose(table["top_effect"], [-0.8, -1.9, 0.2])
+    assert table["season"].tolist() == ["winter", "summer", "summer"]        # January in Sydney: summer
+    doc = stage.geojson(table)
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == 3
+    first = doc["features"][0]
+    assert first["geometry"] == {"type": "Point", "coordinates": [10.75, 59.91]}      # [lon, lat]
+    assert first["properties"]["city"] == "oslo" and first["properties"]["p_true"] == 0.9
+    import json
+    json.dumps(doc, allow_nan=False)                                          # strict JSON: no NaN
+
+
+def test_typicality_and_accuracy_by_season_and_year_with_intervals():
+    from citylib.stages import places as stage
+    rng = np.random.default_rng(0)
+    n = 40
+    table = pd.DataFrame({"city": "oslo", "group": [f"g{i // 2}" for i in range(n)],
+                          "date": [f"{2018 + i % 2}-{(1, 7)[i % 4 // 2]:02d}" for i in range(n)],
+                          "p_true": np.where(np.arange(n) % 4 // 2 == 1, 0.8, 0.4) + rng.normal(0, 0.02, n),
+                          "correct": np.arange(n) % 4 // 2 == 1})
+    table["season"] = [places.season(d, 59.9) for d in table["date"]]
+    time = stage.by_time(table, n_boot=500)
+    seasons = time[time["by"] == "season"].set_index("value")
+    assert seasons["n"].to_dict() == {"summer": 20, "winter": 20}
+    assert seasons.loc["summer", "typicality_low"] > seasons.loc["winter", "typicality_high"]
+    assert seasons.loc["summer", "accuracy"] == 1.0 and seasons.loc["winter", "accuracy"] == 0.0
+    assert time[time["by"] == "year"]["value"].tolist() == ["2018", "2019"]

@@ -113,3 +113,20 @@ def test_reliance_on_real_photos_is_a_well_formed_table_with_its_examples(chain)
     scored = pd.read_csv(run / "methods_removal.csv")
     assert {"method", "layer", "city", "object", "lift_rank", "effect"} <= set(scored.columns)
     assert json.loads((run / "metrics.json").read_text())["reliance"]["segmenter"] == "ade20k"
+
+
+def test_real_photos_are_placed_by_their_names_on_a_map_and_in_geojson(chain):
+    out, result, _ = chain
+    manifest = pd.read_csv(out / "data" / "manifest.csv", dtype={"date": str})
+    for row in manifest.itertuples():        # <pano>_<lat>_<lon>_<yyyymm>_..., 'p' the decimal point
+        m = re.search(r"_(-?\d+)p(\d+)_(-?\d+)p(\d+)_(\d{4})(\d{2})_", row.path.rsplit("/", 1)[-1])
+        assert (row.lat, row.lon, row.date) == (float(f"{m[1]}.{m[2]}"), float(f"{m[3]}.{m[4]}"), f"{m[5]}-{m[6]}")
+    test = manifest[manifest["split"] == "test"].set_index("path")
+    for run in ("simple_seed0", "simpler_seed0"):
+        doc = json.loads((out / "runs" / run / "places.geojson").read_text())
+        assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(test)
+        for feature in doc["features"]:
+            where = test.loc[feature["properties"]["path"]]
+            assert feature["geometry"] == {"type": "Point", "coordinates": [where["lon"], where["lat"]]}
+            assert feature["properties"]["city"] == where["city"] and 0 <= feature["properties"]["p_true"] <= 1
+        assert (out / "runs" / run / "places.png").stat().st_size > 10_000

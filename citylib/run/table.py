@@ -20,11 +20,12 @@ from typing import Any, Callable, Literal
 import pandas as pd
 
 from citylib.core.artifacts import ResultFolder, StaleError, read_json
+from citylib.core.config import config_hash
 from citylib.data import dataset, segment
 from citylib.explain import cues
-from citylib.figures import compare_plots, gallery, reliance_plots, stats_plots
+from citylib.figures import compare_plots, gallery, places_plots, reliance_plots, stats_plots
 from citylib.nets import checkpoint, train
-from citylib.stages import calibration, causal, compare, embed, gradcam, methods, objects, reliance
+from citylib.stages import calibration, causal, compare, embed, gradcam, methods, objects, places, reliance
 from citylib.stats import histograms, intervals
 
 
@@ -174,6 +175,28 @@ def _reliance(run, progress: bool = True):
                         segment_dir=run.data_dir / "segment", progress=progress)
 
 
+def _places_key(run, k: dict) -> str | None:
+    """Where the snapshot has coordinates: from the training's and the reliance's keys and the
+    snapshot's places (its manifest's path, lat, lon, date)."""
+    manifest = run.data_dir / "manifest.csv"
+    if not manifest.is_file() or not places.applies(pd.read_csv(manifest, nrows=0).columns):
+        return None
+    placed = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    where = placed[[c for c in ("path", "lat", "lon", "date") if c in placed]].to_numpy().tolist()
+    return places.key(k["training"], k.get("reliance"), config_hash(k["snapshot"], where))
+
+
+def _places(run, progress: bool = True):
+    """The places stage, where the snapshot has coordinates (None elsewhere)."""
+    k = {"training": ResultFolder(run.dir, train.NAME).finished()["key"],
+         "reliance": (ResultFolder(run.dir, reliance.NAME).finished() or {}).get("key"),
+         "snapshot": load_cache(run).key}
+    key = _places_key(run, k)
+    if key is None:
+        return None
+    return places.run(run.dir, dataset.current(run.cfg.data, run.data_dir).manifest, key)
+
+
 def _calibration(run, progress: bool = True):
     cf = counterfactuals(run)
     if cf is None or cf.deleted_index is None or cf.deleted_index.empty:
@@ -285,6 +308,12 @@ STAGES = (
           figures=reliance_plots.draw,
           report=(("reliance", "What the network relies on: each object removed, against the same shape filled "
                                "elsewhere"), ("removal_examples", "What removal means: original, object removed, null"))),
+    Stage("places", "05_objects.ipynb", key=_places_key, run=_places,
+          marker=lambda run: ResultFolder(run.dir, places.NAME), figures=places_plots.draw,
+          metrics=lambda run: ({"places": {"images": len(pd.read_csv(run.dir / "places.csv"))}}
+                               if (run.dir / "places.csv").is_file() else {}),
+          report=(("places", "Where each city looks like itself: typicality of the test images on the city's plan, "
+                             "the images behind it, and the object each image relies on most"),)),
     Stage("calibration", "05_objects.ipynb", key=_calibration_key, run=_calibration,
           marker=lambda run: ResultFolder(run.dir, calibration.NAME), metrics=_calibration_metrics,
           summary=_calibration_summary, figures=reliance_plots.draw_calibration,

@@ -1,0 +1,89 @@
+"""Maps of the places stage: where in each city the network finds a street typical of it.
+
+One column per city, on the city's own local plane (metres east and north of its centre, equal
+aspect; no map tiles are downloaded):
+
+1. the test images, coloured by typicality (p of the true city), over a smoothed typicality
+   surface: a Gaussian-weighted mean of the images near each cell (bandwidth ``bandwidth_m``,
+   default a tenth of the city's extent), blank where fewer than 2 images' weight supports it;
+2. how many images stand behind each cell of that surface (the summed weights);
+3. each image's top object: the object whose removal lowers p(true city) the most (the reliance
+   stage), one colour per object, the six most frequent named.
+
+Reads nothing; ``draw`` writes ``places.png`` into the run folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from citylib.data import places
+from citylib.figures import plots
+
+OTHER = (0.6, 0.6, 0.6, 1.0)      # the objects after the six most frequent
+
+
+def surface(xy: np.ndarray, values: np.ndarray, bandwidth: float, cells: int = 60):
+    """(x edges, y edges, mean (cells, cells), support (cells, cells)): the Gaussian-weighted
+    mean of ``values`` at each cell centre and the sum of the weights (the images behind it)."""
+    lo, hi = xy.min(0) - bandwidth, xy.max(0) + bandwidth
+    xe, ye = np.linspace(lo[0], hi[0], cells + 1), np.linspace(lo[1], hi[1], cells + 1)
+    cx, cy = np.meshgrid((xe[:-1] + xe[1:]) / 2, (ye[:-1] + ye[1:]) / 2)              # (cells, cells)
+    d2 = (cx[..., None] - xy[:, 0]) ** 2 + (cy[..., None] - xy[:, 1]) ** 2           # (cells, cells, n)
+    w = np.exp(-0.5 * d2 / bandwidth ** 2)
+    support = w.sum(-1)
+    mean = np.where(support >= 2, (w * values).sum(-1) / np.maximum(support, 1e-12), np.nan)
+    return xe, ye, mean, support
+
+
+def plot_places(table: pd.DataFrame, bandwidth_m: float | None = None):
+    """The three rows of maps (see the module docstring), one column per city."""
+    cities = sorted(table["city"].unique())
+    fig, axes = plt.subplots(3, len(cities), figsize=(4.2 * len(cities) + 1.5, 12), squeeze=False,
+                             layout="constrained")
+    named = table.loc[table["top_object"].astype(str) != "", "top_object"].value_counts().index[:6].tolist()
+    colours = {o: plt.cm.tab10(i) for i, o in enumerate(named)}
+    for k, city in enumerate(cities):
+        part = table[table["city"] == city]
+        xy = places.metres(part["lat"].to_numpy(float), part["lon"].to_numpy(float)) / 1000    # km
+        span = max(np.ptp(xy, 0).max(), 1e-3)
+        bw = bandwidth_m / 1000 if bandwidth_m else span / 10
+        xe, ye, mean, support = surface(xy, part["p_true"].to_numpy(float), bw)
+        top, mid, low = axes[:, k]
+        image = top.pcolormesh(xe, ye, mean, cmap="viridis", vmin=0, vmax=1, alpha=0.55, shading="flat")
+        top.scatter(*xy.T, c=part["p_true"], cmap="viridis", vmin=0, vmax=1, s=18, edgecolors="k", linewidths=0.3)
+        top.set_title(f"{city}\ntypicality of {len(part)} test images")
+        counts = mid.pcolormesh(xe, ye, support, cmap="Greys", shading="flat")
+        mid.scatter(*xy.T, s=3, c="tab:red")
+        mid.set_title(f"images behind the surface\n(Gaussian, {bw:.2g} km wide)")
+        fig.colorbar(counts, ax=mid, shrink=0.7)
+        kinds = part["top_object"].astype(str).to_numpy()
+        groups = {obj: kinds == obj for obj in named}
+        groups["other"] = (kinds != "") & ~np.isin(kinds, named)
+        for obj, sel in groups.items():
+            if sel.any():
+                low.scatter(*xy[sel].T, s=16, color=colours.get(obj, OTHER), edgecolors="k", linewidths=0.2)
+        low.set_title("the object whose removal\nlowers p(true city) most")
+        for ax in (top, mid, low):
+            ax.set_aspect("equal")
+            ax.set_xlabel("km east")
+            ax.set_ylabel("km north")
+    fig.colorbar(image, ax=axes[0, :].tolist(), shrink=0.7, label="p(true city)")
+    if named:
+        handles = [plt.Line2D([], [], marker="o", ls="", color=colours.get(o, OTHER), label=o)
+                   for o in [*named, "other"]]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(7, len(handles)), frameon=False)
+    return fig
+
+
+def draw(run, result) -> dict[str, Path]:
+    """The places stage's figure: ``places.png``."""
+    if result is None or result.table.empty:
+        return {}
+    fig = plot_places(result.table)
+    path = plots.save(fig, Path(run.dir) / "places.png")
+    plt.close(fig)
+    return {"places": path}
