@@ -191,9 +191,8 @@ def _placed(cfg: DataConfig, ok: pd.DataFrame, rejected: pd.DataFrame, out: Path
                                f"(see {out / 'place_problems.csv'})")
         ok = ok[~lost].reset_index(drop=True)
         ok["block"] = places.clusters(ok, cfg.block_m)
-    if ok["lat"].isna().all() and ok["date"].eq("").all():
-        ok = ok.drop(columns=["lat", "lon", "date"])
-    return ok, rejected
+    unknown = ["lat", "lon"] if ok["lat"].isna().all() or ok["lon"].isna().all() else []
+    return ok.drop(columns=unknown + (["date"] if ok["date"].eq("").all() else [])), rejected
 
 
 def key(cfg: DataConfig, out: str | os.PathLike | None = None) -> str:

@@ -6,7 +6,8 @@ file): a shared `base` street style, and `cities` that each override a few entri
 Writes, like a photo collection plus ground truth, into `out/`:
   images/<city>/<city>_<spot:04d>_v<view>.jpg   RGB street views
   labels/<city>/<same stem>.png                 ADE20K class index per pixel (0 = unlabelled)
-  manifest.csv                                  path, city, group, view, label_path
+  manifest.csv                                  path, city, group, view, label_path, lat, lon
+                                                (each spot on its city's plan: ``place``)
   world.json                                    the resolved config, world and its hash
 A spot is one street layout seen from one place; its views are camera headings into it.
 """
@@ -116,9 +117,37 @@ def _streams(seed: int, city: str, spot: int):
     return stream
 
 
+EARTH_RADIUS_M = 6_371_008.8
+
+
+def place(world: World, city: str, spot: int, seed: int = 0) -> dict:
+    """Where the spot lies on its city's plan (``Plan``): ``east_m``, ``north_m`` of the plan's
+    centre, ``lat``, ``lon``, whether it is in the city's district and the planted cues the
+    district takes from it (``dropped``: drawn from the base style, as their counterfactual)."""
+    plan = world.plans[city]
+    where = _streams(seed, city, spot)("plan")
+    east, north = where.uniform(-500, 500, 2) * plan.size_km
+    lat0, lon0 = plan.centre
+    lat = lat0 + np.degrees(north / EARTH_RADIUS_M)
+    lon = lon0 + np.degrees(east / (EARTH_RADIUS_M * np.cos(np.radians(lat0))))
+    d = plan.district
+    inside = d is not None and np.hypot(east - 1000 * d.centre_km[0], north - 1000 * d.centre_km[1]) < 1000 * d.radius_km
+    dropped = tuple(d.cues) if inside and where.random() >= d.keep else ()
+    return {"east_m": float(east), "north_m": float(north), "lat": float(lat), "lon": float(lon),
+            "district": bool(inside), "dropped": dropped}
+
+
+def _resets(world: World, city: str, spot: int, seed: int, reset):
+    """``reset`` with the cues the spot's district takes from it (unless everything is reset)."""
+    if reset == CUE_FREE or world.plans.get(city) is None or world.plans[city].district is None:
+        return reset
+    dropped = place(world, city, spot, seed)["dropped"]
+    return tuple(dict.fromkeys((*reset, *dropped))) if dropped else reset
+
+
 def layout(world: World, city: str, spot: int, seed: int = 0, reset=(), delete=()) -> dict:
     """The spot's scene (``street.spot``: rects, eye, sky) as ``render_spot`` draws it."""
-    style = world.style(city, reset)
+    style = world.style(city, _resets(world, city, spot, seed, reset))
     return street.spot(style, _streams(seed, city, spot), partial(_colour, style), delete)
 
 
@@ -133,8 +162,9 @@ def render_spot(world: World, city: str, spot: int, views: int = 4, size: int = 
     all of them): the counterfactual spot, with everything else drawn identically. ``delete``:
     object kinds (``street.DELETABLE``) drawn as if absent, what lay behind them showing instead.
     ``adopt``: (donor city, planted cue) pairs whose element is drawn as the donor draws it.
+    A spot in its city's district (``place``) has the district's cues reset as well.
     """
-    style = world.style(city, reset, adopt)
+    style = world.style(city, _resets(world, city, spot, seed, reset), adopt)
     nu, stream = style.nuisance, _streams(seed, city, spot)
     lay = street.spot(style, stream, partial(_colour, style), delete)
     light = stream("light")
@@ -165,7 +195,7 @@ class WorldExistsError(FileExistsError, ValueError):
 
 def _write_spot(world: World, cfg: SynthConfig, out: Path, task: tuple[str, int]) -> list[tuple]:
     city, spot = task
-    rows = []
+    rows, at = [], place(world, city, spot, cfg.seed)
     for k, view in enumerate(render_spot(world, city, spot, cfg.views, cfg.size, cfg.seed,
                                          reset=cfg.resets(world, city))):
         stem = f"{city}_{spot:04d}_v{k}"
@@ -174,7 +204,7 @@ def _write_spot(world: World, cfg: SynthConfig, out: Path, task: tuple[str, int]
             Image.fromarray(view["image"], "RGB").save(tmp, format="JPEG", quality=view["quality"])
         with atomic_path(out / lab) as tmp:
             Image.fromarray(view["label"], "L").save(tmp, format="PNG")
-        rows.append((img, city, f"{city}_{spot:04d}", k, lab))
+        rows.append((img, city, f"{city}_{spot:04d}", k, lab, f"{at['lat']:.7f}", f"{at['lon']:.7f}"))
     return rows
 
 
@@ -220,12 +250,14 @@ def run(cfg: SynthConfig, out: str | Path, overwrite: bool = False, workers: int
     else:
         chunks = [job(t) for t in tasks]
     rows = [r for chunk in chunks for r in chunk]
-    write_csv(out / "manifest.csv", pd.DataFrame(rows, columns=["path", "city", "group", "view", "label_path"]))
+    write_csv(out / "manifest.csv", pd.DataFrame(rows, columns=["path", "city", "group", "view", "label_path",
+                                                                "lat", "lon"]))
     write_json(out / "world.json", {
         "hash": chash, "config": to_dict(cfg), "source": world.source,
         "cities": list(world.styles), "images": len(rows),
         "planted": {c: [{"object": o, "index": VOCAB[o], "why": w} for o, w in p] for c, p in world.planted.items()},
         "undeclared": world.undeclared,
+        "plans": {c: to_dict(p) for c, p in world.plans.items()},
         "vocabulary": VOCAB, "world": world.definition,
     })
     folder.commit(["manifest.csv", "world.json", *(p for r in rows for p in (r[0], r[4]))])

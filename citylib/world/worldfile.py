@@ -4,12 +4,15 @@ their ``planted`` cue objects; anything else a city overrides is listed as ``und
 
 ``load_world`` reads, checks and resolves one into a ``World`` (each city's ``Style``, the
 planted cues and the counterfactual styles: a cue's element reset to the base, or ``CUE_FREE``:
-every element). Reads the YAML file; writes nothing.
+every element) and each city's ``Plan``: where its spots lie (a square around a centre, by
+default a made-up place) and, optionally, a ``district`` where some of its planted cues are rare,
+the ground truth for the places maps. Reads the YAML file; writes nothing.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +133,42 @@ class Style:
                 raise ValueError(f"'palette.{group}' = {list(colours)} must list '#rrggbb' colours ({n} each)")
 
 
+@dataclass(frozen=True)
+class District:
+    """Part of a city's plan where its planted ``cues`` are rare: a spot within ``radius_km`` of
+    ``centre_km`` (km east and north of the plan's centre) shows them with chance ``keep``, else
+    draws their elements from the base style, as the cue's counterfactual does."""
+    cues: tuple[str, ...]
+    centre_km: tuple[float, float] = (0.0, 0.0)
+    radius_km: float = 0.8
+    keep: float = 0.1
+
+    def __post_init__(self):
+        if not self.cues or not self.radius_km > 0 or not 0 <= self.keep <= 1:
+            raise ValueError(f"'district' needs cues, radius_km > 0 and keep in [0, 1]; got {self}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where a city's spots lie: uniformly over a square ``size_km`` wide centred on ``centre``
+    (lat, lon; default a made-up place derived from the city's name, on no real map)."""
+    centre: tuple[float, float] | None = None
+    size_km: float = 3.0
+    district: District | None = None
+
+    def __post_init__(self):
+        if not self.size_km > 0:
+            raise ValueError(f"'size_km' = {self.size_km} must be > 0")
+        if self.centre is not None and not (-80 <= self.centre[0] <= 80 and -180 <= self.centre[1] <= 180):
+            raise ValueError(f"'centre' = {list(self.centre)} must be [lat, lon] with |lat| <= 80")
+
+
+def made_up_centre(city: str) -> tuple[float, float]:
+    """A city plan's default centre: a made-up place, fixed by the city's name (lat 40-60, lon -10-30)."""
+    h = zlib.crc32(city.encode())
+    return 40 + (h % 2001) / 100, -10 + (h // 2001 % 4001) / 100
+
+
 # What a planted object's counterfactual resets: the style entries of its element.
 _OPEN_GROUND = (("street", "open_ground"), ("street", "verge_prob"))
 
@@ -152,6 +191,7 @@ class World:
     styles: dict              # city -> Style
     planted: dict             # city -> tuple of (ADE20K name, why)
     undeclared: dict = dataclasses.field(default_factory=dict)  # city -> overridden entries no cue owns
+    plans: dict = dataclasses.field(default_factory=dict)       # city -> Plan (where its spots lie)
 
     def style(self, city: str, reset=(), adopt=()) -> "Style":
         """The city's style with the elements of the planted objects in ``reset`` back to the
@@ -160,7 +200,7 @@ class World:
         city's cue added to this one (sufficiency)."""
         if not reset and not adopt:
             return self.styles[city]
-        over = {k: v for k, v in (self.definition["cities"][city] or {}).items() if k != "planted"}
+        over = {k: v for k, v in (self.definition["cities"][city] or {}).items() if k not in ("planted", "plan")}
         if reset == CUE_FREE:
             over = {}
         for name in (reset if reset != CUE_FREE else ()):
@@ -185,7 +225,7 @@ def _undeclared(over: dict, cues) -> list[str]:
     """The entries a city overrides that none of its planted cues' elements owns."""
     owned = {key for name, _ in cues for key in ELEMENT_KEYS[name]}
     return [f"{section}.{entry}" if isinstance(value, dict) else section
-            for section, value in over.items() if section != "planted"
+            for section, value in over.items() if section not in ("planted", "plan")
             for entry in (value if isinstance(value, dict) else [None])
             if (section, entry) not in owned]
 
@@ -225,7 +265,7 @@ def load_world(world: str) -> World:
     cues' elements: differences a network can use that the ground truth does not name.
     """
     path, raw = _read_world(world)
-    cities, styles, planted, undeclared = raw.get("cities") or {}, {}, {}, {}
+    cities, styles, planted, undeclared, plans = raw.get("cities") or {}, {}, {}, {}, {}
     if not isinstance(cities, dict) or not cities:
         raise ConfigError(f"{path}: 'cities' must map at least one city name to its settings")
     for city, over in cities.items():
@@ -239,9 +279,23 @@ def load_world(world: str) -> World:
                 raise ConfigError(f"{where}: 'planted[{i}]' = {cue!r} must be {{object: <one of "
                                   f"{', '.join(sorted(ELEMENT_KEYS))}>, why: ...}}")
             cues.append((cue["object"], str(cue.get("why", ""))))
+        plans[city] = _plan(over.pop("plan", None), city, cues, where)
         styles[city] = from_dict(Style, _merge(raw.get("base") or {}, over), where=where)
         planted[city] = tuple(cues)
         undeclared[city] = _undeclared(over, cues)
     definition = {"description": raw.get("description", ""), "base": raw.get("base") or {},
                   "cities": {str(c): v for c, v in cities.items()}}
-    return World(path.stem, str(path), definition, styles, planted, undeclared)
+    return World(path.stem, str(path), definition, styles, planted, undeclared, plans)
+
+
+def _plan(given: dict | None, city: str, cues, where: str) -> Plan:
+    """A city's ``plan`` entry read and checked: a district's cues must be the city's planted ones."""
+    plan = from_dict(Plan, given or {}, where=f"{where} plan")
+    if plan.centre is None:
+        plan = dataclasses.replace(plan, centre=made_up_centre(city))
+    if plan.district is not None:
+        unknown = set(plan.district.cues) - {o for o, _ in cues}
+        if unknown:
+            raise ConfigError(f"{where}: 'plan.district.cues' = {sorted(unknown)}: not planted in {city} "
+                              f"(planted: {', '.join(o for o, _ in cues) or 'none'})")
+    return plan
