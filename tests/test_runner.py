@@ -69,7 +69,7 @@ def test_every_result_holds_the_key_the_stage_table_derives(grid):
     keys = pipeline.keys(run)
     stages = [s for s in table.STAGES if s.scope == "run"]
     assert [s.name for s in stages if s.name in keys] == ["training", "gradcam", "embedding", "objects",
-                                                          "causal", "reliance", "calibration", "methods"]
+                                                          "causal", "reliance", "places", "calibration", "methods"]
     for stage in stages:
         assert stage.marker(run).finished()["key"] == keys[stage.name], stage.name
         if stage.figures is not None:

@@ -111,12 +111,19 @@ def season(date: str, lat: float) -> str:
     return SEASONS[(k + 2) % 4 if lat < 0 else k]
 
 
-def metres(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    """(n, 2) east and north metres of points on the plane tangent at their mean latitude."""
+def metres(lat: np.ndarray, lon: np.ndarray, ref: tuple[float, float] | None = None) -> np.ndarray:
+    """(n, 2) east and north metres of points from ``ref`` (lat, lon; default the points' mean,
+    ``centre``) on the equirectangular plane of that latitude."""
+    lat0, lon0 = np.radians(ref if ref is not None else centre(lat, lon))
     lat, lon = np.radians(np.asarray(lat, float)), np.radians(np.asarray(lon, float))
-    ref = np.angle(np.exp(1j * lon).mean())          # the mean longitude, across the antimeridian too
-    east = np.angle(np.exp(1j * (lon - ref))) * np.cos(lat.mean()) * EARTH_RADIUS_M
-    return np.stack([east, (lat - lat.mean()) * EARTH_RADIUS_M], axis=1)
+    east = np.angle(np.exp(1j * (lon - lon0))) * np.cos(lat0) * EARTH_RADIUS_M
+    return np.stack([east, (lat - lat0) * EARTH_RADIUS_M], axis=1)
+
+
+def centre(lat: np.ndarray, lon: np.ndarray) -> tuple[float, float]:
+    """The mean (lat, lon) of points, the longitude averaged on the circle (across the antimeridian too)."""
+    lon = np.radians(np.asarray(lon, float))
+    return float(np.mean(lat)), float(np.degrees(np.angle(np.exp(1j * lon).mean())))
 
 
 def clusters(frame: pd.DataFrame, block_m: float) -> pd.Series:

@@ -10,6 +10,9 @@ aspect; no map tiles are downloaded):
 3. each image's top object: the object whose removal lowers p(true city) the most (the reliance
    stage), one colour per object, the six most frequent named.
 
+A generated world's districts (``plan.district``: where a planted cue is rare) are outlined in
+red dashes on every map of their city: the truth the maps should find.
+
 Reads nothing; ``draw`` writes ``places.png`` into the run folder.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import pandas as pd
 
 from citylib.data import places
 from citylib.figures import plots
+from citylib.world import worldfile
 
 OTHER = (0.6, 0.6, 0.6, 1.0)      # the objects after the six most frequent
 
@@ -39,8 +43,9 @@ def surface(xy: np.ndarray, values: np.ndarray, bandwidth: float, cells: int = 6
     return xe, ye, mean, support
 
 
-def plot_places(table: pd.DataFrame, bandwidth_m: float | None = None):
-    """The three rows of maps (see the module docstring), one column per city."""
+def plot_places(table: pd.DataFrame, bandwidth_m: float | None = None, districts: dict | None = None):
+    """The three rows of maps (see the module docstring), one column per city; ``districts``
+    (city -> (lat, lon, radius in metres)): known districts, outlined on every map of the city."""
     cities = sorted(table["city"].unique())
     fig, axes = plt.subplots(3, len(cities), figsize=(4.2 * len(cities) + 1.5, 12), squeeze=False,
                              layout="constrained")
@@ -48,14 +53,16 @@ def plot_places(table: pd.DataFrame, bandwidth_m: float | None = None):
     colours = {o: plt.cm.tab10(i) for i, o in enumerate(named)}
     for k, city in enumerate(cities):
         part = table[table["city"] == city]
-        xy = places.metres(part["lat"].to_numpy(float), part["lon"].to_numpy(float)) / 1000    # km
+        ref = places.centre(part["lat"].to_numpy(float), part["lon"].to_numpy(float))
+        xy = places.metres(part["lat"].to_numpy(float), part["lon"].to_numpy(float), ref) / 1000    # km
         span = max(np.ptp(xy, 0).max(), 1e-3)
         bw = bandwidth_m / 1000 if bandwidth_m else span / 10
         xe, ye, mean, support = surface(xy, part["p_true"].to_numpy(float), bw)
         top, mid, low = axes[:, k]
         image = top.pcolormesh(xe, ye, mean, cmap="viridis", vmin=0, vmax=1, alpha=0.55, shading="flat")
         top.scatter(*xy.T, c=part["p_true"], cmap="viridis", vmin=0, vmax=1, s=18, edgecolors="k", linewidths=0.3)
-        top.set_title(f"{city}\ntypicality of {len(part)} test images")
+        spots = part["group"].nunique() if "group" in part else len(part)
+        top.set_title(f"{city}\ntypicality of {len(part)} test images, {spots} places")
         counts = mid.pcolormesh(xe, ye, support, cmap="Greys", shading="flat")
         mid.scatter(*xy.T, s=3, c="tab:red")
         mid.set_title(f"images behind the surface\n(Gaussian, {bw:.2g} km wide)")
@@ -68,6 +75,10 @@ def plot_places(table: pd.DataFrame, bandwidth_m: float | None = None):
                 low.scatter(*xy[sel].T, s=16, color=colours.get(obj, OTHER), edgecolors="k", linewidths=0.2)
         low.set_title("the object whose removal\nlowers p(true city) most")
         for ax in (top, mid, low):
+            if districts and city in districts:
+                lat, lon, radius = districts[city]
+                c = places.metres([lat], [lon], ref)[0] / 1000
+                ax.add_patch(plt.Circle(c, radius / 1000, fill=False, ls="--", lw=1.2, color="crimson"))
             ax.set_aspect("equal")
             ax.set_xlabel("km east")
             ax.set_ylabel("km north")
@@ -79,11 +90,25 @@ def plot_places(table: pd.DataFrame, bandwidth_m: float | None = None):
     return fig
 
 
+def world_districts(data_cfg) -> dict:
+    """City -> (lat, lon, radius m) of the districts of a generated world's plans (none elsewhere)."""
+    if data_cfg.source != "world":
+        return {}
+    out = {}
+    for city, plan in worldfile.load_world(data_cfg.world.world).plans.items():
+        if plan.district is not None:
+            east, north = (1000 * v for v in plan.district.centre_km)
+            lat = plan.centre[0] + np.degrees(north / places.EARTH_RADIUS_M)
+            lon = plan.centre[1] + np.degrees(east / (places.EARTH_RADIUS_M * np.cos(np.radians(plan.centre[0]))))
+            out[city] = (lat, lon, 1000 * plan.district.radius_km)
+    return out
+
+
 def draw(run, result) -> dict[str, Path]:
-    """The places stage's figure: ``places.png``."""
+    """The places stage's figure: ``places.png`` (a generated world's districts outlined)."""
     if result is None or result.table.empty:
         return {}
-    fig = plot_places(result.table)
+    fig = plot_places(result.table, districts=world_districts(run.cfg.data))
     path = plots.save(fig, Path(run.dir) / "places.png")
     plt.close(fig)
     return {"places": path}
