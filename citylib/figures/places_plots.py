@@ -30,10 +30,12 @@ from citylib.world import worldfile
 OTHER = (0.6, 0.6, 0.6, 1.0)      # the objects after the six most frequent
 
 
-def surface(xy: np.ndarray, values: np.ndarray, bandwidth: float, cells: int = 60):
+def surface(xy: np.ndarray, values: np.ndarray, bandwidth: float, cells: int = 60, pad: float | None = None):
     """(x edges, y edges, mean (cells, cells), support (cells, cells)): the Gaussian-weighted
-    mean of ``values`` at each cell centre and the sum of the weights (the images behind it)."""
-    lo, hi = xy.min(0) - bandwidth, xy.max(0) + bandwidth
+    mean of ``values`` at each cell centre and the sum of the weights (the images behind it),
+    on a grid ``pad`` (default: the bandwidth) beyond the points."""
+    pad = bandwidth if pad is None else pad
+    lo, hi = xy.min(0) - pad, xy.max(0) + pad
     xe, ye = np.linspace(lo[0], hi[0], cells + 1), np.linspace(lo[1], hi[1], cells + 1)
     cx, cy = np.meshgrid((xe[:-1] + xe[1:]) / 2, (ye[:-1] + ye[1:]) / 2)              # (cells, cells)
     d2 = (cx[..., None] - xy[:, 0]) ** 2 + (cy[..., None] - xy[:, 1]) ** 2           # (cells, cells, n)
@@ -55,14 +57,15 @@ def plot_places(table: pd.DataFrame, bandwidth_m: float | None = None, districts
         part = table[table["city"] == city]
         ref = places.centre(part["lat"].to_numpy(float), part["lon"].to_numpy(float))
         xy = places.metres(part["lat"].to_numpy(float), part["lon"].to_numpy(float), ref) / 1000    # km
-        span = max(np.ptp(xy, 0).max(), 1e-3)
-        bw = bandwidth_m / 1000 if bandwidth_m else span / 10
-        xe, ye, mean, support = surface(xy, part["p_true"].to_numpy(float), bw)
+        span = np.ptp(xy, 0).max()
+        bw = bandwidth_m / 1000 if bandwidth_m else max(span / 10, 0.05)     # km; 50 m at least
+        # a few places close together are still shown on at least a kilometre of their plan
+        xe, ye, mean, support = surface(xy, part["p_true"].to_numpy(float), bw, pad=max(bw, (1 - span) / 2))
         top, mid, low = axes[:, k]
         image = top.pcolormesh(xe, ye, mean, cmap="viridis", vmin=0, vmax=1, alpha=0.55, shading="flat")
         top.scatter(*xy.T, c=part["p_true"], cmap="viridis", vmin=0, vmax=1, s=18, edgecolors="k", linewidths=0.3)
         spots = part["group"].nunique() if "group" in part else len(part)
-        top.set_title(f"{city}\ntypicality of {len(part)} test images, {spots} places")
+        top.set_title(f"{city}\ntypicality of {len(part)} test images, {spots} place{'s' * (spots != 1)}")
         counts = mid.pcolormesh(xe, ye, support, cmap="Greys", shading="flat")
         mid.scatter(*xy.T, s=3, c="tab:red")
         mid.set_title(f"images behind the surface\n(Gaussian, {bw:.2g} km wide)")
@@ -80,6 +83,8 @@ def plot_places(table: pd.DataFrame, bandwidth_m: float | None = None, districts
                 c = places.metres([lat], [lon], ref)[0] / 1000
                 ax.add_patch(plt.Circle(c, radius / 1000, fill=False, ls="--", lw=1.2, color="crimson"))
             ax.set_aspect("equal")
+            ax.set_xlim(xe[0], xe[-1])
+            ax.set_ylim(ye[0], ye[-1])
             ax.set_xlabel("km east")
             ax.set_ylabel("km north")
     fig.colorbar(image, ax=axes[0, :].tolist(), shrink=0.7, label="p(true city)")
