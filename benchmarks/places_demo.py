@@ -61,7 +61,7 @@ def district_job(out: Path, figure: Path | None) -> None:
     table = pd.read_csv(run / "places.csv", keep_default_na=False, na_values=[""])
     world = worldfile.load_world(str(out / "district.yaml"))
     city = table[table["city"] == "treeville"].reset_index(drop=True)
-    inside = np.array([synth.place(world, "treeville", int(g.split("_")[1]))["district"] for g in city["group"]])
+    inside = np.array([synth.place(world, "treeville", int(g.rsplit("_", 1)[1]))["district"] for g in city["group"]])
     print(f"district job: {time.perf_counter() - t0:.0f} s; treeville test views: {len(city)} "
           f"({inside.sum()} in the district)")
     print("| treeville | views | spots | typicality [95% CI] | top object tree |\n|---|---|---|---|---|")

@@ -120,6 +120,12 @@ def test_the_data_stage_reads_places_and_splits_by_block(tmp_path):
     assert not (same_city & apart & (haversine_m(lat[i], lon[i], lat[j], lon[j]) < 150)).any()
     with pytest.raises(ValueError, match=r"'split_by' = 'blocks' must be one of \['group', 'block'\]"):
         dataset.DataConfig(split_by="blocks")
+    # a corrected coordinate in the manifest, no image touched: a new snapshot that holds it
+    rows[5]["lat"] = f"{float(rows[5]['lat']) + 0.001:.6f}"
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    again = dataset.run(cfg, tmp_path / "out" / "data", progress=False)
+    assert not again.reused
+    assert again.manifest.set_index("path").loc[rows[5]["path"], "lat"] == rows[5]["lat"]
 
 
 def _predictions():
@@ -151,6 +157,18 @@ def test_typicality_joins_places_and_each_images_top_object_to_valid_geojson():
     assert first["properties"]["city"] == "oslo" and first["properties"]["p_true"] == 0.9
     import json
     json.dumps(doc, allow_nan=False)                                          # strict JSON: no NaN
+
+
+def test_the_places_stage_writes_and_reads_back_the_same_table(tmp_path):
+    from citylib.stages import places as stage
+    _predictions().to_csv(tmp_path / "predictions.csv", index=False)
+    manifest = pd.DataFrame({"path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "group": ["g1", "g1", "g2", "g3"],
+                             "lat": ["59.91", "59.92", "41.9", "41.91"], "lon": ["10.75", "10.76", "12.5", "12.51"]})
+    made = stage.run(tmp_path, manifest, "k1", n_boot=100)            # no reliance, no dates
+    read = stage.run(tmp_path, manifest, "k1", n_boot=100)            # reused: read back
+    assert (tmp_path / "places.geojson").is_file() and len(made.table) == 4
+    pd.testing.assert_frame_equal(read.table, made.table, check_dtype=False)
+    assert read.table["top_object"].tolist() == [""] * 4 and read.table["date"].tolist() == [""] * 4
 
 
 def test_typicality_and_accuracy_by_season_and_year_with_intervals():

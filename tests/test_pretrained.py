@@ -100,6 +100,9 @@ def test_a_path_loads_torchvision_format_and_citylib_checkpoints(tmp_path, cache
     report = pretrained.apply(model, start, "resnet18", ["a", "b", "c"])
     assert report["new"] == ["fc.weight", "fc.bias"] and start.normalisation == infer.IMAGENET
     assert all(torch.equal(model.state_dict()[k], state[k]) for k in report["loaded"])
+    legacy = tmp_path / "legacy.pth"              # PyTorch's format before 1.6, as old torchvision files
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    assert all(torch.equal(pretrained.resolve(str(legacy), "resnet18").state[k], state[k]) for k in state)
     # a citylib checkpoint: its normalisation, and its output layer kept for the same cities only
     res = train.run(FAST, tmp_path / "mine", cache, arch="simpler", seed=0, name="mine", progress=False)
     best = tmp_path / "mine" / "best.pt"

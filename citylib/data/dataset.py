@@ -119,7 +119,7 @@ def run(cfg: DataConfig, out: str | os.PathLike | None = None, *, progress: bool
     """Find, check, split and cache the dataset of ``cfg`` into ``out`` (reusing a finished run)."""
     out = paths.resolve(out) if out is not None else paths.outputs() / "data"
     source, records, rejected, listing = _scan(cfg, out)
-    folder = ResultFolder(out, NAME, _key(cfg, source, listing, rejected))
+    folder = ResultFolder(out, NAME, _key(cfg, source, listing, rejected, records))
     if folder.done() is not None:
         return _result(folder, reused=True)
     changes = describe_changes(_listing(read_snapshot(out)), listing)
@@ -198,8 +198,8 @@ def _placed(cfg: DataConfig, ok: pd.DataFrame, rejected: pd.DataFrame, out: Path
 def key(cfg: DataConfig, out: str | os.PathLike | None = None) -> str:
     """The key the data stage has for ``cfg`` now (its settings, the source's files, its code)."""
     out = paths.resolve(out) if out is not None else paths.outputs() / "data"
-    source, _, rejected, listing = _scan(cfg, out)
-    return _key(cfg, source, listing, rejected)
+    source, records, rejected, listing = _scan(cfg, out)
+    return _key(cfg, source, listing, rejected, records)
 
 
 def problems(cfg: DataConfig) -> list[str]:
@@ -233,9 +233,12 @@ def changes(cfg: DataConfig, out: str | os.PathLike) -> str | None:
     return describe_changes(_listing(read_snapshot(out)), _scan(cfg, paths.resolve(out))[3])
 
 
-def _key(cfg: DataConfig, source: Path, listing: list, rejected: pd.DataFrame) -> str:
+def _key(cfg: DataConfig, source: Path, listing: list, rejected: pd.DataFrame, records: pd.DataFrame) -> str:
+    """The stage's settings, source, file listing, rejections, code, and what a manifest says of
+    each image beyond its file (its place: an edited lat, lon or date makes a new snapshot)."""
+    placed = records[[c for c in ("path", "group", "lat", "lon", "date") if c in records]]
     return config_hash(NAME, code_key(__name__), cfg, str(source), listing,
-                       rejected.to_numpy().tolist())
+                       rejected.to_numpy().tolist(), placed.astype(str).to_numpy().tolist())
 
 
 def _scan(cfg: DataConfig, out: Path) -> tuple[str, pd.DataFrame, pd.DataFrame, list]:

@@ -89,7 +89,12 @@ def resolve(init: str, arch: str) -> Start:
 
 def _read(path: Path) -> dict:
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        except RuntimeError as e:   # saved before PyTorch 1.6 (torchvision's older files): no mmap
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:   # truncated, not a PyTorch file, pickled code
         raise ConfigError(f"'train.init': {path}: not a readable PyTorch weights file "
                           f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None

@@ -188,10 +188,7 @@ def _places_key(run, k: dict) -> str | None:
 
 def _places(run, progress: bool = True):
     """The places stage, where the snapshot has coordinates (None elsewhere)."""
-    k = {"training": ResultFolder(run.dir, train.NAME).finished()["key"],
-         "reliance": (ResultFolder(run.dir, reliance.NAME).finished() or {}).get("key"),
-         "snapshot": load_cache(run).key}
-    key = _places_key(run, k)
+    key = keys(run).get("places")          # from the current training and reliance, not older ones
     if key is None:
         return None
     return places.run(run.dir, dataset.current(run.cfg.data, run.data_dir).manifest, key)

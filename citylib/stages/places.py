@@ -75,8 +75,10 @@ def run(run_dir: str | Path, manifest: pd.DataFrame, key_: str, *, n_boot: int =
 
 
 def load(run_dir: Path, key_: str) -> PlacesResult:
-    return PlacesResult(pd.read_csv(run_dir / "places.csv", keep_default_na=False, na_values=[""]),
-                        pd.read_csv(run_dir / "places_time.csv"), key_, run_dir)
+    text = ["path", "city", "group", "predicted", "date", "season", "top_object"]
+    table = pd.read_csv(run_dir / "places.csv", keep_default_na=False, na_values=[""], dtype=dict.fromkeys(text, str))
+    table[text] = table[text].fillna("")                        # '' where unknown, as when written
+    return PlacesResult(table, pd.read_csv(run_dir / "places_time.csv"), key_, run_dir)
 
 
 def _reliance_images(run_dir: Path) -> pd.DataFrame | None:

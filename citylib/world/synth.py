@@ -129,7 +129,7 @@ def place(world: World, city: str, spot: int, seed: int = 0) -> dict:
     east, north = where.uniform(-500, 500, 2) * plan.size_km
     lat0, lon0 = plan.centre
     lat = lat0 + np.degrees(north / EARTH_RADIUS_M)
-    lon = lon0 + np.degrees(east / (EARTH_RADIUS_M * np.cos(np.radians(lat0))))
+    lon = (lon0 + np.degrees(east / (EARTH_RADIUS_M * np.cos(np.radians(lat0)))) + 180) % 360 - 180
     d = plan.district
     inside = d is not None and np.hypot(east - 1000 * d.centre_km[0], north - 1000 * d.centre_km[1]) < 1000 * d.radius_km
     dropped = tuple(d.cues) if inside and where.random() >= d.keep else ()
