@@ -55,12 +55,16 @@ def test_same_seed_same_bytes_any_workers(small, tmp_path):
 
 def test_manifest_columns_groups_and_views(small):
     m = pd.read_csv(small / "manifest.csv", keep_default_na=False)
-    assert list(m.columns) == ["path", "city", "group", "view", "label_path"]
+    assert list(m.columns) == ["path", "city", "group", "view", "label_path", "lat", "lon"]
     assert len(m) == 3 * SMALL.spots_per_city * SMALL.views
     assert sorted(m["city"].unique()) == ["signtown", "towerville", "treeville"]
+    world = synth.load_world(SMALL.world)
     for group, g in m.groupby("group"):
         assert g["city"].nunique() == 1 and group == f"{g['city'].iloc[0]}_{group[-4:]}"
         assert sorted(g["view"]) == list(range(SMALL.views))
+        at = synth.place(world, g["city"].iloc[0], int(group[-4:]), SMALL.seed)   # one place per spot
+        assert (g["lat"].astype(float).round(7) == round(at["lat"], 7)).all()
+        assert (g["lon"].astype(float).round(7) == round(at["lon"], 7)).all()
     for row in m.itertuples():
         assert row.path == f"images/{row.city}/{row.group}_v{row.view}.jpg"
         assert row.label_path == f"labels/{row.city}/{row.group}_v{row.view}.png"
