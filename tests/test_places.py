@@ -7,14 +7,11 @@ import pytest
 from PIL import Image
 
 from citylib.data import dataset, places
+from citylib.data.streetview import geosample
 from citylib.data.splits import split_groups
 
 
-def haversine_m(lat1, lon1, lat2, lon2):
-    """Great-circle distance in metres (the reference the projection is checked against)."""
-    p1, p2, dl = np.radians(lat1), np.radians(lat2), np.radians(lon2 - lon1)
-    h = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    return 2 * places.EARTH_RADIUS_M * np.arcsin(np.sqrt(h))
+haversine_m = geosample.distance_m     # great-circle metres: the reference the projection is checked against
 
 
 def test_coordinates_and_dates_from_names_and_columns_with_every_bad_value_listed():

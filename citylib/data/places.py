@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from citylib.world.worldfile import EARTH_RADIUS_M
+
 # <pano>_<lat>_<lon>_<yyyymm>[_...]: 'p' for the decimal point, as in the shared samples
 STREETVIEW_PLACE = r"_(?P<lat>-?\d+p\d+)_(?P<lon>-?\d+p\d+)_(?P<date>\d{6})(?:_|$)"
 PLACE_PATTERNS = {"streetview": STREETVIEW_PLACE}
 COLUMNS = ("lat", "lon", "date")
-EARTH_RADIUS_M = 6_371_008.8          # the mean Earth radius (IUGG)
 SEASONS = ("winter", "spring", "summer", "autumn")   # Dec-Feb, Mar-May, Jun-Aug, Sep-Nov in the north
 
 

@@ -102,9 +102,7 @@ def world_districts(data_cfg) -> dict:
     out = {}
     for city, plan in worldfile.load_world(data_cfg.world.world).plans.items():
         if plan.district is not None:
-            east, north = (1000 * v for v in plan.district.centre_km)
-            lat = plan.centre[0] + np.degrees(north / places.EARTH_RADIUS_M)
-            lon = plan.centre[1] + np.degrees(east / (places.EARTH_RADIUS_M * np.cos(np.radians(plan.centre[0]))))
+            lat, lon = plan.latlon(*(1000 * v for v in plan.district.centre_km))
             out[city] = (lat, lon, 1000 * plan.district.radius_km)
     return out
 

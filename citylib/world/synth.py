@@ -117,9 +117,6 @@ def _streams(seed: int, city: str, spot: int):
     return stream
 
 
-EARTH_RADIUS_M = 6_371_008.8
-
-
 def place(world: World, city: str, spot: int, seed: int = 0) -> dict:
     """Where the spot lies on its city's plan (``Plan``): ``east_m``, ``north_m`` of the plan's
     centre, ``lat``, ``lon``, whether it is in the city's district and the planted cues the
@@ -127,9 +124,7 @@ def place(world: World, city: str, spot: int, seed: int = 0) -> dict:
     plan = world.plans[city]
     where = _streams(seed, city, spot)("plan")
     east, north = where.uniform(-500, 500, 2) * plan.size_km
-    lat0, lon0 = plan.centre
-    lat = lat0 + np.degrees(north / EARTH_RADIUS_M)
-    lon = (lon0 + np.degrees(east / (EARTH_RADIUS_M * np.cos(np.radians(lat0)))) + 180) % 360 - 180
+    lat, lon = plan.latlon(east, north)
     d = plan.district
     inside = d is not None and np.hypot(east - 1000 * d.centre_km[0], north - 1000 * d.centre_km[1]) < 1000 * d.radius_km
     dropped = tuple(d.cues) if inside and where.random() >= d.keep else ()

@@ -11,6 +11,7 @@ the ground truth for the places maps. Reads the YAML file; writes nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import zlib
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from citylib.core.paths import WORLDS
 from citylib.world import street
 
 Range = tuple[float, float]
+EARTH_RADIUS_M = 6_371_008.8          # the mean Earth radius (IUGG), for plans and places
 
 
 # ------------------------------------------------------------------ the world YAML's schema
@@ -155,6 +157,14 @@ class Plan:
     centre: tuple[float, float] | None = None
     size_km: float = 3.0
     district: District | None = None
+
+    def latlon(self, east_m: float, north_m: float) -> tuple[float, float]:
+        """(lat, lon) of a point ``east_m``, ``north_m`` from the plan's centre (the local plane
+        the plan is drawn on; longitudes wrap at +-180)."""
+        lat0, lon0 = self.centre
+        lat = lat0 + math.degrees(north_m / EARTH_RADIUS_M)
+        lon = lon0 + math.degrees(east_m / (EARTH_RADIUS_M * math.cos(math.radians(lat0))))
+        return lat, (lon + 180) % 360 - 180
 
     def __post_init__(self):
         if not self.size_km > 0:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-EARTH_RADIUS_M = 6_371_008.8  # mean Earth radius (IUGG)
+from citylib.world.worldfile import EARTH_RADIUS_M  # the mean Earth radius (IUGG)
+
 BATCH = 1024  # candidates drawn per generator call; fixed so that point prefixes are stable
 
 Ring = np.ndarray  # (K, 2) float64 of (lon, lat), closed or not
