@@ -1,6 +1,7 @@
 """Removal operators (citylib.explain.removal): only the masked pixels change, a constant image
 stays constant, and ROAD's linear imputation is pytorch-grad-cam's."""
 import numpy as np
+from scipy import ndimage
 import pytest
 import torch
 
@@ -44,6 +45,12 @@ def test_dilation_grows_a_mask_by_a_square():
     grown = removal.dilate(m, 2)
     assert grown.sum() == 25 and grown[0, 2:7, 2:7].all()
     assert np.array_equal(removal.dilate(m, 0), m)
+    # irregular masks touching the edges, against scipy's binary dilation by the same square
+    masks = np.random.default_rng(5).random((3, 40, 31)) < 0.02
+    masks[0, 0, :] = True
+    for pixels in (1, 3, 12):
+        theirs = np.stack([ndimage.binary_dilation(k, np.ones((2 * pixels + 1,) * 2, bool)) for k in masks])
+        assert np.array_equal(removal.dilate(masks, pixels), theirs)
 
 
 def test_the_linear_imputation_is_pytorch_grad_cams_noisy_linear_imputer():
