@@ -183,3 +183,73 @@ def test_typicality_and_accuracy_by_season_and_year_with_intervals():
     assert seasons.loc["summer", "typicality_low"] > seasons.loc["winter", "typicality_high"]
     assert seasons.loc["summer", "accuracy"] == 1.0 and seasons.loc["winter", "accuracy"] == 0.0
     assert time[time["by"] == "year"]["value"].tolist() == ["2018", "2019"]
+
+
+def test_nearest_training_image_and_accuracy_near_and_far():
+    from citylib.stages import places as stage
+    # oslo: a, b tested; t1 trains 30 m north of a, t2 3 km away; rome's only training image far
+    # off, though an image labelled oslo (t4) trains 55 m from c: another city's does not count
+    manifest = pd.DataFrame({
+        "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "t1.jpg", "t2.jpg", "t3.jpg", "t4.jpg", "v.jpg"],
+        "city": ["oslo", "oslo", "rome", "rome", "oslo", "oslo", "rome", "oslo", "rome"],
+        "group": ["g1", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g9"],
+        "split": ["test"] * 4 + ["train"] * 4 + ["val"],
+        "lat": ["59.91", "59.93", "41.9", "41.91", f"{59.91 + 30 / 111195:.7f}", "59.96", "41.0", "41.9005", "41.9"],
+        "lon": ["10.75", "10.75", "12.5", "12.51", "10.75", "10.75", "12.5", "12.5", "12.5"]})
+    table = stage.typicality(_predictions(), manifest, None)
+    near = table.set_index("path")["nearest_train_m"]
+    assert near["a.jpg"] == pytest.approx(30, abs=0.1)
+    # b: 0.02 degrees of latitude from a's neighbour t1, 0.03 from t2: t1 is nearer
+    assert near["b.jpg"] == pytest.approx(geosample.distance_m(59.93, 10.75, 59.91 + 30 / 111195, 10.75), rel=1e-6)
+    # not oslo's t4, not the validation image v at the same place
+    assert near["c.jpg"] == pytest.approx(geosample.distance_m(41.9, 12.5, 41.0, 12.5), rel=1e-6)
+    split = stage.near_far(table, 100.0, n_boot=200).set_index("city")
+    assert split.loc["oslo", ["n_near", "n_far"]].tolist() == [1, 1]
+    assert split.loc["oslo", "accuracy_near"] == 1.0 and split.loc["oslo", "accuracy_far"] == 0.0
+    assert split.loc["rome", "n_near"] == 0 and np.isnan(split.loc["rome", "accuracy_near"])
+    assert split.loc["all", ["n_near", "n_far"]].tolist() == [1, 3]
+    assert split.loc["all", "accuracy_far"] == pytest.approx(2 / 3)
+
+
+def test_each_citys_strongest_objects_mapped_and_followed_through_the_seasons():
+    from citylib.stages import places as stage
+    rng = np.random.default_rng(2)
+    n = 24                                    # oslo's test images, half in winter, half in summer
+    table = pd.DataFrame({"index": np.arange(n), "city": "oslo", "group": [f"g{i // 2}" for i in range(n)],
+                          "lat": 59.9 + rng.uniform(0, 0.01, n), "lon": 10.7 + rng.uniform(0, 0.01, n),
+                          "date": [("2019-01", "2019-07")[i % 2] for i in range(n)]})
+    table["season"] = [places.season(d, 59.9) for d in table["date"]]
+    summer = np.arange(n) % 2 == 1
+    # trees matter in summer only (-2 against -0.1), cars a little always, signs a little, a rare
+    # kiosk (3 images) much: below min_images, so never among the strongest
+    rows = [(i, "tree", np.where(summer[i], -2.0, -0.1)) for i in range(n)]
+    rows += [(i, "car", -0.5) for i in range(n)] + [(i, "sign", -0.2) for i in range(0, n, 2)]
+    rows += [(i, "kiosk", -5.0) for i in range(3)]
+    removals = pd.DataFrame(rows, columns=["row", "object", "change"]).assign(city="oslo", group="x")
+    removals["logp"] = -0.1
+    removals["logp_removed"] = removals["logp"] + removals["change"] + rng.normal(0, 0.01, len(removals))
+    removals["correct"] = True
+    removals["correct_removed"] = removals["change"] < -1.0
+    objects = stage.object_changes(table, removals, top=2, min_images=5)
+    ranked = objects.drop_duplicates("object").set_index("object")["rank"].to_dict()
+    assert ranked == {"tree": 1, "car": 2}                        # -1.05 and -0.5; not the kiosk, not signs
+    assert len(objects) == 2 * n and objects["group"].iloc[0] == "g0"       # the places' groups
+    assert objects.loc[objects["object"] == "tree", "flipped"].sum() == n // 2
+    time = stage.object_time(objects, n_boot=300)
+    tree = time[(time["object"] == "tree") & (time["by"] == "season")].set_index("value")
+    assert tree["n"].to_dict() == {"summer": 12, "winter": 12}
+    assert tree.loc["summer", "effect_high"] < tree.loc["winter", "effect_low"]     # stronger in summer
+    assert tree.loc["summer", "effect"] == pytest.approx(-2.0, abs=0.02)
+
+
+def test_a_split_that_one_large_block_skews_is_said():
+    rng = np.random.default_rng(4)
+    spread = _street(rng, "a", 200, 51.5, -0.1)                 # streets across a city: many blocks
+    dense = [{"city": "b", "group": f"b{k}", "lat": 48.85 + k * 1e-4, "lon": 2.35} for k in range(150)]   # 11 m apart
+    dense += [{"city": "b", "group": f"c{k}", "lat": 48.0 + k * 0.01, "lon": 2.0} for k in range(30)]      # 1 km apart
+    frame = pd.DataFrame(spread + dense)
+    frame["block"] = places.clusters(frame, 50.0)
+    frame["split"] = split_groups(frame.assign(group=frame["block"]), seed=0)
+    lines = places.skewed(frame, (6, 2, 2))
+    assert len(lines) == 1 and lines[0].startswith("city 'b': 31 block(s), the largest 83%")
+    assert places.skewed(frame[frame["city"] == "a"], (6, 2, 2)) == []

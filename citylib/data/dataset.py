@@ -143,6 +143,8 @@ def run(cfg: DataConfig, out: str | os.PathLike | None = None, *, progress: bool
     except SplitError as e:
         raise DatasetError(f"{source}: {e}" + (f" (split_by: block, block_m {cfg.block_m:g})"
                                                  if cfg.split_by == "block" else "")) from None
+    for line in places.skewed(ok, cfg.split) if cfg.split_by == "block" else ():
+        tqdm.write(f"{out}: split_by: block, block_m {cfg.block_m:g}: {line}")
     manifest = ok[MANIFEST_COLUMNS + [c for c in ("lat", "lon", "date", "block") if c in ok]]
     cache_dir = build_cache(manifest, cfg.image_size, out / "cache", progress=progress, base=out.parent)
     cf_dir = None

@@ -151,3 +151,36 @@ def clusters(frame: pd.DataFrame, block_m: float) -> pd.Series:
         _, label = connected_components(graph, directed=False)
         out[rows.index] = [f"{city}:{k}" for k in pd.factorize(label[:n])[0]]
     return out
+
+
+def nearest_m(lat, lon, ref_lat, ref_lon) -> np.ndarray:
+    """(n,) great-circle metres from each point to the nearest of the ``ref`` points (inf if
+    there is none)."""
+    from scipy.spatial import cKDTree
+
+    def xyz(la, lo):
+        la, lo = np.radians(np.asarray(la, float)), np.radians(np.asarray(lo, float))
+        return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], 1)
+
+    if len(ref_lat) == 0 or len(lat) == 0:
+        return np.full(len(lat), np.inf)
+    chord, _ = cKDTree(xyz(ref_lat, ref_lon)).query(xyz(lat, lon))       # on the unit sphere
+    return 2 * EARTH_RADIUS_M * np.arcsin(np.minimum(chord / 2, 1.0))
+
+
+
+def skewed(frame: pd.DataFrame, ratios, tolerance: float = 0.1) -> list[str]:
+    """One line per city whose split by blocks (``frame``: city, block, split) lands more than
+    ``tolerance`` away from the asked ``ratios`` (train, val, test) in some split: a few large
+    blocks (dense photos, a large ``block_m``) leave the split little choice."""
+    asked = np.asarray(ratios, float) / np.sum(ratios)
+    lines = []
+    for city, rows in frame.groupby("city", sort=True):
+        got = rows["split"].value_counts(normalize=True).reindex(["train", "val", "test"], fill_value=0.0).to_numpy()
+        if np.abs(got - asked).max() > tolerance:
+            biggest = rows["block"].value_counts()
+            lines.append(f"city {city!r}: {len(biggest)} block(s), the largest {biggest.iloc[0] / len(rows):.0%} of "
+                         f"its images; split {' / '.join(f'{v:.0%}' for v in got)} against the asked "
+                         f"{' / '.join(f'{v:.0%}' for v in asked)} (train / val / test): a smaller block_m makes "
+                         "more, smaller blocks")
+    return lines

@@ -10,10 +10,13 @@ aspect; no map tiles are downloaded):
 3. each image's top object: the object whose removal lowers p(true city) the most (the reliance
    stage), one colour per object, the six most frequent named.
 
+``plot_objects`` draws the small multiples: per city, one map per strongest object of the
+reliance stage, where removing it changes the decision most.
+
 A generated world's districts (``plan.district``: where a planted cue is rare) are outlined in
 red dashes on every map of their city: the truth the maps should find.
 
-Reads nothing; ``draw`` writes ``places.png`` into the run folder.
+Reads nothing; ``draw`` writes ``places.png`` and ``places_objects.png`` into the run folder.
 """
 from __future__ import annotations
 
@@ -78,20 +81,62 @@ def plot_places(table: pd.DataFrame, bandwidth_m: float | None = None, districts
                 low.scatter(*xy[sel].T, s=16, color=colours.get(obj, OTHER), edgecolors="k", linewidths=0.2)
         low.set_title("the object whose removal\nlowers p(true city) most")
         for ax in (top, mid, low):
-            if districts and city in districts:
-                lat, lon, radius = districts[city]
-                c = places.metres([lat], [lon], ref)[0] / 1000
-                ax.add_patch(plt.Circle(c, radius / 1000, fill=False, ls="--", lw=1.2, color="crimson"))
-            ax.set_aspect("equal")
-            ax.set_xlim(xe[0], xe[-1])
-            ax.set_ylim(ye[0], ye[-1])
-            ax.set_xlabel("km east")
-            ax.set_ylabel("km north")
+            _frame(ax, city, ref, (xe[0], xe[-1], ye[0], ye[-1]), districts)
     fig.colorbar(image, ax=axes[0, :].tolist(), shrink=0.7, label="p(true city)")
     if named:
         handles = [plt.Line2D([], [], marker="o", ls="", color=colours.get(o, OTHER), label=o)
                    for o in [*named, "other"]]
         fig.legend(handles=handles, loc="outside lower center", ncol=min(7, len(handles)), frameon=False)
+    return fig
+
+
+def _frame(ax, city: str, ref, limits, districts: dict | None) -> None:
+    """A map's frame: equal aspect in km, the city's known district outlined."""
+    if districts and city in districts:
+        lat, lon, radius = districts[city]
+        c = places.metres([lat], [lon], ref)[0] / 1000
+        ax.add_patch(plt.Circle(c, radius / 1000, fill=False, ls="--", lw=1.2, color="crimson"))
+    ax.set_aspect("equal")
+    ax.set_xlim(*limits[:2])
+    ax.set_ylim(*limits[2:])
+    ax.set_xlabel("km east")
+    ax.set_ylabel("km north")
+
+
+def plot_objects(table: pd.DataFrame, objects: pd.DataFrame, districts: dict | None = None):
+    """Small multiples, one row per city and one map per strongest object (``objects``: the
+    places stage's ``places_objects.csv``): each test image the object was removed from, coloured
+    by the change in log p(true city) (red: removal lowers it), ringed where the removal turned a
+    right decision wrong; the city's other test images in grey."""
+    cities = sorted(objects["city"].unique())
+    cols = int(objects["rank"].max())
+    fig, axes = plt.subplots(len(cities), cols, figsize=(4.2 * cols + 1.5, 4.2 * len(cities)), squeeze=False,
+                             layout="constrained")
+    limit = max(0.5, float(np.quantile(np.abs(objects["effect"]), 0.98)))
+    image = None
+    for i, city in enumerate(cities):
+        part = table[table["city"] == city]
+        ref = places.centre(part["lat"].to_numpy(float), part["lon"].to_numpy(float))
+        xy = places.metres(part["lat"].to_numpy(float), part["lon"].to_numpy(float), ref) / 1000
+        pad = max(0.05, (1 - np.ptp(xy, 0).max()) / 2)
+        limits = (xy[:, 0].min() - pad, xy[:, 0].max() + pad, xy[:, 1].min() - pad, xy[:, 1].max() + pad)
+        mine = objects[objects["city"] == city]
+        for j in range(cols):
+            ax = axes[i, j]
+            obj = mine[mine["rank"] == j + 1]
+            if obj.empty:
+                ax.axis("off")
+                continue
+            ax.scatter(*xy.T, s=4, color="0.8")
+            oxy = places.metres(obj["lat"].to_numpy(float), obj["lon"].to_numpy(float), ref) / 1000
+            image = ax.scatter(*oxy.T, c=obj["effect"], cmap="RdBu", vmin=-limit, vmax=limit, s=18,
+                               edgecolors=np.where(obj["flipped"].astype(bool), "k", "none"), linewidths=1.0)
+            name = obj["object"].iloc[0]
+            ax.set_title(f"{city}: {name} removed\n{len(obj)} images, mean change {obj['effect'].mean():+.2f}, "
+                         f"{int(obj['flipped'].astype(bool).sum())} turned wrong")
+            _frame(ax, city, ref, limits, districts)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="change in log p(true city) on removal")
     return fig
 
 
@@ -111,7 +156,12 @@ def draw(run, result) -> dict[str, Path]:
     """The places stage's figure: ``places.png`` (a generated world's districts outlined)."""
     if result is None or result.table.empty:
         return {}
-    fig = plot_places(result.table, districts=world_districts(run.cfg.data))
-    path = plots.save(fig, Path(run.dir) / "places.png")
+    districts = world_districts(run.cfg.data)
+    fig = plot_places(result.table, districts=districts)
+    out = {"places": plots.save(fig, Path(run.dir) / "places.png")}
     plt.close(fig)
-    return {"places": path}
+    if not result.objects.empty:
+        fig = plot_objects(result.table, result.objects, districts)
+        out["places_objects"] = plots.save(fig, Path(run.dir) / "places_objects.png")
+        plt.close(fig)
+    return out

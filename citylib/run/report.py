@@ -15,7 +15,7 @@ import pandas as pd
 from citylib.core import artifacts, paths
 from citylib.run import table
 from citylib.run.current import Current, current
-from citylib.run.report_parts import figures_html as _figures, removal_section, table_html as _table
+from citylib.run.report_parts import figures_html as _figures, places_section, removal_section, table_html as _table
 from citylib.stages import ar_tables, causal, methods
 
 
@@ -140,6 +140,8 @@ def _tables(out: Path, runs: list[Path], frame: pd.DataFrame | None, tests: dict
     removal, removal_per_run = removal_section(out, runs)
     if removal:
         body.append(("removal", "Reliance by object removal", removal))
+    if where := places_section(runs):
+        body.append(("places", "Places: test images near a training image and far from one", where))
     if comparison and (out / "comparison" / "table2.csv").is_file():
         body.append(("comparison", "Architectures versus initialisations (Table 2)",
                      _comparison(out, out / "comparison", tests)))

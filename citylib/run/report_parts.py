@@ -101,3 +101,28 @@ def _across_figure(out: Path, tables: dict[str, pd.DataFrame], done: list[Path],
     plt.close(fig)
     return figures_html(out, [(path, f"Each city's {top} objects whose removal lowers p(true city) most (mean over "
                                      "runs), one dot per run with its 95% interval")])
+
+
+def places_section(runs: list[Path]) -> list[str]:
+    """Where the data has coordinates: per run and city, the accuracy of the test images with a
+    training image of their city nearby (``places_near.csv``) beside that of the rest."""
+    done = [d for d in runs if (d / "places_near.csv").is_file()]
+    if not done:
+        return []
+    rows = []
+    for d in done:
+        for r in pd.read_csv(d / "places_near.csv", dtype={"city": str}).itertuples(index=False):
+            rows.append({"run": d.name, "city": r.city, "near: test images": r.n_near,
+                         "near: accuracy [95%]": _interval(r.accuracy_near, r.near_low, r.near_high),
+                         "far: test images": r.n_far, "far: accuracy [95%]": _interval(r.accuracy_far, r.far_low, r.far_high)})
+    within = pd.read_csv(done[0] / "places_near.csv")["within_m"].iloc[0]
+    return [f"<p>Each test image is <i>near</i> when a training image of its city lies within {within:g} m of it "
+            "(the data's <code>block_m</code>), <i>far</i> otherwise; accuracy with its 95% interval over "
+            "panoramas (spots). Neighbouring panoramas look alike, so where the near images are right more "
+            "often than the far ones, a split by panorama flatters the test accuracy; a split by blocks "
+            "(<code>data.split_by: block</code>) keeps no near image. Where the intervals overlap, no "
+            "difference is shown.</p>", table_html(pd.DataFrame(rows))]
+
+
+def _interval(value: float, low: float, high: float) -> str:
+    return "—" if value != value else f"{value:.3f} [{low:.3f}, {high:.3f}]"

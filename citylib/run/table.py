@@ -183,7 +183,8 @@ def _places_key(run, k: dict) -> str | None:
         return None
     placed = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     where = placed[[c for c in ("path", "lat", "lon", "date") if c in placed]].to_numpy().tolist()
-    return places.key(k["training"], k.get("reliance"), config_hash(k["snapshot"], where))
+    return places.key(k["training"], k.get("reliance"), config_hash(k["snapshot"], where),
+                      config_hash(run.cfg.data.block_m, run.cfg.reliance.min_images))
 
 
 def _places(run, progress: bool = True):
@@ -191,7 +192,8 @@ def _places(run, progress: bool = True):
     key = keys(run).get("places")          # from the current training and reliance, not older ones
     if key is None:
         return None
-    return places.run(run.dir, dataset.current(run.cfg.data, run.data_dir).manifest, key)
+    return places.run(run.dir, dataset.current(run.cfg.data, run.data_dir).manifest, key,
+                      within_m=run.cfg.data.block_m, min_images=run.cfg.reliance.min_images)
 
 
 def _calibration(run, progress: bool = True):
@@ -310,7 +312,9 @@ STAGES = (
           metrics=lambda run: ({"places": {"images": len(pd.read_csv(run.dir / "places.csv"))}}
                                if (run.dir / "places.csv").is_file() else {}),
           report=(("places", "Where each city looks like itself: typicality of the test images on the city's plan, "
-                             "the images behind it, and the object each image relies on most"),)),
+                             "the images behind it, and the object each image relies on most"),
+                  ("places_objects", "Where each city's strongest objects matter: the change in log p(true city) "
+                                     "when the object is removed from each test image"))),
     Stage("calibration", "05_objects.ipynb", key=_calibration_key, run=_calibration,
           marker=lambda run: ResultFolder(run.dir, calibration.NAME), metrics=_calibration_metrics,
           summary=_calibration_summary, figures=reliance_plots.draw_calibration,

@@ -7,9 +7,17 @@ its matched null (``reliance_images.csv``: ``logp_removed - logp_null``, most ne
 that change. Where the images have dates: typicality and accuracy by season and by year, each a
 mean with a 95% bootstrap interval over the groups (panoramas, spots), per city.
 
+Where the reliance stage ran: per city its strongest objects (``top``, by the mean change of
+log p(true city) when removed), each image's change under each of them, for the per-object maps,
+and that change by season and year. Per city: the accuracy of the test images that have a
+training image of their city within ``within_m`` metres (the data's ``block_m``) beside that of
+the rest, so that a split by panorama shows how much its near neighbours may flatter it.
+
 Reads the run's ``predictions.csv``, ``reliance_images.csv`` (if there) and the data snapshot's
-``manifest.csv`` (``lat``, ``lon``, ``date``). Writes into the run folder ``places.csv`` (one
-row per test image: ``COLUMNS``), ``places.geojson`` (one Point feature per test image with
+``manifest.csv`` (``lat``, ``lon``, ``date``, ``split``). Writes into the run folder
+``places.csv`` (one row per test image: ``COLUMNS``, with the distance to the nearest training
+image of its city), ``places_objects.csv`` (``OBJECT_COLUMNS``), ``places_objects_time.csv``
+(``OBJECT_TIME_COLUMNS``), ``places_near.csv`` (``NEAR_COLUMNS``), ``places.geojson`` (one Point feature per test image with
 coordinates, ``[lon, lat]`` as GeoJSON orders them, RFC 7946; properties city, predicted,
 p_true, top_object, top_effect, date, season, path) and ``places_time.csv`` (city, by
 (season|year), value, n, typicality with its interval, accuracy with its interval);
@@ -21,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +42,13 @@ from citylib.stats import resampling
 
 NAME = "places"
 COLUMNS = ["index", "path", "city", "group", "predicted", "p_true", "correct", "lat", "lon", "date", "season",
-           "top_object", "top_effect"]
+           "top_object", "top_effect", "nearest_train_m"]
 TIME_COLUMNS = ["city", "by", "value", "n", "typicality", "typicality_low", "typicality_high",
                 "accuracy", "accuracy_low", "accuracy_high"]
+OBJECT_COLUMNS = ["index", "city", "group", "object", "rank", "lat", "lon", "date", "season", "effect", "flipped"]
+OBJECT_TIME_COLUMNS = ["city", "object", "by", "value", "n", "effect", "effect_low", "effect_high"]
+NEAR_COLUMNS = ["city", "within_m", "n_near", "accuracy_near", "near_low", "near_high",
+                "n_far", "accuracy_far", "far_low", "far_high"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,9 @@ class PlacesResult:
     time: pd.DataFrame      # TIME_COLUMNS
     key: str
     folder: Path
+    objects: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=OBJECT_COLUMNS))
+    object_time: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=OBJECT_TIME_COLUMNS))
+    near: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=NEAR_COLUMNS))
 
 
 def applies(manifest_columns) -> bool:
@@ -52,33 +67,46 @@ def applies(manifest_columns) -> bool:
     return {"lat", "lon"} <= set(manifest_columns)
 
 
-def key(training_key: str, reliance_key: str | None, data_key: str) -> str:
-    return config_hash(NAME, code_key(__name__), training_key, reliance_key, data_key)
+def key(training_key: str, reliance_key: str | None, data_key: str, settings: str = "") -> str:
+    return config_hash(NAME, code_key(__name__), training_key, reliance_key, data_key, settings)
 
 
-def run(run_dir: str | Path, manifest: pd.DataFrame, key_: str, *, n_boot: int = 1000, seed: int = 0) -> PlacesResult:
+def run(run_dir: str | Path, manifest: pd.DataFrame, key_: str, *, within_m: float = 100.0, top: int = 3,
+        min_images: int = 5, n_boot: int = 1000, seed: int = 0) -> PlacesResult:
     """Typicality per test image, by place and time, written into ``run_dir`` (reused when the
-    key matches)."""
+    key matches); ``within_m``: the distance to a training image that counts as near; ``top``
+    objects per city (of ``min_images`` images or more) mapped and followed through time."""
     run_dir = Path(run_dir)
     folder = ResultFolder(run_dir, NAME, key_)
     if folder.done() is not None:
         return load(run_dir, key_)
     folder.begin()
-    table = typicality(pd.read_csv(run_dir / "predictions.csv"), manifest, _reliance_images(run_dir))
-    time = by_time(table, n_boot=n_boot, seed=seed)
-    write_csv(run_dir / "places.csv", table)
-    write_csv(run_dir / "places_time.csv", time)
+    removals = _reliance_images(run_dir)
+    table = typicality(pd.read_csv(run_dir / "predictions.csv"), manifest, removals)
+    objects = object_changes(table, removals, top=top, min_images=min_images)
+    out = PlacesResult(table, by_time(table, n_boot=n_boot, seed=seed), key_, run_dir, objects,
+                       object_time(objects, n_boot=n_boot, seed=seed), near_far(table, within_m, n_boot=n_boot, seed=seed))
+    for name, frame in FILES.items():
+        write_csv(run_dir / name, getattr(out, frame))
     with atomic_path(run_dir / "places.geojson") as tmp:
         Path(tmp).write_text(json.dumps(geojson(table), allow_nan=False))
-    folder.commit(["places.csv", "places_time.csv", "places.geojson"], images=len(table))
-    return PlacesResult(table, time, key_, run_dir)
+    folder.commit([*FILES, "places.geojson"], images=len(table))
+    return out
+
+
+FILES = {"places.csv": "table", "places_time.csv": "time", "places_objects.csv": "objects",
+         "places_objects_time.csv": "object_time", "places_near.csv": "near"}
 
 
 def load(run_dir: Path, key_: str) -> PlacesResult:
-    text = ["path", "city", "group", "predicted", "date", "season", "top_object"]
-    table = pd.read_csv(run_dir / "places.csv", keep_default_na=False, na_values=[""], dtype=dict.fromkeys(text, str))
-    table[text] = table[text].fillna("")                        # '' where unknown, as when written
-    return PlacesResult(table, pd.read_csv(run_dir / "places_time.csv"), key_, run_dir)
+    text = ["path", "city", "group", "predicted", "date", "season", "top_object", "object", "value"]
+    frames = {}
+    for name, attr in FILES.items():
+        frame = pd.read_csv(run_dir / name, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(text, str))
+        cols = [c for c in text if c in frame]
+        frame[cols] = frame[cols].fillna("")                     # '' where unknown, as when written
+        frames[attr] = frame
+    return PlacesResult(key=key_, folder=run_dir, **frames)
 
 
 def _reliance_images(run_dir: Path) -> pd.DataFrame | None:
@@ -105,6 +133,14 @@ def typicality(predictions: pd.DataFrame, manifest: pd.DataFrame, removals: pd.D
         pred["top_object"] = pred["index"].map(top["object"]).fillna("")
         pred["top_effect"] = pred["index"].map(top["change"])
     pred = pred[pred["lat"].notna() & pred["lon"].notna()]
+    pred["nearest_train_m"] = np.nan
+    if "split" in manifest:                         # the nearest training image of the same city
+        train = manifest[manifest["split"] == "train"]
+        train = train[pd.to_numeric(train["lat"]).notna() & pd.to_numeric(train["lon"]).notna()]
+        for city, rows in pred.groupby("city"):
+            ref = train[train["city"] == city]
+            pred.loc[rows.index, "nearest_train_m"] = places.nearest_m(
+                rows["lat"], rows["lon"], pd.to_numeric(ref["lat"]), pd.to_numeric(ref["lon"]))
     return pred[COLUMNS].reset_index(drop=True)
 
 
@@ -135,3 +171,55 @@ def by_time(table: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: fl
             acc = resampling.bootstrap_interval(part["correct"].astype(float), part["group"], n_boot, level, seed)
             rows.append([city, by, value, len(part), *typ, *acc])
     return pd.DataFrame(rows, columns=TIME_COLUMNS)
+
+
+def object_changes(table: pd.DataFrame, removals: pd.DataFrame | None, *, top: int = 3,
+                   min_images: int = 5) -> pd.DataFrame:
+    """``OBJECT_COLUMNS``: per city its ``top`` objects (the most negative mean change of log
+    p(true city) on removal, ``effect``, over ``min_images`` images or more; ``rank`` 1 the
+    strongest), one row per placed test image the object was removed from, with that change and
+    whether the removal turned a right decision wrong (``flipped``)."""
+    if removals is None or removals.empty or table.empty:
+        return pd.DataFrame(columns=OBJECT_COLUMNS)
+    r = removals[removals["row"].isin(table["index"])].assign(
+        effect=lambda f: f["logp_removed"] - f["logp"],
+        flipped=lambda f: f["correct"].astype(bool) & ~f["correct_removed"].astype(bool))
+    means = r.groupby(["city", "object"])["effect"].agg(["size", "mean"]).reset_index()
+    means = means[means["size"] >= min_images].sort_values(["city", "mean", "object"])
+    means["rank"] = means.groupby("city").cumcount() + 1
+    chosen = means[means["rank"] <= top][["city", "object", "rank"]]
+    placed = table.set_index("index")[["group", "lat", "lon", "date", "season"]]
+    out = r.merge(chosen, on=["city", "object"]).drop(columns="group").join(placed, on="row")
+    out = out.rename(columns={"row": "index"}).sort_values(["city", "rank", "index"])
+    return out[OBJECT_COLUMNS].reset_index(drop=True)
+
+
+def object_time(objects: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Per city, mapped object and season (and year): the mean change of log p(true city) when
+    the object is removed, with its ``level`` bootstrap interval over whole groups."""
+    dated = objects[objects["date"].astype(str) != ""].assign(year=lambda t: t["date"].astype(str).str[:4])
+    rows = []
+    for by in ("season", "year"):
+        for (city, obj, value), part in dated.groupby(["city", "object", by], sort=True):
+            rows.append([city, obj, by, value, len(part),
+                         *resampling.bootstrap_interval(part["effect"], part["group"], n_boot, level, seed)])
+    return pd.DataFrame(rows, columns=OBJECT_TIME_COLUMNS)
+
+
+def near_far(table: pd.DataFrame, within_m: float, *, n_boot: int = 1000, seed: int = 0,
+             level: float = 0.95) -> pd.DataFrame:
+    """Per city and over all (``city`` 'all'): the accuracy of the test images with a training
+    image of their city within ``within_m`` metres (near: what a split by panorama lets through,
+    a split by blocks of that size never does) and of the rest (far), each with its ``level``
+    bootstrap interval over whole groups; NaN where a side has no image."""
+    rows = []
+    for city, part in [*table.groupby("city", sort=True), ("all", table)]:
+        near = part["nearest_train_m"].to_numpy(float) <= within_m
+        sides = []
+        for side in (near, ~near):
+            acc = resampling.bootstrap_interval(part["correct"].astype(float)[side], part["group"][side],
+                                                n_boot, level, seed)
+            sides += [int(side.sum()), *acc]
+        rows.append([city, within_m, *sides])
+    return pd.DataFrame(rows, columns=NEAR_COLUMNS)
+
