@@ -6,8 +6,11 @@ Plain script: ``python benchmarks/places_demo.py [--out DIR] [--figure docs/img/
    cue; ``plan.district``, keep 0) runs through ``citylib run`` (Simple, 64 px, 130 spots x 4
    views per city, split 3:1:2 so that enough test spots fall in the district). Prints
    treeville's typicality inside and outside the district (mean p(true city) with a 95%
-   interval over spots) and the share of its test views whose top object is the tree, and
-   copies the run's ``places.png`` to ``--figure`` (a ``.jpg``: 1,200 px wide).
+   interval over spots), the share of its test views whose top object is the tree, and what
+   removing the trees does to the views they were removed from (the per-object map's numbers:
+   the mean change in log p(true city) with its interval, the decisions turned wrong); copies
+   the run's ``places.png`` to ``--figure`` and ``places_objects.png`` beside it as
+   ``<figure>_objects.jpg`` (``.jpg``: 1,200 px wide).
 2. The Street View sample photos beside the checkout (``../shared/samples/streetview``), split by
    panorama and by block (``data.split_by: block``, 50 m), each trained as
    ``parameters/streetview/simple_seed0.yaml`` trains: per split, the share of test photos with a
@@ -64,20 +67,33 @@ def district_job(out: Path, figure: Path | None) -> None:
     inside = np.array([synth.place(world, "treeville", int(g.rsplit("_", 1)[1]))["district"] for g in city["group"]])
     print(f"district job: {time.perf_counter() - t0:.0f} s; treeville test views: {len(city)} "
           f"({inside.sum()} in the district)")
-    print("| treeville | views | spots | typicality [95% CI] | top object tree |\n|---|---|---|---|---|")
-    for name, sel in (("in the district", inside), ("elsewhere", ~inside)):
+    # the per-object map's numbers: where removing the trees changes treeville's decisions
+    objects = pd.read_csv(run / "places_objects.csv", keep_default_na=False, na_values=[""])
+    trees = objects[(objects["city"] == "treeville") & (objects["object"] == "tree")]
+    in_trees = trees["index"].isin(city.loc[inside, "index"]).to_numpy()
+    print("| treeville | views | spots | typicality [95% CI] | top object tree | views with trees removed "
+          "| change in log p [95% CI] | turned wrong |\n|---|---|---|---|---|---|---|---|")
+    for name, sel, tsel in (("in the district", inside, in_trees), ("elsewhere", ~inside, ~in_trees)):
         mean, lo, hi = resampling.bootstrap_interval(city["p_true"][sel], city["group"][sel], 2000)
-        trees = (city["top_object"][sel] == "tree").mean()
-        print(f"| {name} | {sel.sum()} | {city['group'][sel].nunique()} | {mean:.2f} [{lo:.2f}, {hi:.2f}] | {trees:.0%} |")
+        top = (city["top_object"][sel] == "tree").mean()
+        t = trees[tsel]
+        effect = "—"
+        if len(t):
+            m, low, high = resampling.bootstrap_interval(t["effect"], t["group"], 2000)
+            effect = f"{m:+.2f} [{low:+.2f}, {high:+.2f}]"
+        print(f"| {name} | {sel.sum()} | {city['group'][sel].nunique()} | {mean:.2f} [{lo:.2f}, {hi:.2f}] | {top:.0%} "
+              f"| {len(t)} | {effect} | {int(t['flipped'].astype(bool).sum())} |")
     if figure is not None:            # a .jpg: 1,200 px wide, for the README
         if figure.suffix.lower() in (".jpg", ".jpeg"):
             from PIL import Image
-            with Image.open(run / "places.png") as im:
-                im = im.convert("RGB")
-                im.resize((1200, round(im.height * 1200 / im.width)), Image.LANCZOS).save(figure, quality=85)
+            for name, target in (("places", figure), ("places_objects", figure.with_name(figure.stem + "_objects.jpg"))):
+                with Image.open(run / f"{name}.png") as im:
+                    im = im.convert("RGB")
+                    im.resize((1200, round(im.height * 1200 / im.width)), Image.LANCZOS).save(target, quality=85)
+                print(f"map: {target}")
         else:
             shutil.copyfile(run / "places.png", figure)
-        print(f"map: {figure}")
+            print(f"map: {figure}")
 
 
 def split_table(out: Path) -> None:

@@ -100,15 +100,23 @@ def linear_fill(images: np.ndarray, masks: np.ndarray, rng, noise: float = 0.01,
 
 def imputed(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """ROAD's linear imputation without noise, float (N, H, W, C) -> (N, H, W, C): every masked
-    pixel the weighted mean of its in-image neighbours, known or imputed. One sparse system for
-    the whole batch (block-diagonal: no pixel of one image neighbours another's). An image with
-    every pixel masked has nothing to impute from and keeps its values."""
+    pixel the weighted mean of its in-image neighbours, known or imputed. The unknowns are
+    numbered hole by hole (8-connected, within one image), so the sparse system is block-diagonal
+    and each hole's block is solved alone. An image with every pixel masked has nothing to
+    impute from and keeps its values."""
     n, h, w, c = images.shape
     flat = images.reshape(n * h * w, c)
     masks = masks & (~masks).any((1, 2))[:, None, None]            # all masked: left as it is
-    unknown = np.flatnonzero(masks.reshape(-1))                                        # (K,)
+    within = np.zeros((3, 3, 3), bool)
+    within[1] = True                                           # 8-connected, never across images
+    holes, _ = ndimage.label(masks, structure=within)
+    unknown = np.flatnonzero(masks.reshape(-1))
     if unknown.size == 0:
         return images.copy()
+    hole = holes.reshape(-1)[unknown]
+    order = np.argsort(hole, kind="stable")
+    unknown, hole = unknown[order], hole[order]                 # (K,): hole by hole
+    cuts = np.flatnonzero(np.diff(hole)) + 1
     var = np.full(n * h * w, -1, np.int64)
     var[unknown] = np.arange(unknown.size)
     img, rest = np.divmod(unknown, h * w)
@@ -127,27 +135,15 @@ def imputed(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
         known = neighbour[~free]
         for ch in range(c):
             rhs[:, ch] -= np.bincount(at[~free], weight * flat[known, ch], minlength=unknown.size)
-    a = sparse.csr_matrix((np.concatenate(vals + [diag]),
+    a = sparse.csc_matrix((np.concatenate(vals + [diag]),
                            (np.concatenate(rows + [np.arange(unknown.size)]),
                             np.concatenate(cols + [np.arange(unknown.size)]))), shape=(unknown.size,) * 2)
     solved = np.empty((unknown.size, c))
-    for part in _components(masks, unknown):        # independent systems, each solved alone
-        block = a[part][:, part].tocsc()
+    for lo, hi in zip([0, *cuts], [*cuts, unknown.size]):     # holes share no neighbour: apart
         # symmetric: SuperLU's symmetric mode (diagonal pivots, one ordering of A + A')
-        lu = splu(block, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
-        solved[part] = lu.solve(rhs[part])
+        lu = splu(a[lo:hi, lo:hi], permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                  options={"SymmetricMode": True})
+        solved[lo:hi] = lu.solve(rhs[lo:hi])
     out = flat.copy()
     out[unknown] = solved
     return out.reshape(n, h, w, c)
-
-
-def _components(masks: np.ndarray, unknown: np.ndarray) -> list[np.ndarray]:
-    """The unknowns (indices into ``unknown``, the masked pixels in flat order) of each connected
-    hole (8-neighbours, within one image): holes share no neighbour, so their systems are apart."""
-    within = np.zeros((3, 3, 3), bool)
-    within[1] = True                                           # 8-connected, never across images
-    labels, _ = ndimage.label(masks, structure=within)
-    comp = labels.reshape(-1)[unknown]
-    order = np.argsort(comp, kind="stable")
-    cuts = np.flatnonzero(np.diff(comp[order])) + 1
-    return np.split(order, cuts)
