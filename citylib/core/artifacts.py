@@ -13,6 +13,7 @@ import ast
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -175,35 +176,50 @@ def _exists(root: Path, name: str) -> bool:
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
+@functools.lru_cache(maxsize=1024)
+def _import_nodes(source: bytes) -> tuple[tuple[str, tuple[str, ...], int, str | None], ...]:
+    """The import statements of a module's source, parsed once per source text: (``import``,
+    names, 0, None), (``from``, names, level, module) and (``iter_modules``, (), 0, None) for a
+    call of ``iter_modules``."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out.append(("import", tuple(a.name for a in node.names), 0, None))
+        elif isinstance(node, ast.ImportFrom):
+            out.append(("from", tuple(a.name for a in node.names), node.level, node.module))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "iter_modules"):
+            out.append(("iter_modules", (), 0, None))
+    return tuple(out)
+
+
 def _package_imports(source: bytes, module: str, root: Path) -> set[str]:
     """Names of the package's modules that ``source`` (the module ``module``) depends on: those
     it imports (absolute or relative), the sub-packages' ``__init__`` that run on the way, and,
     for a package that discovers its modules, each of them."""
     package, found = root.name, set()
     is_package = _source_file(root, module).name == "__init__.py" if module else False
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found |= {a.name.removeprefix(f"{package}.") for a in node.names
-                      if a.name.startswith(f"{package}.")}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:   # relative: from the module's own package
+    for kind, names, level, base_module in _import_nodes(source):
+        if kind == "import":
+            found |= {n.removeprefix(f"{package}.") for n in names if n.startswith(f"{package}.")}
+        elif kind == "from":
+            if level:   # relative: from the module's own package
                 parts = [package, *module.split(".")[:-1 if not is_package else None]]
-                parts = parts[:len(parts) + 1 - node.level]
-                base = ".".join(parts + ([node.module] if node.module else []))
+                parts = parts[:len(parts) + 1 - level]
+                base = ".".join(parts + ([base_module] if base_module else []))
             else:
-                base = node.module or ""
+                base = base_module or ""
             if base != package and not base.startswith(f"{package}."):
                 continue
             inner = base.removeprefix(package).lstrip(".")
             # `from citylib.nets import train` names modules; `from citylib.nets.train import run` a module
-            for a in node.names:
-                name = f"{inner}.{a.name}" if inner else a.name
+            for a in names:
+                name = f"{inner}.{a}" if inner else a
                 if _exists(root, name):
                     found.add(name)
             if inner and _exists(root, inner):
                 found.add(inner)
-        elif (isinstance(node, ast.Call) and is_package and isinstance(node.func, ast.Attribute)
-              and node.func.attr == "iter_modules"):       # a package that imports every module
+        elif is_package:                                   # a package that imports every module
             folder = _source_file(root, module).parent
             found |= {f"{module}.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__"}
     for name in list(found) + [module]:                     # the sub-packages' __init__ on the way

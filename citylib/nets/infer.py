@@ -82,8 +82,10 @@ def logits(model: nn.Module | list[nn.Module], images: np.ndarray, batch_size: i
 
     def forward(net: nn.Module, batch: np.ndarray) -> torch.Tensor:                   # (B, S, S, 3)
         device = device_of(net)
+        # channels last: the same numbers, a quarter faster for the VGG-like nets on a CPU
+        x = to_device(to_tensor(batch, normalisation(net)), device).contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), devices.autocast(device):
-            return net(to_device(to_tensor(batch, normalisation(net)), device)).float().cpu()                    # (B, C)
+            return net(x).float().cpu()                                                   # (B, C)
 
     out = list(devices.spread(forward, nets, batches))
     for m, mode in zip(nets, was_training):

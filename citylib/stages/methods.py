@@ -268,7 +268,8 @@ def rho_resamples(hist: histograms.Histograms, cue_list: list[tuple[str, str]], 
             mine = lift[:, np.searchsorted(objects, index[obj])][:, None]
             lift_rank[:, j] = np.where(np.isnan(mine[:, 0]), np.nan, 1 + (lift > mine).sum(1))
             d = boot.delta[city, obj][members]
-            reliance[:, j] = -(wc @ np.nan_to_num(d)) / (wc @ np.isfinite(d))
+            with np.errstate(invalid="ignore"):            # NaN: a resample without the cue's images
+                reliance[:, j] = -(wc @ np.nan_to_num(d)) / (wc @ np.isfinite(d))
     rho = np.full(len(w), np.nan)
     full = ~np.isnan(reliance).any(1) & ~np.isnan(lift_rank).any(1)
     rx, ry = sps.rankdata(reliance[full], axis=1), sps.rankdata(-lift_rank[full], axis=1)

@@ -63,8 +63,9 @@ class RelianceConfig:
     sigma: float = 10.0       # the blur operator's Gaussian (pixels)
     n_boot: int = 2000        # bootstrap resamples of the groups
     level: float = 0.95       # interval level
-    calibrate: tuple[str, ...] = ("mean", "linear", "telea")   # operators scored
-    #                           against true deletion on a generated world (``calibration``)
+    calibrate: tuple[str, ...] = ()   # operators scored against true deletion on a generated
+    #                           world (``calibration``) beside the run's own, always scored; the
+    #                           choice among them: benchmarks/calibrate_removal.py, on validation
     min_images: int = 5       # a (city, object) pair enters the calibration with this many images
     batch_size: int = 64      # images per forward pass
     seed: int = 0             # of the operator's noise and the bootstrap
