@@ -72,6 +72,12 @@ def test_causal_effect_of_a_cue_the_model_uses_and_one_it_ignores():
     # with the red square the model says 'a'; without it, class 1
     assert table.loc["tree", "accuracy_with"] == table.loc["fence", "accuracy_without"] == 1.0
     assert table.loc["tree", "accuracy_without"] == table.loc[CUE_FREE, "accuracy_without"] == 0.0
+    # the originals' log-probabilities passed in (as the stage passes them, once for effects and
+    # sufficiency) give the same table
+    rows = np.arange(len(cache.images))
+    known = (rows, causal._log_softmax(infer.logits(model, cache.images, 4, rows)))
+    pd.testing.assert_frame_equal(causal.effects(model, cache, cfs, ["a", "b", "c"], originals=known), images,
+                                  atol=1e-9)
 
 
 def test_cue_free_check_fails_for_a_model_that_still_knows_the_city():

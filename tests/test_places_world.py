@@ -1,6 +1,7 @@
 """Ground truth for the places maps: a generated world whose spots lie on a city plan, with a
 district where one planted cue is rare. A network trained on it must find that district's
-streets less typical of their city than the rest."""
+streets less typical of their city than the rest, and the per-object map must put that cue's
+reliance outside the district."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,9 +11,10 @@ import yaml
 
 from citylib.core.config import ConfigError
 from citylib.core.paths import WORLDS
-from citylib.data import dataset, places
+from citylib.data import dataset, places, segment
 from citylib.nets import train
 from citylib.stages import places as stage
+from citylib.stages import reliance
 from citylib.stats import resampling
 from citylib.world import synth, worldfile
 
@@ -56,10 +58,24 @@ def test_the_typicality_map_finds_the_district_where_a_cue_is_rare(tmp_path):
     cache = dataset.load(cfg, tmp_path / "data")
     train.run(train.TrainConfig(epochs=4, batch_size=16, lr=3e-4), tmp_path / "run", cache, arch="simple",
               seed=0, name="run", progress=False)
-    table = stage.typicality(pd.read_csv(tmp_path / "run" / "predictions.csv"), data.manifest, None)
+    reliance.run(reliance.RelianceConfig(device="cpu", n_boot=200), tmp_path / "run", cache,
+                 segment_cfg=segment.SegmentConfig(), segment_dir=tmp_path / "segment", progress=False)
+    removals = pd.read_csv(tmp_path / "run" / "reliance_images.csv")
+    table = stage.typicality(pd.read_csv(tmp_path / "run" / "predictions.csv"), data.manifest, removals)
     world = worldfile.load_world(cfg.world.world)
     city = table[table["city"] == "treeville"]
     inside = np.array([synth.place(world, "treeville", int(g.rsplit("_", 1)[1]))["district"] for g in city["group"]])
     district = resampling.bootstrap_interval(city["p_true"][inside], city["group"][inside], 2000)
     rest = resampling.bootstrap_interval(city["p_true"][~inside], city["group"][~inside], 2000)
     assert inside.sum() >= 20 and district[2] < rest[1], (district, rest)      # its interval below the rest's
+    # the per-object map: treeville's trees, its strongest object, matter outside the district
+    objects = stage.object_changes(table, removals)
+    trees = objects[(objects["city"] == "treeville") & (objects["object"] == "tree")]
+    assert trees["rank"].iloc[0] == 1
+    in_district = trees["index"].isin(city["index"][inside]).to_numpy()
+    outside = resampling.bootstrap_interval(trees["effect"][~in_district], trees["group"][~in_district], 2000)
+    assert outside[2] < 0, outside
+    # the district's views lose their trees: few of them have trees to remove, and those matter less
+    assert in_district.sum() < 0.5 * inside.sum(), (in_district.sum(), inside.sum())
+    if in_district.sum():
+        assert trees["effect"][in_district].mean() > outside[0]

@@ -1,5 +1,7 @@
 """The reliance stage's measurement (citylib.stages.reliance) on hand-made worlds and networks
 whose reliance is known."""
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -150,8 +152,11 @@ def test_the_calibration_scores_removal_against_the_true_deletion_image_by_image
                           "view": 0, "object": objs})
     cfs = SimpleNamespace(deleted_index=index, deleted_images=np.stack(gone), deleted_masks=np.stack(masks))
     cache = SimpleNamespace(images=images, labels=labels)
-    cfg = reliance.RelianceConfig(operator="mean", calibrate=("linear",), dilation=1, ring=3, batch_size=7, device="cpu")
+    cfg = reliance.RelianceConfig(operator="mean", calibrate=("linear",), dilation=1, ring=3, batch_size=7, device="cpu",
+                                  calibrate_null=True)
     out = calibration.changes(Redness(), cache, cfs, ["a", "b"], cfg)
+    plain = calibration.changes(Redness(), cache, cfs, ["a", "b"], replace(cfg, calibrate_null=False))
+    assert "mean_null" not in plain and np.allclose(plain[["true", "mean", "linear"]], out[["true", "mean", "linear"]])
     logp = lambda x: torch.log_softmax(Redness()(infer.to_tensor(x)).double(), 1).numpy()   # noqa: E731
     by_hand = logp(np.stack(gone))[np.arange(len(rows)), target[rows]] - logp(images[rows])[np.arange(len(rows)), target[rows]]
     assert np.allclose(out["true"], by_hand)

@@ -163,7 +163,7 @@ def run(cfg: RelianceConfig, run_dir: str | Path, cache, counterfactuals, *, pro
                            **agreement(images, op if measure == "effect" else f"{op}_adjusted",
                                        min_images=cfg.min_images, n_boot=cfg.n_boot, level=cfg.level, seed=cfg.seed)}
                           for op in operators(cfg) for measure in ("effect", "adjusted")
-                          if measure == "effect" or op == cfg.operator], columns=COLUMNS)
+                          if measure == "effect" or (op == cfg.operator and cfg.calibrate_null)], columns=COLUMNS)
     write_csv(run_dir / "calibration.csv", table)
     write_csv(run_dir / "calibration_images.csv", images)
     folder.commit(["calibration.csv", "calibration_images.csv"], training_key=training_key)
@@ -173,41 +173,52 @@ def run(cfg: RelianceConfig, run_dir: str | Path, cache, counterfactuals, *, pro
 def changes(model, cache, counterfactuals, cities: list[str], cfg: RelianceConfig, *,
             progress: bool = False) -> pd.DataFrame:
     """Per true deletion: the change of log p(true city) it makes (``true``), each operator's
-    of ``operators(cfg)`` on the same pixels of the original (``<op>``) and, for the run's own
-    operator, its null's (``<op>_null``) and the difference (``<op>_adjusted``); a batch at a time."""
+    of ``operators(cfg)`` on the same pixels of the original (``<op>``) and, where
+    ``cfg.calibrate_null``, the run's operator's null (``<op>_null``) and the difference
+    (``<op>_adjusted``). Each original image passes the network once, the deletions a batch at
+    a time."""
     index = counterfactuals.deleted_index.reset_index(drop=True)
     shares = np.zeros(len(index))
     target = np.array([cities.index(c) for c in index["city"]], np.int64)
     ops = operators(cfg)
-    out = {name: np.zeros(len(index)) for name in ["true", *ops, f"{cfg.operator}_null"]}
+    null = f"{cfg.operator}_null"
+    out = {name: np.zeros(len(index)) for name in ["true", *ops, *([null] if cfg.calibrate_null else [])]}
     fill = dict(dilation=cfg.dilation, **cfg.settings())
+    all_rows = index["row"].to_numpy(np.int64)
+    unique = np.unique(all_rows)                               # an image has several deletions
+    original_logp = _log_p(model, cache.images, cfg.batch_size, unique)                # (U, C)
     for start in tqdm(range(0, len(index), cfg.batch_size), desc="calibration", disable=not progress):
         at = np.arange(start, min(start + cfg.batch_size, len(index)))
-        rows = index["row"].to_numpy(np.int64)[at]
+        rows = all_rows[at]
         original = np.asarray(cache.images[rows])                                      # (B, S, S, 3)
         masks = np.asarray(counterfactuals.deleted_masks[at])                    # (B, S, S)
         shares[at] = masks.mean((1, 2))
-        labels = np.asarray(cache.labels[rows])
-        nulls = np.stack([null_mask(lab, m, cfg.ring, cfg.dilation)[0] for lab, m in zip(labels, masks)])
-        fits = nulls.any((1, 2))                 # a null that fits nowhere leaves the image as it is
-        batch = {"": original, "true": np.asarray(counterfactuals.deleted_images[at])}
+        batch = {"true": np.asarray(counterfactuals.deleted_images[at])}
         for op in ops:
             batch[op] = removal.remove(op, original, masks, seed=cfg.seed + start, **fill)
-        batch[f"{cfg.operator}_null"] = removal.remove(cfg.operator, original[fits], nulls[fits],
-                                                      seed=cfg.seed + start + 1, **fill)
-        logp = torch.log_softmax(torch.from_numpy(infer.logits(model, np.concatenate(list(batch.values())),
-                                                               cfg.batch_size)).double(), 1).numpy()
+        fits = np.ones(len(at), bool)
+        if cfg.calibrate_null:
+            labels = np.asarray(cache.labels[rows])
+            nulls = np.stack([null_mask(lab, m, cfg.ring, cfg.dilation)[0] for lab, m in zip(labels, masks)])
+            fits = nulls.any((1, 2))             # a null that fits nowhere leaves the image as it is
+            batch[null] = removal.remove(cfg.operator, original[fits], nulls[fits], seed=cfg.seed + start + 1, **fill)
+        logp = _log_p(model, np.concatenate(list(batch.values())), cfg.batch_size)
         ends = np.cumsum([0] + [len(v) for v in batch.values()])
-        base = logp[:len(at)][np.arange(len(at)), target[at]]                            # (B,)
+        base = original_logp[np.searchsorted(unique, rows), target[at]]                  # (B,)
         for k, name in enumerate(batch):
             part = logp[ends[k]:ends[k + 1]]
-            if name.endswith("_null"):                       # 0 where the null fits nowhere
+            if name == null:                                 # 0 where the null fits nowhere
                 out[name][at[fits]] = part[np.arange(fits.sum()), target[at][fits]] - base[fits]
-            elif name:
+            else:
                 out[name][at] = part[np.arange(len(at)), target[at]] - base
     frame = index.assign(share=shares, **out)
-    frame[f"{cfg.operator}_adjusted"] = frame[cfg.operator] - frame[f"{cfg.operator}_null"]
+    if cfg.calibrate_null:
+        frame[f"{cfg.operator}_adjusted"] = frame[cfg.operator] - frame[null]
     return frame
+
+
+def _log_p(model, images, batch_size: int, rows=None) -> np.ndarray:
+    return torch.log_softmax(torch.from_numpy(infer.logits(model, images, batch_size, rows)).double(), 1).numpy()
 
 
 def operators(cfg: RelianceConfig) -> tuple[str, ...]:

@@ -93,7 +93,11 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progr
         return _load(run_dir, folder.key)
     folder.begin()
     nets = devices.replicas(model, devices.every(cfg.device))   # one per device (cuda:all)
-    images = effects(nets, cache, counterfactuals, list(cities), cfg.batch_size)
+    added = counterfactuals.added_index
+    rows = np.unique(np.concatenate([counterfactuals.index["row"].to_numpy(np.int64),
+                                     added["row"].to_numpy(np.int64) if added is not None else []]).astype(np.int64))
+    originals = (rows, _log_softmax(infer.logits(nets, cache.images, cfg.batch_size, rows)))   # each image once
+    images = effects(nets, cache, counterfactuals, list(cities), cfg.batch_size, originals=originals)
     table = summarise(images, cfg)
     free = cue_free_predictions(nets, images, counterfactuals, list(cities), cfg.batch_size)
     summary = {"cue_free": cue_free(free, len(cities), cfg), "counterfactuals": counterfactuals.key,
@@ -101,7 +105,7 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progr
     write_csv(run_dir / "causal.csv", table)
     write_csv(run_dir / "causal_images.csv", images)
     write_csv(run_dir / "causal_cue_free.csv", free)
-    enough = sufficiency(nets, cache, counterfactuals, list(cities), cfg)
+    enough = sufficiency(nets, cache, counterfactuals, list(cities), cfg, originals=originals)
     write_csv(run_dir / "sufficiency.csv", enough)
     write_json(run_dir / "causal.json", summary)
     folder.commit(["causal.csv", "causal_images.csv", "causal_cue_free.csv", "sufficiency.csv", "causal.json"],
@@ -110,14 +114,14 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progr
 
 
 def effects(model: torch.nn.Module | list[torch.nn.Module], cache, counterfactuals, cities: list[str],
-            batch_size: int = 128) -> pd.DataFrame:
+            batch_size: int = 128, *, originals: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
     """Per counterfactual image: the log-probability of the true city on the original (its
     cache row) and on the counterfactual, and whether each is classified correctly. ``model``:
-    the network, or copies of it on several devices (``infer.logits``)."""
+    the network, or copies of it on several devices (``infer.logits``); ``originals``: (sorted
+    cache rows, their log-probabilities), when known already."""
     index = counterfactuals.index
     target = np.array([cities.index(c) for c in index["city"]], np.int64)             # (M,)
-    rows = np.unique(index["row"].to_numpy(np.int64))
-    orig = _log_softmax(infer.logits(model, cache.images, batch_size, rows))             # (R, C)
+    rows, orig = _originals(model, cache, index["row"], batch_size, originals)       # (R,), (R, C)
     at = np.searchsorted(rows, index["row"].to_numpy(np.int64))
     logp, correct = orig[at, target], orig[at].argmax(1) == target
     cf = _log_softmax(infer.logits(model, np.asarray(counterfactuals.images), batch_size))  # (M, C)
@@ -132,14 +136,14 @@ SUFFICIENCY_COLUMNS = ["city", "donor", "object", "n", "spots", "donor_effect", 
                        "true_effect", "true_ci_low", "true_ci_high", "called_donor_before", "called_donor_after"]
 
 
-def sufficiency(model, cache, counterfactuals, cities: list[str], cfg: CausalConfig = CausalConfig()) -> pd.DataFrame:
+def sufficiency(model, cache, counterfactuals, cities: list[str], cfg: CausalConfig = CausalConfig(), *,
+                originals: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
     """sufficiency.csv (see the module docstring) from the views with another city's cue added;
-    empty where the data stage added none."""
+    empty where the data stage added none. ``originals`` as for ``effects``."""
     index = counterfactuals.added_index
     if index is None or len(index) == 0:
         return pd.DataFrame(columns=SUFFICIENCY_COLUMNS)
-    rows = np.unique(index["row"].to_numpy(np.int64))
-    orig = _log_softmax(infer.logits(model, cache.images, cfg.batch_size, rows))              # (R, C)
+    rows, orig = _originals(model, cache, index["row"], cfg.batch_size, originals)   # (R,), (R, C)
     at = np.searchsorted(rows, index["row"].to_numpy(np.int64))
     added = _log_softmax(infer.logits(model, np.asarray(counterfactuals.added_images), cfg.batch_size))  # (A, C)
     true = np.array([cities.index(c) for c in index["city"]])
@@ -155,6 +159,15 @@ def sufficiency(model, cache, counterfactuals, cities: list[str], cfg: CausalCon
         t = resampling.bootstrap_interval(g["d_true"].to_numpy(), groups, cfg.n_boot, cfg.level, cfg.seed)
         out.append([city, giver, obj, len(g), len(set(groups)), *d, *t, float(g["before"].mean()), float(g["after"].mean())])
     return pd.DataFrame(out, columns=SUFFICIENCY_COLUMNS)
+
+
+def _originals(model, cache, wanted, batch_size: int, known: tuple[np.ndarray, np.ndarray] | None):
+    """(sorted unique cache rows of ``wanted``, their log-probabilities): taken from ``known``
+    (rows, log-probabilities) where it holds them all, else computed."""
+    rows = np.unique(np.asarray(wanted, np.int64))
+    if known is not None and np.isin(rows, known[0]).all():
+        return rows, known[1][np.searchsorted(known[0], rows)]
+    return rows, _log_softmax(infer.logits(model, cache.images, batch_size, rows))
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -66,6 +66,9 @@ class RelianceConfig:
     calibrate: tuple[str, ...] = ()   # operators scored against true deletion on a generated
     #                           world (``calibration``) beside the run's own, always scored; the
     #                           choice among them: benchmarks/calibrate_removal.py, on validation
+    calibrate_null: bool = False   # also score the run's operator with its matched null
+    #                           subtracted (a forward pass more per deletion; it helped no operator
+    #                           on validation: benchmarks/calibrate_removal.py scores it for each)
     min_images: int = 5       # a (city, object) pair enters the calibration with this many images
     batch_size: int = 64      # images per forward pass
     seed: int = 0             # of the operator's noise and the bootstrap
