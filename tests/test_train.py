@@ -12,7 +12,7 @@ from PIL import Image
 
 from citylib.core import artifacts, devices
 from citylib.core.artifacts import read_json
-from citylib.nets import checkpoint, infer, loader, train
+from citylib.nets import checkpoint, infer, loader, models, train
 
 CITIES = ["amsterdam", "berlin", "cairo"]
 SIZE = 64
@@ -285,3 +285,25 @@ def test_a_corrupt_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert cli.main(["predict", "--run", str(run), str(image)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a readable citylib checkpoint" in err[0]
+
+
+@pytest.mark.parametrize("arch", ["vgg11", "resnet18", "simpler"])
+def test_load_model_takes_every_tensor_from_the_checkpoint(tmp_path, arch):
+    # the network is built without initial weights: every tensor must come from the file, the
+    # caller's random state is left alone, and a checkpoint short of a tensor is refused
+    torch.manual_seed(0)
+    net = models.build(arch, 3, 64).eval()
+    config = {"arch": arch, "cities": CITIES, "image_size": 64}
+    torch.save({"config": config, "model": net.state_dict()}, tmp_path / "best.pt")
+    before = torch.get_rng_state()
+    model, cities, _ = checkpoint.load_model(tmp_path)
+    assert torch.equal(torch.get_rng_state(), before) and cities == CITIES
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), net(x))
+    state = net.state_dict()
+    state.pop(next(iter(state)))
+    torch.save({"config": config, "model": state}, tmp_path / "best.pt")
+    with pytest.raises(ValueError, match="best.pt: not a readable citylib checkpoint"):
+        checkpoint.load_model(tmp_path)

@@ -56,10 +56,11 @@ def load_model(run_dir: str | Path, which: str | int = "best",
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        ck = torch.load(path, weights_only=True, map_location="cpu")
+        ck = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
         config = ck["config"]
-        model = models.build(config["arch"], len(config["cities"]), config["image_size"])
-        model.load_state_dict(ck["model"])
+        with torch.device("meta"):     # no initial weights drawn (VGG11's: 3 s): the checkpoint's replace them
+            model = models.build(config["arch"], len(config["cities"]), config["image_size"])
+        model.load_state_dict(ck["model"], assign=True)
         model.normalisation = infer.Normalisation.of(config.get("normalisation"))
     except Exception as e:   # truncated, another file, another network's weights
         raise ValueError(f"{path}: not a readable citylib checkpoint ({type(e).__name__}: "
