@@ -209,6 +209,10 @@ def test_nearest_training_image_and_accuracy_near_and_far():
     assert split.loc["rome", "n_near"] == 0 and np.isnan(split.loc["rome", "accuracy_near"])
     assert split.loc["all", ["n_near", "n_far"]].tolist() == [1, 3]
     assert split.loc["all", "accuracy_far"] == pytest.approx(2 / 3)
+    # every test image: the run's own split
+    assert split.loc["oslo", "n_all"] == 2 and split.loc["oslo", "accuracy_all"] == 0.5
+    assert split.loc["all", "n_all"] == 4 and split.loc["all", "accuracy_all"] == 0.75
+    assert split.loc["all", "all_low"] <= 0.75 <= split.loc["all", "all_high"]
 
 
 def test_each_citys_strongest_objects_mapped_and_followed_through_the_seasons():

@@ -92,30 +92,41 @@ def ns_fill(images: np.ndarray, masks: np.ndarray, rng, radius: int = 3, **_) ->
 
 @register("linear")
 def linear_fill(images: np.ndarray, masks: np.ndarray, rng, noise: float = 0.01, **_) -> np.ndarray:
-    filled = imputed(images.astype(np.float64) / 255.0, masks)                        # (N, H, W, 3)
+    values = _imputed_values(images, masks, 255.0)                                     # (K, 3) in [0, 1]
     if noise > 0:                                   # drawn for the removed pixels only
-        filled[masks] += rng.normal(0.0, noise, (int(masks.sum()), filled.shape[-1]))
-    return np.clip(np.rint(filled * 255.0), 0, 255).astype(np.uint8)
+        values += rng.normal(0.0, noise, values.shape)
+    out = images.copy()
+    out[masks] = np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+    return out
 
 
 def imputed(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """ROAD's linear imputation without noise, float (N, H, W, C) -> (N, H, W, C): every masked
-    pixel the weighted mean of its in-image neighbours, known or imputed. The unknowns are
-    numbered hole by hole (8-connected, within one image), so the sparse system is block-diagonal
-    and each hole's block is solved alone. An image with every pixel masked has nothing to
-    impute from and keeps its values."""
+    pixel the weighted mean of its in-image neighbours, known or imputed. An image with every
+    pixel masked has nothing to impute from and keeps its values."""
+    out = np.array(images, np.float64)
+    out[masks] = _imputed_values(images, masks)
+    return out
+
+
+def _imputed_values(images: np.ndarray, masks: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """``imputed``'s values of the masked pixels, (K, C) float64 in ``np.flatnonzero(masks)``
+    order, the images' values divided by ``scale``. Only the masked pixels and their neighbours are
+    read: the unknowns are numbered hole by hole (8-connected, within one image), so the sparse
+    system is block-diagonal and each hole's block is solved alone."""
     n, h, w, c = images.shape
     flat = images.reshape(n * h * w, c)
-    masks = masks & (~masks).any((1, 2))[:, None, None]            # all masked: left as it is
+    where = np.flatnonzero(masks.reshape(-1))                                       # (K,) row-major
+    values = flat[where].astype(np.float64) / scale                                  # all masked: kept
+    solvable = (~masks).any((1, 2))
+    if where.size == 0 or not solvable.any():
+        return values
     within = np.zeros((3, 3, 3), bool)
     within[1] = True                                           # 8-connected, never across images
-    holes, _ = ndimage.label(masks, structure=within)
-    unknown = np.flatnonzero(masks.reshape(-1))
-    if unknown.size == 0:
-        return images.copy()
-    hole = holes.reshape(-1)[unknown]
-    order = np.argsort(hole, kind="stable")
-    unknown, hole = unknown[order], hole[order]                 # (K,): hole by hole
+    holes, _ = ndimage.label(masks & solvable[:, None, None], structure=within)
+    hole = holes.reshape(-1)[where]
+    order = np.argsort(hole, kind="stable")[np.count_nonzero(hole == 0):]   # solvable, hole by hole
+    unknown, hole = where[order], hole[order]                                    # (U,)
     cuts = np.flatnonzero(np.diff(hole)) + 1
     var = np.full(n * h * w, -1, np.int64)
     var[unknown] = np.arange(unknown.size)
@@ -132,18 +143,15 @@ def imputed(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
         diag[at] -= weight                              # the weights of in-image neighbours
         free = var[neighbour] >= 0
         rows.append(at[free]); cols.append(var[neighbour[free]]); vals.append(np.full(free.sum(), weight))
-        known = neighbour[~free]
+        known = flat[neighbour[~free]].astype(np.float64) / scale                       # (k, C)
         for ch in range(c):
-            rhs[:, ch] -= np.bincount(at[~free], weight * flat[known, ch], minlength=unknown.size)
+            rhs[:, ch] -= np.bincount(at[~free], weight * known[:, ch], minlength=unknown.size)
     a = sparse.csc_matrix((np.concatenate(vals + [diag]),
                            (np.concatenate(rows + [np.arange(unknown.size)]),
                             np.concatenate(cols + [np.arange(unknown.size)]))), shape=(unknown.size,) * 2)
-    solved = np.empty((unknown.size, c))
     for lo, hi in zip([0, *cuts], [*cuts, unknown.size]):     # holes share no neighbour: apart
         # symmetric: SuperLU's symmetric mode (diagonal pivots, one ordering of A + A')
         lu = splu(a[lo:hi, lo:hi], permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
                   options={"SymmetricMode": True})
-        solved[lo:hi] = lu.solve(rhs[lo:hi])
-    out = flat.copy()
-    out[unknown] = solved
-    return out.reshape(n, h, w, c)
+        values[order[lo:hi]] = lu.solve(rhs[lo:hi])
+    return values

@@ -104,24 +104,29 @@ def _across_figure(out: Path, tables: dict[str, pd.DataFrame], done: list[Path],
 
 
 def places_section(runs: list[Path]) -> list[str]:
-    """Where the data has coordinates: per run and city, the accuracy of the test images with a
-    training image of their city nearby (``places_near.csv``) beside that of the rest."""
+    """Where the data has coordinates: per run and city, the accuracy of every test image (under
+    the run's own split) beside that of the test images with a training image of their city
+    nearby and of the rest (``places_near.csv``): the rest are what a blocked split tests."""
     done = [d for d in runs if (d / "places_near.csv").is_file()]
     if not done:
         return []
     rows = []
     for d in done:
+        split = artifacts.read_json(d / "config.json")["config"]["data"]["split_by"] if (d / "config.json").is_file() else "—"
         for r in pd.read_csv(d / "places_near.csv", dtype={"city": str}).itertuples(index=False):
-            rows.append({"run": d.name, "city": r.city, "near: test images": r.n_near,
-                         "near: accuracy [95%]": _interval(r.accuracy_near, r.near_low, r.near_high),
-                         "far: test images": r.n_far, "far: accuracy [95%]": _interval(r.accuracy_far, r.far_low, r.far_high)})
+            rows.append({"run": d.name, "split by": split, "city": r.city, "test images": r.n_all,
+                         "accuracy [95%]": _interval(r.accuracy_all, r.all_low, r.all_high),
+                         "near: images": r.n_near, "near: accuracy [95%]": _interval(r.accuracy_near, r.near_low, r.near_high),
+                         "far: images": r.n_far, "far: accuracy [95%]": _interval(r.accuracy_far, r.far_low, r.far_high)})
     within = pd.read_csv(done[0] / "places_near.csv")["within_m"].iloc[0]
-    return [f"<p>Each test image is <i>near</i> when a training image of its city lies within {within:g} m of it "
-            "(the data's <code>block_m</code>), <i>far</i> otherwise; accuracy with its 95% interval over "
-            "panoramas (spots). Neighbouring panoramas look alike, so where the near images are right more "
-            "often than the far ones, a split by panorama flatters the test accuracy; a split by blocks "
-            "(<code>data.split_by: block</code>) keeps no near image. Where the intervals overlap, no "
-            "difference is shown.</p>", table_html(pd.DataFrame(rows))]
+    return [f"<p>Accuracy under two splits. <i>accuracy</i>: every test image, under the split the run used "
+            "(<code>group</code>: by panorama, or spot; <code>block</code>: by blocks of "
+            f"<code>data.block_m</code> = {within:g} m). A test image is <i>near</i> when a training image of "
+            f"its city lies within {within:g} m of it, <i>far</i> otherwise. Neighbouring panoramas look alike: a "
+            "blocked split keeps no near image, so the far images' accuracy is what it measures, and where "
+            "the near images are right more often than the far ones, a split by panorama flatters the test "
+            "accuracy. Each accuracy has its 95% interval over panoramas (spots); where the intervals "
+            "overlap, no difference is shown.</p>", table_html(pd.DataFrame(rows))]
 
 
 def _interval(value: float, low: float, high: float) -> str:

@@ -47,8 +47,8 @@ TIME_COLUMNS = ["city", "by", "value", "n", "typicality", "typicality_low", "typ
                 "accuracy", "accuracy_low", "accuracy_high"]
 OBJECT_COLUMNS = ["index", "city", "group", "object", "rank", "lat", "lon", "date", "season", "effect", "flipped"]
 OBJECT_TIME_COLUMNS = ["city", "object", "by", "value", "n", "effect", "effect_low", "effect_high"]
-NEAR_COLUMNS = ["city", "within_m", "n_near", "accuracy_near", "near_low", "near_high",
-                "n_far", "accuracy_far", "far_low", "far_high"]
+NEAR_COLUMNS = ["city", "within_m", "n_all", "accuracy_all", "all_low", "all_high", "n_near", "accuracy_near",
+                "near_low", "near_high", "n_far", "accuracy_far", "far_low", "far_high"]
 
 
 @dataclass(frozen=True)
@@ -208,15 +208,16 @@ def object_time(objects: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, lev
 
 def near_far(table: pd.DataFrame, within_m: float, *, n_boot: int = 1000, seed: int = 0,
              level: float = 0.95) -> pd.DataFrame:
-    """Per city and over all (``city`` 'all'): the accuracy of the test images with a training
-    image of their city within ``within_m`` metres (near: what a split by panorama lets through,
-    a split by blocks of that size never does) and of the rest (far), each with its ``level``
-    bootstrap interval over whole groups; NaN where a side has no image."""
+    """Per city and over all (``city`` 'all'): the accuracy of every test image (the run's own
+    split), of those with a training image of their city within ``within_m`` metres (near: what
+    a split by panorama lets through, a split by blocks of that size never does) and of the rest
+    (far: the images a blocked split would test on, no training image that near), each with its
+    ``level`` bootstrap interval over whole groups; NaN where a side has no image."""
     rows = []
     for city, part in [*table.groupby("city", sort=True), ("all", table)]:
         near = part["nearest_train_m"].to_numpy(float) <= within_m
         sides = []
-        for side in (near, ~near):
+        for side in (np.ones(len(part), bool), near, ~near):
             acc = resampling.bootstrap_interval(part["correct"].astype(float)[side], part["group"][side],
                                                 n_boot, level, seed)
             sides += [int(side.sum()), *acc]
