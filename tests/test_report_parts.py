@@ -68,3 +68,13 @@ def test_places_section_shows_each_runs_accuracy_under_its_split_near_and_far(tm
     assert body["far: accuracy [95%]"].tolist() == ["0.500 [0.250, 0.750]", "0.625 [0.375, 0.875]"]
     assert body["city"].tolist() == ["<b>ville"] * 2
     assert "<b>ville" not in table and "&lt;b&gt;ville" in table      # a city's name is escaped
+
+
+def test_an_older_places_result_without_the_runs_own_accuracy_shows_a_dash(tmp_path):
+    old = _run(tmp_path, "simple_seed0", "group",
+               [["oslo", 50.0, 10, 0.7, 0.5, 0.9, 4, 1.0, 1.0, 1.0, 6, 0.5, 0.25, 0.75]])
+    near = pd.read_csv(old / "places_near.csv").drop(columns=["n_all", "accuracy_all", "all_low", "all_high"])
+    near.to_csv(old / "places_near.csv", index=False)
+    body = _frame(report_parts.places_section([old])[1])
+    assert body["accuracy [95%]"].tolist() == ["—"] and body["test images"].tolist() == ["—"]
+    assert body["far: accuracy [95%]"].tolist() == ["0.500 [0.250, 0.750]"]

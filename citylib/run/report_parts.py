@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from citylib.core import artifacts
-from citylib.stages import ar_tables, methods_tables, reliance
+from citylib.stages import ar_tables, methods_tables, places, reliance
 
 
 def table_html(frame: pd.DataFrame) -> str:
@@ -113,7 +113,8 @@ def places_section(runs: list[Path]) -> list[str]:
     rows = []
     for d in done:
         split = artifacts.read_json(d / "config.json")["config"]["data"]["split_by"] if (d / "config.json").is_file() else "—"
-        for r in pd.read_csv(d / "places_near.csv", dtype={"city": str}).itertuples(index=False):
+        near = pd.read_csv(d / "places_near.csv", dtype={"city": str}).reindex(columns=places.NEAR_COLUMNS)
+        for r in near.itertuples(index=False):      # a column an older result lacks: shown as —
             rows.append({"run": d.name, "split by": split, "city": r.city, "test images": r.n_all,
                          "accuracy [95%]": _interval(r.accuracy_all, r.all_low, r.all_high),
                          "near: images": r.n_near, "near: accuracy [95%]": _interval(r.accuracy_near, r.near_low, r.near_high),
