@@ -75,7 +75,7 @@ def test_causal_effect_of_a_cue_the_model_uses_and_one_it_ignores():
     # the originals' log-probabilities passed in (as the stage passes them, once for effects and
     # sufficiency) give the same table
     rows = np.arange(len(cache.images))
-    known = (rows, causal._log_softmax(infer.logits(model, cache.images, 4, rows)))
+    known = (rows, infer.log_p(model, cache.images, 4, rows))
     pd.testing.assert_frame_equal(causal.effects(model, cache, cfs, ["a", "b", "c"], originals=known), images,
                                   atol=1e-9)
 

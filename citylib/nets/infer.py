@@ -68,6 +68,13 @@ def predict(model: nn.Module, images: np.ndarray, batch_size: int = 64,
     return torch.softmax(torch.from_numpy(logits(model, images, batch_size, rows)), 1).numpy()
 
 
+def log_p(model: nn.Module | list[nn.Module], images: np.ndarray, batch_size: int,
+          rows: np.ndarray | None = None) -> np.ndarray:
+    """Log-probabilities (n, C) float64 of ``logits``' images: what the analyses compare, in
+    double precision so that differences of nearly equal values keep their digits."""
+    return torch.log_softmax(torch.from_numpy(logits(model, images, batch_size, rows)).double(), 1).numpy()
+
+
 def logits(model: nn.Module | list[nn.Module], images: np.ndarray, batch_size: int,
             rows: np.ndarray | None = None) -> np.ndarray:
     """Logits (n, C) float32 of the uint8 ``images[rows]`` (default: all), on the device the

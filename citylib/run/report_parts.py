@@ -124,10 +124,11 @@ def places_section(runs: list[Path]) -> list[str]:
             "(<code>group</code>: by panorama, or spot; <code>block</code>: by blocks of "
             f"<code>data.block_m</code> = {within:g} m). A test image is <i>near</i> when a training image of "
             f"its city lies within {within:g} m of it, <i>far</i> otherwise. Neighbouring panoramas look alike: a "
-            "blocked split keeps no near image, so the far images' accuracy is what it measures, and where "
-            "the near images are right more often than the far ones, a split by panorama flatters the test "
-            "accuracy. Each accuracy has its 95% interval over panoramas (spots); where the intervals "
-            "overlap, no difference is shown.</p>", table_html(pd.DataFrame(rows))]
+            "blocked split keeps no near image, so the far images' accuracy estimates what it would measure "
+            "(of a network trained on this run's split; a blocked split's own accuracy needs a run of its "
+            "own, <code>data.split_by: block</code>), and where the near images are right more often than "
+            "the far ones, a split by panorama flatters the test accuracy. Each accuracy has its 95% "
+            "interval over panoramas (spots); where the intervals overlap, no difference is shown.</p>", table_html(pd.DataFrame(rows))]
 
 
 def _interval(value: float, low: float, high: float) -> str:

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import stats as sps
 from tqdm.auto import tqdm
 
@@ -186,7 +185,7 @@ def changes(model, cache, counterfactuals, cities: list[str], cfg: RelianceConfi
     fill = dict(dilation=cfg.dilation, **cfg.settings())
     all_rows = index["row"].to_numpy(np.int64)
     unique = np.unique(all_rows)                               # an image has several deletions
-    original_logp = _log_p(model, cache.images, cfg.batch_size, unique)                # (U, C)
+    original_logp = infer.log_p(model, cache.images, cfg.batch_size, unique)                # (U, C)
     for start in tqdm(range(0, len(index), cfg.batch_size), desc="calibration", disable=not progress):
         at = np.arange(start, min(start + cfg.batch_size, len(index)))
         rows = all_rows[at]
@@ -202,7 +201,7 @@ def changes(model, cache, counterfactuals, cities: list[str], cfg: RelianceConfi
             nulls = np.stack([null_mask(lab, m, cfg.ring, cfg.dilation)[0] for lab, m in zip(labels, masks)])
             fits = nulls.any((1, 2))             # a null that fits nowhere leaves the image as it is
             batch[null] = removal.remove(cfg.operator, original[fits], nulls[fits], seed=cfg.seed + start + 1, **fill)
-        logp = _log_p(model, np.concatenate(list(batch.values())), cfg.batch_size)
+        logp = infer.log_p(model, np.concatenate(list(batch.values())), cfg.batch_size)
         ends = np.cumsum([0] + [len(v) for v in batch.values()])
         base = original_logp[np.searchsorted(unique, rows), target[at]]                  # (B,)
         for k, name in enumerate(batch):
@@ -215,10 +214,6 @@ def changes(model, cache, counterfactuals, cities: list[str], cfg: RelianceConfi
     if cfg.calibrate_null:
         frame[f"{cfg.operator}_adjusted"] = frame[cfg.operator] - frame[null]
     return frame
-
-
-def _log_p(model, images, batch_size: int, rows=None) -> np.ndarray:
-    return torch.log_softmax(torch.from_numpy(infer.logits(model, images, batch_size, rows)).double(), 1).numpy()
 
 
 def operators(cfg: RelianceConfig) -> tuple[str, ...]:

@@ -96,7 +96,7 @@ def run(cfg: CausalConfig, run_dir: str | Path, cache, counterfactuals, *, progr
     added = counterfactuals.added_index
     rows = np.unique(np.concatenate([counterfactuals.index["row"].to_numpy(np.int64),
                                      added["row"].to_numpy(np.int64) if added is not None else []]).astype(np.int64))
-    originals = (rows, _log_softmax(infer.logits(nets, cache.images, cfg.batch_size, rows)))   # each image once
+    originals = (rows, infer.log_p(nets, cache.images, cfg.batch_size, rows))   # each image once
     images = effects(nets, cache, counterfactuals, list(cities), cfg.batch_size, originals=originals)
     table = summarise(images, cfg)
     free = cue_free_predictions(nets, images, counterfactuals, list(cities), cfg.batch_size)
@@ -124,7 +124,7 @@ def effects(model: torch.nn.Module | list[torch.nn.Module], cache, counterfactua
     rows, orig = _originals(model, cache, index["row"], batch_size, originals)       # (R,), (R, C)
     at = np.searchsorted(rows, index["row"].to_numpy(np.int64))
     logp, correct = orig[at, target], orig[at].argmax(1) == target
-    cf = _log_softmax(infer.logits(model, np.asarray(counterfactuals.images), batch_size))  # (M, C)
+    cf = infer.log_p(model, np.asarray(counterfactuals.images), batch_size)  # (M, C)
     return pd.DataFrame({"row": index["row"], "city": index["city"], "group": index["group"],
                          "view": index["view"], "object": index["variant"], "logp": logp,
                          "logp_without": cf[np.arange(len(cf)), target], "correct": correct,
@@ -145,7 +145,7 @@ def sufficiency(model, cache, counterfactuals, cities: list[str], cfg: CausalCon
         return pd.DataFrame(columns=SUFFICIENCY_COLUMNS)
     rows, orig = _originals(model, cache, index["row"], cfg.batch_size, originals)   # (R,), (R, C)
     at = np.searchsorted(rows, index["row"].to_numpy(np.int64))
-    added = _log_softmax(infer.logits(model, np.asarray(counterfactuals.added_images), cfg.batch_size))  # (A, C)
+    added = infer.log_p(model, np.asarray(counterfactuals.added_images), cfg.batch_size)  # (A, C)
     true = np.array([cities.index(c) for c in index["city"]])
     donor = np.array([cities.index(c) if c in cities else -1 for c in index["donor"]])
     keep = donor >= 0                                   # a donor the network knows
@@ -167,11 +167,7 @@ def _originals(model, cache, wanted, batch_size: int, known: tuple[np.ndarray, n
     rows = np.unique(np.asarray(wanted, np.int64))
     if known is not None and np.isin(rows, known[0]).all():
         return rows, known[1][np.searchsorted(known[0], rows)]
-    return rows, _log_softmax(infer.logits(model, cache.images, batch_size, rows))
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    return torch.log_softmax(torch.from_numpy(logits).double(), 1).numpy()
+    return rows, infer.log_p(model, cache.images, batch_size, rows)
 
 
 def summarise(images: pd.DataFrame, cfg: CausalConfig = CausalConfig()) -> pd.DataFrame:

@@ -196,7 +196,7 @@ def measure(model: torch.nn.Module | list[torch.nn.Module], images: np.ndarray, 
         null_masks = np.stack([n for n, _ in nulls])
         fits = null_masks.any((1, 2))            # a null that fits nowhere leaves the image as it is
         filled = removal.remove(cfg.operator, batch[b][fits], null_masks[fits], seed=cfg.seed + start + 1, **op)
-        logp = _log_softmax(infer.logits(model, np.concatenate([batch, removed, filled]), cfg.batch_size))
+        logp = infer.log_p(model, np.concatenate([batch, removed, filled]), cfg.batch_size)
         p = len(found)
         t = target[part][b]
         orig, rem = logp[:len(part)][b], logp[len(part):len(part) + p]
@@ -209,10 +209,6 @@ def measure(model: torch.nn.Module | list[torch.nn.Module], images: np.ndarray, 
             "correct": orig.argmax(1) == t, "correct_removed": rem.argmax(1) == t, "correct_null": nul.argmax(1) == t,
             "predicted_removed": np.asarray(cities)[rem.argmax(1)], "null_cover": [c for _, c in nulls]}))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=IMAGE_COLUMNS)
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    return torch.log_softmax(torch.from_numpy(logits).double(), 1).numpy()
 
 
 def summarise(images: pd.DataFrame, cfg: RelianceConfig = RelianceConfig()) -> pd.DataFrame:
