@@ -93,8 +93,7 @@ def _across_figure(out: Path, tables: dict[str, pd.DataFrame], done: list[Path],
     pooled = pooled.groupby(["city", "object"])["effect"].mean().reset_index()
     keep = set(map(tuple, pooled.sort_values("effect").groupby("city").head(top)[["city", "object"]].to_numpy()))
     shown = {n: t[[(c, o) in keep for c, o in zip(t["city"], t["object"])]] for n, t in tables.items()}
-    arch = {d.name: artifacts.read_json(d / "config.json").get("config", {}).get("arch", d.name)
-            if (d / "config.json").is_file() else d.name for d in done}
+    arch = {d.name: _run_config(d).get("arch", d.name) for d in done}
     fig = causal_plots.plot_reliance(shown, {n: ar_tables.NAMES.get(a, a) for n, a in arch.items()},
                                      xlabel="Δ log p(true city) when the object is removed (95% interval)")
     path = plots.save(fig, out / "report" / "removal.png")
@@ -110,16 +109,16 @@ def places_section(runs: list[Path]) -> list[str]:
     done = [d for d in runs if (d / "places_near.csv").is_file()]
     if not done:
         return []
-    rows = []
+    rows, within = [], None
     for d in done:
-        split = artifacts.read_json(d / "config.json")["config"]["data"]["split_by"] if (d / "config.json").is_file() else "—"
+        split = _run_config(d).get("data", {}).get("split_by", "—")
         near = pd.read_csv(d / "places_near.csv", dtype={"city": str}).reindex(columns=places.NEAR_COLUMNS)
+        within = near["within_m"].iloc[0] if within is None else within
         for r in near.itertuples(index=False):      # a column an older result lacks: shown as —
             rows.append({"run": d.name, "split by": split, "city": r.city, "test images": r.n_all,
                          "accuracy [95%]": _interval(r.accuracy_all, r.all_low, r.all_high),
                          "near: images": r.n_near, "near: accuracy [95%]": _interval(r.accuracy_near, r.near_low, r.near_high),
                          "far: images": r.n_far, "far: accuracy [95%]": _interval(r.accuracy_far, r.far_low, r.far_high)})
-    within = pd.read_csv(done[0] / "places_near.csv")["within_m"].iloc[0]
     return [f"<p>Accuracy under two splits. <i>accuracy</i>: every test image, under the split the run used "
             "(<code>group</code>: by panorama, or spot; <code>block</code>: by blocks of "
             f"<code>data.block_m</code> = {within:g} m). A test image is <i>near</i> when a training image of "
@@ -129,6 +128,12 @@ def places_section(runs: list[Path]) -> list[str]:
             "own, <code>data.split_by: block</code>), and where the near images are right more often than "
             "the far ones, a split by panorama flatters the test accuracy. Each accuracy has its 95% "
             "interval over panoramas (spots); where the intervals overlap, no difference is shown.</p>", table_html(pd.DataFrame(rows))]
+
+
+def _run_config(run_dir: Path) -> dict:
+    """The run's resolved settings (``config.json``), or {} where the folder has none."""
+    path = run_dir / "config.json"
+    return artifacts.read_json(path).get("config", {}) if path.is_file() else {}
 
 
 def _interval(value: float, low: float, high: float) -> str:
