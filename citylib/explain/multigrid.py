@@ -21,8 +21,8 @@ import numpy as np
 
 WT = np.array([[1, 2, 1], [2, 0, 2], [1, 2, 1]], np.float64) / 12.0    # ROAD's neighbour weights
 COARSEST = 64          # unknowns at which coarsening stops (that level is solved directly)
+DENSE = 256            # the most unknowns a last level may keep (a grid of 1 or 2 cells each way)
 MARGIN = 2             # known pixels kept around the hole's bounding box
-LEVELS = 24           # at most (a 224-px hole needs 6)
 NC = 4                # channels solved together (one SIMD vector of float64; images padded)
 SMOOTH = 2            # Gauss-Seidel sweeps each way on level 0 (cheap there: the weights are fixed)
 
@@ -33,9 +33,9 @@ def _hierarchy(unknown):
     grids; ``index`` (cell number or -1 per grid position); the cells' flat positions and their
     offsets per level (L + 1)."""
     grids = [unknown.copy()]
-    while len(grids) < LEVELS:
+    while True:                            # each level halves a side of 3 or more
         u = grids[-1]
-        if u.sum() <= COARSEST or u.shape[0] < 3 or u.shape[1] < 3:
+        if u.sum() <= COARSEST or (u.shape[0] < 3 and u.shape[1] < 3):
             break
         c = np.zeros(((u.shape[0] + 1) // 2, (u.shape[1] + 1) // 2), np.bool_)
         for i, j in zip(*np.nonzero(u)):
@@ -58,19 +58,29 @@ def _hierarchy(unknown):
 
 
 @numba.njit(cache=True)
-def _partner(i, parent, n):
-    """The coarse index beside ``parent`` that fine index ``i`` leans towards (``parent`` itself
-    beyond the grid's edge)."""
-    other = parent - 1 if i % 2 == 0 else parent + 1
-    return other if 0 <= other < n else parent
+def _parents(i, j, hc, wc):
+    """The four coarse cells fine cell (i, j) interpolates from, and their weights: its parent
+    and the ones beside it towards (i, j) (the parent itself beyond the grid's edge)."""
+    pi, pj, oi, oj = i // 2, j // 2, i // 2 - 1 + 2 * (i % 2), j // 2 - 1 + 2 * (j % 2)
+    oi, oj = oi if 0 <= oi < hc else pi, oj if 0 <= oj < wc else pj
+    return ((pi, pj, 9.0 / 16), (oi, pj, 3.0 / 16), (pi, oj, 3.0 / 16), (oi, oj, 1.0 / 16))
 
 
 @numba.njit(cache=True)
-def _parents(i, j, hc, wc):
-    """The four coarse cells fine cell (i, j) interpolates from, and their weights."""
-    pi, pj = i // 2, j // 2
-    oi, oj = _partner(i, pi, hc), _partner(j, pj, wc)
-    return ((pi, pj, 9.0 / 16), (oi, pj, 3.0 / 16), (pi, oj, 3.0 / 16), (oi, oj, 1.0 / 16))
+def _links(shapes, grid_off, index, cells, cell_off):
+    """Per cell, its four coarse cells (grid positions) and their weights in ``P`` (0 for a
+    known coarse cell, whose correction is 0); the last level has none."""
+    to = np.zeros((cell_off[-1], 4), np.int32)
+    weight = np.zeros((cell_off[-1], 4))
+    for lv in range(shapes.shape[0] - 1):
+        w, hc, wc, c0 = shapes[lv, 1], shapes[lv + 1, 0], shapes[lv + 1, 1], grid_off[lv + 1]
+        for k in range(cell_off[lv], cell_off[lv + 1]):
+            t = 0
+            for ci, cj, wt in _parents(cells[k] // w, cells[k] % w, hc, wc):
+                to[k, t] = c0 + ci * wc + cj
+                weight[k, t] = wt if index[c0 + ci * wc + cj] >= 0 else 0.0
+                t += 1
+    return to, weight
 
 
 @numba.njit(cache=True)
@@ -118,9 +128,8 @@ def _galerkin(shapes, grid_off, index, cells, cell_off, coef, diag0, lv):
 
 @numba.njit(cache=True, inline="always")
 def _inner_sum(x, p, w, ch):
-    """The weighted sum of level-0 cell ``p``'s 8 neighbours, all in the image (the weights
-    sum to 1)."""
-    return ((x[p - w - 1, ch] + x[p - w + 1, ch] + x[p + w - 1, ch] + x[p + w + 1, ch])
+    """The weighted sum of level-0 cell ``p``'s 8 neighbours, all in the image (weights sum to 1)."""
+    return (x[p - w - 1, ch] + x[p - w + 1, ch] + x[p + w - 1, ch] + x[p + w + 1, ch]
             + 2.0 * (x[p - w, ch] + x[p + w, ch] + x[p - 1, ch] + x[p + 1, ch])) * (1.0 / 12.0)
 
 
@@ -135,41 +144,41 @@ def _edge_sum(x, p, i, j, h, w, ch):
     return acc
 
 
-@numba.njit(cache=True)
-def _sweep_fine(x, shapes, cells, cell_off, diag0, backward):
-    """One Gauss-Seidel sweep over level 0's unknowns (ROAD's weights; no right-hand side)."""
-    h, w = shapes[0, 0], shapes[0, 1]
-    n = cell_off[1]
-    for t in range(n):
-        k = n - 1 - t if backward else t
-        p = cells[k]
-        i, j = p // w, p % w
-        if 0 < i < h - 1 and 0 < j < w - 1:               # inside: all 8 neighbours, weights sum to 1
-            for ch in range(NC):
-                x[p, ch] = _inner_sum(x, p, w, ch)
-        else:
-            for ch in range(NC):
-                x[p, ch] = _edge_sum(x, p, i, j, h, w, ch) / diag0[k]
+@numba.njit(cache=True, inline="always")
+def _coarse_sum(x, p, lo, hi, nz_off, nz_val):
+    """The sum of value * x over coarse cell ``p``'s off-diagonal entries ``lo:hi``, per channel."""
+    a0 = a1 = a2 = a3 = 0.0                        # NC = 4 accumulators, in one pass over the entries
+    for e in range(lo, hi):
+        v, q = nz_val[e], p + nz_off[e]
+        a0 += v * x[q, 0]
+        a1 += v * x[q, 1]
+        a2 += v * x[q, 2]
+        a3 += v * x[q, 3]
+    return a0, a1, a2, a3
 
 
 @numba.njit(cache=True)
 def _sweep(x, rhs, shapes, grid_off, cells, cell_off, coef, diag0, lv, backward, nz_ptr, nz_off, nz_val):
     """One Gauss-Seidel sweep over level ``lv``'s unknowns; x, rhs: (grid positions, C). Coarse
     levels read their stencils' nonzero entries (``nz_*``: offsets and values per cell)."""
-    if lv == 0:
-        _sweep_fine(x, shapes, cells, cell_off, diag0, backward)
+    h, w, g0 = shapes[lv, 0], shapes[lv, 1], grid_off[lv]
+    if lv == 0:                                   # ROAD's weights, no right-hand side
+        for t in range(cell_off[1]):
+            k = cell_off[1] - 1 - t if backward else t
+            p = cells[k]
+            i, j = p // w, p % w
+            for ch in range(NC):                  # inside: all 8 neighbours, weights sum to 1
+                x[p, ch] = (_inner_sum(x, p, w, ch) if 0 < i < h - 1 and 0 < j < w - 1
+                            else _edge_sum(x, p, i, j, h, w, ch) / diag0[k])
         return
-    g0 = grid_off[lv]
     lo, hi = cell_off[lv], cell_off[lv + 1]
     for t in range(hi - lo):
         k = hi - 1 - t if backward else lo + t
         p = g0 + cells[k]
         inv = 1.0 / coef[k - diag0.size, 12]
+        off = _coarse_sum(x, p, nz_ptr[k], nz_ptr[k + 1], nz_off, nz_val)
         for ch in range(NC):
-            acc = rhs[p, ch]
-            for e in range(nz_ptr[k], nz_ptr[k + 1]):
-                acc -= nz_val[e] * x[p + nz_off[e], ch]
-            x[p, ch] = acc * inv
+            x[p, ch] = (rhs[p, ch] - off[ch]) * inv
 
 
 @numba.njit(cache=True)
@@ -177,8 +186,9 @@ def _compact(shapes, cell_off, cells, coef):
     """The coarse levels' off-diagonal nonzeros: per cell, their flat grid offsets and values."""
     n, n0 = cell_off[-1], cell_off[1]
     ptr = np.zeros(n + 1, np.int64)
-    off = np.empty((n - n0) * 24, np.int64)
-    val = np.empty((n - n0) * 24)
+    nonzero = np.count_nonzero(coef) - np.count_nonzero(coef[:, 12])
+    off = np.empty(nonzero, np.int64)
+    val = np.empty(nonzero)
     e = 0
     for lv in range(shapes.shape[0]):
         w = shapes[lv, 1]
@@ -193,7 +203,7 @@ def _compact(shapes, cell_off, cells, coef):
                         off[e], val[e] = dy * w + dx, a
                         e += 1
     ptr[n] = e
-    return ptr, off[:e], val[:e]
+    return ptr, off, val
 
 
 @numba.njit(cache=True)
@@ -230,22 +240,20 @@ def _residual(x, rhs, shapes, grid_off, cells, cell_off, coef, diag0, lv, r, nz_
             for ch in range(NC):
                 r[k - lo, ch] = _inner_sum(x, p, w, ch) - x[p, ch]
             continue
+        off = _coarse_sum(x, g0 + p, nz_ptr[k], nz_ptr[k + 1], nz_off, nz_val)    # (0 on level 0)
         for ch in range(NC):
             if lv == 0:                                    # at the image's edge
                 acc = _edge_sum(x, p, i, j, h, w, ch) - diag0[k] * x[p, ch]
             else:
-                acc = rhs[g0 + p, ch] - coef[k - diag0.size, 12] * x[g0 + p, ch]
-                for e in range(nz_ptr[k], nz_ptr[k + 1]):
-                    acc -= nz_val[e] * x[g0 + p + nz_off[e], ch]
+                acc = rhs[g0 + p, ch] - coef[k - diag0.size, 12] * x[g0 + p, ch] - off[ch]
             r[k - lo, ch] = acc
 
 
 @numba.njit(cache=True)
-def _restrict(x, rhs, shapes, grid_off, index, cells, cell_off, coef, diag0, lv, r, nz_ptr, nz_off, nz_val):
+def _restrict(x, rhs, shapes, grid_off, links, cells, cell_off, coef, diag0, lv, r, nz_ptr, nz_off, nz_val):
     """Level ``lv``'s residual carried down (``P'``) as level ``lv + 1``'s right-hand side; that
     level's correction starts at 0. ``r``: scratch, (level 0's cells, C)."""
-    w = shapes[lv, 1]
-    hc, wc = shapes[lv + 1, 0], shapes[lv + 1, 1]
+    to, weight = links
     c0 = grid_off[lv + 1]
     for k in range(cell_off[lv + 1], cell_off[lv + 2]):
         for ch in range(NC):
@@ -254,31 +262,23 @@ def _restrict(x, rhs, shapes, grid_off, index, cells, cell_off, coef, diag0, lv,
     _residual(x, rhs, shapes, grid_off, cells, cell_off, coef, diag0, lv, r, nz_ptr, nz_off, nz_val)
     lo = cell_off[lv]
     for k in range(lo, cell_off[lv + 1]):
-        for ci, cj, weight in _parents(cells[k] // w, cells[k] % w, hc, wc):
-            q = c0 + ci * wc + cj
-            if index[q] >= 0:
+        for t in range(4):
+            wt, q = weight[k, t], to[k, t]
+            if wt != 0.0:
                 for ch in range(NC):
-                    rhs[q, ch] += weight * r[k - lo, ch]
+                    rhs[q, ch] += wt * r[k - lo, ch]
 
 
 @numba.njit(cache=True)
-def _prolong(x, shapes, grid_off, index, cells, cell_off, lv):
+def _prolong(x, grid_off, links, cells, cell_off, lv):
     """Level ``lv + 1``'s correction added to level ``lv``'s unknowns (``P``)."""
-    w = shapes[lv, 1]
-    hc, wc = shapes[lv + 1, 0], shapes[lv + 1, 1]
-    g0, c0 = grid_off[lv], grid_off[lv + 1]
+    to, weight = links
     for k in range(cell_off[lv], cell_off[lv + 1]):
-        i, j = cells[k] // w, cells[k] % w
-        pi, pj = i // 2, j // 2
-        oi, oj = _partner(i, pi, hc), _partner(j, pj, wc)
-        q1, q2, q3, q4 = c0 + pi * wc + pj, c0 + oi * wc + pj, c0 + pi * wc + oj, c0 + oi * wc + oj
-        a1 = 9.0 / 16 if index[q1] >= 0 else 0.0        # a known coarse cell's correction is 0
-        a2 = 3.0 / 16 if index[q2] >= 0 else 0.0
-        a3 = 3.0 / 16 if index[q3] >= 0 else 0.0
-        a4 = 1.0 / 16 if index[q4] >= 0 else 0.0
-        p = g0 + cells[k]
+        p = grid_off[lv] + cells[k]
+        w0, w1, w2, w3 = weight[k, 0], weight[k, 1], weight[k, 2], weight[k, 3]
+        q0, q1, q2, q3 = to[k, 0], to[k, 1], to[k, 2], to[k, 3]
         for ch in range(NC):
-            x[p, ch] += a1 * x[q1, ch] + a2 * x[q2, ch] + a3 * x[q3, ch] + a4 * x[q4, ch]
+            x[p, ch] += w0 * x[q0, ch] + w1 * x[q1, ch] + w2 * x[q2, ch] + w3 * x[q3, ch]
 
 
 @numba.njit(cache=True)
@@ -345,10 +345,11 @@ def solve_crop(values, unknown, tol, max_cycles, smooth):
     for lv in range(levels - 1):
         _galerkin(shapes, grid_off, index, cells, cell_off, coef, diag0, lv)
     lo = cell_off[levels - 1]
-    if cell_off[levels] - lo > 4 * COARSEST:
+    if cell_off[levels] - lo > DENSE:
         return max_cycles + 1                    # coarsening stopped early: left to a direct solve
     inverse = _coarsest(shapes, grid_off, cells, cell_off, coef, diag0)
     nz_ptr, nz_off, nz_val = _compact(shapes, cell_off, cells, coef)
+    links = _links(shapes, grid_off, index, cells, cell_off)
     done = max_cycles + 1
     if levels == 1:                              # a small hole: solved directly
         rhs[cells[:n0]] = known_sum
@@ -359,10 +360,10 @@ def solve_crop(values, unknown, tol, max_cycles, smooth):
         for lv in range(levels - 1):
             for _ in range(smooth if lv == 0 else 1):
                 _sweep(x, rhs, shapes, grid_off, cells, cell_off, coef, diag0, lv, False, nz_ptr, nz_off, nz_val)
-            _restrict(x, rhs, shapes, grid_off, index, cells, cell_off, coef, diag0, lv, r, nz_ptr, nz_off, nz_val)
+            _restrict(x, rhs, shapes, grid_off, links, cells, cell_off, coef, diag0, lv, r, nz_ptr, nz_off, nz_val)
         _direct(x, rhs, inverse, cells, lo, grid_off[levels - 1])          # the coarsest, solved
         for lv in range(levels - 2, -1, -1):
-            _prolong(x, shapes, grid_off, index, cells, cell_off, lv)
+            _prolong(x, grid_off, links, cells, cell_off, lv)
             for _ in range(smooth if lv == 0 else 1):
                 _sweep(x, rhs, shapes, grid_off, cells, cell_off, coef, diag0, lv, True, nz_ptr, nz_off, nz_val)
         if cycle >= 2 and _moved(x, before, cells, n0) <= tol:    # the first guess always moves

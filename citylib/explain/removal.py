@@ -8,8 +8,8 @@ pixels to remove) to new uint8 images in which the masked pixels, and only they,
   perturbation of Fong & Vedaldi; the object's own colours leak into its fill);
 - ``linear``: ROAD's noisy linear imputation (Rong et al. 2022): every removed pixel the
   weighted mean of its 8 neighbours (1/6 side, 1/12 corner), a sparse linear system per image
-  solved by multigrid (``multigrid``; within 1e-6 of the exact solution), plus Gaussian noise of
-  ``noise`` (on the [0, 1] pixel scale);
+  solved by multigrid (``multigrid``; within 1e-5 of the exact solution on the [0, 1] scale, a
+  400th of a grey level), plus Gaussian noise of ``noise`` (on the same scale);
 - ``telea``: OpenCV's fast-marching inpainting (Telea 2004) with ``radius`` pixels (OpenCV's
   implementation is off by up to 4 grey levels on a constant image);
 - ``ns``: OpenCV's Navier-Stokes inpainting (Bertalmio et al. 2001) with ``radius`` pixels.
