@@ -59,9 +59,10 @@ def remove(operator: str, images: np.ndarray, masks: np.ndarray, *, dilation: in
         raise ValueError(f"removal wants uint8 images (N, H, W, 3) and masks (N, H, W): got "
                          f"{images.dtype} {images.shape} and {masks.shape}")
     masks = dilate(masks, dilation)
-    out = images.copy()
-    out[masks] = OPERATORS[operator](images, masks, np.random.default_rng(seed), **settings)
-    return out                                            # nothing outside the mask moves
+    out = images.copy()                                   # nothing outside the mask moves
+    out.reshape(-1, 3)[np.flatnonzero(masks)] = OPERATORS[operator](images, masks, np.random.default_rng(seed),
+                                                                    **settings)
+    return out
 
 
 def dilate(masks: np.ndarray, pixels: int) -> np.ndarray:
@@ -122,7 +123,7 @@ def _imputed_values(images: np.ndarray, masks: np.ndarray, scale: float = 1.0) -
     within ``TOL``, the images shared among torch's threads; an image whose cycles do not settle
     is solved directly (``_direct_values``)."""
     n, h, w, c = images.shape
-    counts = masks.reshape(n, -1).sum(1)
+    counts = np.count_nonzero(masks.reshape(n, -1), axis=1)
     starts = np.concatenate([[0], np.cumsum(counts)])
     values = np.empty((int(starts[-1]), c))
 
@@ -133,8 +134,13 @@ def _imputed_values(images: np.ndarray, masks: np.ndarray, scale: float = 1.0) -
         elif counts[i] and multigrid.fill(images[i], masks[i], scale, TOL, MAX_CYCLES, out) > MAX_CYCLES:
             out[:] = _direct_values(images[i:i + 1], masks[i:i + 1], scale)
 
-    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), n))) as pool:
-        list(pool.map(one, range(n)))
+    threads = min(torch.get_num_threads(), n)
+    if threads <= 1:
+        for i in range(n):
+            one(i)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(n)))
     return values
 
 
