@@ -55,7 +55,8 @@ def test_dilation_grows_a_mask_by_a_square():
 
 def test_the_linear_imputation_is_pytorch_grad_cams_noisy_linear_imputer():
     """Without noise, ours and pytorch-grad-cam's NoisyLinearImputer (the ROAD authors' code)
-    solve the same system: equal within 1e-6 on [0, 1] images, holes on the edges included."""
+    solve the same system: equal within 1e-5 on [0, 1] images (ours is iterated to that), holes on
+    the edges included."""
     from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 
     images, masks = scene()
@@ -63,7 +64,7 @@ def test_the_linear_imputation_is_pytorch_grad_cams_noisy_linear_imputer():
     for k in range(len(images)):
         theirs = NoisyLinearImputer(noise=0.0)(torch.from_numpy(images[k].transpose(2, 0, 1) / 255.0).float(),
                                                torch.from_numpy((~masks[k]).astype(np.float32)))
-        assert np.abs(theirs.numpy().transpose(1, 2, 0) - ours[k]).max() < 1e-6
+        assert np.abs(theirs.numpy().transpose(1, 2, 0) - ours[k]).max() < 1e-5
 
 
 def test_the_linear_fill_adds_the_noise_asked_for_and_repeats_with_its_seed():

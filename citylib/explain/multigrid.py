@@ -21,7 +21,6 @@ import numpy as np
 
 WT = np.array([[1, 2, 1], [2, 0, 2], [1, 2, 1]], np.float64) / 12.0    # ROAD's neighbour weights
 COARSEST = 64          # unknowns at which coarsening stops (that level is solved directly)
-DENSE = 256            # the most unknowns a last level may keep (a grid of 1 or 2 cells each way)
 MARGIN = 2             # known pixels kept around the hole's bounding box
 NC = 4                # channels solved together (one SIMD vector of float64; images padded)
 SMOOTH = 2            # Gauss-Seidel sweeps each way on level 0 (cheap there: the weights are fixed)
@@ -33,7 +32,7 @@ def _hierarchy(unknown):
     grids; ``index`` (cell number or -1 per grid position); the cells' flat positions and their
     offsets per level (L + 1)."""
     grids = [unknown.copy()]
-    while True:                            # each level halves a side of 3 or more
+    while True:                            # each level halves both sides (rounding up)
         u = grids[-1]
         if u.sum() <= COARSEST or (u.shape[0] < 3 and u.shape[1] < 3):
             break
@@ -182,8 +181,9 @@ def _sweep(x, rhs, shapes, grid_off, cells, cell_off, coef, diag0, lv, backward,
 
 
 @numba.njit(cache=True)
-def _compact(shapes, cell_off, cells, coef):
-    """The coarse levels' off-diagonal nonzeros: per cell, their flat grid offsets and values."""
+def _compact(shapes, grid_off, index, cell_off, cells, coef):
+    """The coarse levels' off-diagonal nonzeros between unknowns (a known cell's correction is
+    0): per cell, their flat grid offsets and values."""
     n, n0 = cell_off[-1], cell_off[1]
     ptr = np.zeros(n + 1, np.int64)
     nonzero = np.count_nonzero(coef) - np.count_nonzero(coef[:, 12])
@@ -199,11 +199,11 @@ def _compact(shapes, cell_off, cells, coef):
             for dy in range(-2, 3):
                 for dx in range(-2, 3):
                     a = coef[k - n0, (dy + 2) * 5 + dx + 2]
-                    if (dy or dx) and a != 0.0:
+                    if (dy or dx) and a != 0.0 and index[grid_off[lv] + cells[k] + dy * w + dx] >= 0:
                         off[e], val[e] = dy * w + dx, a
                         e += 1
     ptr[n] = e
-    return ptr, off, val
+    return ptr, off[:e], val[:e]
 
 
 @numba.njit(cache=True)
@@ -294,9 +294,9 @@ def _direct(x, rhs, inverse, cells, lo, g):
 
 @numba.njit(cache=True)
 def _start(x, unknown, cells, n0):
-    """Level 0's unknowns set to the mean of the known pixels around them (each counted once
-    per unknown neighbour), a first guess near the smooth fill. Returns level 0's diagonal
-    (``d_p``; its other entries are ``-w_n``, from ``WT``) and, for a direct solve, the
+    """Every unknown of level 0 set to one mean of the known pixels bordering the hole (each
+    counted once per unknown neighbour), a first guess near the smooth fill. Returns level 0's
+    diagonal (``d_p``; its other entries are ``-w_n``, from ``WT``) and, for a direct solve, the
     right-hand side: per unknown, the weighted sum of its known neighbours."""
     h, w = unknown.shape
     total, count = np.zeros(NC), 0
@@ -344,18 +344,16 @@ def solve_crop(values, unknown, tol, max_cycles, smooth):
     coef = np.zeros((cell_off[levels] - n0, 25))                # the coarse levels' stencils
     for lv in range(levels - 1):
         _galerkin(shapes, grid_off, index, cells, cell_off, coef, diag0, lv)
-    lo = cell_off[levels - 1]
-    if cell_off[levels] - lo > DENSE:
-        return max_cycles + 1                    # coarsening stopped early: left to a direct solve
+    lo = cell_off[levels - 1]                   # the last level: at most COARSEST unknowns, or 4 cells
     inverse = _coarsest(shapes, grid_off, cells, cell_off, coef, diag0)
-    nz_ptr, nz_off, nz_val = _compact(shapes, cell_off, cells, coef)
+    nz_ptr, nz_off, nz_val = _compact(shapes, grid_off, index, cell_off, cells, coef)
     links = _links(shapes, grid_off, index, cells, cell_off)
     done = max_cycles + 1
     if levels == 1:                              # a small hole: solved directly
         rhs[cells[:n0]] = known_sum
         _direct(x, rhs, inverse, cells, lo, 0)
         done = 1
-    before, r = x[cells[:n0]], np.empty((n0, NC))
+    before, r, last = x[cells[:n0]], np.empty((n0, NC)), np.inf
     for cycle in range(1, max_cycles + 1 if levels > 1 else 1):
         for lv in range(levels - 1):
             for _ in range(smooth if lv == 0 else 1):
@@ -366,7 +364,10 @@ def solve_crop(values, unknown, tol, max_cycles, smooth):
             _prolong(x, grid_off, links, cells, cell_off, lv)
             for _ in range(smooth if lv == 0 else 1):
                 _sweep(x, rhs, shapes, grid_off, cells, cell_off, coef, diag0, lv, True, nz_ptr, nz_off, nz_val)
-        if cycle >= 2 and _moved(x, before, cells, n0) <= tol:    # the first guess always moves
+        moved = _moved(x, before, cells, n0)
+        rate = moved / last                      # the error shrinks about this much a cycle: what is
+        last = moved                             # left is about moved * rate / (1 - rate)
+        if cycle >= 2 and rate < 1.0 and moved * rate <= tol * (1.0 - rate):
             done = cycle
             break
     values[:] = x[:h * w].reshape(h, w, NC)

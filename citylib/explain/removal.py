@@ -31,7 +31,7 @@ from scipy.sparse.linalg import splu
 from citylib.explain import multigrid
 
 OPERATORS: dict[str, Callable[..., np.ndarray]] = {}
-TOL = 1e-5           # the linear fill stops when a multigrid cycle moves no value more ([0, 1] scale)
+TOL = 5e-6           # the linear fill stops when its estimated error is below this ([0, 1] scale)
 MAX_CYCLES = 30      # beyond: that image is solved directly
 
 # ROAD's neighbour weights (pytorch-grad-cam's ``neighbors_weights``): (dy, dx) -> weight
@@ -55,13 +55,13 @@ def remove(operator: str, images: np.ndarray, masks: np.ndarray, *, dilation: in
     if operator not in OPERATORS:
         raise ValueError(f"removal operator {operator!r}: not one of {', '.join(sorted(OPERATORS))}")
     images, masks = np.asarray(images), np.asarray(masks, bool)
-    if images.dtype != np.uint8 or images.ndim != 4 or masks.shape != images.shape[:3]:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or masks.shape != images.shape[:3]:
         raise ValueError(f"removal wants uint8 images (N, H, W, 3) and masks (N, H, W): got "
                          f"{images.dtype} {images.shape} and {masks.shape}")
     masks = dilate(masks, dilation)
     out = images.copy()                                   # nothing outside the mask moves
-    out.reshape(-1, 3)[np.flatnonzero(masks)] = OPERATORS[operator](images, masks, np.random.default_rng(seed),
-                                                                    **settings)
+    values = OPERATORS[operator](images, masks, np.random.default_rng(seed), **settings)
+    out.reshape(-1, images.shape[-1])[np.flatnonzero(masks)] = values
     return out
 
 
@@ -112,8 +112,8 @@ def imputed(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """ROAD's linear imputation without noise, float (N, H, W, C) -> (N, H, W, C): every masked
     pixel the weighted mean of its in-image neighbours, known or imputed. An image with every
     pixel masked has nothing to impute from and keeps its values."""
-    out = np.array(images, np.float64)
-    out[masks] = _imputed_values(images, masks)
+    out, masks = np.array(images, np.float64), np.asarray(masks, bool)
+    out[masks] = _imputed_values(out, masks)
     return out
 
 
@@ -131,7 +131,8 @@ def _imputed_values(images: np.ndarray, masks: np.ndarray, scale: float = 1.0) -
         out = values[starts[i]:starts[i + 1]]
         if counts[i] == h * w:                                      # nothing known: kept
             out[:] = images[i].reshape(-1, c) / scale
-        elif counts[i] and multigrid.fill(images[i], masks[i], scale, TOL, MAX_CYCLES, out) > MAX_CYCLES:
+        elif counts[i] and (c > multigrid.NC or multigrid.fill(images[i], masks[i], scale, TOL, MAX_CYCLES,
+                                                                out) > MAX_CYCLES):
             out[:] = _direct_values(images[i:i + 1], masks[i:i + 1], scale)
 
     threads = min(torch.get_num_threads(), n)
