@@ -10,9 +10,9 @@ level's cell is unknown when any of the 2 x 2 cells below it is. Corrections go 
 cell-centred bilinear weights ``P`` (9/16, 3/16, 3/16, 1/16; beyond a grid's edge, the parent),
 residuals down by ``P'``, and each coarse operator is Galerkin's ``P' A P`` (5 x 5 stencils), so
 the coarse levels see the hole's own boundary. Gauss-Seidel smooths over the unknowns only,
-forward before the coarse correction and backward after it. Cycles stop when no value moves by
-more than ``tol``; a hole that does not get there within ``max_cycles`` is reported, for the
-caller to solve directly.
+forward before the coarse correction and backward after it. Cycles stop when the last change,
+times the rate at which changes shrink, puts the error left below ``tol``; a hole that does not
+get there within ``max_cycles`` is reported, for the caller to solve directly.
 """
 from __future__ import annotations
 
@@ -333,7 +333,7 @@ def _moved(x, before, cells, n0):
 def solve_crop(values, unknown, tol, max_cycles, smooth):
     """``values`` (H, W, NC) float64 with its ``unknown`` (H, W) pixels solved in place (every
     unknown pixel at least one pixel inside the crop, or on the image's edge); returns the
-    cycles taken, ``max_cycles + 1`` when no cycle moved every value by at most ``tol``."""
+    cycles taken, ``max_cycles + 1`` when the estimated error did not fall below ``tol``."""
     shapes, grid_off, index, cells, cell_off = _hierarchy(unknown)
     levels, n0 = shapes.shape[0], cell_off[1]
     h, w, _ = values.shape
